@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny offline world (tokenizer, chat data, trained teacher) built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tune_kd import demo
+from tune_kd.config import load_config
+
+TINY_ARCH = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 64}
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory) -> dict:
+    """Tokenizer, train/val JSONL and a teacher trained for a few seconds (alpha = 1)."""
+    root = tmp_path_factory.mktemp("world")
+    demo.build_tokenizer(root / "tokenizer")
+    demo.write_jsonl(root / "train.jsonl", demo.make_conversations(1200, seed=1))
+    demo.write_jsonl(root / "val.jsonl", demo.make_conversations(120, seed=2))
+    paths = {"root": root, "tokenizer": str(root / "tokenizer"), "train": str(root / "train.jsonl"),
+             "val": str(root / "val.jsonl"), "cache": str(root / "cache")}
+    from tune_kd.checkpoint import save_student
+    from tune_kd.loop import train
+
+    teacher_cfg = tiny_raw(paths, teacher=None, student={"arch": dict(TINY_ARCH, hidden_size=64)},
+                           train={"alpha": 1.0, "epochs": 2, "learning_rate": 5e-3})
+    result = train(load_config(raw=teacher_cfg))
+    save_student(result.student, result.tokenizer, root / "teacher")
+    paths["teacher"] = str(root / "teacher")
+    return paths
+
+
+def tiny_raw(paths: dict, **sections) -> dict:
+    """A raw config dict for a seconds-long CPU run on the tiny world; sections override keys."""
+    raw = {
+        "name": "tiny",
+        "tokenizer": paths["tokenizer"],
+        "teacher": {"path": paths.get("teacher")},
+        "student": {"arch": dict(TINY_ARCH)},
+        "data": {"path": paths["train"], "val_path": paths["val"], "max_seq_len": 64, "cache_dir": paths["cache"]},
+        "train": {"epochs": 2, "batch_size": 32, "learning_rate": 3e-3, "dtype": "float32", "device": "cpu",
+                  "alpha": 0.5, "temperature": 2.0, "log_interval": 10, "seed": 0},
+        "logging": {"tensorboard": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+@pytest.fixture
+def tiny_config(world):
+    """Build an ExperimentConfig on the tiny world: tiny_config(train={...}, ...)."""
+    return lambda **sections: load_config(raw=tiny_raw(world, **sections))

@@ -1,0 +1,123 @@
+"""End-to-end CPU runs of the training loop: learning, reporting, saving, reloading, resuming."""
+
+import math
+
+import pytest
+import torch
+
+from tune_kd import data
+from tune_kd.loop import METRICS, lr_at, train
+
+
+def test_lr_schedule_is_the_seeds_cosine_after_warmup():
+    lr = 1e-3
+    assert lr_at(0, 100, lr, warmup=10) == pytest.approx(lr / 10)
+    assert lr_at(9, 100, lr, warmup=10) == pytest.approx(lr)
+    assert lr_at(10, 100, lr, warmup=10) == pytest.approx(lr / 10 + lr)          # cos(0) = 1
+    assert lr_at(100, 100, lr, warmup=10) == pytest.approx(lr / 10)              # cos(pi) = -1
+    assert lr_at(0, 100, lr, warmup=0) == pytest.approx(lr / 10 + lr)
+
+
+def test_distils_reports_each_epoch_and_saves_a_reloadable_student(tiny_config, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    cfg = tiny_config(train={"epochs": 2})
+    reports = []
+
+    def report(metrics, save):
+        reports.append(dict(metrics))
+        save(tmp_path / f"epoch{metrics['epoch']}")
+
+    result = train(cfg, report=report)
+    assert [r["epoch"] for r in reports] == [1, 2]
+    assert all(set(METRICS) <= set(r) for r in reports)
+    assert all(math.isfinite(r[k]) for r in reports for k in METRICS)
+    assert reports[1]["val_ce"] < reports[0]["val_ce"]
+    assert reports[0]["tokens_per_s"] > 0 and 0.0 <= reports[1]["val_acc"] <= 1.0
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "epoch2")).eval()
+    ids = torch.randint(4, 60, (2, 12))
+    result.student.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, result.student(input_ids=ids).logits)
+
+
+def test_val_ce_of_untrained_student_is_near_uniform(tiny_config):
+    cfg = tiny_config(train={"epochs": 1, "learning_rate": 1e-9})
+    result = train(cfg)
+    vocab = result.student.config.vocab_size
+    assert abs(result.metrics["val_ce"] - math.log(vocab)) < 0.5
+
+
+def test_resume_after_epoch_one_matches_uninterrupted_run(tiny_config, tmp_path):
+    cfg = tiny_config(train={"epochs": 2, "accumulation_steps": 2})
+    full = train(cfg)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_after_first(metrics, save):
+        save(tmp_path / "ckpt")
+        raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, report=stop_after_first)
+    resumed = train(cfg, resume_from=tmp_path / "ckpt")
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    for a, b in zip(full.student.parameters(), resumed.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert resumed.metrics["val_ce"] == pytest.approx(full.metrics["val_ce"], rel=1e-4)
+
+
+def test_mid_epoch_checkpoint_resumes_the_same_run(tiny_config, tmp_path):
+    cfg = tiny_config(train={"epochs": 1, "save_interval": 5})
+    full = train(cfg)
+    batches = len(data.epoch_batches(data.tokenize_cached(cfg.data.path, full.tokenizer, 64, cfg.data.cache_dir),
+                                     cfg.train.batch_size, 0, 0))
+    assert batches > 5
+    saved = []
+    import tune_kd.checkpoint as checkpoint
+
+    original = checkpoint.save_checkpoint
+
+    def save_then_stop(directory, *args):
+        original(directory, *args)
+        saved.append(args[-1].batch)
+        raise KeyboardInterrupt  # the process dies right after the step-5 checkpoint
+
+    checkpoint.save_checkpoint = save_then_stop
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, out_dir=tmp_path)
+    finally:
+        checkpoint.save_checkpoint = original
+    assert saved == [5]
+    resumed = train(cfg, resume_from=tmp_path / "last")
+    for a, b in zip(full.student.parameters(), resumed.student.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_plain_sft_needs_no_teacher_forward(tiny_config, monkeypatch):
+    from tune_kd import loop
+
+    cfg = tiny_config(train={"epochs": 1, "alpha": 1.0})
+    needs = []
+    original = loop.forward_pair
+    def recording(student, teacher, batch, precision, teacher_cols, need_teacher):
+        needs.append((torch.is_grad_enabled(), need_teacher))
+        return original(student, teacher, batch, precision, teacher_cols, need_teacher)
+
+    monkeypatch.setattr(loop, "forward_pair", recording)
+    result = train(cfg)
+    assert {need for grad, need in needs if grad} == {False}   # training steps: no teacher forward
+    assert {need for grad, need in needs if not grad} == {True}  # validation still measures val_kl
+    assert math.isfinite(result.metrics["val_kl"])
+    assert result.metrics["val_loss"] == pytest.approx(result.metrics["val_ce"])
+
+
+def test_temperature_and_alpha_change_the_run(tiny_config):
+    base = train(tiny_config(train={"epochs": 1}))
+    hotter = train(tiny_config(train={"epochs": 1, "temperature": 4.0}))
+    more_ce = train(tiny_config(train={"epochs": 1, "alpha": 0.9}))
+    assert hotter.metrics["train_loss"] != pytest.approx(base.metrics["train_loss"], rel=1e-3)
+    assert more_ce.metrics["train_loss"] != pytest.approx(base.metrics["train_loss"], rel=1e-3)

@@ -1,0 +1,132 @@
+"""The objective alpha*CE + (1-alpha)*T^2*KL, pinned against its definition and the seed's formula."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tune_kd.losses import distillation_loss, forward_kl_sum, target_positions
+
+V = 11
+
+
+def selected(student, teacher, labels):
+    mask, targets = target_positions(labels)
+    return student[:, :-1][mask], teacher[:, :-1][mask], targets
+
+
+def random_batch(seed=0, B=3, T=9):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(B, T, V, generator=g) * 2
+    teacher = torch.randn(B, T, V, generator=g) * 2
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[:, :3] = -100          # prompt tokens
+    labels[1, 5:] = -100          # padding
+    return student, teacher, labels
+
+
+def test_identical_logits_give_zero_kl():
+    s, _, labels = random_batch()
+    s_sel, t_sel, targets = selected(s, s.clone(), labels)
+    assert forward_kl_sum(s_sel, t_sel, 1.0).item() == pytest.approx(0.0, abs=1e-5)
+    assert forward_kl_sum(s_sel, t_sel, 3.0).item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_alpha_one_is_plain_ce():
+    s, t, labels = random_batch()
+    s_sel, t_sel, targets = selected(s, t, labels)
+    parts = distillation_loss(s_sel, t_sel, targets, alpha=1.0, temperature=2.0, normalizer=targets.numel())
+    expected = F.cross_entropy(s[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    assert parts.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_temperature_squared_factor():
+    s, t, labels = random_batch()
+    s_sel, t_sel, targets = selected(s, t, labels)
+    n = targets.numel()
+    for T in (1.0, 2.0, 4.0):
+        parts = distillation_loss(s_sel, t_sel, targets, alpha=0.0, temperature=T, normalizer=n)
+        assert parts.loss.item() == pytest.approx(T ** 2 * forward_kl_sum(s_sel, t_sel, T).item() / n, rel=1e-6)
+        assert parts.kd.item() == pytest.approx(forward_kl_sum(s_sel, t_sel, T).item() / n, rel=1e-6)
+
+
+def test_masked_tokens_do_not_change_the_loss():
+    s, t, labels = random_batch()
+    parts = distillation_loss(*selected(s, t, labels), alpha=0.3, temperature=2.0, normalizer=10)
+    s2, t2 = s.clone(), t.clone()
+    masked = torch.zeros(labels.shape, dtype=torch.bool)
+    masked[:, :-1] = labels[:, 1:] == -100
+    s2[masked] = 1e3 * torch.randn_like(s2[masked])
+    t2[masked] = -7.0
+    parts2 = distillation_loss(*selected(s2, t2, labels), alpha=0.3, temperature=2.0, normalizer=10)
+    assert parts2.loss.item() == pytest.approx(parts.loss.item(), rel=1e-6)
+
+
+def seed_objective(student, teacher, labels, alpha, T):
+    """A direct re-implementation of the seed's formula: per-token mean CE over the loss mask,
+    KL with reduction='batchmean' over the masked rows, times T^2."""
+    Y = labels[:, 1:]
+    loss_mask = (Y != -100).float()
+    logits = student[:, :-1]
+    ce = F.cross_entropy(logits.reshape(-1, V), Y.clamp(min=0).reshape(-1), reduction="none").view(Y.shape)
+    ce = (ce * loss_mask).sum() / loss_mask.sum()
+    rows = loss_mask.view(-1) == 1
+    s_rows, t_rows = logits.reshape(-1, V)[rows], teacher[:, :-1].reshape(-1, V)[rows]
+    kl = F.kl_div(F.log_softmax(s_rows / T, -1), F.softmax(t_rows / T, -1), reduction="batchmean") * T ** 2
+    return alpha * ce + (1 - alpha) * kl
+
+
+@pytest.mark.parametrize("alpha,T", [(0.0, 1.0), (0.5, 2.0), (0.9, 4.5)])
+def test_matches_seed_formula(alpha, T):
+    s, t, labels = random_batch(seed=int(alpha * 10 + T))
+    s_sel, t_sel, targets = selected(s, t, labels)
+    ours = distillation_loss(s_sel, t_sel, targets, alpha=alpha, temperature=T, normalizer=targets.numel())
+    assert ours.loss.item() == pytest.approx(seed_objective(s, t, labels, alpha, T).item(), rel=1e-5)
+
+
+class TinyLM(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(V, 8)
+        self.head = torch.nn.Linear(8, V)
+
+    def forward(self, ids):
+        return self.head(torch.tanh(self.emb(ids)))
+
+
+def grads_for(model, batches, teacher_logits_fn, alpha=0.4, T=2.0):
+    """Accumulate over `batches`, normalising by the window's total assistant-token count."""
+    model.zero_grad()
+    window = sum(int((labels[:, 1:] != -100).sum()) for _, labels in batches)
+    for ids, labels in batches:
+        s = model(ids)
+        s_sel, t_sel, targets = selected(s, teacher_logits_fn(ids), labels)
+        distillation_loss(s_sel, t_sel, targets, alpha, T, normalizer=window).loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_accumulation_equals_one_big_batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, V, (4, 10), generator=g)
+    labels = ids.clone()
+    labels[:, :4] = -100
+    labels[0, 5:] = -100      # uneven assistant-token counts between the two halves
+    labels[3, 2:] = -100
+    teacher = lambda x: torch.sin(x.float()).unsqueeze(-1) * torch.arange(V).float()  # noqa: E731
+    model = TinyLM()
+    one = grads_for(model, [(ids, labels)], teacher)
+    two = grads_for(model, [(ids[:2], labels[:2]), (ids[2:], labels[2:])], teacher)
+    for a, b in zip(one, two):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_all_masked_batch_gives_zero_and_finite_gradients():
+    model = TinyLM()
+    ids = torch.randint(0, V, (2, 6))
+    labels = torch.full_like(ids, -100)
+    s = model(ids)
+    s_sel, t_sel, targets = selected(s, s.detach() + 1.0, labels)
+    parts = distillation_loss(s_sel, t_sel, targets, alpha=0.5, temperature=2.0, normalizer=0)
+    assert parts.loss.item() == 0.0
+    parts.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

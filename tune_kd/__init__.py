@@ -1,0 +1,1 @@
+"""tune_kd: hyperparameter search for knowledge distillation of causal language models."""

@@ -1,0 +1,109 @@
+"""Student checkpoints: a loadable Hugging Face directory plus the state to resume training.
+
+A checkpoint directory holds
+
+    model.safetensors, config.json, generation_config.json   save_pretrained (safetensors)
+    tokenizer files                                           the tokenizer the student was trained with
+    trainer_state.pt                                          optimizer, grad scaler, progress, RNG states
+    progress.json                                             the same progress, human-readable
+
+and is written atomically: into a temporary sibling, then renamed into place, so a crash mid-write
+leaves the previous checkpoint intact and never a partial directory under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+TRAINER_STATE = "trainer_state.pt"
+
+
+@dataclass
+class Progress:
+    """Where training stands: `batch` is the next batch of epoch `epoch` (0 at an epoch start)."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0                                   # optimizer steps taken
+    history: list[dict] = field(default_factory=list)   # the metrics reported at each epoch end
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The plain model inside DDP / torch.compile / selection wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None) or getattr(model, "lm", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def atomic_directory_write(target: Path, write) -> None:
+    """Call write(tmp_dir), then move tmp_dir to `target`, replacing any previous one."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if target.exists():
+            os.rename(target, old)
+        os.rename(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_student(student: torch.nn.Module, tokenizer, directory: Path) -> None:
+    """The student as a Hugging Face model directory (safetensors) with its tokenizer, atomically."""
+    def write(tmp: Path) -> None:
+        unwrap(student).save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+    atomic_directory_write(directory, write)
+
+
+def save_checkpoint(directory: Path, student, tokenizer, optimizer, scaler, progress: Progress) -> None:
+    """A resumable checkpoint: the HF student plus optimizer, scaler, progress and RNG states."""
+    def write(tmp: Path) -> None:
+        unwrap(student).save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "progress": asdict(progress),
+                 "rng_cpu": torch.get_rng_state(),
+                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+        torch.save(state, tmp / TRAINER_STATE)
+        (tmp / "progress.json").write_text(json.dumps(asdict(progress), indent=1))
+    atomic_directory_write(directory, write)
+
+
+def load_checkpoint(directory: Path, student, optimizer, scaler) -> Progress:
+    """Restore a checkpoint written by save_checkpoint into `student`, `optimizer`, `scaler`."""
+    from safetensors.torch import load_file
+
+    from tune_kd.config import UserError
+
+    directory = Path(directory)
+    if not (directory / TRAINER_STATE).is_file():
+        raise UserError(f"{directory}: not a tune_kd checkpoint (no {TRAINER_STATE}); resume needs a directory "
+                        "written by a training run")
+    model = unwrap(student)
+    weights = load_file(str(directory / "model.safetensors"), device=str(next(model.parameters()).device))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    # Tied embeddings are stored once; anything else missing means another architecture.
+    missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise UserError(f"{directory}: checkpoint does not fit the student architecture "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return Progress(**state["progress"])

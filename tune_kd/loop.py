@@ -1,0 +1,294 @@
+"""THE training loop: `train(cfg, report)` distils a teacher into a student, the seed's way.
+
+Per optimizer step: set the learning rate (linear warmup, then the seed's cosine
+lr/10 + 0.5*lr*(1 + cos(pi*step/total))), run `accumulation_steps` micro-batches (student under
+autocast, teacher frozen under inference_mode), back-propagate alpha*CE + (1-alpha)*T^2*KL divided
+by the assistant-token count of the whole window, clip, step, zero_grad(set_to_none=True). At each
+epoch end: evaluate on the validation split and call `report(metrics, save)`, where `save(dir)`
+writes a resumable checkpoint of the student. No Ray in here: the loop runs in plain pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from tune_kd import checkpoint, data, losses, models
+from tune_kd.checkpoint import Progress
+from tune_kd.config import ExperimentConfig, UserError
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict, Callable[[Path], None]], None]
+METRICS = ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc", "tokens_per_s")
+
+
+@dataclass
+class TrainResult:
+    student: torch.nn.Module
+    tokenizer: object
+    metrics: dict                 # the last epoch's metrics
+    history: list[dict]           # every epoch's metrics
+
+
+def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
+    """Linear warmup over `warmup` steps, then the seed's cosine from lr*1.1 down to lr/10."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base_lr / 10 + 0.5 * base_lr * (1 + math.cos(math.pi * progress))
+
+
+class SelectedLogits(torch.nn.Module):
+    """Runs a causal LM but projects only the scored positions through the LM head.
+
+    The head is most of a small model's FLOPs and memory at large vocab; chat data scores only
+    assistant tokens, so only those rows are computed. forward(input_ids (B, T), positions (B, T)
+    bool) -> logits (N, V). Models that post-process logits (soft-capping) take the full path.
+    """
+
+    def __init__(self, lm: torch.nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.full_path = getattr(lm.config, "final_logit_softcapping", None) is not None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if self.full_path:
+            return self.lm(input_ids=input_ids).logits[positions]
+        hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state          # (B, T, H)
+        return self.lm.get_output_embeddings()(hidden[positions])                 # (N, V)
+
+
+def setup_distributed(ddp: bool, requested_device: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); under torchrun with --ddp: NCCL on GPU, gloo on CPU."""
+    if not ddp:
+        return 0, 1, models.resolve_device(requested_device)
+    if "RANK" not in os.environ:
+        raise UserError("--ddp needs to be launched by torchrun (torchrun --nproc_per_node N -m tune_kd.train --ddp)")
+    device = models.resolve_device(requested_device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions (B, T) bool, targets (N,)): the logit at t is scored against labels[t + 1]."""
+    shifted_mask, targets = losses.target_positions(labels)
+    positions = torch.zeros_like(labels, dtype=torch.bool)
+    positions[:, :-1] = shifted_mask
+    return positions, targets
+
+
+def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher: bool):
+    """Student logits (with grad) and teacher logits (inference mode) on the scored positions."""
+    input_ids = batch["input_ids"].to(precision.device, non_blocking=True)
+    labels = batch["labels"].to(precision.device, non_blocking=True)
+    positions, targets = scored_positions(labels)
+    with precision.autocast():
+        student_logits = student(input_ids, positions)                        # (N, V)
+    teacher_logits = None
+    if need_teacher:
+        with torch.inference_mode(), precision.autocast():
+            teacher_logits = teacher(input_ids, positions)                    # (N, V)
+        if teacher_cols is not None:
+            teacher_logits = teacher_logits[:, :teacher_cols]
+        teacher_logits = teacher_logits.clone()  # leave inference mode: autograd may save it
+    return student_logits, teacher_logits, targets, positions
+
+
+@torch.no_grad()
+def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precision, teacher_cols,
+             rank: int = 0, world: int = 1) -> dict:
+    """Validation metrics over the whole split (sharded across ranks and summed).
+
+    val_ce and val_kl are at T = 1, so they compare across trials with different T and alpha;
+    val_loss is the trial's own objective; val_acc is the share of conversations whose every
+    assistant token is the argmax, i.e. what greedy decoding would answer exactly.
+    """
+    t = cfg.train
+    student.eval()
+    sums = torch.zeros(6, dtype=torch.float64, device=precision.device)  # ce, kl@1, kd@T, tokens, right, rows
+    batches = data.epoch_batches(val_data, t.batch_size, t.seed, epoch=0, shuffle=False)[rank::world]
+    for indices in batches:
+        batch = data.collate(val_data, indices, pad_id)
+        s_logits, t_logits, targets, positions = forward_pair(student, teacher, batch, precision, teacher_cols,
+                                                             teacher is not None)
+        rows = positions.nonzero()[:, 0]
+        wrong = torch.zeros(positions.shape[0], device=precision.device).index_add_(
+            0, rows, (s_logits.argmax(-1) != targets).float())
+        sums[0] += losses.ce_sum(s_logits, targets)
+        if t_logits is not None:
+            sums[1] += losses.forward_kl_sum(s_logits, t_logits, 1.0)
+            sums[2] += losses.KD_LOSSES[t.kd_loss](s_logits, t_logits, t.temperature)
+        sums[3] += targets.numel()
+        sums[4] += ((wrong == 0) & positions.any(1)).sum()
+        sums[5] += positions.any(1).sum()
+    if world > 1:
+        dist.all_reduce(sums)
+    student.train()
+    ce, kl, kd_t, tokens, right, rows = sums.tolist()
+    tokens = max(tokens, 1.0)
+    has_teacher = teacher is not None
+    return {"val_ce": ce / tokens, "val_kl": kl / tokens if has_teacher else float("nan"),
+            "val_loss": (t.alpha * ce + (1 - t.alpha) * t.temperature ** 2 * kd_t) / tokens,
+            "val_acc": right / max(rows, 1.0)}
+
+
+def load_data(cfg: ExperimentConfig):
+    """(tokenizer, train split, val split), tokenized through the shared on-disk cache."""
+    tok_dir = models.tokenizer_dir(cfg.teacher, cfg.student, cfg.tokenizer)
+    tokenizer = data.load_tokenizer(tok_dir)
+    models.check_shared_tokenizer(tokenizer, cfg.teacher, cfg.student, tok_dir)
+    d = cfg.data
+    train_data = data.tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir)
+    if d.val_path:
+        return tokenizer, train_data, data.tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir)
+    return (tokenizer, *data.train_val_split(train_data, d.val_fraction))
+
+
+def start_wandb(cfg: ExperimentConfig):
+    """wandb run, imported only when asked for; offline (with a sync hint) when no credentials exist."""
+    import wandb
+
+    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in (
+        Path.home().joinpath(".netrc").read_text() if Path.home().joinpath(".netrc").is_file() else "")
+    mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+    run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, config=cfg.to_dict(), mode=mode)
+    if mode == "offline":
+        log.info("wandb: no credentials configured, logging offline; upload later with: wandb sync %s", run.dir)
+    return run
+
+
+def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str | Path | None = None,
+          out_dir: str | Path | None = None, ddp: bool = False, use_wandb: bool | None = None) -> TrainResult:
+    """Distil cfg.teacher into cfg.student on cfg.data; returns the trained student and its metrics.
+
+    report(metrics, save) is called once per epoch end with every name in METRICS; save(dir) writes
+    a resumable checkpoint. resume_from continues a run from such a checkpoint exactly. out_dir
+    receives a resumable `last/` checkpoint every train.save_interval steps (0: never mid-epoch).
+    """
+    t = cfg.train
+    # ---- setup: device, precision, data, models, optimizer ----------------------------------
+    rank, world, device = setup_distributed(ddp, t.device)
+    precision = models.resolve_precision(t.dtype, device)
+    if rank == 0:
+        log.info("precision: %s (device %s)", precision.reason, device)
+    torch.manual_seed(t.seed)
+    tokenizer, train_data, val_data = load_data(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    lm = models.make_student(cfg.student, tokenizer, precision)
+    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
+    teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
+    teacher = SelectedLogits(teacher_lm) if teacher_lm is not None else None
+    student = SelectedLogits(lm)
+    if world > 1:
+        student = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
+                                  fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
+    progress = checkpoint.load_checkpoint(resume_from, lm, optimizer, scaler) if resume_from else Progress()
+    counts = train_data.target_counts
+    per_rank = len(data.epoch_batches(train_data, t.batch_size, t.seed, 0)) // world
+    if per_rank < 1:
+        raise UserError(f"data: {len(train_data)} training conversations make fewer batches than ranks ({world})")
+    steps_per_epoch = math.ceil(per_rank / t.accumulation_steps)
+    total_steps = t.epochs * steps_per_epoch
+    need_teacher = teacher is not None and t.alpha < 1.0
+    save = lambda directory: checkpoint.save_checkpoint(Path(directory), lm, tokenizer, optimizer, scaler, progress)  # noqa: E731
+    wandb_run = start_wandb(cfg) if rank == 0 and (cfg.logging.wandb if use_wandb is None else use_wandb) else None
+    if rank == 0:
+        log.info("train: %d conversations, %d val; %d epochs x %d steps; student %.2fM params%s", len(train_data),
+                 len(val_data), t.epochs, steps_per_epoch, sum(p.numel() for p in lm.parameters()) / 1e6,
+                 f", teacher {sum(p.numel() for p in teacher_lm.parameters()) / 1e6:.2f}M" if teacher_lm else "")
+    run_started, steps_this_run = time.perf_counter(), 0
+    for epoch in range(progress.epoch, t.epochs):
+        # ---- one epoch: this rank's shard of the epoch's batches, in accumulation windows ----
+        all_batches = data.epoch_batches(train_data, t.batch_size, t.seed, epoch)[: per_rank * world]
+        shards = [all_batches[r::world] for r in range(world)]
+        window_tokens = [sum(int(counts[b].sum()) for shard in shards for b in shard[w:w + t.accumulation_steps])
+                         for w in range(0, per_rank, t.accumulation_steps)]
+        loader = torch.utils.data.DataLoader(data.BatchList(train_data, shards[rank][progress.batch:], pad_id),
+                                             batch_size=None, num_workers=t.num_workers,
+                                             pin_memory=device.type == "cuda")
+        epoch_loss = torch.zeros((), device=device)
+        log_sums, log_steps = torch.zeros(3, device=device), 0      # loss, ce, kd since the last log line
+        window_loss = torch.zeros((), device=device)
+        epoch_tokens, epoch_steps, epoch_started = 0, 0, time.perf_counter()
+        for micro, batch in enumerate(loader, start=progress.batch):
+            window, last_in_window = micro // t.accumulation_steps, (micro + 1) % t.accumulation_steps == 0 \
+                or micro + 1 == per_rank
+            if micro % t.accumulation_steps == 0:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(progress.step, total_steps, t.learning_rate, t.warmup_iters)
+            s_logits, t_logits, targets, _ = forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher)
+            # Each rank's share: DDP averages gradients over ranks, the window count is global.
+            parts = losses.distillation_loss(s_logits, t_logits, targets, t.alpha, t.temperature,
+                                             window_tokens[window] / world, t.kd_loss)
+            sync = last_in_window or world == 1
+            with (contextlib.nullcontext() if sync else student.no_sync()):
+                scaler.scale(parts.loss).backward()
+            log_sums += torch.stack([parts.loss.detach(), parts.ce.detach(), parts.kd.detach()])
+            window_loss += parts.loss.detach()
+            epoch_tokens += batch["num_tokens"]
+            if not last_in_window:
+                continue
+            # ---- optimizer step: unscale, clip, step, zero ------------------------------------
+            scaler.unscale_(optimizer)
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(lm.parameters(), t.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            progress.step, progress.batch, epoch_steps = progress.step + 1, micro + 1, epoch_steps + 1
+            steps_this_run, log_steps = steps_this_run + 1, log_steps + 1
+            epoch_loss += window_loss
+            window_loss.zero_()
+            if progress.step % t.log_interval == 0 and rank == 0:
+                loss, ce, kd = (log_sums / log_steps).tolist()
+                elapsed = time.perf_counter() - run_started
+                remaining = elapsed / steps_this_run * (total_steps - progress.step)
+                log.info("epoch %d step %d/%d loss %.4f ce %.4f kd %.4f lr %.2e tokens/s %.0f eta %.0fs", epoch + 1,
+                         progress.step, total_steps, loss, ce, kd, optimizer.param_groups[0]["lr"],
+                         epoch_tokens * world / (time.perf_counter() - epoch_started), remaining)
+                if wandb_run:
+                    wandb_run.log({"loss": loss, "ce": ce, "kd": kd, "lr": optimizer.param_groups[0]["lr"]},
+                                  step=progress.step)
+                log_sums.zero_()
+                log_steps = 0
+            if t.save_interval and progress.step % t.save_interval == 0 and out_dir and rank == 0:
+                save(Path(out_dir) / "last")
+        # ---- epoch end: evaluate, report, checkpoint --------------------------------------------
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds = time.perf_counter() - epoch_started
+        progress.epoch, progress.batch = epoch + 1, 0
+        train_loss = torch.stack([epoch_loss / max(epoch_steps, 1)])
+        if world > 1:
+            dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss.item(), "tokens_per_s": epoch_tokens * world / train_seconds}
+        metrics.update(evaluate(student, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world))
+        progress.history.append(metrics)
+        if rank == 0:
+            log.info("epoch %d: %s", epoch + 1, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if wandb_run:
+                wandb_run.log(metrics, step=progress.step)
+            if report is not None:
+                report(metrics, save)
+            if out_dir:
+                save(Path(out_dir) / "last")
+    if wandb_run:
+        wandb_run.finish()
+    final = progress.history[-1] if progress.history else {}
+    return TrainResult(student=lm, tokenizer=tokenizer, metrics=final, history=progress.history)
