@@ -75,6 +75,7 @@ class DataConfig:
     val_fraction: float = 0.05
     max_seq_len: int = 512
     cache_dir: str = "results/cache"               # tokenized data, shared by runs and trials
+    max_train_examples: Optional[int] = None       # train on a fixed random subset of this size
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,47 @@ class LoggingConfig:
     tensorboard: bool = True
 
 
+METRIC_NAMES = ("val_ce", "val_kl", "val_loss", "val_acc", "train_loss")
+
+
+@dataclass(frozen=True)
+class MetricConfig:
+    name: Literal["val_ce", "val_kl", "val_loss", "val_acc", "train_loss"] = "val_ce"
+    goal: Literal["minimize", "maximize"] = "minimize"
+
+    @property
+    def mode(self) -> str:
+        return "min" if self.goal == "minimize" else "max"
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    algorithm: Literal["optuna", "random"] = "optuna"  # random: Ray's random sampling (a baseline)
+    num_samples: int = 16
+    max_concurrent: Any = "auto"                       # auto: as many trials as the resources fit, or an int
+    seed: int = 0
+    evaluate_train_first: bool = True                  # the YAML's fixed train settings are trial 1
+    max_failures: int = 2                              # retries of a crashing trial from its last checkpoint
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = 1                              # epochs every trial gets before it can be stopped
+    reduction_factor: int = 2
+
+
+@dataclass(frozen=True)
+class ResourcesConfig:
+    cpu_per_trial: float = 1.0
+    gpu_per_trial: Any = "auto"                        # auto: a share that fits one trial's measured memory; 0 without GPUs
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    keep_per_trial: int = 1                            # best checkpoints kept per trial, by the metric
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
@@ -114,6 +156,12 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parameters: dict = field(default_factory=dict)     # searched train.* keys (space.py)
+    metric: MetricConfig = field(default_factory=MetricConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    resources: ResourcesConfig = field(default_factory=ResourcesConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def replace(self, **sections: Any) -> "ExperimentConfig":
         return dataclasses.replace(self, **sections)
@@ -252,6 +300,12 @@ def _set_dotted(raw: dict, dotted: str, value: Any) -> None:
 
 def validate(cfg: ExperimentConfig, problems: _Problems) -> None:
     """Checks across fields: ranges and combinations that the types alone cannot express."""
+    validate_fields(cfg, problems)
+    validate_search(cfg, problems)
+
+
+def validate_fields(cfg: ExperimentConfig, problems: _Problems) -> None:
+    """Ranges of the train/data/model settings (also applied to every searched value)."""
     t = cfg.train
     positive_ints = {"epochs": t.epochs, "batch_size": t.batch_size,
                      "accumulation_steps": t.accumulation_steps, "log_interval": t.log_interval}
@@ -274,6 +328,8 @@ def validate(cfg: ExperimentConfig, problems: _Problems) -> None:
     d = cfg.data
     if d.val_path is None and d.val_fraction is not None and not 0.0 < d.val_fraction < 1.0:
         problems.add("data.val_fraction", f"must be in (0, 1) when data.val_path is not set, got {d.val_fraction}")
+    if d.max_train_examples is not None and d.max_train_examples < 1:
+        problems.add("data.max_train_examples", f"must be >= 1 (or left out for all), got {d.max_train_examples}")
     if d.max_seq_len is not None and d.max_seq_len < 2:
         problems.add("data.max_seq_len", f"must be >= 2, got {d.max_seq_len}")
     for role in ("teacher", "student"):
@@ -286,6 +342,111 @@ def validate(cfg: ExperimentConfig, problems: _Problems) -> None:
             problems.add(f"{role}.path", "a model comes from a path or is built from preset/arch, not both")
     if cfg.teacher is None and t.alpha is not None and t.alpha != 1.0:
         problems.add("teacher", f"is required unless train.alpha is 1 (plain SFT); alpha is {t.alpha}")
+
+
+def validate_search(cfg: ExperimentConfig, problems: _Problems) -> None:
+    """The search sections: sample counts, scheduler against the epoch budget, resources."""
+    s, sch, r = cfg.search, cfg.scheduler, cfg.resources
+    if s.num_samples < 1:
+        problems.add("search.num_samples", f"must be >= 1, got {s.num_samples}")
+    if s.max_concurrent != "auto" and (isinstance(s.max_concurrent, bool) or not isinstance(s.max_concurrent, int)
+                                       or s.max_concurrent < 1):
+        problems.add("search.max_concurrent", f"must be auto or an integer >= 1, got {s.max_concurrent!r}")
+    if s.max_failures < 0:
+        problems.add("search.max_failures", f"must be >= 0, got {s.max_failures}")
+    if sch.type == "asha":
+        if sch.grace_period < 1:
+            problems.add("scheduler.grace_period", f"must be >= 1 epoch, got {sch.grace_period}")
+        elif sch.grace_period > cfg.train.epochs:
+            problems.add("scheduler.grace_period", f"{sch.grace_period} is past train.epochs ({cfg.train.epochs}): "
+                         "no trial could ever be stopped early (lower it or raise train.epochs)")
+        if sch.reduction_factor < 2:
+            problems.add("scheduler.reduction_factor", f"must be >= 2, got {sch.reduction_factor}")
+    if r.cpu_per_trial <= 0:
+        problems.add("resources.cpu_per_trial", f"must be > 0, got {r.cpu_per_trial}")
+    gpu = r.gpu_per_trial
+    if gpu != "auto" and (isinstance(gpu, bool) or not isinstance(gpu, (int, float)) or gpu < 0):
+        problems.add("resources.gpu_per_trial", f"must be auto or a number >= 0 (0.25 shares a GPU by 4), got {gpu!r}")
+    elif isinstance(gpu, (int, float)) and gpu > 1 and gpu != int(gpu):
+        problems.add("resources.gpu_per_trial", f"above 1 it must be a whole number of GPUs, got {gpu}")
+    if cfg.checkpoint.keep_per_trial < 1:
+        problems.add("checkpoint.keep_per_trial", f"must be >= 1, got {cfg.checkpoint.keep_per_trial}")
+    for name, spec in cfg.parameters.items():
+        _check_parameter(cfg, str(name), spec, problems)
+
+
+# distribution -> its keys (W&B sweep syntax); min/max are inclusive
+DISTRIBUTIONS = {"log_uniform_values": ("min", "max"), "uniform": ("min", "max"), "int_uniform": ("min", "max"),
+                 "q_uniform": ("min", "max", "q"), "values": ("values",), "value": ("value",)}
+# train.* keys a search may vary; the rest fix the budget (epochs) or the machinery
+SEARCHABLE = ("learning_rate", "temperature", "alpha", "weight_decay", "warmup_iters", "batch_size",
+              "accumulation_steps", "grad_clip", "kd_loss")
+
+
+def parameter_candidates(spec: dict) -> dict[str, Any]:
+    """The extreme or listed values a parameter can take, by the key they come from."""
+    if "values" in spec:
+        return {f"values[{i}]": v for i, v in enumerate(spec["values"])}
+    if "value" in spec:
+        return {"value": spec["value"]}
+    return {"min": spec.get("min"), "max": spec.get("max")}
+
+
+def _check_parameter(cfg: ExperimentConfig, name: str, spec: Any, problems: _Problems) -> None:
+    key = f"parameters.{name}"
+    if name not in SEARCHABLE:
+        close = difflib.get_close_matches(name, SEARCHABLE, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        problems.add(key, f"is not a searchable train key; {hint}(allowed: {', '.join(SEARCHABLE)})")
+        return
+    if not isinstance(spec, dict):
+        problems.add(key, "expected a mapping like {distribution: uniform, min: 0.0, max: 1.0}")
+        return
+    dist = spec.get("distribution", "values" if "values" in spec else "value" if "value" in spec else None)
+    if dist not in DISTRIBUTIONS:
+        problems.add(f"{key}.distribution", f"{dist!r} is not a distribution (allowed: {', '.join(DISTRIBUTIONS)})")
+        return
+    wanted = DISTRIBUTIONS[dist]
+    problems_before = len(problems.items)
+    for extra in sorted(set(spec) - set(wanted) - {"distribution"}):
+        problems.add(f"{key}.{extra}", f"is not a key of {dist} (allowed: {', '.join(wanted)})")
+    for missing in [k for k in wanted if k not in spec]:
+        problems.add(f"{key}.{missing}", f"is required by {dist}")
+    if any(k not in spec for k in wanted):
+        return
+    if dist == "values" and (not isinstance(spec["values"], list) or not spec["values"]):
+        problems.add(f"{key}.values", "must be a non-empty list")
+        return
+    if "min" in wanted:
+        lo, hi = spec["min"], spec["max"]
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (lo, hi))
+        if not numbers:
+            problems.add(key, f"min and max must be numbers, got {lo!r} and {hi!r}")
+            return
+        if lo >= hi:
+            problems.add(f"{key}.min", f"min ({lo}) must be below max ({hi})")
+        if dist == "log_uniform_values" and lo <= 0:
+            problems.add(f"{key}.min", f"a log range must stay above 0, got min {lo}")
+        if dist == "int_uniform" and not (isinstance(lo, int) and isinstance(hi, int)):
+            problems.add(key, f"int_uniform needs integer min and max, got {lo!r} and {hi!r}")
+        if dist == "q_uniform" and not (isinstance(spec["q"], (int, float)) and spec["q"] > 0):
+            problems.add(f"{key}.q", f"must be a number > 0, got {spec['q']!r}")
+    hint = typing.get_type_hints(TrainConfig)[name]
+    if hint is int and dist in ("uniform", "log_uniform_values", "q_uniform"):
+        problems.add(f"{key}.distribution", f"train.{name} is an integer: use int_uniform or values, not {dist}")
+        return
+    if len(problems.items) > problems_before:
+        return  # the range itself is broken; its end points would only repeat that
+    # Every value the search can reach must itself be a valid train setting.
+    for where, value in parameter_candidates(spec).items():
+        local = _Problems(None, {})
+        converted = _convert(value, hint, f"train.{name}", local)
+        if not local.items:
+            trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{name: converted}))
+            validate_fields(trial, local)
+        for item in local.items:
+            if item.startswith(f"train.{name}:"):
+                problems.add(f"{key}.{where}", item.split(": ", 1)[1])
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
@@ -322,6 +483,18 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     if problems.items:
         raise ConfigError(problems.items)
     return cfg
+
+
+def absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> ExperimentConfig:
+    """The config with every relative path made absolute against `base` (default: the current
+    directory), so trials that run in other working directories read the same files."""
+    base = Path.cwd() if base is None else Path(base)
+    fix = lambda p: None if p is None else str((base / p).resolve()) if not Path(p).is_absolute() else p  # noqa: E731
+    models = {role: dataclasses.replace(spec, path=fix(spec.path)) if spec is not None else None
+              for role, spec in (("teacher", cfg.teacher), ("student", cfg.student))}
+    data = dataclasses.replace(cfg.data, path=fix(cfg.data.path), val_path=fix(cfg.data.val_path),
+                               cache_dir=fix(cfg.data.cache_dir))
+    return dataclasses.replace(cfg, tokenizer=fix(cfg.tokenizer), data=data, **models)
 
 
 def _deep_copy(raw: Any) -> Any:

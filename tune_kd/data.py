@@ -283,6 +283,12 @@ def train_val_split(data: TokenizedData, val_fraction: float) -> tuple[Tokenized
     return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
 
 
+def fixed_subset(data: TokenizedData, size: int) -> TokenizedData:
+    """A random subset of `size` examples, the same in every run and trial (fixed seed)."""
+    order = np.random.default_rng(VAL_SPLIT_SEED + 1).permutation(len(data))
+    return data.subset(np.sort(order[:size]))
+
+
 # ----------------------------------------------------------------------------------------------
 # Batching
 # ----------------------------------------------------------------------------------------------

@@ -154,8 +154,12 @@ def load_data(cfg: ExperimentConfig):
     d = cfg.data
     train_data = data.tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir)
     if d.val_path:
-        return tokenizer, train_data, data.tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir)
-    return (tokenizer, *data.train_val_split(train_data, d.val_fraction))
+        val_data = data.tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir)
+    else:
+        train_data, val_data = data.train_val_split(train_data, d.val_fraction)
+    if d.max_train_examples is not None and d.max_train_examples < len(train_data):
+        train_data = data.fixed_subset(train_data, d.max_train_examples)
+    return tokenizer, train_data, val_data
 
 
 def start_wandb(cfg: ExperimentConfig):

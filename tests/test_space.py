@@ -1,0 +1,78 @@
+"""The parameters block: Tune domains, the first (fixed) point, and that every searchable key
+demonstrably changes the run."""
+
+import pytest
+
+from tune_kd import space
+from tune_kd.config import SEARCHABLE, ConfigError, load_config
+from tune_kd.loop import train
+
+# Two settings per searchable key; a run with each must differ.
+KEY_VALUES = {"learning_rate": (1e-3, 8e-3), "temperature": (1.0, 4.0), "alpha": (0.1, 0.9),
+              "weight_decay": (0.0, 0.5), "warmup_iters": (0, 30), "batch_size": (16, 48),
+              "accumulation_steps": (1, 3), "grad_clip": (0.05, 5.0)}
+
+
+def test_every_searchable_key_has_a_case():
+    # kd_loss has a single choice until more divergences exist; every other key is exercised below
+    assert set(KEY_VALUES) == set(SEARCHABLE) - {"kd_loss"}
+
+
+@pytest.mark.parametrize("key", sorted(KEY_VALUES))
+def test_each_searched_key_changes_the_run(tiny_config, key):
+    base = tiny_config(train={"epochs": 1, "warmup_iters": 5}, data={"max_train_examples": 300})
+    low, high = (train(space.apply_point(base, {key: value})) for value in KEY_VALUES[key])
+    assert getattr(space.apply_point(base, {key: KEY_VALUES[key][1]}).train, key) == KEY_VALUES[key][1]
+    assert low.metrics["train_loss"] != pytest.approx(high.metrics["train_loss"], rel=1e-4)
+
+
+def test_domains_follow_the_sweep_syntax():
+    from ray import tune
+
+    cfg = load_config(raw={"teacher": {"path": "t"}, "parameters": {
+        "learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+        "batch_size": {"distribution": "int_uniform", "min": 8, "max": 9},
+        "grad_clip": {"distribution": "q_uniform", "min": 0.5, "max": 2.0, "q": 0.5},
+        "alpha": {"values": [0.2, 0.8]},
+        "warmup_iters": {"value": 7}}})
+    domains = space.tune_domains(cfg)
+    assert isinstance(domains["learning_rate"], tune.search.sample.Float)
+    samples = {domains["batch_size"].sample() for _ in range(200)}
+    assert samples == {8, 9}                                    # W&B's max is inclusive
+    assert {domains["grad_clip"].sample() for _ in range(200)} <= {0.5, 1.0, 1.5, 2.0}
+    assert set(domains["alpha"].categories) == {0.2, 0.8}
+    assert domains["warmup_iters"] == 7
+    first = space.fixed_point(cfg)
+    assert first == {"learning_rate": 5e-4, "batch_size": 9, "grad_clip": 1.0, "alpha": 0.2}
+
+
+@pytest.mark.parametrize("parameters,message", [
+    ({"alpha": {"distribution": "uniform", "min": 0.2, "max": 1.5}}, "parameters.alpha.max: must be in [0, 1]"),
+    ({"temperature": {"distribution": "uniform", "min": 0.0, "max": 2.0}}, "parameters.temperature.min: must be > 0"),
+    ({"learning_rate": {"distribution": "uniform", "min": 0.01, "max": 0.001}}, "parameters.learning_rate.min: min (0.01) must be below max"),
+    ({"learning_rate": {"distribution": "log_uniform_values", "min": 0.0, "max": 0.1}}, "a log range must stay above 0"),
+    ({"temprature": {"distribution": "uniform", "min": 1.0, "max": 2.0}}, "did you mean 'temperature'?"),
+    ({"alpha": {"distribution": "normal", "min": 0.0, "max": 1.0}}, "'normal' is not a distribution"),
+    ({"alpha": {"distribution": "uniform", "min": 0.0}}, "parameters.alpha.max: is required by uniform"),
+    ({"alpha": {"distribution": "uniform", "min": 0.0, "max": 1.0, "mu": 3}}, "parameters.alpha.mu: is not a key of uniform"),
+    ({"batch_size": {"distribution": "uniform", "min": 8, "max": 64}}, "use int_uniform or values"),
+    ({"alpha": {"values": []}}, "parameters.alpha.values: must be a non-empty list"),
+    ({"epochs": {"values": [1, 2]}}, "parameters.epochs: is not a searchable train key"),
+])
+def test_bad_parameters_name_the_key(parameters, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(raw={"teacher": {"path": "t"}, "parameters": parameters})
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"search": {"num_samples": 0}}, "search.num_samples: must be >= 1"),
+    ({"scheduler": {"grace_period": 7}, "train": {"epochs": 3}}, "scheduler.grace_period: 7 is past train.epochs (3)"),
+    ({"resources": {"gpu_per_trial": -1}}, "resources.gpu_per_trial: must be auto or a number >= 0"),
+    ({"search": {"max_concurrent": "many"}}, "search.max_concurrent: must be auto or an integer >= 1"),
+    ({"metric": {"name": "val_bleu"}}, "metric.name: 'val_bleu' is not allowed"),
+])
+def test_bad_search_sections_name_the_key(raw, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(raw={"teacher": {"path": "t"}, **raw})
+    assert message in str(err.value)

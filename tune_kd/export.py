@@ -1,0 +1,169 @@
+"""Best trial -> a Hugging Face model directory, verified by reloading it.
+
+    python -m tune_kd.export results/<name> --out DIR [--trial ID]
+
+Scans every trial's result.json under the experiment folder for epochs that left a checkpoint,
+picks the best by the experiment's metric over all trials and epochs (or the best epoch of
+--trial), and writes model.safetensors, config.json, generation_config.json, tokenizer files,
+tune_kd.json (trial id, config, metrics, versions) and a short model card. It reads only files on
+disk, so it works on a finished experiment and on an interrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from tune_kd.checkpoint import TRAINER_STATE, atomic_directory_write
+from tune_kd.config import UserError
+
+log = logging.getLogger(__name__)
+
+EXPERIMENT_FILE = "experiment.json"      # written by the search: resolved config, metric, versions
+SKIP_FILES = {TRAINER_STATE, "progress.json", ".is_checkpoint", ".metadata.pkl", ".tune_metadata"}
+
+
+@dataclass
+class Candidate:
+    trial_id: str
+    value: float
+    metrics: dict
+    config: dict
+    path: Path
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {}
+    for package in ("tune_kd", "torch", "transformers", "ray", "optuna"):
+        try:
+            out[package] = md.version(package)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def read_experiment(experiment_dir: Path) -> dict:
+    path = experiment_dir / EXPERIMENT_FILE
+    if not path.is_file():
+        raise UserError(f"{experiment_dir}: not a tune_kd experiment folder (no {EXPERIMENT_FILE}); give "
+                        "results/<name> of a search")
+    return json.loads(path.read_text())
+
+
+def checkpoint_candidates(experiment_dir: Path, metric: str) -> list[Candidate]:
+    """Every (trial, epoch) whose checkpoint is still on disk, with its metric value."""
+    found = []
+    for result_file in sorted(experiment_dir.glob("*/result.json")):
+        trial_dir = result_file.parent
+        params = json.loads((trial_dir / "params.json").read_text()) if (trial_dir / "params.json").is_file() else {}
+        for line in result_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+            name = row.get("checkpoint_dir_name")
+            value = row.get(metric)
+            if not name or value is None or (isinstance(value, float) and math.isnan(value)):
+                continue
+            path = trial_dir / name
+            if (path / "model.safetensors").is_file():
+                metrics = {k: row[k] for k in ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc",
+                                               "tokens_per_s") if k in row}
+                found.append(Candidate(str(row.get("trial_id")), float(value), metrics, params, path))
+    return found
+
+
+def best_candidate(experiment_dir: Path, trial_id: str | None = None) -> tuple[Candidate, dict]:
+    experiment = read_experiment(experiment_dir)
+    metric, mode = experiment["metric"]["name"], experiment["metric"]["mode"]
+    candidates = checkpoint_candidates(experiment_dir, metric)
+    if trial_id is not None:
+        candidates = [c for c in candidates if c.trial_id == trial_id]
+    if not candidates:
+        which = f"trial {trial_id}" if trial_id else "any trial"
+        raise UserError(f"{experiment_dir}: no checkpoint of {which} is on disk yet (has an epoch finished?)")
+    pick = min if mode == "min" else max
+    return pick(candidates, key=lambda c: c.value), experiment
+
+
+def model_card(candidate: Candidate, experiment: dict) -> str:
+    metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in candidate.metrics.items())
+    return (f"# {experiment['name']}: distilled student\n\n"
+            f"Exported by tune_kd from trial `{candidate.trial_id}` (epoch {candidate.metrics.get('epoch')}), the best "
+            f"by `{experiment['metric']['name']}` ({experiment['metric']['mode']}) over all trials and epochs.\n\n"
+            f"Searched values: `{json.dumps(candidate.config)}`. Full configuration in `tune_kd.json`.\n\n"
+            f"| metric | value |\n| --- | --- |\n{metrics}\n\n"
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained(\"<this directory>\")\n"
+            "tokenizer = AutoTokenizer.from_pretrained(\"<this directory>\")\n```\n")
+
+
+def verify_reload(exported: Path, source: Path) -> float:
+    """Reload both directories; the exported model must give the checkpoint's logits exactly."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    a = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32).eval()
+    b = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32).eval()
+    ids = torch.randint(0, a.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (a(input_ids=ids).logits - b(input_ids=ids).logits).abs().max().item()
+    if diff != 0.0:
+        raise RuntimeError(f"export verification failed: reloaded logits differ from the checkpoint's by {diff}")
+    return diff
+
+
+def export(experiment_dir: str | Path, out: str | Path, trial_id: str | None = None) -> Candidate:
+    """Export the best checkpoint (of `trial_id`, if given) of an experiment to `out`."""
+    experiment_dir, out = Path(experiment_dir), Path(out)
+    candidate, experiment = best_candidate(experiment_dir, trial_id)
+
+    def write(tmp: Path) -> None:
+        for item in candidate.path.iterdir():
+            if item.is_file() and item.name not in SKIP_FILES:
+                shutil.copy2(item, tmp / item.name)
+        meta = {"trial_id": candidate.trial_id, "metric": experiment["metric"], "metrics": candidate.metrics,
+                "searched": candidate.config, "config": experiment.get("config"), "source": str(candidate.path),
+                "versions": versions()}
+        (tmp / "tune_kd.json").write_text(json.dumps(meta, indent=1, default=str))
+        (tmp / "README.md").write_text(model_card(candidate, experiment))
+        verify_reload(tmp, candidate.path)
+
+    atomic_directory_write(out, write)
+    log.info("exported trial %s epoch %s (%s %.6g) -> %s", candidate.trial_id, candidate.metrics.get("epoch"),
+             experiment["metric"]["name"], candidate.value, out)
+    return candidate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_kd.export", description=__doc__.split("\n")[0])
+    parser.add_argument("experiment", help="the experiment folder, results/<name>")
+    parser.add_argument("--out", required=True, help="where to write the Hugging Face model directory")
+    parser.add_argument("--trial", help="export this trial's best epoch instead of the overall best")
+    parser.add_argument("--debug", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from tune_kd.models import quiet_progress_bars
+
+    quiet_progress_bars()
+    try:
+        c = export(args.experiment, args.out, args.trial)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported trial {c.trial_id} epoch {c.metrics.get('epoch')} -> {args.out} (reload verified)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

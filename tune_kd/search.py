@@ -1,0 +1,384 @@
+"""The search: `python -m tune_kd.search --space search_spaces/kd.yaml`.
+
+Ray Tune runs `trainable.make_trainable(cfg)` for `search.num_samples` configs proposed by
+Optuna's TPE (seeded; study stored in results/<name>/optuna.db for optuna-dashboard) and stopped
+early by ASHA on our own `epoch` counter. At the end it writes results/<name>/trials.csv and
+best.json, prints the table and exports the best student to results/<name>/best_student.
+
+Everything a user can get wrong (YAML, paths, GPUs asked for) is checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from tune_kd import export, space
+from tune_kd.config import ConfigError, ExperimentConfig, UserError, absolute_paths, load_config
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks that need the file system or the machine (config.py checks the file itself)
+# ----------------------------------------------------------------------------------------------
+
+def check_paths(cfg: ExperimentConfig, source: str) -> None:
+    """Every input path must exist before Ray starts; all missing ones reported at once."""
+    wanted = {"data.path": cfg.data.path, "data.val_path": cfg.data.val_path, "tokenizer": cfg.tokenizer,
+              "teacher.path": cfg.teacher.path if cfg.teacher else None, "student.path": cfg.student.path}
+    missing = [f"{source}: {key}: {path} does not exist (fix the path, or set embedded_demo: true for the demo)"
+               for key, path in wanted.items() if path is not None and not Path(path).exists()]
+    if missing:
+        raise ConfigError(missing)
+
+
+def check_gpus(cfg: ExperimentConfig, available: int, source: str) -> None:
+    gpu = cfg.resources.gpu_per_trial
+    if gpu != "auto" and gpu > available:
+        raise ConfigError([f"{source}: resources.gpu_per_trial: {gpu} asked for, but this machine has {available} "
+                           "GPU(s) (lower it, or use auto)"])
+
+
+def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
+    """Peak bytes of one training step on the longest batch: what one trial needs on a GPU."""
+    import torch
+
+    from tune_kd import data, losses, loop, models
+
+    precision = models.resolve_precision(cfg.train.dtype, torch.device("cuda"))
+    tokenizer, train_data, _ = loop.load_data(cfg)
+    torch.cuda.reset_peak_memory_stats()
+    student = loop.SelectedLogits(models.make_student(cfg.student, tokenizer, precision))
+    teacher = loop.SelectedLogits(models.make_teacher(cfg.teacher, tokenizer, precision)) if cfg.teacher else None
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=True)
+    longest = train_data.lengths.argsort()[-cfg.train.batch_size:]
+    batch = data.collate(train_data, longest, tokenizer.pad_token_id or 0)
+    s, t, targets, _ = loop.forward_pair(student, teacher, batch, precision, None, teacher is not None)
+    losses.distillation_loss(s, t, targets, cfg.train.alpha, cfg.train.temperature, targets.numel()).loss.backward()
+    optimizer.step()
+    peak = torch.cuda.max_memory_allocated()
+    del student, teacher, optimizer
+    torch.cuda.empty_cache()
+    return peak
+
+
+def trial_resources(cfg: ExperimentConfig, gpus: int) -> dict:
+    """{"cpu": .., "gpu": ..}: gpu auto is 0 without GPUs, else the largest 1/k of a GPU that fits."""
+    gpu = cfg.resources.gpu_per_trial
+    if gpu == "auto":
+        if gpus == 0:
+            gpu = 0
+        else:
+            import torch
+
+            peak, total = measure_trial_gpu_memory(cfg), torch.cuda.get_device_properties(0).total_memory
+            per_gpu = max(1, min(8, int(0.85 * total // max(1, int(peak * 1.25)))))  # 25% headroom, 15% spare
+            gpu = 1.0 / per_gpu
+            log.info("gpu_per_trial auto: one trial peaks at %.2f GiB of %.0f GiB -> %d trials per GPU",
+                     peak / 2**30, total / 2**30, per_gpu)
+    return {"cpu": cfg.resources.cpu_per_trial, "gpu": gpu}
+
+
+def concurrency(cfg: ExperimentConfig, resources: dict, cpus: float, gpus: float) -> int:
+    if cfg.search.max_concurrent != "auto":
+        return cfg.search.max_concurrent
+    fits = math.floor(cpus / resources["cpu"])
+    if resources["gpu"]:
+        fits = min(fits, math.floor(gpus / resources["gpu"] + 1e-9))
+    return max(1, min(fits, cfg.search.num_samples))
+
+
+# ----------------------------------------------------------------------------------------------
+# Searcher: Optuna that knows ASHA's early stops are prunes
+# ----------------------------------------------------------------------------------------------
+
+def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str):
+    import optuna
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruneAwareOptunaSearch(OptunaSearch):
+        """Ray's OptunaSearch reports at training_iteration and tells an early-stopped trial COMPLETE
+        with its last value; here intermediate values are keyed by our `epoch`, and a trial that
+        ends before train.epochs without an error is told PRUNED at the epoch it reached."""
+
+        def __init__(self, *args, max_epochs: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._max_epochs = max_epochs
+            self._reported: dict[str, set] = {}   # trial id -> epochs already told to Optuna
+
+        def on_trial_result(self, trial_id: str, result: dict) -> None:
+            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+                return
+            value = result.get(self.metric)
+            if value is not None and not math.isnan(value):
+                self._ot_trials[trial_id].report(value, result["epoch"])
+                self._reported.setdefault(trial_id, set()).add(result["epoch"])
+
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+            if (not error and result and result.get("epoch", self._max_epochs) < self._max_epochs
+                    and trial_id not in self._completed_trials and trial_id in self._ot_trials):
+                if result["epoch"] not in self._reported.get(trial_id, ()):
+                    self.on_trial_result(trial_id, result)  # ASHA can stop a trial at its first report
+                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+                self._completed_trials.add(trial_id)
+                return
+            super().on_trial_complete(trial_id, result, error)
+
+    storage = optuna.storages.RDBStorage(storage_url)
+    points = [space.fixed_point(cfg)] if cfg.search.evaluate_train_first and space.fixed_point(cfg) else None
+    return PruneAwareOptunaSearch(metric=cfg.metric.name, mode=cfg.metric.mode, points_to_evaluate=points,
+                                  sampler=optuna.samplers.TPESampler(seed=cfg.search.seed), study_name=cfg.name,
+                                  storage=storage, max_epochs=cfg.train.epochs)
+
+
+def make_searcher(cfg: ExperimentConfig, experiment_dir: Path):
+    if cfg.search.algorithm == "optuna":
+        return make_optuna_searcher(cfg, f"sqlite:///{experiment_dir / 'optuna.db'}")
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    points = [space.fixed_point(cfg)] if cfg.search.evaluate_train_first and space.fixed_point(cfg) else None
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.search.seed)
+
+
+def make_scheduler(cfg: ExperimentConfig):
+    if cfg.scheduler.type == "none":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    # time_attr="epoch": our own counter, which survives restores (training_iteration restarts)
+    return ASHAScheduler(time_attr="epoch", metric=cfg.metric.name, mode=cfg.metric.mode, max_t=cfg.train.epochs,
+                         grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor)
+
+
+def make_callbacks(cfg: ExperimentConfig) -> list:
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
+
+    callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]   # result.json feeds export and the summary
+    if cfg.logging.tensorboard:
+        callbacks.append(TBXLoggerCallback())
+    if cfg.logging.wandb:
+        from ray.air.integrations.wandb import WandbLoggerCallback
+
+        has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file() and \
+            "api.wandb.ai" in (Path.home() / ".netrc").read_text()
+        if not has_key:
+            os.environ.setdefault("WANDB_MODE", "offline")
+            log.info("wandb: no credentials configured, logging offline; upload later with `wandb sync <run dir>`")
+        callbacks.append(WandbLoggerCallback(project=cfg.logging.wandb_project, group=cfg.name))
+    return callbacks
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------
+
+def trial_rows(experiment_dir: Path, cfg: ExperimentConfig, errors: dict[str, tuple[str, dict]]) -> list[dict]:
+    """One row per trial from its result.json (searched values, best metric, epochs run, status),
+    plus the errored trials that never reported. errors: trial id -> (last error line, config)."""
+    rows, key = [], f"best_{cfg.metric.name}"
+    for result_file in sorted(experiment_dir.glob("*/result.json")):
+        reports = []
+        for line in result_file.read_text().splitlines():
+            try:
+                reports.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        params_file = result_file.parent / "params.json"
+        params = json.loads(params_file.read_text()) if params_file.is_file() else {}
+        if not reports:
+            continue
+        trial_id = str(reports[0]["trial_id"])
+        values = [r[cfg.metric.name] for r in reports if not math.isnan(r.get(cfg.metric.name, math.nan))]
+        best = (min if cfg.metric.mode == "min" else max)(values) if values else math.nan
+        epochs = max(r["epoch"] for r in reports)
+        status = "ERROR" if trial_id in errors else "COMPLETED" if epochs >= cfg.train.epochs else "STOPPED_EARLY"
+        rows.append({"trial_id": trial_id, **{k: params.get(k) for k in cfg.parameters}, "epochs": epochs,
+                     key: best, "val_acc": reports[-1].get("val_acc"), "status": status,
+                     "error": errors.get(trial_id, ("", {}))[0]})
+    reported = {r["trial_id"] for r in rows}
+    for trial_id, (message, config) in sorted(errors.items()):
+        if trial_id not in reported:
+            rows.append({"trial_id": trial_id, **{k: config.get(k) for k in cfg.parameters}, "epochs": 0,
+                         key: math.nan, "val_acc": math.nan, "status": "ERROR", "error": message})
+    return rows
+
+
+def write_summary(experiment_dir: Path, cfg: ExperimentConfig, rows: list[dict]) -> dict | None:
+    columns = list(rows[0]) if rows else ["trial_id"]
+    with (experiment_dir / "trials.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    key = f"best_{cfg.metric.name}"
+    scored = [r for r in rows if not math.isnan(r[key])]
+    if not scored:
+        return None
+    best = (min if cfg.metric.mode == "min" else max)(scored, key=lambda r: r[key])
+    (experiment_dir / "best.json").write_text(json.dumps(best, indent=1))
+    return best
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return "(no trial reported a result)"
+    columns = [c for c in rows[0] if c != "error"]
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    widths = {c: max(len(c), *(len(cell(r[c])) for r in rows)) for c in columns}
+    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(cell(r[c]).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# The search
+# ----------------------------------------------------------------------------------------------
+
+def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, address: str | None = None,
+               resume: bool = False, num_cpus: int | None = None, callbacks: list | None = None,
+               export_best: bool = True) -> dict:
+    """Run (or resume) the search described by cfg; returns the summary dict (rows, best, export)."""
+    import ray
+    from ray import tune
+
+    from tune_kd import loop, trainable
+
+    if cfg.embedded_demo:
+        from tune_kd import demo
+
+        demo.prepare()
+    check_paths(cfg, source)
+    if address is None:
+        import torch
+
+        check_gpus(cfg, torch.cuda.device_count(), source)
+    root = Path(storage or "results").resolve()
+    experiment_dir = root / cfg.name
+    if not resume and (experiment_dir / export.EXPERIMENT_FILE).is_file():
+        raise UserError(f"{experiment_dir} already holds an experiment: continue it with --resume, or start over "
+                        "with --overwrite (the old one is moved aside)")
+    loop.load_data(cfg)   # tokenize once in the driver; every trial reads the on-disk cache
+    experiment_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (experiment_dir / export.EXPERIMENT_FILE).write_text(json.dumps(
+            {"name": cfg.name, "source": source, "metric": {"name": cfg.metric.name, "mode": cfg.metric.mode},
+             "config": cfg.to_dict(), "versions": export.versions(), "command": sys.argv}, indent=1, default=str))
+
+    if not ray.is_initialized():
+        context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
+                           include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        if context.dashboard_url:
+            log.info("Ray dashboard: http://%s (token authentication: `ray get-auth-token` prints the token "
+                     "to paste at its login page)", context.dashboard_url)
+    else:
+        context = None
+    cluster = ray.cluster_resources()
+    if address is not None:
+        check_gpus(cfg, int(cluster.get("GPU", 0)), source)
+    resources = trial_resources(cfg, int(cluster.get("GPU", 0)))
+    parallel = concurrency(cfg, resources, cluster.get("CPU", 1), cluster.get("GPU", 0))
+    # Without this Ray keeps one pending trial at a time for searchers like Optuna's.
+    os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(parallel)
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"   # make_callbacks picks them explicitly
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are the design
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    log.info("search %s: %d trials, up to %d at a time, %s per trial", cfg.name, cfg.search.num_samples, parallel,
+             resources)
+
+    distill = trainable.make_trainable(absolute_paths(cfg))   # trials run in other working directories
+    readable = f"distill_{cfg.name.replace('-', '_')}"
+    distill.__name__ = distill.__qualname__ = readable
+    # Ray wraps a function trainable in classes named ImplicitFunc / ResourceTrainable; a named
+    # subclass makes the trial actors readable in the dashboard and the state API.
+    from ray.tune.trainable import wrap_function
+
+    base = tune.with_resources(wrap_function(distill), resources)
+    with_resources = type(readable, (base,), {"__qualname__": readable})
+    started = time.perf_counter()
+    if resume:
+        if not tune.Tuner.can_restore(str(experiment_dir)):
+            raise UserError(f"{experiment_dir}: nothing to resume (no Ray experiment state there)")
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=with_resources, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            with_resources,
+            param_space=space.tune_domains(cfg),
+            tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, experiment_dir), scheduler=make_scheduler(cfg),
+                                        num_samples=cfg.search.num_samples, max_concurrent_trials=parallel,
+                                        metric=None if cfg.scheduler.type == "asha" else cfg.metric.name,
+                                        mode=None if cfg.scheduler.type == "asha" else cfg.metric.mode,
+                                        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+            run_config=tune.RunConfig(
+                name=cfg.name, storage_path=str(root), callbacks=make_callbacks(cfg) + list(callbacks or []),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_per_trial,
+                                                        checkpoint_score_attribute=cfg.metric.name,
+                                                        checkpoint_score_order=cfg.metric.mode),
+                failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=1),
+        )
+    results = tuner.fit()
+    errors = {Path(r.path).name.removeprefix("trial_"): (str(r.error).strip().splitlines()[-1], r.config)
+              for r in results if r.error}
+    rows = trial_rows(experiment_dir, cfg, errors)
+    best = write_summary(experiment_dir, cfg, rows)
+    summary = {"rows": rows, "best": best, "seconds": time.perf_counter() - started, "dir": experiment_dir,
+               "parallel": parallel}
+    print(format_table(rows))
+    print(f"{len(rows)} trials in {summary['seconds']:.0f} s -> {experiment_dir / 'trials.csv'}")
+    if best is not None and export_best:
+        candidate = export.export(experiment_dir, experiment_dir / "best_student")
+        summary["export"] = candidate
+        print(f"best: trial {candidate.trial_id} epoch {candidate.metrics['epoch']} {cfg.metric.name} "
+              f"{candidate.value:.4f} -> {experiment_dir / 'best_student'} (reload verified)")
+        print(f"export another: python -m tune_kd.export {experiment_dir} --out DIR [--trial ID]")
+        if cfg.search.algorithm == "optuna":
+            print(f"study: optuna-dashboard sqlite:///{experiment_dir / 'optuna.db'}")
+    if context is not None and address is None:
+        ray.shutdown()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_kd.search", description=__doc__.split("\n")[0])
+    parser.add_argument("--space", default="search_spaces/kd.yaml", help="experiment YAML (default: %(default)s)")
+    parser.add_argument("--address", help="join a running Ray cluster (ray start --head ...), e.g. auto or host:6379")
+    parser.add_argument("--storage", help="results root on storage every node sees (default: results)")
+    parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this YAML")
+    parser.add_argument("--overwrite", action="store_true", help="move an existing experiment of this name aside")
+    parser.add_argument("--num-samples", type=int, help="override search.num_samples")
+    parser.add_argument("--num-cpus", type=int, help="CPUs a local Ray may use (default: all)")
+    parser.add_argument("--no-export", action="store_true", help="skip exporting the best student")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from tune_kd.models import quiet_progress_bars
+
+    quiet_progress_bars()
+    try:
+        overrides = {"search.num_samples": args.num_samples} if args.num_samples else {}
+        cfg = load_config(args.space, overrides)
+        experiment_dir = Path(args.storage or "results").resolve() / cfg.name
+        if args.overwrite and experiment_dir.exists():
+            aside = experiment_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+            shutil.move(str(experiment_dir), aside)
+            log.info("moved the previous experiment to %s", aside)
+        run_search(cfg, args.space, storage=args.storage, address=args.address, resume=args.resume,
+                   num_cpus=args.num_cpus, export_best=not args.no_export)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
