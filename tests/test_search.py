@@ -1,5 +1,6 @@
 """The search end to end on local Ray (2 CPUs): ASHA, Optuna, summary, export, faults, resume."""
 
+import copy
 import json
 import math
 import os
@@ -22,7 +23,7 @@ PARAMETERS = {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-
 
 
 def search_raw(world, num_samples=6, **sections):
-    raw = tiny_raw(world, name="tiny-search", train={"epochs": 3, "batch_size": 64}, parameters=PARAMETERS,
+    raw = tiny_raw(world, name="tiny-search", train={"epochs": 3, "batch_size": 64}, parameters=copy.deepcopy(PARAMETERS),
                    search={"num_samples": num_samples, "seed": 0, "max_failures": 1},
                    scheduler={"grace_period": 1, "reduction_factor": 2}, resources={"cpu_per_trial": 1},
                    logging={"tensorboard": True})

@@ -162,13 +162,17 @@ def load_data(cfg: ExperimentConfig):
     return tokenizer, train_data, val_data
 
 
+def wandb_has_credentials() -> bool:
+    """An API key in the environment or a wandb login in ~/.netrc."""
+    netrc = Path.home() / ".netrc"
+    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
+
+
 def start_wandb(cfg: ExperimentConfig):
     """wandb run, imported only when asked for; offline (with a sync hint) when no credentials exist."""
     import wandb
 
-    has_key = bool(os.environ.get("WANDB_API_KEY")) or "api.wandb.ai" in (
-        Path.home().joinpath(".netrc").read_text() if Path.home().joinpath(".netrc").is_file() else "")
-    mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+    mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
     run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, config=cfg.to_dict(), mode=mode)
     if mode == "offline":
         log.info("wandb: no credentials configured, logging offline; upload later with: wandb sync %s", run.dir)

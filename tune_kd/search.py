@@ -169,9 +169,9 @@ def make_callbacks(cfg: ExperimentConfig) -> list:
     if cfg.logging.wandb:
         from ray.air.integrations.wandb import WandbLoggerCallback
 
-        has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file() and \
-            "api.wandb.ai" in (Path.home() / ".netrc").read_text()
-        if not has_key:
+        from tune_kd.loop import wandb_has_credentials
+
+        if not wandb_has_credentials():
             os.environ.setdefault("WANDB_MODE", "offline")
             log.info("wandb: no credentials configured, logging offline; upload later with `wandb sync <run dir>`")
         callbacks.append(WandbLoggerCallback(project=cfg.logging.wandb_project, group=cfg.name))
