@@ -365,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {"search.num_samples": args.num_samples} if args.num_samples else {}
         cfg = load_config(args.space, overrides)
+        if args.storage and "://" in args.storage:
+            raise UserError(f"--storage {args.storage}: give a filesystem path every node sees (an NFS or other "
+                            "shared mount); the summary and export read trial files from it")
         experiment_dir = Path(args.storage or "results").resolve() / cfg.name
         if args.overwrite and experiment_dir.exists():
             aside = experiment_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}")
