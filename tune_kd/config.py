@@ -92,6 +92,7 @@ class TrainConfig:
     alpha: float = 0.5                             # CE weight: 1 = plain SFT, 0 = pure distillation
     temperature: float = 1.0
     kd_loss: Literal["forward_kl"] = "forward_kl"
+    compile: Literal["auto", "on", "off"] = "auto"   # torch.compile the models; auto: on CUDA only
     seed: int = 0
     num_workers: int = 0
     log_interval: int = 100                        # optimizer steps between log lines

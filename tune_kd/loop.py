@@ -108,6 +108,31 @@ def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher:
     return student_logits, teacher_logits, targets, positions
 
 
+def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, teacher_cols, need_teacher: bool,
+                  normalizer: float, scaler, sync: bool = True) -> losses.LossParts:
+    """One micro-batch: forward both models on the scored positions, the objective, backward.
+
+    normalizer: assistant tokens of the whole accumulation window; sync=False skips DDP's
+    gradient all-reduce (every micro-batch of a window but the last).
+    """
+    t = cfg.train
+    s_logits, t_logits, targets, _ = forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher)
+    parts = losses.distillation_loss(s_logits, t_logits, targets, t.alpha, t.temperature, normalizer, t.kd_loss)
+    with (contextlib.nullcontext() if sync or not hasattr(student, "no_sync") else student.no_sync()):
+        scaler.scale(parts.loss).backward()
+    return parts
+
+
+def optimizer_step(lm, optimizer, scaler, grad_clip: float) -> None:
+    """Unscale (fp16), clip, step, zero_grad(set_to_none=True)."""
+    scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 @torch.no_grad()
 def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precision, teacher_cols,
              rank: int = 0, world: int = 1) -> dict:
@@ -199,6 +224,11 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
     teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
+    if t.compile == "on" or (t.compile == "auto" and device.type == "cuda"):
+        # In place, so state-dict keys stay plain; dynamic: batch shapes vary with bucketing.
+        for model in (lm, teacher_lm):
+            if model is not None:
+                model.base_model.compile(dynamic=True)
     teacher = SelectedLogits(teacher_lm) if teacher_lm is not None else None
     student = SelectedLogits(lm)
     if world > 1:
@@ -240,25 +270,15 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             if micro % t.accumulation_steps == 0:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(progress.step, total_steps, t.learning_rate, t.warmup_iters)
-            s_logits, t_logits, targets, _ = forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher)
             # Each rank's share: DDP averages gradients over ranks, the window count is global.
-            parts = losses.distillation_loss(s_logits, t_logits, targets, t.alpha, t.temperature,
-                                             window_tokens[window] / world, t.kd_loss)
-            sync = last_in_window or world == 1
-            with (contextlib.nullcontext() if sync else student.no_sync()):
-                scaler.scale(parts.loss).backward()
+            parts = backward_step(student, teacher, batch, cfg, precision, teacher_cols, need_teacher,
+                                  window_tokens[window] / world, scaler, sync=last_in_window or world == 1)
             log_sums += torch.stack([parts.loss.detach(), parts.ce.detach(), parts.kd.detach()])
             window_loss += parts.loss.detach()
             epoch_tokens += batch["num_tokens"]
             if not last_in_window:
                 continue
-            # ---- optimizer step: unscale, clip, step, zero ------------------------------------
-            scaler.unscale_(optimizer)
-            if t.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(lm.parameters(), t.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer_step(lm, optimizer, scaler, t.grad_clip)
             progress.step, progress.batch, epoch_steps = progress.step + 1, micro + 1, epoch_steps + 1
             steps_this_run, log_steps = steps_this_run + 1, log_steps + 1
             epoch_loss += window_loss

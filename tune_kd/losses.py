@@ -53,6 +53,25 @@ def forward_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, t
 KD_LOSSES = {"forward_kl": forward_kl_sum}
 
 
+# Rows per chunk of the (N, V) loss math: the fp32 log-probabilities of one chunk exist at a time
+# (recomputed in backward), so memory stays flat however many assistant tokens a batch holds.
+CHUNK_ROWS = 2048
+
+
+def chunked_sum(fn, *rows: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """sum(fn(chunk...)) over row chunks of equally long tensors, checkpointed so the fp32
+    intermediates of a chunk are freed after its forward and recomputed during backward."""
+    n = rows[0].shape[0]
+    if n <= chunk_rows:
+        return fn(*rows)
+    from torch.utils.checkpoint import checkpoint
+
+    total = torch.zeros((), device=rows[0].device)
+    for lo in range(0, n, chunk_rows):
+        total = total + checkpoint(fn, *(r[lo:lo + chunk_rows] for r in rows), use_reentrant=False)
+    return total
+
+
 @dataclass
 class LossParts:
     """Each a 0-dim tensor already divided by the window's assistant-token count."""
@@ -64,17 +83,20 @@ class LossParts:
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
                       alpha: float, temperature: float, normalizer: float | torch.Tensor,
-                      kd_loss: str = "forward_kl") -> LossParts:
+                      kd_loss: str = "forward_kl", chunk_rows: int = CHUNK_ROWS) -> LossParts:
     """alpha * CE + (1 - alpha) * T^2 * KD on the selected assistant positions.
 
     student_logits: (N, V); teacher_logits: (N, V) or None when alpha = 1 (no teacher needed);
-    targets: (N,); normalizer: assistant tokens in the whole accumulation window (>= 1 used).
+    targets: (N,); normalizer: assistant tokens in the whole accumulation window (>= 1 used);
+    chunk_rows: rows per checkpointed chunk of the fp32 math (the result does not depend on it).
     """
     normalizer = torch.clamp(torch.as_tensor(normalizer, dtype=torch.float32, device=student_logits.device), min=1.0)
-    ce = ce_sum(student_logits, targets) / normalizer
+    ce = chunked_sum(ce_sum, student_logits, targets, chunk_rows=chunk_rows) / normalizer
     if teacher_logits is None or alpha == 1.0:
         kd = torch.zeros((), device=student_logits.device)
         return LossParts(loss=alpha * ce, ce=ce, kd=kd)
-    kd = KD_LOSSES[kd_loss](student_logits, teacher_logits, temperature) / normalizer
+    divergence = KD_LOSSES[kd_loss]
+    kd = chunked_sum(lambda s, t: divergence(s, t, temperature), student_logits, teacher_logits,
+                     chunk_rows=chunk_rows) / normalizer
     loss = alpha * ce + (1.0 - alpha) * temperature ** 2 * kd
     return LossParts(loss=loss, ce=ce, kd=kd)

@@ -1,0 +1,213 @@
+"""Distillation step throughput: the seed's step against tune_kd's, in one process, same data.
+
+    python bench/step_throughput.py            # GPU, the seed's sizes (student 512x8, teacher 768x16, vocab 6400)
+    python bench/step_throughput.py --quick    # CPU, the embedded default's sizes (student 64x2, teacher 128x4)
+
+(a) seed: a faithful re-implementation of MiniMind's step: every row padded to max_seq_len, the
+    teacher in fp32 outside autocast, full (B, T, V) logits for both models, CE and KL on the masked
+    rows, torch's default (non-fused) AdamW.
+(b) tune_kd: the real loop.py path (loop.backward_step + loop.optimizer_step) on length-bucketed
+    batches of the same sequences: teacher weights in bf16 under inference_mode (on GPU), LM head
+    only on assistant positions, chunked fp32 loss math, fused AdamW and torch.compile on CUDA.
+
+Prints, per variant: ms/step, real tokens/s, padded tokens/s, model TFLOP/s (6*P_student +
+2*P_teacher per real token: useful work), MFU against the device's peak (when known), peak memory,
+and the ratio b/a of real-token throughput. torch.compile's one-off cost is reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tune_kd import data, loop, models  # noqa: E402
+from tune_kd.config import load_config  # noqa: E402
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16
+
+
+class VocabStub:
+    """What build_model needs of a tokenizer: its size and special ids."""
+
+    def __init__(self, size: int):
+        self.size, self.pad_token_id, self.bos_token_id, self.eos_token_id = size, 0, 1, 2
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def random_data(n: int, vocab: int, min_len: int, max_len: int, assistant_share: float, seed: int) -> data.TokenizedData:
+    """n sequences with lengths uniform in [min_len, max_len]; the last share of each is the assistant's."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_len, max_len + 1, size=n)
+    tokens = rng.integers(3, vocab, size=int(lengths.sum())).astype(np.int32)
+    mask = np.concatenate([np.arange(length) >= int(length * (1 - assistant_share)) for length in lengths])
+    return data.TokenizedData(tokens=tokens, mask=mask, offsets=np.concatenate([[0], np.cumsum(lengths)]))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seed_step(student, teacher_fp32, optimizer, scaler, batch, precision, alpha, temperature, grad_clip):
+    """MiniMind's step as the seed runs it (padded rows, full logits, fp32 teacher outside autocast)."""
+    ids = batch["input_ids"].to(precision.device)
+    labels = batch["labels"].to(precision.device)
+    X, Y = ids[:, :-1], labels[:, 1:]
+    loss_mask = (Y != -100).float()
+    with precision.autocast():
+        s_logits = student(input_ids=X).logits                                   # (B, T, V)
+    with torch.no_grad():
+        t_logits = teacher_fp32(input_ids=X).logits                               # (B, T, V), fp32
+    V = s_logits.shape[-1]
+    ce = F.cross_entropy(s_logits.float().reshape(-1, V), Y.clamp(min=0).reshape(-1), reduction="none")
+    ce = (ce.view(Y.shape) * loss_mask).sum() / loss_mask.sum()
+    rows = loss_mask.view(-1) == 1
+    kd = F.kl_div(F.log_softmax(s_logits.float().reshape(-1, V)[rows] / temperature, -1),
+                  F.softmax(t_logits.reshape(-1, V)[rows] / temperature, -1), reduction="batchmean") * temperature ** 2
+    loss = alpha * ce + (1 - alpha) * kd
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(student.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def measure(run_step, batches, warmup: int, steps: int, device) -> dict:
+    """Time `steps` steps after `warmup` (the first one timed on its own: compilation)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    run_step(batches[0])
+    sync(device)
+    first = time.perf_counter() - started
+    for b in batches[1:warmup]:
+        run_step(b)
+    sync(device)
+    timed = batches[warmup:warmup + steps]
+    started = time.perf_counter()
+    for b in timed:
+        run_step(b)
+    sync(device)
+    seconds = time.perf_counter() - started
+    real = sum(b["num_tokens"] for b in timed)
+    padded = sum(b["input_ids"].numel() for b in timed)
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
+    return {"ms": 1000 * seconds / len(timed), "real": real / seconds, "padded": padded / seconds,
+            "first_s": first, "peak_gib": peak}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="CPU, the embedded default's sizes, few steps")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--student", default="512,8,8,2", help="hidden,layers,heads,kv_heads")
+    p.add_argument("--teacher", default="768,16,8,2", help="hidden,layers,heads,kv_heads")
+    p.add_argument("--vocab", type=int, default=6400)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--min-len", type=int, default=128)
+    p.add_argument("--max-len", type=int, default=512, help="also the seed's padded length (max_seq_len)")
+    p.add_argument("--assistant-share", type=float, default=0.5, help="share of each sequence that is assistant")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
+    args = p.parse_args()
+    if args.quick:
+        args.device, args.student, args.teacher, args.vocab = "cpu", "64,2,4,4", "128,4,4,4", 100
+        args.batch, args.min_len, args.max_len, args.assistant_share = 64, 20, 60, 0.2
+        args.max_len_pad, args.steps, args.warmup = 128, 10, 3
+    else:
+        args.max_len_pad = args.max_len
+    torch.manual_seed(0)
+    device = models.resolve_device(args.device)
+    precision = models.resolve_precision(args.dtype, device)
+    stub = VocabStub(args.vocab)
+
+    def arch(spec: str) -> dict:
+        h, layers, heads, kv = (int(x) for x in spec.split(","))
+        return {"hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": heads,
+                "num_key_value_heads": kv, "max_position_embeddings": args.max_len_pad}
+
+    cfg = load_config(raw={"teacher": {"arch": arch(args.teacher)}, "student": {"arch": arch(args.student)},
+                           "train": {"alpha": 0.5, "temperature": 2.0, "batch_size": args.batch,
+                                     "dtype": args.dtype, "device": str(device)}})
+    n_batches = args.warmup + args.steps
+    pool = random_data(args.batch * n_batches, args.vocab, args.min_len, args.max_len, args.assistant_share, seed=1)
+
+    # (a) the seed: rows padded to max_seq_len, in the pool's order
+    seed_batches = []
+    for i in range(n_batches):
+        b = data.collate(pool, np.arange(i * args.batch, (i + 1) * args.batch), stub.pad_token_id)
+        pad = args.max_len_pad - b["input_ids"].shape[1]
+        b["input_ids"] = F.pad(b["input_ids"], (0, pad), value=stub.pad_token_id)
+        b["labels"] = F.pad(b["labels"], (0, pad), value=-100)
+        seed_batches.append(b)
+    fp32 = models.resolve_precision("float32", device)
+    student = models.make_student(cfg.student, stub, precision)
+    teacher = models.make_teacher(cfg.teacher, stub, fp32)
+    p_student = sum(x.numel() for x in student.parameters())
+    p_teacher = sum(x.numel() for x in teacher.parameters())
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
+    seed = measure(lambda b: seed_step(student, teacher, optimizer, scaler, b, precision, 0.5, 2.0, 1.0),
+                   seed_batches, args.warmup, args.steps, device)
+    del student, teacher, optimizer
+
+    # (b) tune_kd: the loop's own step functions on bucketed batches of the same sequences
+    lm = models.make_student(cfg.student, stub, precision)
+    teacher_lm = models.make_teacher(cfg.teacher, stub, precision)
+    compiled = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
+    if compiled:
+        for model in (lm, teacher_lm):
+            model.base_model.compile(dynamic=True)
+    student_fast, teacher_fast = loop.SelectedLogits(lm), loop.SelectedLogits(teacher_lm)
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
+    fast_batches = [data.collate(pool, idx, stub.pad_token_id)
+                    for idx in data.epoch_batches(pool, args.batch, seed=0, epoch=0)][:n_batches]
+    if device.type == "cuda":
+        fast_batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in fast_batches]
+
+    def fast_step(b):
+        normalizer = int((b["labels"][:, 1:] != -100).sum())  # host-side, no device sync
+        loop.backward_step(student_fast, teacher_fast, b, cfg, precision, None, True, normalizer, scaler)
+        loop.optimizer_step(lm, optimizer, scaler, 1.0)
+
+    ours = measure(fast_step, fast_batches, args.warmup, args.steps, device)
+
+    flops_per_token = 6 * p_student + 2 * p_teacher
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
+                                     and k in torch.cuda.get_device_name(device)), None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; precision: {precision.reason}")
+    print(f"student {args.student} ({p_student / 1e6:.1f} M), teacher {args.teacher} ({p_teacher / 1e6:.1f} M), "
+          f"vocab {args.vocab}, batch {args.batch}, lengths U[{args.min_len}, {args.max_len}], "
+          f"seed pads to {args.max_len_pad}, {args.steps} timed steps after {args.warmup}")
+    print(f"{'variant':<10} {'ms/step':>9} {'real tok/s':>11} {'padded tok/s':>13} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak GiB':>9}")
+    for label, m in (("seed", seed), ("tune_kd", ours)):
+        tflops = m["real"] * flops_per_token / 1e12
+        mfu = f"{100 * tflops / peak:5.1f}%" if peak else "   n/a"
+        mem = f"{m['peak_gib']:9.2f}" if not math.isnan(m["peak_gib"]) else f"{'n/a':>9}"
+        print(f"{label:<10} {m['ms']:9.1f} {m['real']:11.0f} {m['padded']:13.0f} {tflops:8.3f} {mfu:>6} {mem}")
+    padding = 1 - sum(b["num_tokens"] for b in fast_batches) / sum(b["input_ids"].numel() for b in fast_batches)
+    print(f"ratio tune_kd/seed (real tokens/s): {ours['real'] / seed['real']:.2f}x; padding left in tune_kd's "
+          f"batches: {100 * padding:.1f}%; first step (torch.compile {'on' if compiled else 'off'}): "
+          f"{ours['first_s']:.1f} s vs {seed['first_s']:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
