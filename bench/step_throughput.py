@@ -168,10 +168,7 @@ def main() -> int:
     # (b) tune_kd: the loop's own step functions on bucketed batches of the same sequences
     lm = models.make_student(cfg.student, stub, precision)
     teacher_lm = models.make_teacher(cfg.teacher, stub, precision)
-    compiled = cfg.train.compile == "on" or (cfg.train.compile == "auto" and device.type == "cuda")
-    if compiled:
-        for model in (lm, teacher_lm):
-            model.base_model.compile(dynamic=True)
+    compiled = models.maybe_compile(cfg.train.compile, device, lm, teacher_lm)
     student_fast, teacher_fast = loop.SelectedLogits(lm), loop.SelectedLogits(teacher_lm)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)

@@ -224,11 +224,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
     teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
-    if t.compile == "on" or (t.compile == "auto" and device.type == "cuda"):
-        # In place, so state-dict keys stay plain; dynamic: batch shapes vary with bucketing.
-        for model in (lm, teacher_lm):
-            if model is not None:
-                model.base_model.compile(dynamic=True)
+    models.maybe_compile(t.compile, device, lm, teacher_lm)
     teacher = SelectedLogits(teacher_lm) if teacher_lm is not None else None
     student = SelectedLogits(lm)
     if world > 1:
