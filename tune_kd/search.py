@@ -52,21 +52,25 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     """Peak bytes of one training step on the longest batch: what one trial needs on a GPU."""
     import torch
 
-    from tune_kd import data, losses, loop, models
+    from tune_kd import data, loop, models
 
     precision = models.resolve_precision(cfg.train.dtype, torch.device("cuda"))
     tokenizer, train_data, _ = loop.load_data(cfg)
     torch.cuda.reset_peak_memory_stats()
-    student = loop.SelectedLogits(models.make_student(cfg.student, tokenizer, precision))
-    teacher = loop.SelectedLogits(models.make_teacher(cfg.teacher, tokenizer, precision)) if cfg.teacher else None
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-6, fused=True)
+    lm = models.make_student(cfg.student, tokenizer, precision)
+    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
+    teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
+    student = loop.SelectedLogits(lm)
+    teacher = loop.SelectedLogits(teacher_lm) if teacher_lm is not None else None
+    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=True)
+    scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler)
     longest = train_data.lengths.argsort()[-cfg.train.batch_size:]
     batch = data.collate(train_data, longest, tokenizer.pad_token_id or 0)
-    s, t, targets, _ = loop.forward_pair(student, teacher, batch, precision, None, teacher is not None)
-    losses.distillation_loss(s, t, targets, cfg.train.alpha, cfg.train.temperature, targets.numel()).loss.backward()
-    optimizer.step()
+    scored = int((batch["labels"][:, 1:] != -100).sum())
+    loop.backward_step(student, teacher, batch, cfg, precision, teacher_cols, teacher is not None, scored, scaler)
+    loop.optimizer_step(lm, optimizer, scaler, cfg.train.grad_clip)
     peak = torch.cuda.max_memory_allocated()
-    del student, teacher, optimizer
+    del student, teacher, lm, teacher_lm, optimizer
     torch.cuda.empty_cache()
     return peak
 
