@@ -106,9 +106,6 @@ class LoggingConfig:
     tensorboard: bool = True
 
 
-METRIC_NAMES = ("val_ce", "val_kl", "val_loss", "val_acc", "train_loss")
-
-
 @dataclass(frozen=True)
 class MetricConfig:
     name: Literal["val_ce", "val_kl", "val_loss", "val_acc", "train_loss"] = "val_ce"

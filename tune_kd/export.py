@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tune_kd.checkpoint import TRAINER_STATE, atomic_directory_write
 from tune_kd.config import UserError
+from tune_kd.loop import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -58,25 +59,33 @@ def read_experiment(experiment_dir: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def read_trial(trial_dir: Path) -> tuple[dict, list[dict]]:
+    """(searched values from params.json, one dict per reported epoch from result.json)."""
+    params_file = trial_dir / "params.json"
+    params = json.loads(params_file.read_text()) if params_file.is_file() else {}
+    reports = []
+    for line in (trial_dir / "result.json").read_text().splitlines():
+        try:
+            reports.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+    return params, reports
+
+
 def checkpoint_candidates(experiment_dir: Path, metric: str) -> list[Candidate]:
     """Every (trial, epoch) whose checkpoint is still on disk, with its metric value."""
     found = []
     for result_file in sorted(experiment_dir.glob("*/result.json")):
         trial_dir = result_file.parent
-        params = json.loads((trial_dir / "params.json").read_text()) if (trial_dir / "params.json").is_file() else {}
-        for line in result_file.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash
+        params, reports = read_trial(trial_dir)
+        for row in reports:
             name = row.get("checkpoint_dir_name")
             value = row.get(metric)
             if not name or value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
             path = trial_dir / name
             if (path / "model.safetensors").is_file():
-                metrics = {k: row[k] for k in ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc",
-                                               "tokens_per_s") if k in row}
+                metrics = {k: row[k] for k in METRICS if k in row}
                 found.append(Candidate(str(row.get("trial_id")), float(value), metrics, params, path))
     return found
 

@@ -105,7 +105,7 @@ def concurrency(cfg: ExperimentConfig, resources: dict, cpus: float, gpus: float
 # Searcher: Optuna that knows ASHA's early stops are prunes
 # ----------------------------------------------------------------------------------------------
 
-def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str):
+def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str, points: list[dict] | None):
     import optuna
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
@@ -139,18 +139,18 @@ def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str):
             super().on_trial_complete(trial_id, result, error)
 
     storage = optuna.storages.RDBStorage(storage_url)
-    points = [space.fixed_point(cfg)] if cfg.search.evaluate_train_first and space.fixed_point(cfg) else None
     return PruneAwareOptunaSearch(metric=cfg.metric.name, mode=cfg.metric.mode, points_to_evaluate=points,
                                   sampler=optuna.samplers.TPESampler(seed=cfg.search.seed), study_name=cfg.name,
                                   storage=storage, max_epochs=cfg.train.epochs)
 
 
 def make_searcher(cfg: ExperimentConfig, experiment_dir: Path):
+    first = space.fixed_point(cfg)
+    points = [first] if cfg.search.evaluate_train_first and first else None
     if cfg.search.algorithm == "optuna":
-        return make_optuna_searcher(cfg, f"sqlite:///{experiment_dir / 'optuna.db'}")
+        return make_optuna_searcher(cfg, f"sqlite:///{experiment_dir / 'optuna.db'}", points)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    points = [space.fixed_point(cfg)] if cfg.search.evaluate_train_first and space.fixed_point(cfg) else None
     return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.search.seed)
 
 
@@ -191,14 +191,7 @@ def trial_rows(experiment_dir: Path, cfg: ExperimentConfig, errors: dict[str, tu
     plus the errored trials that never reported. errors: trial id -> (last error line, config)."""
     rows, key = [], f"best_{cfg.metric.name}"
     for result_file in sorted(experiment_dir.glob("*/result.json")):
-        reports = []
-        for line in result_file.read_text().splitlines():
-            try:
-                reports.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-        params_file = result_file.parent / "params.json"
-        params = json.loads(params_file.read_text()) if params_file.is_file() else {}
+        params, reports = export.read_trial(result_file.parent)
         if not reports:
             continue
         trial_id = str(reports[0]["trial_id"])
