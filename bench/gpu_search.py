@@ -60,7 +60,8 @@ def main() -> int:
                                    "name": f"gpu-search-{int(time.time())}"})
     probe = Overlap()
     started = time.perf_counter()
-    summary = run_search(cfg, args.space, storage=args.storage, callbacks=[probe], export_best=False)
+    summary = run_search(cfg, args.space, storage=args.storage, callbacks=[probe], export_best=False,
+                         dashboard_host=None)   # the GPU image lacks the dashboard's packages
     wall = time.perf_counter() - started
     print(f"device: {torch.cuda.get_device_name(0)}")
     print(f"gpu_per_trial {args.gpu_per_trial}: max_concurrent set to {summary['parallel']}, "

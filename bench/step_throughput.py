@@ -122,6 +122,7 @@ def main() -> int:
     p.add_argument("--assistant-share", type=float, default=0.5, help="share of each sequence that is assistant")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile for tune_kd's step")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     args = p.parse_args()
     if args.quick:
@@ -142,7 +143,8 @@ def main() -> int:
 
     cfg = load_config(raw={"teacher": {"arch": arch(args.teacher)}, "student": {"arch": arch(args.student)},
                            "train": {"alpha": 0.5, "temperature": 2.0, "batch_size": args.batch,
-                                     "dtype": args.dtype, "device": str(device)}})
+                                     "dtype": args.dtype, "device": str(device),
+                                     "compile": args.compile}})
     n_batches = args.warmup + args.steps
     pool = random_data(args.batch * n_batches, args.vocab, args.min_len, args.max_len, args.assistant_share, seed=1)
 
@@ -161,8 +163,28 @@ def main() -> int:
     p_teacher = sum(x.numel() for x in teacher.parameters())
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
+    flops_per_token = 6 * p_student + 2 * p_teacher
+    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
+                                     and k in torch.cuda.get_device_name(device)), None)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {name}; torch {torch.__version__}; precision: {precision.reason}")
+    print(f"student {args.student} ({p_student / 1e6:.1f} M), teacher {args.teacher} ({p_teacher / 1e6:.1f} M), "
+          f"vocab {args.vocab}, batch {args.batch}, lengths U[{args.min_len}, {args.max_len}], "
+          f"seed pads to {args.max_len_pad}, {args.steps} timed steps after {args.warmup}")
+    print(f"{'variant':<10} {'ms/step':>9} {'real tok/s':>11} {'padded tok/s':>13} {'TFLOP/s':>8} {'MFU':>6} "
+          f"{'peak GiB':>9}", flush=True)
+
+    def row(label: str, m: dict) -> None:
+        """One variant's figures, printed as soon as it is measured (a long compile cannot hide the first)."""
+        tflops = m["real"] * flops_per_token / 1e12
+        mfu = f"{100 * tflops / peak:5.1f}%" if peak else "   n/a"
+        mem = f"{m['peak_gib']:9.2f}" if not math.isnan(m["peak_gib"]) else f"{'n/a':>9}"
+        print(f"{label:<10} {m['ms']:9.1f} {m['real']:11.0f} {m['padded']:13.0f} {tflops:8.3f} {mfu:>6} {mem}",
+              flush=True)
+
     seed = measure(lambda b: seed_step(student, teacher, optimizer, scaler, b, precision, 0.5, 2.0, 1.0),
                    seed_batches, args.warmup, args.steps, device)
+    row("seed", seed)
     del student, teacher, optimizer
 
     # (b) tune_kd: the loop's own step functions on bucketed batches of the same sequences
@@ -184,21 +206,7 @@ def main() -> int:
 
     ours = measure(fast_step, fast_batches, args.warmup, args.steps, device)
 
-    flops_per_token = 6 * p_student + 2 * p_teacher
-    peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
-                                     and k in torch.cuda.get_device_name(device)), None)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"device: {name}; torch {torch.__version__}; precision: {precision.reason}")
-    print(f"student {args.student} ({p_student / 1e6:.1f} M), teacher {args.teacher} ({p_teacher / 1e6:.1f} M), "
-          f"vocab {args.vocab}, batch {args.batch}, lengths U[{args.min_len}, {args.max_len}], "
-          f"seed pads to {args.max_len_pad}, {args.steps} timed steps after {args.warmup}")
-    print(f"{'variant':<10} {'ms/step':>9} {'real tok/s':>11} {'padded tok/s':>13} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'peak GiB':>9}")
-    for label, m in (("seed", seed), ("tune_kd", ours)):
-        tflops = m["real"] * flops_per_token / 1e12
-        mfu = f"{100 * tflops / peak:5.1f}%" if peak else "   n/a"
-        mem = f"{m['peak_gib']:9.2f}" if not math.isnan(m["peak_gib"]) else f"{'n/a':>9}"
-        print(f"{label:<10} {m['ms']:9.1f} {m['real']:11.0f} {m['padded']:13.0f} {tflops:8.3f} {mfu:>6} {mem}")
+    row("tune_kd", ours)
     padding = 1 - sum(b["num_tokens"] for b in fast_batches) / sum(b["input_ids"].numel() for b in fast_batches)
     print(f"ratio tune_kd/seed (real tokens/s): {ours['real'] / seed['real']:.2f}x; padding left in tune_kd's "
           f"batches: {100 * padding:.1f}%; first step (torch.compile {'on' if compiled else 'off'}): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,18 @@ def tiny_raw(paths: dict, **sections) -> dict:
 def tiny_config(world):
     """Build an ExperimentConfig on the tiny world: tiny_config(train={...}, ...)."""
     return lambda **sections: load_config(raw=tiny_raw(world, **sections))
+
+
+PARAMETERS = {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
+              "temperature": {"distribution": "uniform", "min": 1.0, "max": 4.0},
+              "alpha": {"distribution": "uniform", "min": 0.0, "max": 1.0}}
+
+
+def search_raw(world, num_samples=6, **sections):
+    raw = tiny_raw(world, name="tiny-search", train={"epochs": 3, "batch_size": 64}, parameters=copy.deepcopy(PARAMETERS),
+                   search={"num_samples": num_samples, "seed": 0, "max_failures": 1},
+                   scheduler={"grace_period": 1, "reduction_factor": 2}, resources={"cpu_per_trial": 1},
+                   logging={"tensorboard": True})
+    for key, value in sections.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    return raw

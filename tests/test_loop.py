@@ -121,3 +121,20 @@ def test_temperature_and_alpha_change_the_run(tiny_config):
     more_ce = train(tiny_config(train={"epochs": 1, "alpha": 0.9}))
     assert hotter.metrics["train_loss"] != pytest.approx(base.metrics["train_loss"], rel=1e-3)
     assert more_ce.metrics["train_loss"] != pytest.approx(base.metrics["train_loss"], rel=1e-3)
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+def test_a_loss_that_stops_being_finite_stops_training_at_once(tiny_config, poison):
+    from tune_kd.loop import TrainingDiverged
+
+    reports, steps = [], []
+
+    def poison_after_two_steps(epoch, step, student):
+        steps.append(step)
+        if step == 2:
+            with torch.no_grad():
+                student.model.norm.weight.fill_(poison)
+
+    with pytest.raises(TrainingDiverged, match="loss became (nan|inf) at epoch 1 step 3 .*lower train.learning_rate"):
+        train(tiny_config(), report=lambda metrics, save: reports.append(metrics), step_hook=poison_after_two_steps)
+    assert steps == [1, 2, 3] and not reports       # the first bad step is the last, no epoch was reported

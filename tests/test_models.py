@@ -1,5 +1,8 @@
 """Precision decisions, architecture presets, vocab compatibility and model loading rules."""
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -72,12 +75,68 @@ def test_vocab_mismatches_are_errors():
 
 def test_model_directory_rules(tmp_path, world):
     with pytest.raises(UserError, match="is not a directory"):
-        models.load_model_dir(str(tmp_path / "missing"), "teacher", False, torch.float32)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no \\*.safetensors weights"):
-        models.load_model_dir(str(tmp_path / "empty"), "teacher", False, torch.float32)
-    teacher = models.load_model_dir(world["teacher"], "teacher", False, torch.bfloat16)
+        models.load_model_dir(ModelSpec(path=str(tmp_path / "missing")), "teacher", torch.float32)
+    teacher = models.load_model_dir(ModelSpec(path=world["teacher"]), "teacher", torch.bfloat16)
     assert next(teacher.parameters()).dtype == torch.bfloat16
+
+
+def pickled_copy(world, tmp_path) -> Path:
+    """The test teacher with its weights as a pickle-based pytorch_model.bin instead of safetensors."""
+    from safetensors.torch import load_file
+
+    target = tmp_path / "pickled"
+    shutil.copytree(world["teacher"], target)
+    torch.save(load_file(str(target / "model.safetensors")), target / "pytorch_model.bin")
+    (target / "model.safetensors").unlink()
+    return target
+
+
+def test_allowed_pickle_weights_load_like_safetensors(tmp_path, world):
+    target = pickled_copy(world, tmp_path)
+    with pytest.raises(UserError, match="refused because unpickling can run code"):
+        models.load_model_dir(ModelSpec(path=str(target)), "teacher", torch.float32)
+    loaded = models.load_model_dir(ModelSpec(path=str(target), allow_pickle_weights=True), "teacher", torch.float32)
+    reference = models.load_model_dir(ModelSpec(path=world["teacher"]), "teacher", torch.float32)
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference(ids).logits)
+
+
+class RunsCode:
+    """A pickle payload that would create a file if unpickled without weights_only."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_allowed_pickle_weights_still_cannot_run_code(tmp_path, world):
+    target = pickled_copy(world, tmp_path)
+    marker = tmp_path / "pwned"
+    torch.save({"model.embed_tokens.weight": RunsCode(str(marker))}, target / "pytorch_model.bin")
+    with pytest.raises(UserError, match="weights_only=True"):
+        models.load_model_dir(ModelSpec(path=str(target), allow_pickle_weights=True), "teacher", torch.float32)
+    assert not marker.exists()
+
+
+def test_weights_fit_accepts_tied_names_and_reports_gaps():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert models.weights_fit(model, shapes) == []
+    shapes.pop("lm_head.weight")              # tied: stored once under either name
+    assert models.weights_fit(model, shapes) == []
+    shapes.pop("model.norm.weight")
+    shapes["model.layers.0.mlp.up_proj.weight"] = (64, 16)
+    problems = models.weights_fit(model, shapes)
+    assert problems == ["1 tensors missing (model.norm.weight)",
+                        "1 of another shape (model.layers.0.mlp.up_proj.weight is [64, 16], expected [32, 16])"]
+
 
 
 def test_teacher_is_frozen_in_eval_mode(world):

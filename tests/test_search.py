@@ -13,25 +13,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_raw
+from conftest import search_raw
+from tune_kd import checkpoint
 from tune_kd.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMETERS = {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2},
-              "temperature": {"distribution": "uniform", "min": 1.0, "max": 4.0},
-              "alpha": {"distribution": "uniform", "min": 0.0, "max": 1.0}}
-
-
-def search_raw(world, num_samples=6, **sections):
-    raw = tiny_raw(world, name="tiny-search", train={"epochs": 3, "batch_size": 64}, parameters=copy.deepcopy(PARAMETERS),
-                   search={"num_samples": num_samples, "seed": 0, "max_failures": 1},
-                   scheduler={"grace_period": 1, "reduction_factor": 2}, resources={"cpu_per_trial": 1},
-                   logging={"tensorboard": True})
-    for key, value in sections.items():
-        raw[key] = {**raw.get(key, {}), **value}
-    return raw
-
-
 def epochs_by_trial(experiment_dir: Path) -> dict[str, list[int]]:
     out = {}
     for result in experiment_dir.glob("*/result.json"):
@@ -44,8 +30,9 @@ def epochs_by_trial(experiment_dir: Path) -> dict[str, list[int]]:
 class ActorProbe:
     """A Tune callback that asks Ray's state API (served by the dashboard) for the live actors."""
 
-    def __init__(self):
-        self.class_names = set()
+    def __init__(self, dashboard_urls: list | None = None):
+        self.class_names, self.http = set(), {}
+        self.dashboard_urls = dashboard_urls if dashboard_urls is not None else []   # filled once Ray is up
 
     def __getattr__(self, name):   # every other Callback hook: do nothing
         if name.startswith("on_") or name in ("setup", "get_state", "set_state"):
@@ -57,6 +44,16 @@ class ActorProbe:
 
         for actor in list_actors(filters=[("state", "=", "ALIVE")]):
             self.class_names.add(actor.class_name)
+        if self.dashboard_urls and not self.http:   # the dashboard's HTTP API, asked without a token
+            import urllib.error
+            import urllib.request
+
+            for path in ("/api/authentication_mode", "/api/jobs/"):
+                try:
+                    with urllib.request.urlopen(f"http://{self.dashboard_urls[0]}{path}", timeout=10) as response:
+                        self.http[path] = (response.status, response.read().decode())
+                except urllib.error.HTTPError as exc:
+                    self.http[path] = (exc.code, "")
 
 
 @pytest.mark.slow
@@ -72,9 +69,9 @@ def test_search_end_to_end(world, tmp_path):
     class Probe(ActorProbe, Callback):
         pass
 
-    probe = Probe()
-    cfg = load_config(raw=search_raw(world))
     urls = []
+    probe = Probe(urls)
+    cfg = load_config(raw=search_raw(world))
     original_init = ray.init
 
     def init_and_record(*args, **kwargs):
@@ -91,6 +88,8 @@ def test_search_end_to_end(world, tmp_path):
 
     # the dashboard was up on loopback and listed the trial actors while trials ran
     assert urls and urls[0].startswith("127.0.0.1:")
+    assert probe.http["/api/authentication_mode"] == (200, '{"authentication_mode": "token"}')
+    assert probe.http["/api/jobs/"][0] == 401                      # no token, no job submission
     assert any(name.startswith("distill_tiny_search") for name in probe.class_names), probe.class_names
     assert summary["parallel"] == 2
 
@@ -122,29 +121,66 @@ def test_search_end_to_end(world, tmp_path):
     assert list(experiment.glob("trial_*/events.out.tfevents*"))   # TensorBoard logs
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("times,max_failures,errored", [(1, 1, 0), (2, 0, 2)])
-def test_failing_trials_are_retried_or_marked_errored(world, tmp_path, monkeypatch, times, max_failures, errored):
+def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_section) -> tuple[dict, list[dict]]:
+    """A 4-trial search (no early stopping) under the given fault plans; (summary, plans after)."""
     import ray
 
     from tune_kd import search
 
     fault = tmp_path / "fault.json"
-    fault.write_text(json.dumps({"epoch": 2, "times": times}))
+    fault.write_text(json.dumps(plans))
     monkeypatch.setenv("TUNE_KD_FAULT_FILE", str(fault))   # inherited by the Ray workers started below
-    cfg = load_config(raw=search_raw(world, num_samples=4, search={"max_failures": max_failures},
-                                     scheduler={"type": "none"}))
+    cfg = load_config(raw=search_raw(world, num_samples=4, search=search_section, scheduler={"type": "none"}))
     summary = search.run_search(cfg, "test", storage=str(tmp_path), num_cpus=2)
     assert not ray.is_initialized()
-    assert json.loads(fault.read_text())["times"] == 0            # the faults really fired
-    rows = summary["rows"]
-    assert len(rows) == 4
-    assert sum(r["status"] == "ERROR" for r in rows) == errored
-    assert all("injected fault" in r["error"] for r in rows if r["status"] == "ERROR")
-    assert sum(r["status"] == "COMPLETED" for r in rows) == 4 - errored
+    plans = json.loads(fault.read_text())
+    assert all(plan["times"] == 0 for plan in plans)             # the faults really fired
+    assert len(summary["rows"]) == 4                               # the search went on
     for trial, epochs in epochs_by_trial(tmp_path / "tiny-search").items():
         assert epochs == list(range(1, len(epochs) + 1))          # a retry resumes, never repeats an epoch
     assert (tmp_path / "tiny-search" / "best_student" / "model.safetensors").is_file()
+    return summary, plans
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,times,search_section,errored,reason", [
+    ("oom", 1, {"max_failures": 1}, 0, None),                                      # retried, then completes
+    ("oom", 2, {"max_failures": 1, "max_concurrent": 1}, 1, "CUDA out of memory"),  # retried once, fails again
+    ("disk_full", 1, {"max_failures": 0}, 1, "disk full while writing"),
+])
+def test_failing_trials_are_retried_or_marked_errored(world, tmp_path, monkeypatch, kind, times, search_section,
+                                                      errored, reason):
+    summary, plans = run_with_faults(world, tmp_path, monkeypatch, [{"kind": kind, "epoch": 2, "times": times}],
+                                     **search_section)
+    rows = {r["trial_id"]: r for r in summary["rows"]}
+    failed = [r for r in rows.values() if r["status"] == "ERROR"]
+    assert len(failed) == errored
+    assert all(reason in r["error"] for r in failed)
+    assert sum(r["status"] == "COMPLETED" for r in rows.values()) == 4 - errored
+    if errored and times == 2:
+        assert len(set(plans[0]["fired_by"])) == 1                 # one trial failed twice: retry, then ERROR
+    for r in failed:   # the failed trial's epoch-1 checkpoint is still there, complete
+        trial_dir = tmp_path / "tiny-search" / f"trial_{r['trial_id']}"
+        assert [c for c in trial_dir.glob("checkpoint_*") if checkpoint.is_complete(c)]
+
+
+@pytest.mark.slow
+def test_diverged_and_killed_trials(world, tmp_path, monkeypatch):
+    """One trial's weights turn NaN (it stops at once, DIVERGED with its reason); another trial's worker
+    process is SIGKILLed mid-epoch (it resumes from its epoch-1 checkpoint and completes)."""
+    summary, plans = run_with_faults(world, tmp_path, monkeypatch, [
+        {"kind": "nan", "epoch": 1, "step": 2, "times": 1},
+        {"kind": "kill", "epoch": 2, "step": 3, "times": 1}], max_failures=1)
+    rows = {r["trial_id"]: r for r in summary["rows"]}
+    diverged, killed = plans[0]["fired_by"][0], plans[1]["fired_by"][0]
+    assert diverged != killed
+    assert rows[diverged]["status"] == "DIVERGED" and rows[diverged]["epochs"] == 1
+    assert "loss became nan at epoch 1 step 3" in rows[diverged]["error"]
+    assert rows[killed]["status"] == "COMPLETED"
+    assert epochs_by_trial(tmp_path / "tiny-search")[killed] == [1, 2, 3]
+    assert sum(r["status"] == "COMPLETED" for r in rows.values()) == 3
+    trials_csv = (tmp_path / "tiny-search" / "trials.csv").read_text()
+    assert "DIVERGED" in trials_csv and "loss became nan" in trials_csv
 
 
 @pytest.mark.slow
@@ -168,6 +204,9 @@ def test_resume_after_the_driver_is_killed(world, tmp_path):
     driver.wait(timeout=30)
     before = epochs_by_trial(experiment)
     assert len(before) < 6
+    saved = {c: c.joinpath("model.safetensors").stat().st_mtime_ns for c in experiment.glob("trial_*/checkpoint_*")
+             if checkpoint.is_complete(c)}
+    assert saved
 
     resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -175,6 +214,9 @@ def test_resume_after_the_driver_is_killed(world, tmp_path):
     assert len(after) == 6
     for trial, epochs in finished.items():
         assert after[trial] == epochs                               # finished trials were not re-run
+    for path, mtime in saved.items():   # every checkpoint of a finished trial survives, untouched
+        if path.parent.name.removeprefix("trial_") in finished:
+            assert checkpoint.is_complete(path) and path.joinpath("model.safetensors").stat().st_mtime_ns == mtime
     for trial, epochs in after.items():
         assert epochs == [1, 2, 3], (trial, epochs)
     assert len((experiment / "trials.csv").read_text().splitlines()) == 7

@@ -6,13 +6,19 @@ A checkpoint directory holds
     tokenizer files                                           the tokenizer the student was trained with
     trainer_state.pt                                          optimizer, grad scaler, progress, RNG states
     progress.json                                             the same progress, human-readable
+    manifest.json                                             every other file's size, written last
 
 and is written atomically: into a temporary sibling, then renamed into place, so a crash mid-write
-leaves the previous checkpoint intact and never a partial directory under the final name.
+leaves the previous checkpoint intact and never a partial directory under the final name. Replacing
+a directory takes two renames (old aside, new in); a crash between them leaves the old one aside,
+and restore_interrupted() puts it back before anything reads or writes that name again. Copies made
+by others (Ray moves each reported checkpoint into the trial folder) are checked against the
+manifest before they are used (is_complete).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -23,6 +29,14 @@ from pathlib import Path
 import torch
 
 TRAINER_STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota); earlier checkpoints are untouched."""
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 @dataclass
@@ -44,18 +58,55 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
         model = inner
 
 
+def restore_interrupted(target: Path) -> None:
+    """Undo a replacement cut short between its two renames: the previous version goes back."""
+    target = Path(target)
+    if target.exists():
+        return
+    aside = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if aside:
+        os.rename(aside[-1], target)
+
+
+def write_manifest(directory: Path) -> None:
+    """Record every file's size; written last, so its presence and agreement mean complete."""
+    sizes = {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (directory / MANIFEST).write_text(json.dumps(sizes, indent=1))
+
+
+def is_complete(directory: Path) -> bool:
+    """Whether every file the manifest lists is there with its size (False without a manifest)."""
+    try:
+        sizes = json.loads((Path(directory) / MANIFEST).read_text())
+        return all((Path(directory) / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError):
+        return False
+
+
 def atomic_directory_write(target: Path, write) -> None:
-    """Call write(tmp_dir), then move tmp_dir to `target`, replacing any previous one."""
+    """Call write(tmp_dir), add its manifest, then move tmp_dir to `target`, replacing any previous one.
+
+    A full disk surfaces as CheckpointWriteError naming the place and the free space."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    restore_interrupted(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         write(tmp)
+        write_manifest(tmp)
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             os.rename(target, old)
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(target.parent).free / 2**30
+            raise CheckpointWriteError(exc.errno, f"disk full while writing {target} ({free:.2f} GiB free there): "
+                                       "free space or move --storage / the output folder to a larger disk; earlier "
+                                       "checkpoints are intact") from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -89,9 +140,13 @@ def load_checkpoint(directory: Path, student, optimizer, scaler) -> Progress:
     from tune_kd.config import UserError
 
     directory = Path(directory)
+    restore_interrupted(directory)
     if not (directory / TRAINER_STATE).is_file():
         raise UserError(f"{directory}: not a tune_kd checkpoint (no {TRAINER_STATE}); resume needs a directory "
                         "written by a training run")
+    if not is_complete(directory):
+        raise UserError(f"{directory}: incomplete checkpoint (files missing or cut short against its {MANIFEST}); "
+                        "resume from an earlier one")
     model = unwrap(student)
     weights = load_file(str(directory / "model.safetensors"), device=str(next(model.parameters()).device))
     missing, unexpected = model.load_state_dict(weights, strict=False)

@@ -66,6 +66,7 @@ class ModelSpec:
     preset: Optional[str] = None                   # one of models.PRESETS, e.g. minimind-student
     arch: Optional[ArchSpec] = None                # explicit architecture; overrides the preset's keys
     trust_remote_code: bool = False                # never on unless the YAML says so
+    allow_pickle_weights: bool = False             # .bin/.pt weights: refused unless the YAML says so
 
 
 @dataclass(frozen=True)

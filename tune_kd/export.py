@@ -20,14 +20,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune_kd.checkpoint import TRAINER_STATE, atomic_directory_write
+from tune_kd.checkpoint import MANIFEST, TRAINER_STATE, atomic_directory_write, is_complete
 from tune_kd.config import UserError
 from tune_kd.loop import METRICS
 
 log = logging.getLogger(__name__)
 
 EXPERIMENT_FILE = "experiment.json"      # written by the search: resolved config, metric, versions
-SKIP_FILES = {TRAINER_STATE, "progress.json", ".is_checkpoint", ".metadata.pkl", ".tune_metadata"}
+SKIP_FILES = {TRAINER_STATE, "progress.json", MANIFEST, ".is_checkpoint", ".metadata.pkl", ".tune_metadata"}
 
 
 @dataclass
@@ -84,7 +84,7 @@ def checkpoint_candidates(experiment_dir: Path, metric: str) -> list[Candidate]:
             if not name or value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
             path = trial_dir / name
-            if (path / "model.safetensors").is_file():
+            if is_complete(path):   # a copy cut short (crash, full disk) is never exported
                 metrics = {k: row[k] for k in METRICS if k in row}
                 found.append(Candidate(str(row.get("trial_id")), float(value), metrics, params, path))
     return found

@@ -171,11 +171,17 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
             "val_acc": right / max(rows, 1.0)}
 
 
-def load_data(cfg: ExperimentConfig):
-    """(tokenizer, train split, val split), tokenized through the shared on-disk cache."""
+def shared_tokenizer(cfg: ExperimentConfig):
+    """The tokenizer teacher and student share (explicit, else the teacher's, else the student's)."""
     tok_dir = models.tokenizer_dir(cfg.teacher, cfg.student, cfg.tokenizer)
     tokenizer = data.load_tokenizer(tok_dir)
     models.check_shared_tokenizer(tokenizer, cfg.teacher, cfg.student, tok_dir)
+    return tokenizer
+
+
+def load_data(cfg: ExperimentConfig):
+    """(tokenizer, train split, val split), tokenized through the shared on-disk cache."""
+    tokenizer = shared_tokenizer(cfg)
     d = cfg.data
     train_data = data.tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir)
     if d.val_path:
@@ -204,13 +210,30 @@ def start_wandb(cfg: ExperimentConfig):
     return run
 
 
+class TrainingDiverged(UserError):
+    """The training loss became NaN or infinite: the run stops instead of burning compute."""
+
+
+def loss_is_finite(running_loss: torch.Tensor, world: int) -> bool:
+    """Whether the running loss sum is finite on every rank (NaN and inf never wash out of a sum).
+    Reading it synchronises the device, so on GPU the loop asks only at log intervals."""
+    flag = torch.isfinite(running_loss).to(torch.float32)
+    if world > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag)
+
+
 def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str | Path | None = None,
-          out_dir: str | Path | None = None, ddp: bool = False, use_wandb: bool | None = None) -> TrainResult:
+          out_dir: str | Path | None = None, ddp: bool = False, use_wandb: bool | None = None,
+          step_hook: Callable[[int, int, torch.nn.Module], None] | None = None) -> TrainResult:
     """Distil cfg.teacher into cfg.student on cfg.data; returns the trained student and its metrics.
 
     report(metrics, save) is called once per epoch end with every name in METRICS; save(dir) writes
     a resumable checkpoint. resume_from continues a run from such a checkpoint exactly. out_dir
     receives a resumable `last/` checkpoint every train.save_interval steps (0: never mid-epoch).
+    step_hook(epoch, step_in_epoch, student) runs after every optimizer step (fault drills use it).
+    Raises TrainingDiverged when the loss stops being finite: checked every step on CPU, every
+    train.log_interval steps on GPU (a check is a device sync), and before every evaluation.
     """
     t = cfg.train
     # ---- setup: device, precision, data, models, optimizer ----------------------------------
@@ -247,6 +270,13 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                  len(val_data), t.epochs, steps_per_epoch, sum(p.numel() for p in lm.parameters()) / 1e6,
                  f", teacher {sum(p.numel() for p in teacher_lm.parameters()) / 1e6:.2f}M" if teacher_lm else "")
     run_started, steps_this_run = time.perf_counter(), 0
+    divergence_check_every = 1 if device.type == "cpu" else t.log_interval
+
+    def stop_if_diverged(epoch_loss: torch.Tensor, epoch: int) -> None:
+        if not loss_is_finite(epoch_loss, world):
+            raise TrainingDiverged(f"loss became {epoch_loss.item()} at epoch {epoch + 1} step {progress.step} "
+                                   f"(lr {optimizer.param_groups[0]['lr']:.3g}): lower train.learning_rate, "
+                                   "tighten train.grad_clip, or use float32")
     for epoch in range(progress.epoch, t.epochs):
         # ---- one epoch: this rank's shard of the epoch's batches, in accumulation windows ----
         all_batches = data.epoch_batches(train_data, t.batch_size, t.seed, epoch)[: per_rank * world]
@@ -279,6 +309,10 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             steps_this_run, log_steps = steps_this_run + 1, log_steps + 1
             epoch_loss += window_loss
             window_loss.zero_()
+            if step_hook is not None:
+                step_hook(epoch + 1, epoch_steps, lm)
+            if progress.step % divergence_check_every == 0:
+                stop_if_diverged(epoch_loss, epoch)
             if progress.step % t.log_interval == 0 and rank == 0:
                 loss, ce, kd = (log_sums / log_steps).tolist()
                 elapsed = time.perf_counter() - run_started
@@ -297,6 +331,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         train_seconds = time.perf_counter() - epoch_started
+        stop_if_diverged(epoch_loss, epoch)
         progress.epoch, progress.batch = epoch + 1, 0
         train_loss = torch.stack([epoch_loss / max(epoch_steps, 1)])
         if world > 1:

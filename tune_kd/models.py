@@ -8,8 +8,10 @@ Precision is decided here, once, with the reason logged:
     cpu     bfloat16    bf16 autocast only where the CPU has native bf16 (AVX512-BF16/AMX), else fp32
     any     float32     fp32                             fp32
 
-Models come from a local Hugging Face directory (safetensors only, trust_remote_code off unless
-the YAML allows it) or are built from a preset / architecture spec as a Llama-family model.
+Models come from a local Hugging Face directory (safetensors by default; pickle-based weights only
+when the YAML allows them, then through torch.load(weights_only=True); trust_remote_code off unless
+the YAML allows it) or are built from a preset / architecture spec as a Llama-family model. The
+driver checks both directories on the meta device (preflight) before any trial starts.
 """
 
 from __future__ import annotations
@@ -138,35 +140,160 @@ def build_model(spec: ModelSpec, tokenizer, role: str):
     return LlamaForCausalLM(config)
 
 
-def load_model_dir(path: str, role: str, trust_remote_code: bool, dtype: torch.dtype):
-    """Load a causal LM from a local HF directory: safetensors only, remote code only when allowed."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
-    directory = Path(path)
+
+def weight_files(spec: ModelSpec, role: str) -> tuple[str, list[Path]]:
+    """("safetensors" | "pickle", files): a model directory's weights. Pickle-based files are refused
+    unless the YAML allows them (unpickling can run arbitrary code)."""
+    directory = Path(spec.path)
     if not directory.is_dir():
-        raise UserError(f"{role}.path: {path} is not a directory (give a local Hugging Face model directory)")
-    if not (list(directory.glob("*.safetensors")) or list(directory.glob("*.safetensors.index.json"))):
-        raise UserError(f"{role}.path: {path} has no *.safetensors weights (only safetensors are loaded; convert "
-                        "pickled .bin weights with save_pretrained(safe_serialization=True))")
+        raise UserError(f"{role}.path: {spec.path} is not a directory (give a local Hugging Face model directory)")
+    safetensors = sorted(directory.glob("*.safetensors"))
+    if safetensors:
+        return "safetensors", safetensors
+    pickled = sorted({f for pattern in PICKLE_WEIGHTS for f in directory.glob(pattern)})
+    if pickled and not spec.allow_pickle_weights:
+        raise UserError(f"{role}.path: {spec.path} holds only pickle-based weights ({pickled[0].name}), refused because "
+                        "unpickling can run code: convert them with save_pretrained(safe_serialization=True), or, if "
+                        f"you trust their source, set {role}.allow_pickle_weights: true (loaded with weights_only=True)")
+    if pickled:
+        return "pickle", pickled
+    raise UserError(f"{role}.path: {spec.path} holds no weights (no *.safetensors file): point it at a saved model "
+                    "directory (save_pretrained)")
+
+
+def load_pickled_weights(files: list[Path], role: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """State dict from pickle-based files with torch.load(weights_only=True): tensors only, no code."""
+    import pickle
+
+    state = {}
+    for file in files:
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=mmap)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise UserError(f"{role}.path: {file}: refused or unreadable under torch.load(weights_only=True) "
+                            f"({str(exc).splitlines()[0][:200]}): convert it to safetensors") from None
+        if not isinstance(loaded, dict) or not all(torch.is_tensor(v) for v in loaded.values()):
+            raise UserError(f"{role}.path: {file} is not a state dict of tensors (save model.state_dict())")
+        state.update(loaded)
+    return state
+
+
+def weight_shapes(kind: str, files: list[Path], role: str) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from file headers (safetensors) or a memory map (pickle)."""
+    if kind == "pickle":
+        return {k: tuple(v.shape) for k, v in load_pickled_weights(files, role, mmap=True).items()}
+    from safetensors import safe_open
+
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                shapes.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+        except Exception as exc:   # safetensors raises its own SafetensorError for damaged files
+            raise UserError(f"{role}.path: {file} is not a readable safetensors file ({exc}): re-save the model") from None
+    return shapes
+
+
+def weights_fit(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """What keeps `shapes` (a checkpoint) from loading into `model`: missing tensors and wrong shapes.
+
+    Tied tensors (lm_head = embed_tokens) are one parameter under several names; any one name will do.
+    """
+    aliases: dict[int, list[str]] = {}
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(tensor), []).append(name)
+        expected[name] = tuple(tensor.shape)
+    persistent = set(model.state_dict())
+    for name, tensor in model.named_buffers(remove_duplicate=False):
+        if name in persistent:
+            aliases.setdefault(id(tensor), []).append(name)
+            expected[name] = tuple(tensor.shape)
+    missing = [names[0] for names in aliases.values() if not any(n in shapes for n in names)]
+    wrong = [f"{n} is {list(shapes[n])}, expected {list(expected[n])}" for n in expected
+             if n in shapes and shapes[n] != expected[n]]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} tensors missing ({', '.join(missing[:3])})")
+    if wrong:
+        problems.append(f"{len(wrong)} of another shape ({'; '.join(wrong[:3])})")
+    return problems
+
+
+def model_config(spec: ModelSpec, role: str):
+    """The directory's config.json, with remote code only when the YAML allows it."""
+    from transformers import AutoConfig
+
     try:
-        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(str(directory), config=config, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code,
-                                                     attn_implementation="sdpa")
+        return AutoConfig.from_pretrained(spec.path, trust_remote_code=spec.trust_remote_code)
     except ValueError as exc:
         if "trust_remote_code" in str(exc):
-            raise UserError(f"{role}.path: {path} needs custom code; set {role}.trust_remote_code: true only if you "
-                            "trust its source") from None
-        raise UserError(f"{role}.path: {path}: cannot load model ({str(exc).splitlines()[0]})") from None
-    except (OSError, RuntimeError) as exc:
-        raise UserError(f"{role}.path: {path}: cannot load model ({str(exc).splitlines()[0]})") from None
-    return model
+            raise UserError(f"{role}.path: {spec.path} needs custom code; set {role}.trust_remote_code: true only if "
+                            "you trust its source") from None
+        raise UserError(f"{role}.path: {spec.path}: cannot read its config.json ({str(exc).splitlines()[0]})") from None
+    except OSError as exc:
+        raise UserError(f"{role}.path: {spec.path}: cannot read its config.json ({str(exc).splitlines()[0]})") from None
+
+
+def inspect_model_dir(spec: ModelSpec, role: str):
+    """Everything about a model directory that can fail, checked without loading its weights: the
+    config (and its need for remote code), the weight format, and that every tensor fits the declared
+    architecture. Returns the model skeleton on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    kind, files = weight_files(spec, role)
+    config = model_config(spec, role)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    problems = weights_fit(skeleton, weight_shapes(kind, files, role))
+    if problems:
+        raise UserError(f"{role}.path: {spec.path}: the weights do not fit the architecture in its config.json: "
+                        f"{'; '.join(problems)} (were the files of two models mixed?)")
+    return skeleton
+
+
+def load_model_dir(spec: ModelSpec, role: str, dtype: torch.dtype):
+    """Load a causal LM from a local HF directory, after inspect_model_dir's checks."""
+    from transformers import AutoModelForCausalLM
+
+    inspect_model_dir(spec, role)
+    kind, files = weight_files(spec, role)
+    config = model_config(spec, role)
+    try:
+        if kind == "safetensors":
+            return AutoModelForCausalLM.from_pretrained(spec.path, config=config, dtype=dtype, use_safetensors=True,
+                                                        trust_remote_code=spec.trust_remote_code,
+                                                        attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=spec.trust_remote_code,
+                                                 attn_implementation="sdpa")
+        model.load_state_dict(load_pickled_weights(files, role), strict=False)   # fit checked above
+        model.tie_weights()
+        return model
+    except (ValueError, OSError, RuntimeError) as exc:
+        raise UserError(f"{role}.path: {spec.path}: cannot load model ({str(exc).splitlines()[0]})") from None
+
+
+def preflight(cfg, tokenizer) -> None:
+    """The driver's check of both models before any trial starts: directories, weights, remote code,
+    architecture fit and vocab sizes, on the meta device (no weights are loaded)."""
+    rows = {}
+    for role, spec in (("teacher", cfg.teacher), ("student", cfg.student)):
+        if spec is None:
+            continue
+        if spec.path is not None:
+            rows[role] = vocab_rows(inspect_model_dir(spec, role))
+        else:
+            with torch.device("meta"):
+                rows[role] = vocab_rows(build_model(spec, tokenizer, role))
+    check_vocab(len(tokenizer), rows["student"], rows.get("teacher"))
 
 
 def make_student(spec: ModelSpec, tokenizer, precision: Precision):
     """The student: fp32 master weights on the device, in train mode."""
     if spec.path is not None:
-        model = load_model_dir(spec.path, "student", spec.trust_remote_code, torch.float32)
+        model = load_model_dir(spec, "student", torch.float32)
     else:
         model = build_model(spec, tokenizer, "student")
     return model.to(precision.device).train()
@@ -175,7 +302,7 @@ def make_student(spec: ModelSpec, tokenizer, precision: Precision):
 def make_teacher(spec: ModelSpec, tokenizer, precision: Precision):
     """The teacher: eval mode, frozen, weights in precision.teacher_dtype on the device."""
     if spec.path is not None:
-        model = load_model_dir(spec.path, "teacher", spec.trust_remote_code, precision.teacher_dtype)
+        model = load_model_dir(spec, "teacher", precision.teacher_dtype)
     else:  # an untrained teacher is only useful in tests, but the spec allows it
         model = build_model(spec, tokenizer, "teacher").to(precision.teacher_dtype)
     model.eval().requires_grad_(False)
@@ -200,18 +327,18 @@ def vocab_rows(model) -> int:
 
 
 def check_compatibility(teacher, student, tokenizer) -> int | None:
-    """Check the two models can be distilled with this tokenizer.
+    """Check the two loaded models can be distilled with this tokenizer (see check_vocab)."""
+    return check_vocab(len(tokenizer), vocab_rows(student), vocab_rows(teacher) if teacher is not None else None)
 
-    Returns the number of teacher logit columns to keep (None: all), when the teacher has extra
-    vocab rows that are padding the tokenizer never emits; raises UserError otherwise.
-    """
-    n_tok, n_student = len(tokenizer), vocab_rows(student)
+
+def check_vocab(n_tok: int, n_student: int, n_teacher: int | None) -> int | None:
+    """Returns the number of teacher logit columns to keep (None: all), when the teacher has extra
+    vocab rows that are padding the tokenizer never emits; raises UserError otherwise."""
     if n_student < n_tok:
         raise UserError(f"student vocab has {n_student} rows but the tokenizer emits {n_tok} ids: the student was built "
                         "for another tokenizer (rebuild it from this tokenizer)")
-    if teacher is None:
+    if n_teacher is None:
         return None
-    n_teacher = vocab_rows(teacher)
     if n_teacher < n_student:
         raise UserError(f"teacher vocab ({n_teacher}) is smaller than the student's ({n_student}): they cannot share a "
                         "tokenizer (use a student built with this teacher's tokenizer)")

@@ -198,10 +198,12 @@ def trial_rows(experiment_dir: Path, cfg: ExperimentConfig, errors: dict[str, tu
         values = [r[cfg.metric.name] for r in reports if not math.isnan(r.get(cfg.metric.name, math.nan))]
         best = (min if cfg.metric.mode == "min" else max)(values) if values else math.nan
         epochs = max(r["epoch"] for r in reports)
-        status = "ERROR" if trial_id in errors else "COMPLETED" if epochs >= cfg.train.epochs else "STOPPED_EARLY"
+        diverged = reports[-1].get("diverged")
+        status = ("ERROR" if trial_id in errors else "DIVERGED" if diverged
+                  else "COMPLETED" if epochs >= cfg.train.epochs else "STOPPED_EARLY")
         rows.append({"trial_id": trial_id, **{k: params.get(k) for k in cfg.parameters}, "epochs": epochs,
-                     key: best, "val_acc": reports[-1].get("val_acc"), "status": status,
-                     "error": errors.get(trial_id, ("", {}))[0]})
+                     key: best, "val_acc": reports[-1].get("val_acc", math.nan), "status": status,
+                     "error": errors.get(trial_id, ("", {}))[0] or diverged or ""})
     reported = {r["trial_id"] for r in rows}
     for trial_id, (message, config) in sorted(errors.items()):
         if trial_id not in reported:
@@ -240,15 +242,37 @@ def format_table(rows: list[dict]) -> str:
 # The search
 # ----------------------------------------------------------------------------------------------
 
+LOOPBACK = "127.0.0.1"
+
+
+def check_dashboard(host: str | None) -> None:
+    """Ray's dashboard accepts jobs: reachable from the network without a token it is remote code
+    execution. Loopback is the default; another host needs Ray's token authentication left on
+    (Ray 2.5x turns it on for a new local cluster unless RAY_AUTH_MODE says otherwise) and warns."""
+    if host is None or host in (LOOPBACK, "localhost", "::1"):
+        return
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        raise UserError(f"--dashboard-host {host}: RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']} would expose the Ray "
+                        "dashboard without authentication (anyone who reaches it can run code here); unset "
+                        f"RAY_AUTH_MODE to keep token authentication, or leave the dashboard on {LOOPBACK}")
+    log.warning("WARNING: the Ray dashboard listens on %s, reachable from other machines; it is protected only "
+                "by Ray's token (`ray get-auth-token`): share it with no one, or use an SSH tunnel to %s instead",
+                host, LOOPBACK)
+
+
 def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, address: str | None = None,
                resume: bool = False, num_cpus: int | None = None, callbacks: list | None = None,
-               export_best: bool = True) -> dict:
-    """Run (or resume) the search described by cfg; returns the summary dict (rows, best, export)."""
+               export_best: bool = True, dashboard_host: str | None = LOOPBACK) -> dict:
+    """Run (or resume) the search described by cfg; returns the summary dict (rows, best, export).
+
+    dashboard_host: where a local Ray's dashboard listens (None: no dashboard); see check_dashboard.
+    """
     import ray
     from ray import tune
 
-    from tune_kd import loop, trainable
+    from tune_kd import loop, models, trainable
 
+    check_dashboard(dashboard_host if address is None else None)
     if cfg.embedded_demo:
         from tune_kd import demo
 
@@ -263,7 +287,11 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     if not resume and (experiment_dir / export.EXPERIMENT_FILE).is_file():
         raise UserError(f"{experiment_dir} already holds an experiment: continue it with --resume, or start over "
                         "with --overwrite (the old one is moved aside)")
-    loop.load_data(cfg)   # tokenize once in the driver; every trial reads the on-disk cache
+    try:   # model errors surface here, once, not in every trial
+        models.preflight(cfg, loop.shared_tokenizer(cfg))
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    loop.load_data(cfg)   # tokenize once in the driver (data errors name file:line); trials read the cache
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (experiment_dir / export.EXPERIMENT_FILE).write_text(json.dumps(
@@ -271,8 +299,10 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
              "config": cfg.to_dict(), "versions": export.versions(), "command": sys.argv}, indent=1, default=str))
 
     if not ray.is_initialized():
+        dashboard = {"include_dashboard": False} if dashboard_host is None else \
+            {"include_dashboard": True, "dashboard_host": dashboard_host}
         context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                           include_dashboard=True, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+                           logging_level=logging.WARNING, **dashboard)
         if context.dashboard_url:
             log.info("Ray dashboard: http://%s (token authentication: `ray get-auth-token` prints the token "
                      "to paste at its login page)", context.dashboard_url)
@@ -352,6 +382,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="move an existing experiment of this name aside")
     parser.add_argument("--num-samples", type=int, help="override search.num_samples")
     parser.add_argument("--num-cpus", type=int, help="CPUs a local Ray may use (default: all)")
+    parser.add_argument("--dashboard-host", default=LOOPBACK,
+                        help="interface for the Ray dashboard (default: %(default)s; anything else warns, and needs "
+                             "Ray's token authentication on)")
+    parser.add_argument("--no-dashboard", action="store_true", help="start a local Ray without its dashboard")
     parser.add_argument("--no-export", action="store_true", help="skip exporting the best student")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
@@ -371,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
             shutil.move(str(experiment_dir), aside)
             log.info("moved the previous experiment to %s", aside)
         run_search(cfg, args.space, storage=args.storage, address=args.address, resume=args.resume,
-                   num_cpus=args.num_cpus, export_best=not args.no_export)
+                   num_cpus=args.num_cpus, export_best=not args.no_export,
+                   dashboard_host=None if args.no_dashboard else args.dashboard_host)
     except UserError as exc:
         if args.debug:
             raise
