@@ -138,3 +138,17 @@ def test_a_loss_that_stops_being_finite_stops_training_at_once(tiny_config, pois
     with pytest.raises(TrainingDiverged, match="loss became (nan|inf) at epoch 1 step 3 .*lower train.learning_rate"):
         train(tiny_config(), report=lambda metrics, save: reports.append(metrics), step_hook=poison_after_two_steps)
     assert steps == [1, 2, 3] and not reports       # the first bad step is the last, no epoch was reported
+
+
+def test_temperature_schedules_go_from_temperature_to_final_temperature(tiny_config):
+    from tune_kd.loop import temperature_at
+
+    def at(schedule, step, total=101):
+        return temperature_at(step, total, tiny_config(train={"temperature": 5.0, "final_temperature": 1.0,
+                                                              "temperature_schedule": schedule}).train)
+
+    assert [at("constant", s) for s in (0, 50, 100)] == [5.0, 5.0, 5.0]
+    assert [at("linear", s) for s in (0, 25, 50, 100)] == pytest.approx([5.0, 4.0, 3.0, 1.0])
+    assert [at("cosine", s) for s in (0, 50, 100)] == pytest.approx([5.0, 3.0, 1.0])
+    assert at("cosine", 25) > at("linear", 25)                  # cosine stays high longer
+    assert at("linear", 500) == pytest.approx(1.0)              # never past the end

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tune_kd import losses
 from tune_kd.losses import distillation_loss, forward_kl_sum, target_positions
 
 V = 11
@@ -146,3 +147,69 @@ def test_chunked_loss_matches_one_pass_in_value_and_gradient(chunk_rows):
         results.append((parts.loss.detach(), parts.ce.detach(), parts.kd.detach(), leaf.grad))
     for one_pass, chunked in zip(*results):
         torch.testing.assert_close(chunked, one_pass, rtol=1e-5, atol=1e-6)
+
+
+# ---- the divergences --------------------------------------------------------------------------
+
+def logits_pair(seed: int = 0, rows: int = 7, vocab: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, vocab, generator=g) * 2, torch.randn(rows, vocab, generator=g) * 2
+
+
+def kl_by_definition(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return (p * (p.log() - q.log())).sum()
+
+
+@pytest.mark.parametrize("name", sorted(losses.KD_LOSSES))
+@pytest.mark.parametrize("T", [1.0, 3.0])
+def test_each_divergence_is_zero_for_identical_inputs_and_positive_otherwise(name, T):
+    fn = losses.KD_LOSSES[name]
+    s, t = logits_pair()
+    assert fn(t.clone(), t, T).item() == pytest.approx(0.0, abs=1e-5)
+    for seed in range(5):
+        s, t = logits_pair(seed)
+        assert fn(s, t, T).item() > 1e-4
+
+
+def test_divergences_match_their_definitions():
+    s, t = logits_pair(3)
+    T = 2.0
+    q, p = torch.softmax(s / T, -1), torch.softmax(t / T, -1)
+    assert losses.forward_kl_sum(s, t, T) == pytest.approx(kl_by_definition(p, q).item(), rel=1e-5)
+    assert losses.reverse_kl_sum(s, t, T) == pytest.approx(kl_by_definition(q, p).item(), rel=1e-5)
+    m = 0.3 * p + 0.7 * q
+    jsd = (0.3 * kl_by_definition(p, m) + 0.7 * kl_by_definition(q, m)) / (0.3 * 0.7)
+    assert losses.jsd_sum(s, t, T, beta=0.3) == pytest.approx(jsd.item(), rel=1e-5)
+    skewed = kl_by_definition(p, 0.2 * p + 0.8 * q)
+    assert losses.skew_kl_sum(s, t, T, skew=0.2) == pytest.approx(skewed.item(), rel=1e-5)
+    assert losses.tvd_sum(s, t, T) == pytest.approx(0.5 * (p - q).abs().sum().item(), rel=1e-5)
+    assert losses.tvd_sum(s, t, T) <= s.shape[0]                       # at most 1 per row
+
+
+def test_jsd_ends_are_the_two_kl_directions_and_continuous():
+    """Convention: p = teacher, q = student, beta = the teacher's weight in m = beta p + (1 - beta) q,
+    scaled by 1 / (beta (1 - beta)): beta 0 is KL(p || q) (forward), beta 1 is KL(q || p) (reverse)."""
+    s, t = logits_pair(1)
+    forward, reverse = losses.forward_kl_sum(s, t, 1.0), losses.reverse_kl_sum(s, t, 1.0)
+    assert losses.jsd_sum(s, t, 1.0, beta=0.0) == pytest.approx(forward.item(), rel=1e-6)
+    assert losses.jsd_sum(s, t, 1.0, beta=1.0) == pytest.approx(reverse.item(), rel=1e-6)
+    assert losses.jsd_sum(s, t, 1.0, beta=1e-4) == pytest.approx(forward.item(), rel=1e-2)
+    assert losses.jsd_sum(s, t, 1.0, beta=1 - 1e-4) == pytest.approx(reverse.item(), rel=1e-2)
+    assert losses.skew_kl_sum(s, t, 1.0, skew=0.0) == pytest.approx(forward.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(losses.KD_LOSSES))
+def test_each_divergence_works_chunked_like_the_fast_path(name):
+    s, t = logits_pair(2, rows=13)
+    targets = torch.randint(0, 11, (13,))
+    options = {"jsd": {"beta": 0.3}, "skew_kl": {"skew": 0.2}}.get(name, {})
+    grads = []
+    for chunk_rows in (1000, 4):
+        student = s.clone().requires_grad_(True)
+        parts = losses.distillation_loss(student, t, targets, 0.5, 2.0, 13, kd_loss=name, chunk_rows=chunk_rows,
+                                         kd_options=options)
+        parts.loss.backward()
+        grads.append((parts.loss.detach(), student.grad))
+    assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5)
+    assert torch.allclose(grads[0][1], grads[1][1], rtol=1e-4, atol=1e-7)
+    assert grads[0][1].abs().sum() > 0

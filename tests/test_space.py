@@ -10,20 +10,40 @@ from tune_kd.loop import train
 # Two settings per searchable key; a run with each must differ.
 KEY_VALUES = {"learning_rate": (1e-3, 8e-3), "temperature": (1.0, 4.0), "alpha": (0.1, 0.9),
               "weight_decay": (0.0, 0.5), "warmup_iters": (0, 30), "batch_size": (16, 48),
-              "accumulation_steps": (1, 3), "grad_clip": (0.05, 5.0)}
+              "accumulation_steps": (1, 3), "grad_clip": (0.05, 5.0), "kd_loss": ("forward_kl", "reverse_kl"),
+              "final_temperature": (1.0, 3.0), "temperature_schedule": ("constant", "cosine"),
+              "jsd_beta": (0.1, 0.9), "skew": (0.05, 0.5)}
+# The train settings under which a key matters (a schedule's end needs a schedule, ...).
+KEY_CONTEXT = {"final_temperature": {"temperature": 4.0, "temperature_schedule": "linear", "final_temperature": 2.0},
+               "temperature_schedule": {"temperature": 4.0, "final_temperature": 1.0},
+               "jsd_beta": {"kd_loss": "jsd"}, "skew": {"kd_loss": "skew_kl"}}
 
 
 def test_every_searchable_key_has_a_case():
-    # kd_loss has a single choice until more divergences exist; every other key is exercised below
-    assert set(KEY_VALUES) == set(SEARCHABLE) - {"kd_loss"}
+    assert set(KEY_VALUES) == set(SEARCHABLE)
 
 
 @pytest.mark.parametrize("key", sorted(KEY_VALUES))
 def test_each_searched_key_changes_the_run(tiny_config, key):
-    base = tiny_config(train={"epochs": 1, "warmup_iters": 5}, data={"max_train_examples": 300})
+    base = tiny_config(train={"epochs": 1, "warmup_iters": 5, **KEY_CONTEXT.get(key, {})},
+                       data={"max_train_examples": 300})
     low, high = (train(space.apply_point(base, {key: value})) for value in KEY_VALUES[key])
     assert getattr(space.apply_point(base, {key: KEY_VALUES[key][1]}).train, key) == KEY_VALUES[key][1]
     assert low.metrics["train_loss"] != pytest.approx(high.metrics["train_loss"], rel=1e-4)
+
+
+def test_every_divergence_trains_and_a_categorical_search_over_them_works(tiny_config):
+    from tune_kd.losses import KD_LOSSES
+
+    cfg = tiny_config(train={"epochs": 1}, data={"max_train_examples": 300},
+                      parameters={"kd_loss": {"values": sorted(KD_LOSSES)}})
+    assert set(space.tune_domains(cfg)["kd_loss"].categories) == set(KD_LOSSES)
+    losses = {}
+    for name in KD_LOSSES:
+        result = train(space.apply_point(cfg, {"kd_loss": name}))
+        losses[name] = result.metrics["train_loss"]
+        assert all(v == v and abs(v) != float("inf") for v in result.metrics.values()), (name, result.metrics)
+    assert len({round(v, 6) for v in losses.values()}) == len(KD_LOSSES), losses
 
 
 def test_domains_follow_the_sweep_syntax():

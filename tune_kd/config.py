@@ -91,8 +91,12 @@ class TrainConfig:
     learning_rate: float = 5e-4
     weight_decay: float = 0.0
     alpha: float = 0.5                             # CE weight: 1 = plain SFT, 0 = pure distillation
-    temperature: float = 1.0
-    kd_loss: Literal["forward_kl"] = "forward_kl"
+    temperature: float = 1.0                       # the KD temperature (at the start, with a schedule)
+    temperature_schedule: Literal["constant", "linear", "cosine"] = "constant"
+    final_temperature: Optional[float] = None      # where a linear/cosine schedule ends (required by them)
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = "forward_kl"
+    jsd_beta: float = 0.5                          # jsd: teacher's weight in the mixture (0: forward KL, 1: reverse)
+    skew: float = 0.1                              # skew_kl: KL(p || skew p + (1 - skew) q)
     compile: Literal["auto", "on", "off"] = "auto"   # torch.compile the models; auto: on CUDA only
     seed: int = 0
     num_workers: int = 0
@@ -318,6 +322,15 @@ def validate_fields(cfg: ExperimentConfig, problems: _Problems) -> None:
         problems.add("train.alpha", f"must be in [0, 1] (the CE weight), got {t.alpha}")
     if t.temperature is not None and t.temperature <= 0:
         problems.add("train.temperature", f"must be > 0, got {t.temperature}")
+    if t.final_temperature is not None and t.final_temperature <= 0:
+        problems.add("train.final_temperature", f"must be > 0, got {t.final_temperature}")
+    if (t.temperature_schedule in ("linear", "cosine") and t.final_temperature is None
+            and "final_temperature" not in cfg.parameters):
+        problems.add("train.final_temperature", f"is required by temperature_schedule: {t.temperature_schedule} "
+                     "(where the temperature ends)")
+    for name in ("jsd_beta", "skew"):
+        if getattr(t, name) is not None and not 0.0 <= getattr(t, name) <= 1.0:
+            problems.add(f"train.{name}", f"must be in [0, 1], got {getattr(t, name)}")
     if t.learning_rate is not None and t.learning_rate <= 0:
         problems.add("train.learning_rate", f"must be > 0, got {t.learning_rate}")
     if t.grad_clip is not None and t.grad_clip < 0:
@@ -379,7 +392,8 @@ DISTRIBUTIONS = {"log_uniform_values": ("min", "max"), "uniform": ("min", "max")
                  "q_uniform": ("min", "max", "q"), "values": ("values",), "value": ("value",)}
 # train.* keys a search may vary; the rest fix the budget (epochs) or the machinery
 SEARCHABLE = ("learning_rate", "temperature", "alpha", "weight_decay", "warmup_iters", "batch_size",
-              "accumulation_steps", "grad_clip", "kd_loss")
+              "accumulation_steps", "grad_clip", "kd_loss", "final_temperature", "temperature_schedule",
+              "jsd_beta", "skew")
 
 
 def parameter_candidates(spec: dict) -> dict[str, Any]:

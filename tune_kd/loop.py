@@ -48,6 +48,21 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr / 10 + 0.5 * base_lr * (1 + math.cos(math.pi * progress))
 
 
+def temperature_at(step: int, total: int, t) -> float:
+    """The KD temperature at optimizer step `step` of `total` (seed 10.2): train.temperature, or with
+    a linear / cosine schedule from train.temperature to train.final_temperature over training."""
+    if t.temperature_schedule == "constant" or t.final_temperature is None:
+        return t.temperature
+    done = min(1.0, step / max(1, total - 1))
+    remaining = 1.0 - done if t.temperature_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+    return t.final_temperature + (t.temperature - t.final_temperature) * remaining
+
+
+def kd_options(t) -> dict:
+    """The chosen divergence's own settings."""
+    return {"jsd": {"beta": t.jsd_beta}, "skew_kl": {"skew": t.skew}}.get(t.kd_loss, {})
+
+
 class SelectedLogits(torch.nn.Module):
     """Runs a causal LM but projects only the scored positions through the LM head.
 
@@ -109,15 +124,18 @@ def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher:
 
 
 def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, teacher_cols, need_teacher: bool,
-                  normalizer: float, scaler, sync: bool = True) -> losses.LossParts:
+                  normalizer: float, scaler, sync: bool = True, temperature: float | None = None) -> losses.LossParts:
     """One micro-batch: forward both models on the scored positions, the objective, backward.
 
     normalizer: assistant tokens of the whole accumulation window; sync=False skips DDP's
-    gradient all-reduce (every micro-batch of a window but the last).
+    gradient all-reduce (every micro-batch of a window but the last); temperature: this step's
+    (temperature_at), train.temperature when None.
     """
     t = cfg.train
+    temperature = t.temperature if temperature is None else temperature
     s_logits, t_logits, targets, _ = forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher)
-    parts = losses.distillation_loss(s_logits, t_logits, targets, t.alpha, t.temperature, normalizer, t.kd_loss)
+    parts = losses.distillation_loss(s_logits, t_logits, targets, t.alpha, temperature, normalizer, t.kd_loss,
+                                     kd_options=kd_options(t))
     with (contextlib.nullcontext() if sync or not hasattr(student, "no_sync") else student.no_sync()):
         scaler.scale(parts.loss).backward()
     return parts
@@ -135,7 +153,7 @@ def optimizer_step(lm, optimizer, scaler, grad_clip: float) -> None:
 
 @torch.no_grad()
 def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precision, teacher_cols,
-             rank: int = 0, world: int = 1) -> dict:
+             rank: int = 0, world: int = 1, temperature: float | None = None) -> dict:
     """Validation metrics over the whole split (sharded across ranks and summed).
 
     val_ce and val_kl are at T = 1, so they compare across trials with different T and alpha;
@@ -143,6 +161,7 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     assistant token is the argmax, i.e. what greedy decoding would answer exactly.
     """
     t = cfg.train
+    temperature = t.temperature if temperature is None else temperature   # val_loss at the current T
     student.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=precision.device)  # ce, kl@1, kd@T, tokens, right, rows
     batches = data.epoch_batches(val_data, t.batch_size, t.seed, epoch=0, shuffle=False)[rank::world]
@@ -156,7 +175,7 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
         sums[0] += losses.ce_sum(s_logits, targets)
         if t_logits is not None:
             sums[1] += losses.forward_kl_sum(s_logits, t_logits, 1.0)
-            sums[2] += losses.KD_LOSSES[t.kd_loss](s_logits, t_logits, t.temperature)
+            sums[2] += losses.KD_LOSSES[t.kd_loss](s_logits, t_logits, temperature, **kd_options(t))
         sums[3] += targets.numel()
         sums[4] += ((wrong == 0) & positions.any(1)).sum()
         sums[5] += positions.any(1).sum()
@@ -167,7 +186,7 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     tokens = max(tokens, 1.0)
     has_teacher = teacher is not None
     return {"val_ce": ce / tokens, "val_kl": kl / tokens if has_teacher else float("nan"),
-            "val_loss": (t.alpha * ce + (1 - t.alpha) * t.temperature ** 2 * kd_t) / tokens,
+            "val_loss": (t.alpha * ce + (1 - t.alpha) * temperature ** 2 * kd_t) / tokens,
             "val_acc": right / max(rows, 1.0)}
 
 
@@ -296,9 +315,11 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             if micro % t.accumulation_steps == 0:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(progress.step, total_steps, t.learning_rate, t.warmup_iters)
+                temperature = temperature_at(progress.step, total_steps, t)
             # Each rank's share: DDP averages gradients over ranks, the window count is global.
             parts = backward_step(student, teacher, batch, cfg, precision, teacher_cols, need_teacher,
-                                  window_tokens[window] / world, scaler, sync=last_in_window or world == 1)
+                                  window_tokens[window] / world, scaler, sync=last_in_window or world == 1,
+                                  temperature=temperature)
             log_sums += torch.stack([parts.loss.detach(), parts.ce.detach(), parts.kd.detach()])
             window_loss += parts.loss.detach()
             epoch_tokens += batch["num_tokens"]
@@ -317,8 +338,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                 loss, ce, kd = (log_sums / log_steps).tolist()
                 elapsed = time.perf_counter() - run_started
                 remaining = elapsed / steps_this_run * (total_steps - progress.step)
-                log.info("epoch %d step %d/%d loss %.4f ce %.4f kd %.4f lr %.2e tokens/s %.0f eta %.0fs", epoch + 1,
-                         progress.step, total_steps, loss, ce, kd, optimizer.param_groups[0]["lr"],
+                log.info("epoch %d step %d/%d loss %.4f ce %.4f kd %.4f lr %.2e T %.3g tokens/s %.0f eta %.0fs",
+                         epoch + 1, progress.step, total_steps, loss, ce, kd, optimizer.param_groups[0]["lr"], temperature,
                          epoch_tokens * world / (time.perf_counter() - epoch_started), remaining)
                 if wandb_run:
                     wandb_run.log({"loss": loss, "ce": ce, "kd": kd, "lr": optimizer.param_groups[0]["lr"]},
@@ -337,7 +358,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         if world > 1:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss.item(), "tokens_per_s": epoch_tokens * world / train_seconds}
-        metrics.update(evaluate(student, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world))
+        metrics.update(evaluate(student, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world,
+                                temperature=temperature_at(progress.step, total_steps, t)))
         progress.history.append(metrics)
         if rank == 0:
             log.info("epoch %d: %s", epoch + 1, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -5,7 +5,10 @@ The objective is the seed's
     loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 with alpha the CE weight (alpha = 1: plain SFT, alpha = 0: pure distillation). The T^2 factor keeps
-the KD gradient's scale independent of T (Hinton et al.).
+the KD gradient's scale independent of T (Hinton et al.). train.kd_loss swaps the KL for another
+divergence of KD_LOSSES (p = teacher, q = student, both at temperature T): forward_kl (the seed's),
+reverse_kl, jsd (train.jsd_beta), skew_kl (train.skew), tvd. Each is 0 for identical inputs and
+non-negative.
 
 Every function here returns a *sum* over the selected positions; the caller divides by the number
 of assistant tokens in the whole gradient-accumulation window. That makes accumulation_steps = k
@@ -15,6 +18,7 @@ weights short micro-batches' tokens more), and a window without assistant tokens
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -39,18 +43,71 @@ def ce_sum(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(student_logits.float(), targets, reduction="sum")
 
 
-def forward_kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Summed KL(softmax(teacher/T) || softmax(student/T)) over rows: the seed's distillation term.
-
-    student_logits, teacher_logits: (N, V). Without the T^2 factor (the objective applies it).
-    """
-    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    teacher_logp = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="sum")
+def _log_probs(student_logits, teacher_logits, temperature):
+    """fp32 log-softmax of both at temperature T: (log q_student, log p_teacher)."""
+    return (F.log_softmax(student_logits.float() / temperature, dim=-1),
+            F.log_softmax(teacher_logits.float() / temperature, dim=-1))
 
 
-# A plain dict, name -> summed divergence(student (N, V), teacher (N, V), T).
-KD_LOSSES = {"forward_kl": forward_kl_sum}
+def _kl_rows(logp_from: torch.Tensor, logp_to: torch.Tensor) -> torch.Tensor:
+    """Summed KL(from || to) over rows, both given as log-probabilities."""
+    return F.kl_div(logp_to, logp_from, log_target=True, reduction="sum")
+
+
+def _log_mixture(logp_a: torch.Tensor, logp_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(weight_a * a + (1 - weight_a) * b), computed in log space."""
+    return torch.logaddexp(logp_a + math.log(weight_a), logp_b + math.log1p(-weight_a))
+
+
+def forward_kl_sum(student_logits, teacher_logits, temperature, **_):
+    """KL(p || q): the seed's term; mass-covering (the student must cover every teacher mode)."""
+    logq, logp = _log_probs(student_logits, teacher_logits, temperature)
+    return _kl_rows(logp, logq)
+
+
+def reverse_kl_sum(student_logits, teacher_logits, temperature, **_):
+    """KL(q || p): mode-seeking (the student may drop teacher modes it cannot fit)."""
+    logq, logp = _log_probs(student_logits, teacher_logits, temperature)
+    return _kl_rows(logq, logp)
+
+
+def jsd_sum(student_logits, teacher_logits, temperature, beta=0.5, **_):
+    """Generalised Jensen-Shannon divergence, scaled so that it is continuous in beta with the two
+    KL directions at its ends:
+
+        JSD_beta(p, q) = [beta * KL(p || m) + (1 - beta) * KL(q || m)] / (beta * (1 - beta)),
+        m = beta * p + (1 - beta) * q,
+
+    JSD_0 = KL(p || q) (forward, the limit beta -> 0), JSD_1 = KL(q || p) (reverse); at beta = 0.5
+    it is 4x the usual JSD."""
+    logq, logp = _log_probs(student_logits, teacher_logits, temperature)
+    if beta <= 0.0:
+        return _kl_rows(logp, logq)
+    if beta >= 1.0:
+        return _kl_rows(logq, logp)
+    logm = _log_mixture(logp, logq, beta)
+    return (beta * _kl_rows(logp, logm) + (1 - beta) * _kl_rows(logq, logm)) / (beta * (1 - beta))
+
+
+def skew_kl_sum(student_logits, teacher_logits, temperature, skew=0.1, **_):
+    """Skew KL: KL(p || skew * p + (1 - skew) * q); skew 0 is the forward KL, and a skew > 0
+    bounds the term where the student puts almost no mass (DistiLLM)."""
+    logq, logp = _log_probs(student_logits, teacher_logits, temperature)
+    if skew <= 0.0:
+        return _kl_rows(logp, logq)
+    return _kl_rows(logp, _log_mixture(logp, logq, skew))
+
+
+def tvd_sum(student_logits, teacher_logits, temperature, **_):
+    """Total variation distance, 0.5 * sum |p - q| per row: bounded in [0, 1]."""
+    logq, logp = _log_probs(student_logits, teacher_logits, temperature)
+    return 0.5 * (logp.exp() - logq.exp()).abs().sum()
+
+
+# name -> summed divergence(student (N, V), teacher (N, V), T, beta=..., skew=...); p is the
+# teacher's distribution at temperature T, q the student's.
+KD_LOSSES = {"forward_kl": forward_kl_sum, "reverse_kl": reverse_kl_sum, "jsd": jsd_sum, "skew_kl": skew_kl_sum,
+             "tvd": tvd_sum}
 
 
 # Rows per chunk of the (N, V) loss math: the fp32 log-probabilities of one chunk exist at a time
@@ -83,12 +140,14 @@ class LossParts:
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
                       alpha: float, temperature: float, normalizer: float | torch.Tensor,
-                      kd_loss: str = "forward_kl", chunk_rows: int = CHUNK_ROWS) -> LossParts:
+                      kd_loss: str = "forward_kl", chunk_rows: int = CHUNK_ROWS,
+                      kd_options: dict | None = None) -> LossParts:
     """alpha * CE + (1 - alpha) * T^2 * KD on the selected assistant positions.
 
     student_logits: (N, V); teacher_logits: (N, V) or None when alpha = 1 (no teacher needed);
     targets: (N,); normalizer: assistant tokens in the whole accumulation window (>= 1 used);
-    chunk_rows: rows per checkpointed chunk of the fp32 math (the result does not depend on it).
+    chunk_rows: rows per checkpointed chunk of the fp32 math (the result does not depend on it);
+    kd_options: the divergence's own settings (beta for jsd, skew for skew_kl).
     """
     normalizer = torch.clamp(torch.as_tensor(normalizer, dtype=torch.float32, device=student_logits.device), min=1.0)
     ce = chunked_sum(ce_sum, student_logits, targets, chunk_rows=chunk_rows) / normalizer
@@ -96,7 +155,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
         kd = torch.zeros((), device=student_logits.device)
         return LossParts(loss=alpha * ce, ce=ce, kd=kd)
     divergence = KD_LOSSES[kd_loss]
-    kd = chunked_sum(lambda s, t: divergence(s, t, temperature), student_logits, teacher_logits,
+    kd = chunked_sum(lambda s, t: divergence(s, t, temperature, **(kd_options or {})), student_logits, teacher_logits,
                      chunk_rows=chunk_rows) / normalizer
     loss = alpha * ce + (1.0 - alpha) * temperature ** 2 * kd
     return LossParts(loss=loss, ce=ce, kd=kd)
