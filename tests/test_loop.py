@@ -49,8 +49,9 @@ def test_val_ce_of_untrained_student_is_near_uniform(tiny_config):
     assert abs(result.metrics["val_ce"] - math.log(vocab)) < 0.5
 
 
-def test_resume_after_epoch_one_matches_uninterrupted_run(tiny_config, tmp_path):
-    cfg = tiny_config(train={"epochs": 2, "accumulation_steps": 2})
+@pytest.mark.parametrize("extra", [{}, {"feature_weight": 1.0}], ids=["logits", "with-feature-projector"])
+def test_resume_after_epoch_one_matches_uninterrupted_run(tiny_config, tmp_path, extra):
+    cfg = tiny_config(train={"epochs": 2, "accumulation_steps": 2, **extra})
     full = train(cfg)
 
     class Interrupt(Exception):
@@ -82,7 +83,7 @@ def test_mid_epoch_checkpoint_resumes_the_same_run(tiny_config, tmp_path):
 
     def save_then_stop(directory, *args):
         original(directory, *args)
-        saved.append(args[-1].batch)
+        saved.append(args[4].batch)   # the Progress
         raise KeyboardInterrupt  # the process dies right after the step-5 checkpoint
 
     checkpoint.save_checkpoint = save_then_stop
@@ -152,3 +153,35 @@ def test_temperature_schedules_go_from_temperature_to_final_temperature(tiny_con
     assert [at("cosine", s) for s in (0, 50, 100)] == pytest.approx([5.0, 3.0, 1.0])
     assert at("cosine", 25) > at("linear", 25)                  # cosine stays high longer
     assert at("linear", 500) == pytest.approx(1.0)              # never past the end
+
+
+def test_feature_distillation_trains_a_projection_that_is_not_exported(tiny_config, tmp_path):
+    from safetensors import safe_open
+
+    from tune_kd import features
+    from tune_kd.checkpoint import TRAINER_STATE
+    from tune_kd.config import UserError
+
+    assert features.layer_map(None, 2, 4) == [(1, 2), (2, 4)]    # evenly spaced, ending at both last layers
+    assert features.layer_map(None, 3, 3) == [(1, 1), (2, 2), (3, 3)]
+    with pytest.raises(UserError, match="pair .3, 1. is outside the models"):
+        features.layer_map([[3, 1]], 1, 2)
+    seen = []
+    original = features.feature_loss_sum
+
+    def recording(student_features, teacher_features, kind):
+        seen.append((tuple(student_features[0].shape), tuple(teacher_features[0].shape), kind))
+        return original(student_features, teacher_features, kind)
+
+    cfg = tiny_config(train={"epochs": 1, "feature_weight": 1.0, "feature_loss": "cosine", "feature_layers": [[1, 1]]})
+    features.feature_loss_sum = recording
+    try:
+        result = train(cfg, out_dir=tmp_path)
+    finally:
+        features.feature_loss_sum = original
+    student_width, teacher_width = result.student.config.hidden_size, 64     # the test teacher is 64 wide
+    assert seen and all(s[1] == teacher_width and t[1] == teacher_width and kind == "cosine" for s, t, kind in seen)
+    state = torch.load(tmp_path / "last" / TRAINER_STATE, weights_only=True)
+    assert state["extra"]["feature_projector"]["maps.0.weight"].shape == (teacher_width, student_width)
+    with safe_open(str(tmp_path / "last" / "model.safetensors"), "pt") as handle:
+        assert not [k for k in handle.keys() if "maps" in k or "projector" in k]

@@ -12,7 +12,7 @@ KEY_VALUES = {"learning_rate": (1e-3, 8e-3), "temperature": (1.0, 4.0), "alpha":
               "weight_decay": (0.0, 0.5), "warmup_iters": (0, 30), "batch_size": (16, 48),
               "accumulation_steps": (1, 3), "grad_clip": (0.05, 5.0), "kd_loss": ("forward_kl", "reverse_kl"),
               "final_temperature": (1.0, 3.0), "temperature_schedule": ("constant", "cosine"),
-              "jsd_beta": (0.1, 0.9), "skew": (0.05, 0.5)}
+              "jsd_beta": (0.1, 0.9), "skew": (0.05, 0.5), "feature_weight": (0.0, 2.0)}
 # The train settings under which a key matters (a schedule's end needs a schedule, ...).
 KEY_CONTEXT = {"final_temperature": {"temperature": 4.0, "temperature_schedule": "linear", "final_temperature": 2.0},
                "temperature_schedule": {"temperature": 4.0, "final_temperature": 1.0},

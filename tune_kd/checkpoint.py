@@ -120,21 +120,25 @@ def save_student(student: torch.nn.Module, tokenizer, directory: Path) -> None:
     atomic_directory_write(directory, write)
 
 
-def save_checkpoint(directory: Path, student, tokenizer, optimizer, scaler, progress: Progress) -> None:
-    """A resumable checkpoint: the HF student plus optimizer, scaler, progress and RNG states."""
+def save_checkpoint(directory: Path, student, tokenizer, optimizer, scaler, progress: Progress,
+                    extra: dict[str, torch.nn.Module] | None = None) -> None:
+    """A resumable checkpoint: the HF student plus optimizer, scaler, progress and RNG states, and
+    the state of `extra` modules trained alongside (a feature projector) that are not the model."""
     def write(tmp: Path) -> None:
         unwrap(student).save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         state = {"optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "progress": asdict(progress),
                  "rng_cpu": torch.get_rng_state(),
-                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+                 "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                 "extra": {name: module.state_dict() for name, module in (extra or {}).items()}}
         torch.save(state, tmp / TRAINER_STATE)
         (tmp / "progress.json").write_text(json.dumps(asdict(progress), indent=1))
     atomic_directory_write(directory, write)
 
 
-def load_checkpoint(directory: Path, student, optimizer, scaler) -> Progress:
-    """Restore a checkpoint written by save_checkpoint into `student`, `optimizer`, `scaler`."""
+def load_checkpoint(directory: Path, student, optimizer, scaler,
+                    extra: dict[str, torch.nn.Module] | None = None) -> Progress:
+    """Restore a checkpoint written by save_checkpoint into `student`, `optimizer`, `scaler`, `extra`."""
     from safetensors.torch import load_file
 
     from tune_kd.config import UserError
@@ -156,6 +160,12 @@ def load_checkpoint(directory: Path, student, optimizer, scaler) -> Progress:
         raise UserError(f"{directory}: checkpoint does not fit the student architecture "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     state = torch.load(directory / TRAINER_STATE, map_location="cpu", weights_only=True)
+    saved_extra = state.get("extra", {})
+    if set(saved_extra) != set(extra or {}):
+        raise UserError(f"{directory}: checkpoint was trained with {sorted(saved_extra) or 'no extra modules'}, this "
+                        f"run has {sorted(extra or {}) or 'none'} (resume with the same feature distillation settings)")
+    for name, module in (extra or {}).items():
+        module.load_state_dict(saved_extra[name])
     optimizer.load_state_dict(state["optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng_cpu"])

@@ -97,6 +97,9 @@ class TrainConfig:
     kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = "forward_kl"
     jsd_beta: float = 0.5                          # jsd: teacher's weight in the mixture (0: forward KL, 1: reverse)
     skew: float = 0.1                              # skew_kl: KL(p || skew p + (1 - skew) q)
+    feature_weight: float = 0.0                    # feature distillation's weight (0: off)
+    feature_loss: Literal["mse", "cosine"] = "mse"
+    feature_layers: Optional[list] = None          # [[student layer, teacher layer], ...]; default evenly spaced
     compile: Literal["auto", "on", "off"] = "auto"   # torch.compile the models; auto: on CUDA only
     seed: int = 0
     num_workers: int = 0
@@ -328,6 +331,13 @@ def validate_fields(cfg: ExperimentConfig, problems: _Problems) -> None:
             and "final_temperature" not in cfg.parameters):
         problems.add("train.final_temperature", f"is required by temperature_schedule: {t.temperature_schedule} "
                      "(where the temperature ends)")
+    if t.feature_weight is not None and t.feature_weight < 0:
+        problems.add("train.feature_weight", f"must be >= 0 (0 turns feature distillation off), got {t.feature_weight}")
+    if t.feature_layers is not None and not (
+            isinstance(t.feature_layers, list) and t.feature_layers
+            and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in t.feature_layers)):
+        problems.add("train.feature_layers", "expected a list of [student layer, teacher layer] integer pairs, "
+                     "e.g. [[1, 2], [2, 4]]")
     for name in ("jsd_beta", "skew"):
         if getattr(t, name) is not None and not 0.0 <= getattr(t, name) <= 1.0:
             problems.add(f"train.{name}", f"must be in [0, 1], got {getattr(t, name)}")
@@ -352,6 +362,8 @@ def validate_fields(cfg: ExperimentConfig, problems: _Problems) -> None:
             problems.add(role, "needs one of path, preset or arch")
         if spec.path is not None and (spec.preset is not None or spec.arch is not None):
             problems.add(f"{role}.path", "a model comes from a path or is built from preset/arch, not both")
+    if cfg.teacher is None and t.feature_weight:
+        problems.add("train.feature_weight", "feature distillation needs a teacher")
     if cfg.teacher is None and t.alpha is not None and t.alpha != 1.0:
         problems.add("teacher", f"is required unless train.alpha is 1 (plain SFT); alpha is {t.alpha}")
 
@@ -393,7 +405,7 @@ DISTRIBUTIONS = {"log_uniform_values": ("min", "max"), "uniform": ("min", "max")
 # train.* keys a search may vary; the rest fix the budget (epochs) or the machinery
 SEARCHABLE = ("learning_rate", "temperature", "alpha", "weight_decay", "warmup_iters", "batch_size",
               "accumulation_steps", "grad_clip", "kd_loss", "final_temperature", "temperature_schedule",
-              "jsd_beta", "skew")
+              "jsd_beta", "skew", "feature_weight")
 
 
 def parameter_candidates(spec: dict) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tune_kd import checkpoint, data, losses, models
+from tune_kd import checkpoint, data, features, losses, models
 from tune_kd.checkpoint import Progress
 from tune_kd.config import ExperimentConfig, UserError
 
@@ -69,18 +69,27 @@ class SelectedLogits(torch.nn.Module):
     The head is most of a small model's FLOPs and memory at large vocab; chat data scores only
     assistant tokens, so only those rows are computed. forward(input_ids (B, T), positions (B, T)
     bool) -> logits (N, V). Models that post-process logits (soft-capping) take the full path.
+    With feature_layers (feature distillation) it returns (logits, [hidden state (N, H) per layer]),
+    passed through `projector` when given (the student's side; a submodule, so DDP syncs it).
     """
 
-    def __init__(self, lm: torch.nn.Module):
+    def __init__(self, lm: torch.nn.Module, feature_layers: tuple[int, ...] = (), projector=None):
         super().__init__()
-        self.lm = lm
+        self.lm, self.feature_layers, self.projector = lm, tuple(feature_layers), projector
         self.full_path = getattr(lm.config, "final_logit_softcapping", None) is not None
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        if self.full_path:
-            return self.lm(input_ids=input_ids).logits[positions]
-        hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state          # (B, T, H)
-        return self.lm.get_output_embeddings()(hidden[positions])                 # (N, V)
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        if not self.feature_layers:
+            if self.full_path:
+                return self.lm(input_ids=input_ids).logits[positions]
+            hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state          # (B, T, H)
+            return self.lm.get_output_embeddings()(hidden[positions])                 # (N, V)
+        out = self.lm(input_ids=input_ids, output_hidden_states=True) if self.full_path else \
+            self.lm.base_model(input_ids=input_ids, output_hidden_states=True)
+        logits = out.logits[positions] if self.full_path else \
+            self.lm.get_output_embeddings()(out.last_hidden_state[positions])
+        features = [out.hidden_states[layer][positions] for layer in self.feature_layers]
+        return logits, self.projector(features) if self.projector is not None else features
 
 
 def setup_distributed(ddp: bool, requested_device: str) -> tuple[int, int, torch.device]:
@@ -107,20 +116,27 @@ def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher: bool):
-    """Student logits (with grad) and teacher logits (inference mode) on the scored positions."""
+    """Student logits (with grad) and teacher logits (inference mode) on the scored positions;
+    plus, under feature distillation, (student features, teacher features), else None."""
     input_ids = batch["input_ids"].to(precision.device, non_blocking=True)
     labels = batch["labels"].to(precision.device, non_blocking=True)
     positions, targets = scored_positions(labels)
     with precision.autocast():
         student_logits = student(input_ids, positions)                        # (N, V)
-    teacher_logits = None
+    student_features = teacher_features = teacher_logits = None
+    if isinstance(student_logits, tuple):
+        student_logits, student_features = student_logits
     if need_teacher:
         with torch.inference_mode(), precision.autocast():
             teacher_logits = teacher(input_ids, positions)                    # (N, V)
+        if isinstance(teacher_logits, tuple):
+            teacher_logits, teacher_features = teacher_logits
+            teacher_features = [f.clone() for f in teacher_features]
         if teacher_cols is not None:
             teacher_logits = teacher_logits[:, :teacher_cols]
         teacher_logits = teacher_logits.clone()  # leave inference mode: autograd may save it
-    return student_logits, teacher_logits, targets, positions
+    features = (student_features, teacher_features) if student_features is not None and teacher_features else None
+    return student_logits, teacher_logits, targets, positions, features
 
 
 def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, teacher_cols, need_teacher: bool,
@@ -133,9 +149,13 @@ def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, tea
     """
     t = cfg.train
     temperature = t.temperature if temperature is None else temperature
-    s_logits, t_logits, targets, _ = forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher)
+    s_logits, t_logits, targets, _, feats = forward_pair(student, teacher, batch, precision, teacher_cols,
+                                                         need_teacher)
     parts = losses.distillation_loss(s_logits, t_logits, targets, t.alpha, temperature, normalizer, t.kd_loss,
                                      kd_options=kd_options(t))
+    if feats is not None:
+        parts.feature = features.feature_loss_sum(*feats, t.feature_loss) / max(float(normalizer), 1.0)
+        parts.loss = parts.loss + t.feature_weight * parts.feature
     with (contextlib.nullcontext() if sync or not hasattr(student, "no_sync") else student.no_sync()):
         scaler.scale(parts.loss).backward()
     return parts
@@ -167,8 +187,8 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     batches = data.epoch_batches(val_data, t.batch_size, t.seed, epoch=0, shuffle=False)[rank::world]
     for indices in batches:
         batch = data.collate(val_data, indices, pad_id)
-        s_logits, t_logits, targets, positions = forward_pair(student, teacher, batch, precision, teacher_cols,
-                                                             teacher is not None)
+        s_logits, t_logits, targets, positions, _ = forward_pair(student, teacher, batch, precision, teacher_cols,
+                                                                teacher is not None)
         rows = positions.nonzero()[:, 0]
         wrong = torch.zeros(positions.shape[0], device=precision.device).index_add_(
             0, rows, (s_logits.argmax(-1) != targets).float())
@@ -267,22 +287,29 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
     teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
     models.maybe_compile(t.compile, device, lm, teacher_lm)
-    teacher = SelectedLogits(teacher_lm) if teacher_lm is not None else None
-    student = SelectedLogits(lm)
-    if world > 1:
-        student = torch.nn.parallel.DistributedDataParallel(student, device_ids=[device] if device.type == "cuda" else None)
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
+    pairs = features.layer_map(t.feature_layers, lm.config.num_hidden_layers, teacher_lm.config.num_hidden_layers) \
+        if t.feature_weight > 0 and teacher_lm is not None else []
+    projector = features.FeatureProjector(len(pairs), lm.config.hidden_size, teacher_lm.config.hidden_size).to(device) \
+        if pairs else None
+    extra_state = {"feature_projector": projector} if projector is not None else {}   # trained, not exported
+    teacher = SelectedLogits(teacher_lm, [p[1] for p in pairs]) if teacher_lm is not None else None
+    trained = SelectedLogits(lm, [p[0] for p in pairs], projector)   # every trained parameter
+    student = trained if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        trained, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
-    progress = checkpoint.load_checkpoint(resume_from, lm, optimizer, scaler) if resume_from else Progress()
+    progress = checkpoint.load_checkpoint(resume_from, lm, optimizer, scaler, extra_state) if resume_from \
+        else Progress()
     counts = train_data.target_counts
     per_rank = len(data.epoch_batches(train_data, t.batch_size, t.seed, 0)) // world
     if per_rank < 1:
         raise UserError(f"data: {len(train_data)} training conversations make fewer batches than ranks ({world})")
     steps_per_epoch = math.ceil(per_rank / t.accumulation_steps)
     total_steps = t.epochs * steps_per_epoch
-    need_teacher = teacher is not None and t.alpha < 1.0
-    save = lambda directory: checkpoint.save_checkpoint(Path(directory), lm, tokenizer, optimizer, scaler, progress)  # noqa: E731
+    need_teacher = teacher is not None and (t.alpha < 1.0 or bool(pairs))
+    save = lambda directory: checkpoint.save_checkpoint(Path(directory), lm, tokenizer, optimizer, scaler,  # noqa: E731
+                                                        progress, extra_state)
     wandb_run = start_wandb(cfg) if rank == 0 and (cfg.logging.wandb if use_wandb is None else use_wandb) else None
     if rank == 0:
         log.info("train: %d conversations, %d val; %d epochs x %d steps; student %.2fM params%s", len(train_data),
@@ -325,7 +352,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             epoch_tokens += batch["num_tokens"]
             if not last_in_window:
                 continue
-            optimizer_step(lm, optimizer, scaler, t.grad_clip)
+            optimizer_step(trained, optimizer, scaler, t.grad_clip)
             progress.step, progress.batch, epoch_steps = progress.step + 1, micro + 1, epoch_steps + 1
             steps_this_run, log_steps = steps_this_run + 1, log_steps + 1
             epoch_loss += window_loss

@@ -136,6 +136,7 @@ class LossParts:
     loss: torch.Tensor     # the objective that is back-propagated
     ce: torch.Tensor       # CE at T = 1
     kd: torch.Tensor       # divergence at temperature T, without the T^2 factor
+    feature: torch.Tensor | None = None   # feature distillation's term, when on (loop adds it)
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
