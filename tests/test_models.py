@@ -8,7 +8,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tune_kd import models
-from tune_kd.config import ModelSpec, UserError
+from tune_kd.config import ArchSpec, ModelSpec, UserError
 
 
 def test_cpu_bf16_falls_back_to_fp32_with_a_reason(monkeypatch):
@@ -162,3 +162,32 @@ def test_models_must_share_a_tokenizer(tmp_path, world):
                                       world["teacher"])
     models.check_shared_tokenizer(tok, ModelSpec(path=world["teacher"]), ModelSpec(path=world["teacher"]),
                                   world["tokenizer"])
+
+
+def test_moe_student_is_built_trained_with_its_router_loss_and_exported_as_moe(tiny_config, tmp_path):
+    from transformers import AutoModelForCausalLM, MixtralForCausalLM
+
+    from tune_kd import export
+    from tune_kd.checkpoint import save_student
+    from tune_kd.loop import train
+
+    def moe(coef):
+        return {"arch": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
+                         "max_position_embeddings": 64, "num_experts": 4, "num_experts_per_tok": 2,
+                         "router_aux_loss_coef": coef}}
+
+    cfg = tiny_config(student=moe(0.5), train={"epochs": 1}, data={"max_train_examples": 300})
+    result = train(cfg)
+    assert isinstance(result.student, MixtralForCausalLM) and result.student.config.num_local_experts == 4
+    assert models.moe_settings(result.student.config) == (4, 2, 0.5)
+    without_router_loss = train(tiny_config(student=moe(0.0), train={"epochs": 1}, data={"max_train_examples": 300}))
+    assert result.metrics["train_loss"] > without_router_loss.metrics["train_loss"]   # the aux loss is in the objective
+    assert export.export_name(cfg) == "best_student_moe"
+    assert export.export_name(tiny_config()) == "best_student"
+    save_student(result.student, result.tokenizer, tmp_path / "moe")
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "moe"))
+    assert isinstance(reloaded, MixtralForCausalLM)
+    assert export.export_name(tiny_config(student={"path": str(tmp_path / "moe"), "arch": None})) == "best_student_moe"
+    with pytest.raises(UserError, match="num_experts_per_tok: must be in \\[1, num_experts = 4\\]"):
+        models.architecture(ModelSpec(arch=ArchSpec(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                    num_experts=4, num_experts_per_tok=5)), "student")

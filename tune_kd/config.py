@@ -56,6 +56,9 @@ class ArchSpec:
     intermediate_size: Optional[int] = None        # None: the seed's rule, 8/3 * hidden rounded up to 64
     max_position_embeddings: Optional[int] = None
     tie_word_embeddings: Optional[bool] = None
+    num_experts: Optional[int] = None              # MoE (the seed's use_moe): experts per layer; None: dense
+    num_experts_per_tok: Optional[int] = None      # MoE: experts each token is routed to (default 2)
+    router_aux_loss_coef: Optional[float] = None   # MoE: load-balancing loss weight (default 0.01)
 
 
 @dataclass(frozen=True)

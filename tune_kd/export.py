@@ -103,6 +103,17 @@ def best_candidate(experiment_dir: Path, trial_id: str | None = None) -> tuple[C
     return pick(candidates, key=lambda c: c.value), experiment
 
 
+def export_name(cfg) -> str:
+    """The export folder's name: best_student, or best_student_moe for a mixture-of-experts
+    student (the seed marks MoE weights with _moe)."""
+    from tune_kd.models import model_config, moe_settings
+
+    spec = cfg.student
+    moe = spec.arch is not None and spec.arch.num_experts is not None if spec.path is None \
+        else moe_settings(model_config(spec, "student")) is not None
+    return "best_student_moe" if moe else "best_student"
+
+
 def model_card(candidate: Candidate, experiment: dict) -> str:
     metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in candidate.metrics.items())
     return (f"# {experiment['name']}: distilled student\n\n"

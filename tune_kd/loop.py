@@ -68,28 +68,42 @@ class SelectedLogits(torch.nn.Module):
 
     The head is most of a small model's FLOPs and memory at large vocab; chat data scores only
     assistant tokens, so only those rows are computed. forward(input_ids (B, T), positions (B, T)
-    bool) -> logits (N, V). Models that post-process logits (soft-capping) take the full path.
-    With feature_layers (feature distillation) it returns (logits, [hidden state (N, H) per layer]),
-    passed through `projector` when given (the student's side; a submodule, so DDP syncs it).
+    bool) -> (logits (N, V), features, router_aux). Models that post-process logits (soft-capping)
+    take the full path. features: with feature_layers (feature distillation) the hidden states
+    (N, H) of those layers, through `projector` when given (the student's side; a submodule, so
+    DDP syncs it), else None. router_aux: a mixture-of-experts model's load-balancing loss (already
+    times its router_aux_loss_coef), else None.
     """
 
     def __init__(self, lm: torch.nn.Module, feature_layers: tuple[int, ...] = (), projector=None):
         super().__init__()
         self.lm, self.feature_layers, self.projector = lm, tuple(feature_layers), projector
         self.full_path = getattr(lm.config, "final_logit_softcapping", None) is not None
+        self.moe = models.moe_settings(lm.config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        if not self.feature_layers:
-            if self.full_path:
-                return self.lm(input_ids=input_ids).logits[positions]
-            hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state          # (B, T, H)
-            return self.lm.get_output_embeddings()(hidden[positions])                 # (N, V)
-        out = self.lm(input_ids=input_ids, output_hidden_states=True) if self.full_path else \
-            self.lm.base_model(input_ids=input_ids, output_hidden_states=True)
-        logits = out.logits[positions] if self.full_path else \
-            self.lm.get_output_embeddings()(out.last_hidden_state[positions])
-        features = [out.hidden_states[layer][positions] for layer in self.feature_layers]
-        return logits, self.projector(features) if self.projector is not None else features
+        wants = {}
+        if self.feature_layers:
+            wants["output_hidden_states"] = True
+        if self.moe is not None and self.training:
+            wants["output_router_logits"] = True
+        if self.full_path:
+            out = self.lm(input_ids=input_ids, **wants)
+            logits = out.logits[positions]
+        else:
+            out = self.lm.base_model(input_ids=input_ids, **wants)
+            logits = self.lm.get_output_embeddings()(out.last_hidden_state[positions])      # (N, V)
+        features = None
+        if self.feature_layers:
+            features = [out.hidden_states[layer][positions] for layer in self.feature_layers]
+            features = self.projector(features) if self.projector is not None else features
+        router_aux = None
+        if wants.get("output_router_logits"):
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            experts, top_k, coef = self.moe
+            router_aux = coef * load_balancing_loss_func(out.router_logits, experts, top_k)
+        return logits, features, router_aux
 
 
 def setup_distributed(ddp: bool, requested_device: str) -> tuple[int, int, torch.device]:
@@ -117,26 +131,24 @@ def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher: bool):
     """Student logits (with grad) and teacher logits (inference mode) on the scored positions;
-    plus, under feature distillation, (student features, teacher features), else None."""
+    plus extras: "features" (student's, teacher's) under feature distillation, "router_aux" for
+    a mixture-of-experts student in training (each None otherwise)."""
     input_ids = batch["input_ids"].to(precision.device, non_blocking=True)
     labels = batch["labels"].to(precision.device, non_blocking=True)
     positions, targets = scored_positions(labels)
     with precision.autocast():
-        student_logits = student(input_ids, positions)                        # (N, V)
-    student_features = teacher_features = teacher_logits = None
-    if isinstance(student_logits, tuple):
-        student_logits, student_features = student_logits
+        student_logits, student_features, router_aux = student(input_ids, positions)      # (N, V)
+    teacher_logits = teacher_features = None
     if need_teacher:
         with torch.inference_mode(), precision.autocast():
-            teacher_logits = teacher(input_ids, positions)                    # (N, V)
-        if isinstance(teacher_logits, tuple):
-            teacher_logits, teacher_features = teacher_logits
-            teacher_features = [f.clone() for f in teacher_features]
+            teacher_logits, teacher_features, _ = teacher(input_ids, positions)          # (N, V)
         if teacher_cols is not None:
             teacher_logits = teacher_logits[:, :teacher_cols]
         teacher_logits = teacher_logits.clone()  # leave inference mode: autograd may save it
-    features = (student_features, teacher_features) if student_features is not None and teacher_features else None
-    return student_logits, teacher_logits, targets, positions, features
+        teacher_features = [f.clone() for f in teacher_features] if teacher_features else None
+    extras = {"features": (student_features, teacher_features) if student_features and teacher_features else None,
+              "router_aux": router_aux}
+    return student_logits, teacher_logits, targets, positions, extras
 
 
 def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, teacher_cols, need_teacher: bool,
@@ -149,13 +161,18 @@ def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, tea
     """
     t = cfg.train
     temperature = t.temperature if temperature is None else temperature
-    s_logits, t_logits, targets, _, feats = forward_pair(student, teacher, batch, precision, teacher_cols,
-                                                         need_teacher)
+    s_logits, t_logits, targets, _, extras = forward_pair(student, teacher, batch, precision, teacher_cols,
+                                                          need_teacher)
     parts = losses.distillation_loss(s_logits, t_logits, targets, t.alpha, temperature, normalizer, t.kd_loss,
                                      kd_options=kd_options(t))
-    if feats is not None:
-        parts.feature = features.feature_loss_sum(*feats, t.feature_loss) / max(float(normalizer), 1.0)
+    if extras["features"] is not None:
+        parts.feature = features.feature_loss_sum(*extras["features"], t.feature_loss) / max(float(normalizer), 1.0)
         parts.loss = parts.loss + t.feature_weight * parts.feature
+    if extras["router_aux"] is not None:
+        # The seed adds the router's load-balancing loss to CE (so it weighs alpha); a per-batch mean,
+        # weighted by this micro-batch's share of the window's tokens so accumulation stays exact.
+        share = targets.numel() / max(float(normalizer), 1.0)
+        parts.loss = parts.loss + t.alpha * extras["router_aux"] * share
     with (contextlib.nullcontext() if sync or not hasattr(student, "no_sync") else student.no_sync()):
         scaler.scale(parts.loss).backward()
     return parts

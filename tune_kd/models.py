@@ -121,6 +121,14 @@ def architecture(spec: ModelSpec, role: str) -> dict:
     arch.setdefault("num_key_value_heads", arch["num_attention_heads"])
     if arch.get("intermediate_size") is None:
         arch["intermediate_size"] = seed_intermediate_size(arch["hidden_size"])
+    if arch.get("num_experts") is not None:
+        arch.setdefault("num_experts_per_tok", 2)
+        arch.setdefault("router_aux_loss_coef", 0.01)
+        if not 1 <= arch["num_experts_per_tok"] <= arch["num_experts"]:
+            raise UserError(f"{role}.arch.num_experts_per_tok: must be in [1, num_experts = {arch['num_experts']}], "
+                            f"got {arch['num_experts_per_tok']}")
+    elif arch.get("num_experts_per_tok") is not None or arch.get("router_aux_loss_coef") is not None:
+        raise UserError(f"{role}.arch: num_experts_per_tok / router_aux_loss_coef need num_experts (an MoE model)")
     if arch["hidden_size"] % arch["num_attention_heads"]:
         raise UserError(f"{role}.arch: hidden_size {arch['hidden_size']} is not divisible by "
                         f"num_attention_heads {arch['num_attention_heads']}")
@@ -131,13 +139,26 @@ def architecture(spec: ModelSpec, role: str) -> dict:
 
 
 def build_model(spec: ModelSpec, tokenizer, role: str):
-    """A freshly initialised Llama-family model (fp32) with the tokenizer's vocab and special ids."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A freshly initialised Llama-family model (fp32) with the tokenizer's vocab and special ids;
+    with arch.num_experts, its mixture-of-experts variant (Mixtral: Llama attention, routed FFNs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         attn_implementation="sdpa", **architecture(spec, role))
-    return LlamaForCausalLM(config)
+    arch = architecture(spec, role)
+    special = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+               "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+               "attn_implementation": "sdpa"}
+    if arch.get("num_experts") is None:
+        return LlamaForCausalLM(LlamaConfig(**special, **arch))
+    config = MixtralConfig(**special, num_local_experts=arch.pop("num_experts"), output_router_logits=True, **arch)
+    return MixtralForCausalLM(config)
+
+
+def moe_settings(config) -> tuple[int, int, float] | None:
+    """(experts, experts per token, aux loss weight) of a mixture-of-experts model, else None."""
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if not experts or not hasattr(config, "router_aux_loss_coef"):
+        return None
+    return int(experts), int(getattr(config, "num_experts_per_tok", 2)), float(config.router_aux_loss_coef)
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")

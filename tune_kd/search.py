@@ -361,10 +361,11 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     print(format_table(rows))
     print(f"{len(rows)} trials in {summary['seconds']:.0f} s -> {experiment_dir / 'trials.csv'}")
     if best is not None and export_best:
-        candidate = export.export(experiment_dir, experiment_dir / "best_student")
+        target = experiment_dir / export.export_name(cfg)
+        candidate = export.export(experiment_dir, target)
         summary["export"] = candidate
         print(f"best: trial {candidate.trial_id} epoch {candidate.metrics['epoch']} {cfg.metric.name} "
-              f"{candidate.value:.4f} -> {experiment_dir / 'best_student'} (reload verified)")
+              f"{candidate.value:.4f} -> {target} (reload verified)")
         print(f"export another: python -m tune_kd.export {experiment_dir} --out DIR [--trial ID]")
         if cfg.search.algorithm == "optuna":
             print(f"study: optuna-dashboard sqlite:///{experiment_dir / 'optuna.db'}")
