@@ -261,3 +261,29 @@ def test_resources_and_concurrency(world):
     assert concurrency(cfg, resources, cpus=2, gpus=0) == 2
     shared = load_config(raw=search_raw(world, resources={"gpu_per_trial": 0.25, "cpu_per_trial": 2}))
     assert concurrency(shared, trial_resources(shared, gpus=1), cpus=16, gpus=1) == 4
+
+
+@pytest.mark.slow
+def test_search_on_a_two_node_cluster(world, tmp_path):
+    """ray start --head / ray start --address, simulated by ray.cluster_utils.Cluster: trials run on
+    both nodes, results land in the shared storage and the export works."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tune_kd import search
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    worker = cluster.add_node(num_cpus=1)
+    try:
+        cfg = load_config(raw=search_raw(world, num_samples=4, scheduler={"type": "none"}, train={"epochs": 1}))
+        summary = search.run_search(cfg, "test", storage=str(tmp_path), address=cluster.address)
+        assert summary["parallel"] == 2
+        nodes = set()
+        for result in (tmp_path / "tiny-search").glob("trial_*/result.json"):
+            nodes |= {json.loads(line)["node_id"] for line in result.read_text().splitlines() if line.strip()}
+        assert nodes == {cluster.head_node.node_id, worker.node_id}
+        assert len(summary["rows"]) == 4 and all(r["status"] == "COMPLETED" for r in summary["rows"])
+        assert (tmp_path / "tiny-search" / "best_student" / "model.safetensors").is_file()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

@@ -299,7 +299,8 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
              "config": cfg.to_dict(), "versions": export.versions(), "command": sys.argv}, indent=1, default=str))
 
     if not ray.is_initialized():
-        dashboard = {"include_dashboard": False} if dashboard_host is None else \
+        # joining a cluster: its head already runs (or not) the dashboard
+        dashboard = {} if address is not None else {"include_dashboard": False} if dashboard_host is None else \
             {"include_dashboard": True, "dashboard_host": dashboard_host}
         context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
                            logging_level=logging.WARNING, **dashboard)

@@ -89,6 +89,7 @@ def make_trainable(base: ExperimentConfig):
     reason, and ends: ASHA and the searcher see a bad trial, and retrying would only diverge again."""
 
     def distill_trial(point: dict) -> None:
+        import ray
         from ray import tune
 
         from tune_kd.models import quiet_progress_bars
@@ -97,13 +98,15 @@ def make_trainable(base: ExperimentConfig):
         quiet_progress_bars()
         cfg = space.apply_point(base, point)
         reached = {"epoch": 0}
+        node_id = ray.get_runtime_context().get_node_id()
 
         def report(metrics: dict, save) -> None:
             kind = take_fault(metrics["epoch"], None)
             drill = fire(kind, f"at the epoch {metrics['epoch']} report") if kind else contextlib.nullcontext()
             with tempfile.TemporaryDirectory(prefix="tune_kd-ckpt-") as tmp, drill:
                 save(Path(tmp))
-                tune.report(dict(metrics), checkpoint=tune.Checkpoint.from_directory(tmp))
+                # node_id: which Ray node ran this epoch (result.json's node_ip is shared by nodes on one host)
+                tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
             reached["epoch"] = metrics["epoch"]
 
         def step_hook(epoch: int, step: int, student) -> None:
