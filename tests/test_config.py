@@ -75,3 +75,31 @@ def test_missing_file_and_invalid_yaml(tmp_path):
     bad.write_text("train:\n  alpha: [1, 2\n")
     with pytest.raises(ConfigError, match=f"{bad}:3: not valid YAML"):
         load_config(bad)
+
+
+def test_stage_problems_name_the_stage_key_and_line(tmp_path):
+    path = tmp_path / "stages.yaml"
+    path.write_text("name: prog\n"
+                    "teacher: {path: t}\n"
+                    "train: {epochs: 2}\n"
+                    "stages:\n"
+                    "  - name: medium\n"
+                    "    student: {arch: {hidden_size: 48}}\n"
+                    "  - name: small\n"
+                    "    train: {alpha: 1.5}\n"
+                    "    teacher: {path: x}\n"
+                    "    studnt: {}\n"
+                    "  - name: small\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    text = "\n".join(err.value.problems)
+    assert f"{path}:8: stages.1.train.alpha: must be in [0, 1]" in text
+    assert f"{path}:9: stages.1.teacher: only the first stage names a teacher" in text
+    assert f"{path}:10: stages.1.studnt: is not a section a stage can change; did you mean 'student'?" in text
+    assert f"{path}:11: stages.2.name: needs a unique name" in text
+    good = tmp_path / "good.yaml"
+    good.write_text("name: prog\nteacher: {path: t}\ntrain: {epochs: 2}\nstages:\n  - name: a\n"
+                    "  - {name: b, train: {epochs: 3}, student: {arch: {hidden_size: 32}}}\n")
+    cfg = load_config(good)
+    assert [s["name"] for s in cfg.stages] == ["a", "b"]
+    assert cfg.stages[1]["train"]["epochs"] == 3 and cfg.stages[1]["student"] == {"arch": {"hidden_size": 32}}

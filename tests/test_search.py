@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import search_raw
+from conftest import TINY_ARCH, search_raw
 from tune_kd import checkpoint
 from tune_kd.config import load_config
 
@@ -287,3 +287,32 @@ def test_search_on_a_two_node_cluster(world, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_progressive_stages_chain_teacher_to_medium_to_small(world, tmp_path):
+    raw = search_raw(world, num_samples=2, scheduler={"type": "none"}, train={"epochs": 1})
+    raw["name"] = "chain"
+    raw["stages"] = [{"name": "medium", "student": {"arch": dict(TINY_ARCH, hidden_size=48, num_attention_heads=2)}},
+                     {"name": "small", "student": {"arch": dict(TINY_ARCH, hidden_size=16)},
+                      "train": {"learning_rate": 5e-3}}]
+    space = tmp_path / "chain.yaml"
+    space.write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "tune_kd.search", "--space", str(space), "--storage", str(tmp_path),
+                           "--num-cpus", "2", "--no-dashboard"], cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    root = tmp_path / "chain"
+    stages = json.loads((root / "stages.json").read_text())
+    assert [s["stage"] for s in stages] == ["medium", "small"]
+    assert stages[0]["teacher"] == world["teacher"]
+    assert stages[1]["teacher"] == str(root / "medium" / "best_student")          # medium's export teaches small
+    small = json.loads((root / "small" / "experiment.json").read_text())["config"]
+    assert small["teacher"]["path"] == str(root / "medium" / "best_student")
+    assert small["train"]["learning_rate"] == 5e-3 and small["train"]["epochs"] == 1   # merged over the file's
+    for stage, width in (("medium", 48), ("small", 16)):
+        config = json.loads((root / stage / "best_student" / "config.json").read_text())
+        assert config["hidden_size"] == width
+        assert len((root / stage / "trials.csv").read_text().splitlines()) == 3
+    rerun = subprocess.run([sys.executable, "-m", "tune_kd.search", "--space", str(space), "--storage", str(tmp_path),
+                            "--resume", "--no-dashboard"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0 and rerun.stderr.count("already done") == 2, rerun.stderr[-2000:]

@@ -171,6 +171,9 @@ class ExperimentConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    # Progressive distillation (seed 10.4): each stage is a full experiment (these sections with the
+    # stage's own overrides merged in), validated at load; stage k's teacher is stage k-1's export.
+    stages: list = field(default_factory=list)
 
     def replace(self, **sections: Any) -> "ExperimentConfig":
         return dataclasses.replace(self, **sections)
@@ -202,6 +205,10 @@ def _key_lines(node: yaml.Node, prefix: str = "", out: dict | None = None) -> di
             dotted = f"{prefix}{key_node.value}"
             out[dotted] = key_node.start_mark.line + 1
             _key_lines(value_node, dotted + ".", out)
+    elif isinstance(node, yaml.SequenceNode):   # list items as stages.0.train..., for stages
+        for index, item in enumerate(node.value):
+            out[f"{prefix}{index}"] = item.start_mark.line + 1
+            _key_lines(item, f"{prefix}{index}.", out)
     return out
 
 
@@ -506,11 +513,65 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     raw = _deep_copy(raw)
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
+    stages = raw.pop("stages", None)
     cfg = _build(ExperimentConfig, raw, "", problems)
     validate(cfg, problems)  # on the defaults where a key failed above, so every problem shows at once
+    if stages is not None:
+        cfg = dataclasses.replace(cfg, stages=_stage_raws(raw, stages, source, lines, problems))
     if problems.items:
         raise ConfigError(problems.items)
     return cfg
+
+
+STAGE_MERGED = ("data", "train", "logging", "metric", "search", "scheduler", "resources", "checkpoint")
+STAGE_REPLACED = ("tokenizer", "teacher", "student", "parameters")
+PREVIOUS_STAGE_EXPORT = "<the previous stage's exported best student>"
+
+
+def _stage_raws(base: dict, stages: Any, source, lines: dict, problems: _Problems) -> list[dict]:
+    """Each stage's complete raw config (base sections, the stage's merged or replacing them),
+    validated like a top-level file; stage k > 0 gets a placeholder teacher path, set at run time."""
+    if not isinstance(stages, list) or not stages:
+        problems.add("stages", "expected a non-empty list of stages, e.g. [{name: medium, student: {...}}, ...]")
+        return []
+    out, names = [], set()
+    for index, stage in enumerate(stages):
+        key = f"stages.{index}"
+        if not isinstance(stage, dict):
+            problems.add(key, "expected a mapping with a name and the sections it changes")
+            continue
+        name = stage.get("name")
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name in names:
+            problems.add(f"{key}.name", f"needs a unique name of letters, digits, '.', '_', '-', got {name!r}")
+        names.add(name)
+        merged = _deep_copy(base)
+        for section, value in stage.items():
+            if section == "name":
+                continue
+            if section not in STAGE_MERGED + STAGE_REPLACED:
+                close = difflib.get_close_matches(section, STAGE_MERGED + STAGE_REPLACED, n=1)
+                problems.add(f"{key}.{section}", "is not a section a stage can change"
+                             + (f"; did you mean '{close[0]}'?" if close else ""))
+                continue
+            if section == "teacher" and index > 0:
+                problems.add(f"{key}.teacher", "only the first stage names a teacher: each later stage distils the "
+                                               "previous stage's best student")
+                continue
+            if section in STAGE_MERGED and isinstance(value, dict) and isinstance(merged.get(section), dict):
+                merged[section] = {**merged[section], **value}
+            else:
+                merged[section] = value
+        merged["name"] = name
+        if index > 0:
+            merged["teacher"] = {"path": PREVIOUS_STAGE_EXPORT}
+        prefix = f"{key}."
+        stage_problems = _Problems(source, {k[len(prefix):]: v for k, v in lines.items() if k.startswith(prefix)})
+        stage_cfg = _build(ExperimentConfig, merged, "", stage_problems)
+        validate(stage_cfg, stage_problems)
+        problems.items += [item.replace(": ", f": {prefix}", 1) if source else f"{prefix}{item}"
+                           for item in stage_problems.items]
+        out.append(merged)
+    return out
 
 
 def absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> ExperimentConfig:

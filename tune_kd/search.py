@@ -406,9 +406,15 @@ def main(argv: list[str] | None = None) -> int:
             aside = experiment_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}")
             shutil.move(str(experiment_dir), aside)
             log.info("moved the previous experiment to %s", aside)
-        run_search(cfg, args.space, storage=args.storage, address=args.address, resume=args.resume,
-                   num_cpus=args.num_cpus, export_best=not args.no_export,
-                   dashboard_host=None if args.no_dashboard else args.dashboard_host)
+        options = {"address": args.address, "num_cpus": args.num_cpus,
+                   "dashboard_host": None if args.no_dashboard else args.dashboard_host}
+        if cfg.stages:   # progressive distillation: a chain of searches (stages.py)
+            from tune_kd import stages
+
+            stages.run_stages(cfg, args.space, storage=args.storage, resume=args.resume, **options)
+        else:
+            run_search(cfg, args.space, storage=args.storage, resume=args.resume, export_best=not args.no_export,
+                       **options)
     except UserError as exc:
         if args.debug:
             raise
