@@ -146,8 +146,9 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ResourcesConfig:
-    cpu_per_trial: float = 1.0
+    cpu_per_trial: float = 1.0                         # per worker when workers_per_trial > 1
     gpu_per_trial: Any = "auto"                        # auto: a share that fits one trial's measured memory; 0 without GPUs
+    workers_per_trial: int = 1                         # > 1: data-parallel trials through Ray Train's TorchTrainer
 
 
 @dataclass(frozen=True)
@@ -396,6 +397,8 @@ def validate_search(cfg: ExperimentConfig, problems: _Problems) -> None:
                          "no trial could ever be stopped early (lower it or raise train.epochs)")
         if sch.reduction_factor < 2:
             problems.add("scheduler.reduction_factor", f"must be >= 2, got {sch.reduction_factor}")
+    if r.workers_per_trial < 1:
+        problems.add("resources.workers_per_trial", f"must be >= 1, got {r.workers_per_trial}")
     if r.cpu_per_trial <= 0:
         problems.add("resources.cpu_per_trial", f"must be > 0, got {r.cpu_per_trial}")
     gpu = r.gpu_per_trial

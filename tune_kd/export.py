@@ -79,11 +79,12 @@ def checkpoint_candidates(experiment_dir: Path, metric: str) -> list[Candidate]:
         trial_dir = result_file.parent
         params, reports = read_trial(trial_dir)
         for row in reports:
-            name = row.get("checkpoint_dir_name")
+            # a Tune checkpoint (checkpoint_dir_name), or a Ray Train one (checkpoint_path, workers_per_trial > 1)
+            name = row.get("checkpoint_dir_name") or row.get("checkpoint_path")
             value = row.get(metric)
             if not name or value is None or (isinstance(value, float) and math.isnan(value)):
                 continue
-            path = trial_dir / name
+            path = trial_dir / name   # an absolute checkpoint_path stays as it is
             if is_complete(path):   # a copy cut short (crash, full disk) is never exported
                 metrics = {k: row[k] for k in METRICS if k in row}
                 found.append(Candidate(str(row.get("trial_id")), float(value), metrics, params, path))

@@ -114,7 +114,9 @@ def setup_distributed(ddp: bool, requested_device: str) -> tuple[int, int, torch
         raise UserError("--ddp needs to be launched by torchrun (torchrun --nproc_per_node N -m tune_kd.train --ddp)")
     device = models.resolve_device(requested_device)
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        # torchrun shows every GPU; a launcher may show each worker only its own
+        device = torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else 0)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -281,13 +283,15 @@ def loss_is_finite(running_loss: torch.Tensor, world: int) -> bool:
 
 def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str | Path | None = None,
           out_dir: str | Path | None = None, ddp: bool = False, use_wandb: bool | None = None,
-          step_hook: Callable[[int, int, torch.nn.Module], None] | None = None) -> TrainResult:
+          step_hook: Callable[[int, int, torch.nn.Module], None] | None = None,
+          report_on_every_rank: bool = False) -> TrainResult:
     """Distil cfg.teacher into cfg.student on cfg.data; returns the trained student and its metrics.
 
     report(metrics, save) is called once per epoch end with every name in METRICS; save(dir) writes
     a resumable checkpoint. resume_from continues a run from such a checkpoint exactly. out_dir
     receives a resumable `last/` checkpoint every train.save_interval steps (0: never mid-epoch).
     step_hook(epoch, step_in_epoch, student) runs after every optimizer step (fault drills use it).
+    report_on_every_rank: call report on every rank (Ray Train's report is a barrier), not rank 0 only.
     Raises TrainingDiverged when the loss stops being finite: checked every step on CPU, every
     train.log_interval steps on GPU (a check is a device sync), and before every evaluation.
     """
@@ -409,10 +413,10 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             log.info("epoch %d: %s", epoch + 1, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
             if wandb_run:
                 wandb_run.log(metrics, step=progress.step)
-            if report is not None:
-                report(metrics, save)
-            if out_dir:
-                save(Path(out_dir) / "last")
+        if report is not None and (rank == 0 or report_on_every_rank):
+            report(metrics, save)
+        if rank == 0 and out_dir:
+            save(Path(out_dir) / "last")
     if wandb_run:
         wandb_run.finish()
     final = progress.history[-1] if progress.history else {}

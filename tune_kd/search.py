@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -42,10 +43,11 @@ def check_paths(cfg: ExperimentConfig, source: str) -> None:
 
 
 def check_gpus(cfg: ExperimentConfig, available: int, source: str) -> None:
-    gpu = cfg.resources.gpu_per_trial
-    if gpu != "auto" and gpu > available:
-        raise ConfigError([f"{source}: resources.gpu_per_trial: {gpu} asked for, but this machine has {available} "
-                           "GPU(s) (lower it, or use auto)"])
+    gpu, workers = cfg.resources.gpu_per_trial, cfg.resources.workers_per_trial
+    if gpu != "auto" and gpu * workers > available:
+        per = f" x {workers} workers_per_trial" if workers > 1 else ""
+        raise ConfigError([f"{source}: resources.gpu_per_trial: {gpu}{per} asked for, but this machine has "
+                           f"{available} GPU(s) (lower it, or use auto)"])
 
 
 def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
@@ -81,6 +83,8 @@ def trial_resources(cfg: ExperimentConfig, gpus: int) -> dict:
     if gpu == "auto":
         if gpus == 0:
             gpu = 0
+        elif cfg.resources.workers_per_trial > 1:
+            gpu = 1   # DDP's natural layout: a whole GPU per worker
         else:
             import torch
 
@@ -89,15 +93,24 @@ def trial_resources(cfg: ExperimentConfig, gpus: int) -> dict:
             gpu = 1.0 / per_gpu
             log.info("gpu_per_trial auto: one trial peaks at %.2f GiB of %.0f GiB -> %d trials per GPU",
                      peak / 2**30, total / 2**30, per_gpu)
-    return {"cpu": cfg.resources.cpu_per_trial, "gpu": gpu}
+    return {"cpu": cfg.resources.cpu_per_trial, "gpu": gpu, "workers": cfg.resources.workers_per_trial}
+
+
+DRIVER_CPU = 0.01   # what the actor of a data-parallel trial holds (Ray needs a non-empty request)
 
 
 def concurrency(cfg: ExperimentConfig, resources: dict, cpus: float, gpus: float) -> int:
     if cfg.search.max_concurrent != "auto":
         return cfg.search.max_concurrent
-    fits = math.floor(cpus / resources["cpu"])
+    workers = resources.get("workers", 1)   # data-parallel trials hold workers x the per-worker resources
+    per_trial = resources["cpu"] * workers + (DRIVER_CPU if workers > 1 else 0.0)
+    if per_trial > cpus + 1e-9:
+        raise UserError(f"resources: one trial needs {per_trial:g} CPUs ({workers} workers x cpu_per_trial "
+                        f"{resources['cpu']:g}{' + its driver' if workers > 1 else ''}) but Ray has {cpus:g}: lower "
+                        "cpu_per_trial or workers_per_trial, or give Ray more CPUs (--num-cpus)")
+    fits = math.floor(cpus / per_trial + 1e-9)
     if resources["gpu"]:
-        fits = min(fits, math.floor(gpus / resources["gpu"] + 1e-9))
+        fits = min(fits, math.floor(gpus / (resources["gpu"] * workers) + 1e-9))
     return max(1, min(fits, cfg.search.num_samples))
 
 
@@ -322,14 +335,18 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     log.info("search %s: %d trials, up to %d at a time, %s per trial", cfg.name, cfg.search.num_samples, parallel,
              resources)
 
-    distill = trainable.make_trainable(absolute_paths(cfg))   # trials run in other working directories
+    # trials run in other working directories (absolute paths) and use the resolved GPU share
+    trial_cfg = absolute_paths(cfg).replace(resources=dataclasses.replace(cfg.resources, gpu_per_trial=resources["gpu"]))
+    distill = trainable.make_trainable(trial_cfg, experiment_dir)
     readable = f"distill_{cfg.name.replace('-', '_')}"
     distill.__name__ = distill.__qualname__ = readable
     # Ray wraps a function trainable in classes named ImplicitFunc / ResourceTrainable; a named
     # subclass makes the trial actors readable in the dashboard and the state API.
     from ray.tune.trainable import wrap_function
 
-    base = tune.with_resources(wrap_function(distill), resources)
+    # A data-parallel trial's actor only drives Ray Train, whose workers ask for the resources themselves.
+    actor = {"cpu": DRIVER_CPU} if resources["workers"] > 1 else {"cpu": resources["cpu"], "gpu": resources["gpu"]}
+    base = tune.with_resources(wrap_function(distill), actor)
     with_resources = type(readable, (base,), {"__qualname__": readable})
     started = time.perf_counter()
     if resume:

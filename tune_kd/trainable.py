@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import math
@@ -82,8 +83,10 @@ def fire(kind: str, where: str, student=None) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
-def make_trainable(base: ExperimentConfig):
+def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
     """A function trainable for ray.tune that trains `base` with each trial's sampled values.
+    experiment_dir: the experiment's folder on storage (data-parallel trials keep their Ray Train
+    run in its trial_<id>/train).
 
     A diverged trial (loss NaN/inf) reports once more, with the worst metric value and a `diverged`
     reason, and ends: ASHA and the searcher see a bad trial, and retrying would only diverge again."""
@@ -114,6 +117,9 @@ def make_trainable(base: ExperimentConfig):
             if kind:
                 fire(kind, f"at epoch {epoch} step {step}", student)
 
+        if cfg.resources.workers_per_trial > 1:
+            run_data_parallel(cfg, node_id, Path(experiment_dir) / f"trial_{tune.get_context().get_trial_id()}")
+            return
         checkpoint = tune.get_checkpoint()
         try:
             if checkpoint is None:
@@ -128,3 +134,64 @@ def make_trainable(base: ExperimentConfig):
             tune.report({"epoch": reached["epoch"] + 1, cfg.metric.name: worst, "diverged": str(exc)})
 
     return distill_trial
+
+
+def run_data_parallel(cfg: ExperimentConfig, node_id: str, trial_dir: Path) -> None:
+    """The trial as data-parallel training on resources.workers_per_trial Ray Train workers
+    (TorchTrainer, gloo on CPU, NCCL on GPU). Every worker runs loop.train with DDP; rank 0 writes
+    the checkpoint, every rank calls ray.train.report (a barrier), and Ray's TuneReportCallback
+    forwards rank 0's metrics to this trial, with the checkpoint's path as `checkpoint_path`.
+    The Train run lives in the trial folder (train/); a retried trial reuses it, so Ray Train hands
+    the workers the latest checkpoint and training resumes there."""
+    from ray import train
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    r = cfg.resources
+    gpu = float(r.gpu_per_trial)   # the driver resolved auto (search.trial_resources)
+    trainer = TorchTrainer(
+        functools.partial(data_parallel_worker, cfg, node_id),
+        scaling_config=train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=gpu > 0,
+                                           resources_per_worker={"CPU": r.cpu_per_trial, **({"GPU": gpu} if gpu else {})}),
+        run_config=train.RunConfig(name="train", storage_path=str(trial_dir),
+                                   callbacks=[TuneReportCallback()],
+                                   checkpoint_config=train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_per_trial,
+                                                                            checkpoint_score_attribute=cfg.metric.name,
+                                                                            checkpoint_score_order=cfg.metric.mode)))
+    trainer.fit()
+
+
+def data_parallel_worker(cfg: ExperimentConfig, node_id: str) -> None:
+    """One Ray Train worker: loop.train under DDP (Ray Train already set up the process group)."""
+    import torch.distributed as dist
+    from ray import train
+
+    from tune_kd.models import quiet_progress_bars
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    quiet_progress_bars()
+    rank = train.get_context().get_world_rank()
+
+    def report(metrics: dict, save) -> None:
+        row = {**metrics, "node_id": node_id, "workers": dist.get_world_size()}
+        if rank != 0:
+            train.report(row, checkpoint=None)
+            return
+        kind = take_fault(metrics["epoch"], None)
+        drill = fire(kind, f"at the epoch {metrics['epoch']} report (rank 0)") if kind else contextlib.nullcontext()
+        with tempfile.TemporaryDirectory(prefix="tune_kd-ckpt-") as tmp, drill:
+            save(Path(tmp))
+            train.report(row, checkpoint=train.Checkpoint.from_directory(tmp))
+
+    def step_hook(epoch: int, step: int, student) -> None:
+        kind = take_fault(epoch, step) if rank == 0 else None
+        if kind:
+            fire(kind, f"at epoch {epoch} step {step} (rank 0)", student)
+
+    options = {"report": report, "ddp": True, "use_wandb": False, "report_on_every_rank": True, "step_hook": step_hook}
+    checkpoint = train.get_checkpoint()
+    if checkpoint is None:
+        loop.train(cfg, **options)
+        return
+    with checkpoint.as_directory() as resume_dir:
+        loop.train(cfg, resume_from=resume_dir, **options)
