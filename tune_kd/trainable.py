@@ -3,7 +3,9 @@
 Each epoch end reports every metric of loop.METRICS plus a checkpoint of the student (a Hugging
 Face directory that is also resumable). A retried or restored trial continues from
 tune.get_checkpoint(). The trial reads the teacher and the tokenized data from the disk caches the
-driver built; only the small config travels through Ray.
+driver built; only the small config travels through Ray. With resources.workers_per_trial > 1 the
+trial instead drives a Ray Train TorchTrainer (run_data_parallel). take_fault / fire are the fire
+drills the fault-tolerance tests use; they do nothing unless $TUNE_KD_FAULT_FILE is set.
 """
 
 from __future__ import annotations
@@ -80,6 +82,8 @@ def fire(kind: str, where: str, student=None) -> contextlib.AbstractContextManag
 
         full = OSError(errno.ENOSPC, "No space left on device (injected)")
         return mock.patch.object(torch, "save", side_effect=full)
+    if kind not in FAULT_KINDS:
+        raise ValueError(f"{FAULT_FILE_ENV}: unknown fault kind {kind!r} (allowed: {', '.join(FAULT_KINDS)})")
     return contextlib.nullcontext()
 
 
