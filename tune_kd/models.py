@@ -261,7 +261,7 @@ def model_config(spec: ModelSpec, role: str):
 def inspect_model_dir(spec: ModelSpec, role: str):
     """Everything about a model directory that can fail, checked without loading its weights: the
     config (and its need for remote code), the weight format, and that every tensor fits the declared
-    architecture. Returns the model skeleton on the meta device."""
+    architecture. Returns (the model skeleton on the meta device, its config, weight kind, files)."""
     from transformers import AutoModelForCausalLM
 
     kind, files = weight_files(spec, role)
@@ -272,16 +272,14 @@ def inspect_model_dir(spec: ModelSpec, role: str):
     if problems:
         raise UserError(f"{role}.path: {spec.path}: the weights do not fit the architecture in its config.json: "
                         f"{'; '.join(problems)} (were the files of two models mixed?)")
-    return skeleton
+    return skeleton, config, kind, files
 
 
 def load_model_dir(spec: ModelSpec, role: str, dtype: torch.dtype):
     """Load a causal LM from a local HF directory, after inspect_model_dir's checks."""
     from transformers import AutoModelForCausalLM
 
-    inspect_model_dir(spec, role)
-    kind, files = weight_files(spec, role)
-    config = model_config(spec, role)
+    _, config, kind, files = inspect_model_dir(spec, role)
     try:
         if kind == "safetensors":
             return AutoModelForCausalLM.from_pretrained(spec.path, config=config, dtype=dtype, use_safetensors=True,
@@ -304,7 +302,7 @@ def preflight(cfg, tokenizer) -> None:
         if spec is None:
             continue
         if spec.path is not None:
-            rows[role] = vocab_rows(inspect_model_dir(spec, role))
+            rows[role] = vocab_rows(inspect_model_dir(spec, role)[0])
         else:
             with torch.device("meta"):
                 rows[role] = vocab_rows(build_model(spec, tokenizer, role))
