@@ -79,7 +79,24 @@ def search_raw(world, num_samples=6, **sections):
     raw = tiny_raw(world, name="tiny-search", train={"epochs": 3, "batch_size": 64}, parameters=copy.deepcopy(PARAMETERS),
                    search={"num_samples": num_samples, "seed": 0, "max_failures": 1},
                    scheduler={"grace_period": 1, "reduction_factor": 2}, resources={"cpu_per_trial": 1},
-                   logging={"tensorboard": True})
+                   logging={"tensorboard": True},
+                   controls={"plain_sft": False, "seed_defaults": False})   # test_search_end_to_end turns them on
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return raw
+
+
+def render_in_chromium(page: Path) -> str:
+    """The DOM of `page` after headless Chromium loaded it and ran its scripts (as a user opens it)."""
+    import shutil
+    import subprocess
+
+    browser = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
+    if browser is None:
+        pytest.fail("headless Chromium is needed to check the report: install Debian's chromium package "
+                    "(the README's test command does)")
+    done = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--allow-file-access-from-files",
+                           "--virtual-time-budget=10000", "--dump-dom", page.resolve().as_uri()],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout

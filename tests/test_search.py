@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_ARCH, search_raw
+from conftest import TINY_ARCH, render_in_chromium, search_raw
 from tune_kd import checkpoint
 from tune_kd.config import UserError, load_config
 
@@ -57,7 +57,7 @@ class ActorProbe:
 
 
 @pytest.mark.slow
-def test_search_end_to_end(world, tmp_path):
+def test_search_end_to_end(world, tmp_path, capsys):
     import optuna
     import ray
     import torch
@@ -71,7 +71,7 @@ def test_search_end_to_end(world, tmp_path):
 
     urls = []
     probe = Probe(urls)
-    cfg = load_config(raw=search_raw(world))
+    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "seed_defaults": True, "seeds_for_best": 2}))
     original_init = ray.init
 
     def init_and_record(*args, **kwargs):
@@ -119,6 +119,35 @@ def test_search_end_to_end(world, tmp_path):
     metrics = loop.evaluate(loop.SelectedLogits(student), None, val_data, tokenizer.pad_token_id, cfg, precision, None)
     assert metrics["val_ce"] == pytest.approx(best["best_val_ce"], rel=1e-5)
     assert list(experiment.glob("trial_*/events.out.tfevents*"))   # TensorBoard logs
+
+    # control arms: full budget, same seed; plain SFT is the best trial's settings with alpha 1
+    captured = capsys.readouterr()
+    out = captured.out
+    arms = json.loads((experiment / "controls.json").read_text())["arms"]
+    assert list(arms) == ["plain_sft", "seed_defaults", "best_seed_1", "best_seed_2"]
+    assert arms["plain_sft"]["settings"] == {"learning_rate": best["learning_rate"],
+                                             "temperature": best["temperature"], "alpha": 1.0}
+    assert arms["seed_defaults"]["settings"] == {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
+    assert all(arm["epochs"] == 3 and math.isfinite(arm["value"]) for arm in arms.values())
+    assert arms["seed_defaults"]["value"] > arms["plain_sft"]["value"]   # lr 5e-6 barely moves in 3 tiny epochs
+    seeds = [arms["best_seed_1"]["value"], arms["best_seed_2"]["value"]]
+    assert seeds[0] != seeds[1]                                           # the seed reaches init and data order
+    assert "did distillation help? " in out and "plain SFT, alpha 1" in out
+    assert "best config over 2 more seed(s)" in out
+    # progress: a line per trial epoch and the search's own line, for the search and the controls
+    assert "search: 6/6 trials done" in out and "controls: 4/4 trials done" in out
+    assert out.count("trial ") >= 6 and " epoch 1/3  val_ce " in out and "arm plain_sft epoch 3/3" in out
+    # each trial's own log lines go to its folder, not to the terminal
+    logs = "".join(p.read_text() for p in experiment.glob("trial_*/stderr.log"))
+    assert "train: " in logs and "precision: " in logs
+    assert "precision: " not in out + captured.err
+
+    # the report opens in a browser with every figure drawn
+    dom = render_in_chromium(experiment / "report.html")
+    assert 'data-figures="5"' in dom and 'data-rendered="5"' in dom, dom[:500]
+    for figure in ("curves", "params", "parallel", "importance", "controls"):
+        assert f'id="{figure}"' in dom and (experiment / "report" / f"{figure}.png").is_file()
+    assert "did distillation help?" in dom
 
 
 def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_section) -> tuple[dict, list[dict]]:

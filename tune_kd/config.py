@@ -157,6 +157,14 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class ControlsConfig:
+    """Reference runs after the search, same epochs and seed as its trials (controls.py)."""
+    plain_sft: bool = True                             # the best trial's settings with alpha = 1: no teacher
+    seed_defaults: bool = True                         # MiniMind's defaults: lr 5e-6, alpha 0, T 1
+    seeds_for_best: int = 0                            # re-train the best config with N more seeds
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     name: str = "experiment"
     embedded_demo: bool = False                    # build the offline demo (data, tokenizer, teacher) first
@@ -172,6 +180,7 @@ class ExperimentConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    controls: ControlsConfig = field(default_factory=ControlsConfig)
     # Progressive distillation (seed 10.4): each stage is a full experiment (these sections with the
     # stage's own overrides merged in), validated at load; stage k's teacher is stage k-1's export.
     stages: list = field(default_factory=list)
@@ -406,6 +415,8 @@ def validate_search(cfg: ExperimentConfig, problems: _Problems) -> None:
         problems.add("resources.gpu_per_trial", f"must be auto or a number >= 0 (0.25 shares a GPU by 4), got {gpu!r}")
     elif isinstance(gpu, (int, float)) and gpu > 1 and gpu != int(gpu):
         problems.add("resources.gpu_per_trial", f"above 1 it must be a whole number of GPUs, got {gpu}")
+    if cfg.controls.seeds_for_best < 0:
+        problems.add("controls.seeds_for_best", f"must be >= 0, got {cfg.controls.seeds_for_best}")
     if cfg.checkpoint.keep_per_trial < 1:
         problems.add("checkpoint.keep_per_trial", f"must be >= 1, got {cfg.checkpoint.keep_per_trial}")
     for name, spec in cfg.parameters.items():
@@ -526,7 +537,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
-STAGE_MERGED = ("data", "train", "logging", "metric", "search", "scheduler", "resources", "checkpoint")
+STAGE_MERGED = ("data", "train", "logging", "metric", "search", "scheduler", "resources", "checkpoint", "controls")
 STAGE_REPLACED = ("tokenizer", "teacher", "student", "parameters")
 PREVIOUS_STAGE_EXPORT = "<the previous stage's exported best student>"
 

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from tune_kd import export, space
+from tune_kd import controls, export, report, space
 from tune_kd.config import ConfigError, ExperimentConfig, UserError, absolute_paths, load_config
 
 log = logging.getLogger(__name__)
@@ -273,17 +273,38 @@ def check_dashboard(host: str | None) -> None:
                 host, LOOPBACK)
 
 
+def trial_class(trial_cfg: ExperimentConfig, experiment_dir: Path, resources: dict, name: str):
+    """The Tune trainable for trial_cfg, holding `resources`, under a readable class name."""
+    from ray import tune
+    from ray.tune.trainable import wrap_function
+
+    from tune_kd import trainable
+
+    distill = trainable.make_trainable(trial_cfg, experiment_dir)
+    distill.__name__ = distill.__qualname__ = name
+    # Ray wraps a function trainable in classes named ImplicitFunc / ResourceTrainable; a named
+    # subclass makes the trial actors readable in the dashboard and the state API.
+    # A data-parallel trial's actor only drives Ray Train, whose workers ask for the resources themselves.
+    actor = {"cpu": DRIVER_CPU} if resources["workers"] > 1 else {"cpu": resources["cpu"], "gpu": resources["gpu"]}
+    base = tune.with_resources(wrap_function(distill), actor)
+    return type(name, (base,), {"__qualname__": name})
+
+
 def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, address: str | None = None,
                resume: bool = False, num_cpus: int | None = None, callbacks: list | None = None,
-               export_best: bool = True, dashboard_host: str | None = LOOPBACK) -> dict:
-    """Run (or resume) the search described by cfg; returns the summary dict (rows, best, export).
+               export_best: bool = True, dashboard_host: str | None = LOOPBACK, trial_logs: bool = False) -> dict:
+    """Run (or resume) the search described by cfg; returns the summary dict (rows, best, export,
+    controls, report).
 
     dashboard_host: where a local Ray's dashboard listens (None: no dashboard); see check_dashboard.
+    trial_logs: also stream every trial's log lines to this terminal (they are always written to
+    stdout.log / stderr.log in the trial's folder; the terminal gets progress.py's lines).
     """
     import ray
     from ray import tune
 
-    from tune_kd import loop, models, trainable
+    from tune_kd import loop, models
+    from tune_kd.progress import SearchProgress, trial_log_options
 
     check_dashboard(dashboard_host if address is None else None)
     if cfg.embedded_demo:
@@ -316,7 +337,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         dashboard = {} if address is not None else {"include_dashboard": False} if dashboard_host is None else \
             {"include_dashboard": True, "dashboard_host": dashboard_host}
         context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
-                           logging_level=logging.WARNING, **dashboard)
+                           logging_level=logging.WARNING, log_to_driver=trial_logs, **dashboard)
         if context.dashboard_url:
             log.info("Ray dashboard: http://%s (token authentication: `ray get-auth-token` prints the token "
                      "to paste at its login page)", context.dashboard_url)
@@ -337,17 +358,8 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
 
     # trials run in other working directories (absolute paths) and use the resolved GPU share
     trial_cfg = absolute_paths(cfg).replace(resources=dataclasses.replace(cfg.resources, gpu_per_trial=resources["gpu"]))
-    distill = trainable.make_trainable(trial_cfg, experiment_dir)
-    readable = f"distill_{cfg.name.replace('-', '_')}"
-    distill.__name__ = distill.__qualname__ = readable
-    # Ray wraps a function trainable in classes named ImplicitFunc / ResourceTrainable; a named
-    # subclass makes the trial actors readable in the dashboard and the state API.
-    from ray.tune.trainable import wrap_function
-
-    # A data-parallel trial's actor only drives Ray Train, whose workers ask for the resources themselves.
-    actor = {"cpu": DRIVER_CPU} if resources["workers"] > 1 else {"cpu": resources["cpu"], "gpu": resources["gpu"]}
-    base = tune.with_resources(wrap_function(distill), actor)
-    with_resources = type(readable, (base,), {"__qualname__": readable})
+    with_resources = trial_class(trial_cfg, experiment_dir, resources, f"distill_{cfg.name.replace('-', '_')}")
+    progress = SearchProgress(cfg.metric.name, cfg.metric.mode, cfg.search.num_samples, cfg.train.epochs, parallel)
     started = time.perf_counter()
     if resume:
         if not tune.Tuner.can_restore(str(experiment_dir)):
@@ -363,11 +375,12 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
                                         mode=None if cfg.scheduler.type == "asha" else cfg.metric.mode,
                                         trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
             run_config=tune.RunConfig(
-                name=cfg.name, storage_path=str(root), callbacks=make_callbacks(cfg) + list(callbacks or []),
+                name=cfg.name, storage_path=str(root),
+                callbacks=make_callbacks(cfg) + [progress] + list(callbacks or []), **trial_log_options(),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_per_trial,
                                                         checkpoint_score_attribute=cfg.metric.name,
                                                         checkpoint_score_order=cfg.metric.mode),
-                failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=1),
+                failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=0),
         )
     results = tuner.fit()
     errors = {Path(r.path).name.removeprefix("trial_"): (str(r.error).strip().splitlines()[-1], r.config)
@@ -387,6 +400,15 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         print(f"export another: python -m tune_kd.export {experiment_dir} --out DIR [--trial ID]")
         if cfg.search.algorithm == "optuna":
             print(f"study: optuna-dashboard sqlite:///{experiment_dir / 'optuna.db'}")
+    if best is not None:
+        arm_trainable = trial_class(trial_cfg, experiment_dir / controls.CONTROLS_DIR, resources,
+                                    f"control_{cfg.name.replace('-', '_')}")
+        arms = controls.run_controls(cfg, best, experiment_dir, arm_trainable, parallel, make_callbacks(cfg), resume)
+        if arms is not None:
+            summary["controls"] = arms
+            print(controls.format_comparison(arms))
+    summary["report"] = report.build(experiment_dir)
+    print(f"report: {summary['report']} (rebuild: python -m tune_kd.report {experiment_dir})")
     if context is not None and address is None:
         ray.shutdown()
     return summary
@@ -406,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
                              "Ray's token authentication on)")
     parser.add_argument("--no-dashboard", action="store_true", help="start a local Ray without its dashboard")
     parser.add_argument("--no-export", action="store_true", help="skip exporting the best student")
+    parser.add_argument("--trial-logs", action="store_true",
+                        help="stream every trial's log lines here too (always in trial_*/stdout.log, stderr.log)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -423,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             aside = experiment_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}")
             shutil.move(str(experiment_dir), aside)
             log.info("moved the previous experiment to %s", aside)
-        options = {"address": args.address, "num_cpus": args.num_cpus,
+        options = {"address": args.address, "num_cpus": args.num_cpus, "trial_logs": args.trial_logs,
                    "dashboard_host": None if args.no_dashboard else args.dashboard_host}
         if cfg.stages:   # progressive distillation: a chain of searches (stages.py)
             from tune_kd import stages

@@ -58,8 +58,14 @@ def fixed_point(cfg: ExperimentConfig) -> dict[str, Any]:
     return point
 
 
+CONTROL_KEY = "control"   # a control arm's Tune config: {"control": {"arm": name, train key: value, ...}}
+
+
 def apply_point(cfg: ExperimentConfig, point: dict[str, Any]) -> ExperimentConfig:
-    """The trial's config: the sampled values replace the matching train settings."""
+    """The trial's config: the sampled values replace the matching train settings. A control
+    arm's config (controls.py) carries its point under CONTROL_KEY, with the arm's name."""
+    if CONTROL_KEY in point:
+        point = {k: v for k, v in point[CONTROL_KEY].items() if k != "arm"}
     train_keys = {f.name for f in dataclasses.fields(cfg.train)}
     unknown = set(point) - train_keys
     if unknown:

@@ -1,0 +1,167 @@
+"""Control arms: the reference runs that say whether the search, and distillation, paid off.
+
+After the search, with the same data, epochs and train.seed as its trials:
+
+    plain_sft       the best trial's settings with alpha = 1: CE only, the teacher never runs
+    seed_defaults   MiniMind's defaults for the knobs the search tunes: lr 5e-6, alpha 0, T 1
+    best_seed_<s>   the best trial's settings re-trained with train.seed s (controls.seeds_for_best)
+
+They run as one more Tune experiment in results/<name>/controls/ (no early stopping: every arm
+gets the full budget). The comparison goes to results/<name>/controls.json and the terminal; its
+headline is the "did distillation help" line: the best distilled student against plain SFT.
+
+The plain-SFT arm reuses the learning rate tuned for distillation; it answers "what if the
+teacher were dropped from the best run", not "what would a separately tuned SFT run reach".
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import statistics
+import time
+from pathlib import Path
+
+from tune_kd import export
+from tune_kd.config import ExperimentConfig
+from tune_kd.space import CONTROL_KEY
+
+log = logging.getLogger(__name__)
+
+CONTROLS_DIR = "controls"
+CONTROLS_FILE = "controls.json"
+# MiniMind's train_distillation.py: --learning_rate 5e-6, train_epoch(alpha=0.0, temperature=1.0)
+SEED_DEFAULTS = {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
+NOISE_SIGMAS = 2.0   # a difference within this many seed standard deviations is not called a win
+
+
+def arm_points(cfg: ExperimentConfig, best_params: dict) -> dict[str, dict]:
+    """arm name -> the train settings it overrides (a point for space.apply_point)."""
+    tuned = {name: best_params[name] for name in cfg.parameters if best_params.get(name) is not None}
+    arms = {}
+    if cfg.teacher is not None and cfg.controls.plain_sft:
+        arms["plain_sft"] = {**tuned, "alpha": 1.0}
+    if cfg.teacher is not None and cfg.controls.seed_defaults:
+        arms["seed_defaults"] = dict(SEED_DEFAULTS)
+    for offset in range(1, cfg.controls.seeds_for_best + 1):
+        seed = cfg.train.seed + offset
+        arms[f"best_seed_{seed}"] = {**tuned, "seed": seed}
+    return arms
+
+
+def run_controls(cfg: ExperimentConfig, best: dict, experiment_dir: Path, trainable, parallel: int,
+                 callbacks: list, resume: bool) -> dict | None:
+    """Train every control arm (or finish them, with resume) and return the comparison
+    (also written to controls.json); None when the config asks for no arm."""
+    from ray import tune
+
+    from tune_kd.progress import SearchProgress, trial_log_options
+
+    arms = arm_points(cfg, best)
+    if not arms:
+        return None
+    started = time.perf_counter()
+    callbacks = callbacks + [SearchProgress(cfg.metric.name, cfg.metric.mode, len(arms), cfg.train.epochs,
+                                            min(parallel, len(arms)), label="controls")]
+    controls_dir = experiment_dir / CONTROLS_DIR
+    log.info("control arms: %s (%d epochs, seed %d, up to %d at a time)", ", ".join(arms), cfg.train.epochs,
+             cfg.train.seed, parallel)
+    if resume and tune.Tuner.can_restore(str(controls_dir)):
+        tuner = tune.Tuner.restore(str(controls_dir), trainable=trainable, resume_errored=True)
+    else:
+        grid = [{"arm": name, **point} for name, point in arms.items()]
+        tuner = tune.Tuner(
+            trainable,
+            param_space={CONTROL_KEY: tune.grid_search(grid)},
+            tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=parallel,
+                                        trial_dirname_creator=lambda t: f"{t.config[CONTROL_KEY]['arm']}_{t.trial_id}"),
+            run_config=tune.RunConfig(
+                name=CONTROLS_DIR, storage_path=str(experiment_dir), callbacks=callbacks, **trial_log_options(),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.metric.name,
+                                                        checkpoint_score_order=cfg.metric.mode),
+                failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=0))
+    tuner.fit()
+    comparison = compare(cfg, best, arm_results(controls_dir, cfg.metric.name, cfg.metric.mode), arms)
+    comparison["seconds"] = time.perf_counter() - started
+    (experiment_dir / CONTROLS_FILE).write_text(json.dumps(comparison, indent=1))
+    return comparison
+
+
+def arm_results(controls_dir: Path, metric: str, mode: str) -> dict[str, dict]:
+    """arm name -> {value: its best metric over epochs, metrics at that epoch, epochs, curve}."""
+    out = {}
+    for result_file in sorted(controls_dir.glob("*/result.json")):
+        params, reports = export.read_trial(result_file.parent)
+        arm = params.get(CONTROL_KEY, {}).get("arm")
+        scored = [r for r in reports if not math.isnan(r.get(metric, math.nan))]
+        if arm is None or not scored:
+            continue
+        at_best = (min if mode == "min" else max)(scored, key=lambda r: r[metric])
+        out[arm] = {"value": at_best[metric], "metrics": {k: at_best[k] for k in export.METRICS if k in at_best},
+                    "epochs": max(r["epoch"] for r in reports),
+                    "curve": [[r["epoch"], r[metric]] for r in scored]}
+    return out
+
+
+def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: dict[str, dict]) -> dict:
+    """The controls.json document: every arm next to the best trial, the verdict line, seed spread."""
+    metric, mode = cfg.metric.name, cfg.metric.mode
+    best_value = best[f"best_{metric}"]
+    seeds = [results[name]["value"] for name in arms if name.startswith("best_seed_") and name in results]
+    spread = None
+    if seeds:
+        spread = {"n": len(seeds), "mean": statistics.fmean(seeds), "min": min(seeds), "max": max(seeds),
+                  "std": statistics.stdev(seeds) if len(seeds) > 1 else None}
+    document = {"metric": metric, "mode": mode, "epochs": cfg.train.epochs, "seed": cfg.train.seed,
+                "best": {"trial_id": best["trial_id"], "value": best_value,
+                         "settings": {k: best.get(k) for k in cfg.parameters}},
+                "arms": {name: {"settings": point, **results.get(name, {"value": None})} for name, point in arms.items()},
+                "seeds_for_best": spread}
+    document["verdict"] = verdict(metric, mode, best_value, results.get("plain_sft", {}).get("value"), spread)
+    return document
+
+
+def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, spread: dict | None) -> str | None:
+    """The "did distillation help" line; None without a plain-SFT result to compare with.
+    With seeds_for_best, the re-trained mean stands for the best config (the search's own best is
+    the luckiest of many draws) and a gap inside NOISE_SIGMAS seed deviations is called inconclusive."""
+    if sft_value is None or best_value is None or math.isnan(best_value):
+        return None
+    distilled, which = best_value, "the best distilled student"
+    if spread is not None:
+        distilled, which = spread["mean"], f"the best config's mean over {spread['n']} seeds"
+    diff = distilled - sft_value
+    helped = diff < 0 if mode == "min" else diff > 0
+    noise = spread["std"] if spread else None
+    if noise is not None and abs(diff) <= NOISE_SIGMAS * noise:
+        answer = f"inconclusive (within {NOISE_SIGMAS:g} x the seed spread {noise:.4f})"
+    else:
+        answer = "yes" if helped else "no"
+    relative = f", {diff / abs(sft_value):+.1%}" if sft_value else ""
+    return (f"did distillation help? {answer}: {metric} {distilled:.4f} ({which}) vs {sft_value:.4f} "
+            f"(plain SFT, alpha 1) = {diff:+.4f}{relative}")
+
+
+def format_comparison(document: dict) -> str:
+    """The control-arm lines the search prints at its end."""
+    metric = document["metric"]
+    took = f", {document['seconds']:.0f} s" if "seconds" in document else ""
+    header = f"control arms ({document['epochs']} epochs, seed {document['seed']}{took}; {metric} at each one's best epoch):"
+    settings = lambda point: ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"  # noqa: E731
+                                       for k, v in point.items())
+    rows = [("best trial " + document["best"]["trial_id"], document["best"]["value"], settings(document["best"]["settings"]))]
+    for name, arm in document["arms"].items():
+        rows.append((name, arm["value"], settings(arm["settings"])))
+    width = max(len(r[0]) for r in rows)
+    lines = [header] + [f"  {name.ljust(width)}  {'failed' if value is None else f'{value:.4f}':>8}  {point}"
+                        for name, value, point in rows]
+    spread = document["seeds_for_best"]
+    if spread:
+        std = f" ± {spread['std']:.4f}" if spread["std"] is not None else ""
+        lines.append(f"best config over {spread['n']} more seed(s): {metric} {spread['mean']:.4f}{std} "
+                     f"(min {spread['min']:.4f}, max {spread['max']:.4f}); the search's own best was "
+                     f"{document['best']['value']:.4f}")
+    if document["verdict"]:
+        lines.append(document["verdict"])
+    return "\n".join(lines)
