@@ -8,10 +8,11 @@ both search.seed and train.seed):
     optuna+asha   Optuna's TPE proposes, ASHA stops weak trials early (the YAML's setting)
     random        Ray's random sampling, every trial runs all its epochs (no scheduler)
 
-A Tune callback stamps every epoch report with its wall time since the search started. The
-target is a val_ce within 1% of the best any run found (min over all runs x 1.01); for each run
-the table gives the compute (trial-epochs reported up to and including the first report at or
-below the target) and the wall time to reach it, next to the run's totals. Control arms and the
+A Tune callback stamps every epoch report with its wall time since the search started. For each
+run the tables give the compute (trial-epochs reported up to and including the first report at or
+below a target val_ce) and the wall time to reach it, next to the run's totals, for three
+targets: within 1% of the best any run found; within 1% of the best of the runs with the same
+seed (same training noise); the random search's own final best at that seed. Control arms and the
 export are off: they are not part of the search. Searches run one after another on this machine
 (the CPU: 2 trials at a time on 2 cores); expect about 10 minutes per seed.
 """
@@ -73,28 +74,49 @@ def to_target(reports: list[tuple[float, float]], target: float) -> tuple[int | 
     return None, None
 
 
-def table(runs: list[dict]) -> str:
-    best = min(value for run in runs for _, value in run["reports"] if value == value)
-    target = best * (1 + TOLERANCE)
-    lines = [f"target: val_ce <= {target:.4f} (best of all runs {best:.4f} + {TOLERANCE:.0%})", "",
-             "| method | seed | trial-epochs to target | wall to target | trial-epochs total | wall total | best val_ce |",
-             "|---|---|---|---|---|---|---|"]
+def best_of(run: dict) -> float:
+    return min(value for _, value in run["reports"] if value == value)
+
+
+def table(runs: list[dict], targets: dict[int, float], title: str) -> str:
+    """One row per run: compute and wall time to its seed's target, next to the run's totals;
+    then the mean per method over the runs that reached it."""
+    lines = [title, "",
+             "| method | seed | target val_ce | trial-epochs to target | wall to target | trial-epochs total | wall total "
+             "| best val_ce |", "|---|---|---|---|---|---|---|---|"]
     per_method: dict[str, list] = {}
     for run in runs:
+        target = targets[run["seed"]]
         epochs, seconds = to_target(run["reports"], target)
-        run_best = min(v for _, v in run["reports"] if v == v)
-        per_method.setdefault(run["method"], []).append((epochs, seconds, len(run["reports"]), run["wall"], run_best))
-        lines.append(f"| {run['method']} | {run['seed']} | {epochs if epochs else 'not reached'} | "
+        per_method.setdefault(run["method"], []).append((epochs, seconds, len(run["reports"]), run["wall"], best_of(run)))
+        lines.append(f"| {run['method']} | {run['seed']} | {target:.4f} | {epochs if epochs else 'not reached'} | "
                      f"{f'{seconds:.0f} s' if seconds is not None else 'not reached'} | {len(run['reports'])} | "
-                     f"{run['wall']:.0f} s | {run_best:.4f} |")
+                     f"{run['wall']:.0f} s | {best_of(run):.4f} |")
     for method, rows in per_method.items():
         reached = [r for r in rows if r[0] is not None]
-        mean = lambda values: statistics.fmean(values) if values else float("nan")  # noqa: E731
-        lines.append(f"| **{method}, mean** | {len(reached)}/{len(rows)} reached | "
-                     f"{mean([r[0] for r in reached]):.1f} | {mean([r[1] for r in reached]):.0f} s | "
-                     f"{mean([r[2] for r in rows]):.1f} | {mean([r[3] for r in rows]):.0f} s | "
-                     f"{mean([r[4] for r in rows]):.4f} |")
+        mean = lambda values: f"{statistics.fmean(values):.1f}" if values else "-"  # noqa: E731
+        lines.append(f"| **{method}, mean** | | {len(reached)}/{len(rows)} reached | {mean([r[0] for r in reached])} | "
+                     f"{mean([r[1] for r in reached])} s | {mean([r[2] for r in rows])} | "
+                     f"{mean([r[3] for r in rows])} s | {statistics.fmean(r[4] for r in rows):.4f} |")
     return "\n".join(lines)
+
+
+def tables(runs: list[dict]) -> str:
+    """Three views of the same runs (every run of a seed shares its train.seed, so its noise):
+    (1) the target is the best any run found + 1% (the definition asked for); (2) the best of the
+    runs with the same seed + 1%; (3) the random run's own final best, per seed: what it costs
+    each method to reach the baseline's quality."""
+    seeds = sorted({run["seed"] for run in runs})
+    overall = min(best_of(run) for run in runs)
+    same_seed = {seed: min(best_of(r) for r in runs if r["seed"] == seed) for seed in seeds}
+    baseline = {seed: min(best_of(r) for r in runs if r["seed"] == seed and r["method"] == "random") for seed in seeds}
+    return "\n\n".join([
+        table(runs, {seed: overall * (1 + TOLERANCE) for seed in seeds},
+              f"(1) target: within {TOLERANCE:.0%} of the best val_ce of all runs ({overall:.4f})"),
+        table(runs, {seed: same_seed[seed] * (1 + TOLERANCE) for seed in seeds},
+              f"(2) target: within {TOLERANCE:.0%} of the best val_ce of the runs with the same seed"),
+        table(runs, baseline, "(3) target: the random search's own best val_ce at that seed"),
+    ])
 
 
 def main() -> None:
@@ -107,7 +129,7 @@ def main() -> None:
     parser.add_argument("--table-from", help="print the table of an earlier run's runs.json and exit")
     args = parser.parse_args()
     if args.table_from:
-        print(table(json.loads(Path(args.table_from).read_text())))
+        print(tables(json.loads(Path(args.table_from).read_text())))
         return
     logging.basicConfig(level=logging.WARNING)
     storage = Path(args.storage or tempfile.mkdtemp(prefix="tune_kd-efficiency-"))
@@ -121,7 +143,7 @@ def main() -> None:
     print()
     print(f"search efficiency, {args.space}, {args.num_samples} trials per search, seeds {args.seeds} "
           f"(folders: {storage})")
-    print(table(runs))
+    print(tables(runs))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@
 (b) tune_kd: the real loop.py path (loop.backward_step + loop.optimizer_step) on length-bucketed
     batches of the same sequences: teacher weights in bf16 under inference_mode (on GPU), LM head
     only on assistant positions, chunked fp32 loss math, fused AdamW and torch.compile on CUDA.
+(c) cached: (b) reading the teacher's top-k outputs from the teacher cache (teacher_cache.py,
+    built once over the same sequences before timing) instead of running the teacher.
 
 Prints, per variant: ms/step, real tokens/s, padded tokens/s, model TFLOP/s (6*P_student +
 2*P_teacher per real token: useful work), MFU against the device's peak (when known), peak memory,
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import data, loop, models  # noqa: E402
+from tune_kd import data, loop, models, teacher_cache  # noqa: E402
 from tune_kd.config import load_config  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16
@@ -210,7 +213,29 @@ def main() -> int:
     padding = 1 - sum(b["num_tokens"] for b in fast_batches) / sum(b["input_ids"].numel() for b in fast_batches)
     print(f"ratio tune_kd/seed (real tokens/s): {ours['real'] / seed['real']:.2f}x; padding left in tune_kd's "
           f"batches: {100 * padding:.1f}%; first step (torch.compile {'on' if compiled else 'off'}): "
-          f"{ours['first_s']:.1f} s vs {seed['first_s']:.1f} s")
+          f"{ours['first_s']:.1f} s vs {seed['first_s']:.1f} s", flush=True)
+
+    # (c) tune_kd reading the teacher cache (built once here, as a search's driver does) instead of
+    # running the teacher: the same step function, the same batches
+    with tempfile.TemporaryDirectory(prefix="tune_kd-bench-cache-") as cache_dir:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            teacher_cache.build(loop.teacher_rows(teacher_fast, precision, None), pool, stub.pad_token_id,
+                                cfg.teacher_cache.top_k, args.vocab, Path(cache_dir) / "cache", {})
+        build_s = time.perf_counter() - started
+        cache = teacher_cache.TeacherCache(Path(cache_dir) / "cache")
+
+        def cached_step(b):
+            normalizer = int((b["labels"][:, 1:] != -100).sum())
+            loop.backward_step(student_fast, teacher_fast, b, cfg, precision, None, True, normalizer, scaler,
+                               cache=cache)
+            loop.optimizer_step(lm, optimizer, scaler, 1.0)
+
+        cached = measure(cached_step, fast_batches, args.warmup, args.steps, device)
+        row("cached", cached)
+        print(f"ratio cached/tune_kd (real tokens/s): {cached['real'] / ours['real']:.2f}x, per-step time "
+              f"{cached['ms'] / ours['ms']:.2f} of the live teacher's; cache: top-{min(cfg.teacher_cache.top_k, args.vocab)}"
+              f" of {args.vocab}, {cache.nbytes / 2**20:.1f} MB for {len(pool)} sequences, built in {build_s:.1f} s")
     return 0
 
 

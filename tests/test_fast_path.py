@@ -31,7 +31,7 @@ def compare(world, tiny_config, device, dtype, rtol, atol):
     indices = np.arange(16)
     tight = data.collate(pool, indices, tokenizer.pad_token_id)                 # padded to the longest row
     padded = {k: F.pad(v, (0, 96 - v.shape[1]), value=tokenizer.pad_token_id if k == "input_ids" else -100)
-              for k, v in tight.items() if k != "num_tokens"}                   # padded like the seed
+              for k, v in tight.items() if k in ("input_ids", "labels")}        # padded like the seed
     n = int((tight["labels"][:, 1:] != -100).sum())
 
     # plain: full logits of the HF models on the seed's padded batch, the seed's formula

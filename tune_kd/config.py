@@ -157,6 +157,15 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class TeacherCacheConfig:
+    """The teacher-output cache (teacher_cache.py). In YAML also `teacher_cache: auto | on | off`."""
+    mode: Literal["auto", "on", "off"] = "auto"        # auto: on when it can serve the run and fits max_gb
+    top_k: int = 128                                   # teacher logits kept per position (plus the tail's mass);
+                                                       # measured: README "Teacher cache"
+    max_gb: float = 20.0                               # auto: the largest cache it builds
+
+
+@dataclass(frozen=True)
 class ControlsConfig:
     """Reference runs after the search, same epochs and seed as its trials (controls.py)."""
     plain_sft: bool = True                             # the best trial's settings with alpha = 1: no teacher
@@ -181,6 +190,7 @@ class ExperimentConfig:
     resources: ResourcesConfig = field(default_factory=ResourcesConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     controls: ControlsConfig = field(default_factory=ControlsConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     # Progressive distillation (seed 10.4): each stage is a full experiment (these sections with the
     # stage's own overrides merged in), validated at load; stage k's teacher is stage k-1's export.
     stages: list = field(default_factory=list)
@@ -415,6 +425,14 @@ def validate_search(cfg: ExperimentConfig, problems: _Problems) -> None:
         problems.add("resources.gpu_per_trial", f"must be auto or a number >= 0 (0.25 shares a GPU by 4), got {gpu!r}")
     elif isinstance(gpu, (int, float)) and gpu > 1 and gpu != int(gpu):
         problems.add("resources.gpu_per_trial", f"above 1 it must be a whole number of GPUs, got {gpu}")
+    cache = cfg.teacher_cache
+    if cache.top_k < 1:
+        problems.add("teacher_cache.top_k", f"must be >= 1, got {cache.top_k}")
+    if cache.max_gb <= 0:
+        problems.add("teacher_cache.max_gb", f"must be > 0, got {cache.max_gb}")
+    if cache.mode == "on" and (cfg.train.feature_weight or "feature_weight" in cfg.parameters):
+        problems.add("teacher_cache.mode", "on cannot serve feature distillation (the cache holds logits, not hidden "
+                                           "states): use auto or off, or set train.feature_weight to 0")
     if cfg.controls.seeds_for_best < 0:
         problems.add("controls.seeds_for_best", f"must be >= 0, got {cfg.controls.seeds_for_best}")
     if cfg.checkpoint.keep_per_trial < 1:
@@ -528,6 +546,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     for dotted, value in (overrides or {}).items():
         _set_dotted(raw, dotted, value)
     stages = raw.pop("stages", None)
+    _expand_teacher_cache(raw)
     cfg = _build(ExperimentConfig, raw, "", problems)
     validate(cfg, problems)  # on the defaults where a key failed above, so every problem shows at once
     if stages is not None:
@@ -537,7 +556,17 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     return cfg
 
 
-STAGE_MERGED = ("data", "train", "logging", "metric", "search", "scheduler", "resources", "checkpoint", "controls")
+def _expand_teacher_cache(raw: dict) -> None:
+    """`teacher_cache: auto | on | off` is short for {mode: ...}; YAML 1.1 reads a bare on/off as a bool."""
+    value = raw.get("teacher_cache")
+    if isinstance(value, bool):
+        raw["teacher_cache"] = {"mode": "on" if value else "off"}
+    elif isinstance(value, str):
+        raw["teacher_cache"] = {"mode": value}
+
+
+STAGE_MERGED = ("data", "train", "logging", "metric", "search", "scheduler", "resources", "checkpoint", "controls",
+                "teacher_cache")
 STAGE_REPLACED = ("tokenizer", "teacher", "student", "parameters")
 PREVIOUS_STAGE_EXPORT = "<the previous stage's exported best student>"
 
@@ -571,6 +600,10 @@ def _stage_raws(base: dict, stages: Any, source, lines: dict, problems: _Problem
                 problems.add(f"{key}.teacher", "only the first stage names a teacher: each later stage distils the "
                                                "previous stage's best student")
                 continue
+            if section == "teacher_cache":   # the short form, merged like the long one
+                short = {section: value}
+                _expand_teacher_cache(short)
+                value = short[section]
             if section in STAGE_MERGED and isinstance(value, dict) and isinstance(merged.get(section), dict):
                 merged[section] = {**merged[section], **value}
             else:
@@ -580,6 +613,7 @@ def _stage_raws(base: dict, stages: Any, source, lines: dict, problems: _Problem
             merged["teacher"] = {"path": PREVIOUS_STAGE_EXPORT}
         prefix = f"{key}."
         stage_problems = _Problems(source, {k[len(prefix):]: v for k, v in lines.items() if k.startswith(prefix)})
+        _expand_teacher_cache(merged)
         stage_cfg = _build(ExperimentConfig, merged, "", stage_problems)
         validate(stage_cfg, stage_problems)
         problems.items += [item.replace(": ", f": {prefix}", 1) if source else f"{prefix}{item}"

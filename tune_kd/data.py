@@ -319,8 +319,8 @@ def epoch_batches(data: TokenizedData, batch_size: int, seed: int, epoch: int,
 
 
 def collate(data: TokenizedData, indices: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded batch: input_ids (B, T), labels (B, T) with -100 off assistant tokens, and
-    num_tokens, the real (unpadded) token count.
+    """Right-padded batch: input_ids (B, T), labels (B, T) with -100 off assistant tokens,
+    num_tokens, the real (unpadded) token count, and indices, the examples' positions in `data`.
 
     No attention mask: with right padding and causal attention no real token attends to a pad,
     and pads carry no label, so the model can use its fast causal-attention path.
@@ -333,7 +333,8 @@ def collate(data: TokenizedData, indices: np.ndarray, pad_id: int) -> dict[str, 
         input_ids[row, :len(ids)] = ids
         labels[row, :len(ids)] = np.where(mask, ids, IGNORE_INDEX)
     return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-            "num_tokens": int(sum(len(ids) for ids, _ in examples))}
+            "num_tokens": int(sum(len(ids) for ids, _ in examples)),
+            "indices": np.asarray(indices, dtype=np.int64)}   # which examples: the teacher cache's rows
 
 
 class BatchList(torch.utils.data.Dataset):

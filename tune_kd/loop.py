@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tune_kd import checkpoint, data, features, losses, models
+from tune_kd import checkpoint, data, features, losses, models, teacher_cache
 from tune_kd.checkpoint import Progress
 from tune_kd.config import ExperimentConfig, UserError
 
@@ -131,21 +132,38 @@ def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, targets
 
 
-def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher: bool):
-    """Student logits (with grad) and teacher logits (inference mode) on the scored positions;
-    plus extras: "features" (student's, teacher's) under feature distillation, "router_aux" for
-    a mixture-of-experts student in training (each None otherwise)."""
+def teacher_forward(teacher, input_ids, positions, precision, teacher_cols):
+    """The teacher's logits (N, V) at the scored positions (its extra vocab columns dropped) and
+    its features, under inference mode."""
+    with torch.inference_mode(), precision.autocast():
+        logits, features, _ = teacher(input_ids, positions)
+    return (logits[:, :teacher_cols] if teacher_cols is not None else logits), features
+
+
+def teacher_rows(teacher, precision, teacher_cols):
+    """batch -> the teacher's logits at its scored positions, what the teacher cache stores."""
+    def rows(batch):
+        labels = batch["labels"].to(precision.device)
+        return teacher_forward(teacher, batch["input_ids"].to(precision.device), scored_positions(labels)[0],
+                               precision, teacher_cols)[0]
+    return rows
+
+
+def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher: bool, cache=None):
+    """Student logits (with grad) and teacher logits (inference mode, or the rows of the teacher
+    cache when one is given) on the scored positions; plus extras: "features" (student's,
+    teacher's) under feature distillation, "router_aux" for a mixture-of-experts student in
+    training (each None otherwise)."""
     input_ids = batch["input_ids"].to(precision.device, non_blocking=True)
     labels = batch["labels"].to(precision.device, non_blocking=True)
     positions, targets = scored_positions(labels)
     with precision.autocast():
         student_logits, student_features, router_aux = student(input_ids, positions)      # (N, V)
     teacher_logits = teacher_features = None
-    if need_teacher:
-        with torch.inference_mode(), precision.autocast():
-            teacher_logits, teacher_features, _ = teacher(input_ids, positions)          # (N, V)
-        if teacher_cols is not None:
-            teacher_logits = teacher_logits[:, :teacher_cols]
+    if need_teacher and cache is not None:
+        teacher_logits = cache.rows(batch["indices"]).to(precision.device, non_blocking=True)   # CachedTeacher
+    elif need_teacher:
+        teacher_logits, teacher_features = teacher_forward(teacher, input_ids, positions, precision, teacher_cols)
         teacher_logits = teacher_logits.clone()  # leave inference mode: autograd may save it
         teacher_features = [f.clone() for f in teacher_features] if teacher_features else None
     extras = {"features": (student_features, teacher_features) if student_features and teacher_features else None,
@@ -154,17 +172,19 @@ def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher:
 
 
 def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, teacher_cols, need_teacher: bool,
-                  normalizer: float, scaler, sync: bool = True, temperature: float | None = None) -> losses.LossParts:
+                  normalizer: float, scaler, sync: bool = True, temperature: float | None = None,
+                  cache=None) -> losses.LossParts:
     """One micro-batch: forward both models on the scored positions, the objective, backward.
 
     normalizer: assistant tokens of the whole accumulation window; sync=False skips DDP's
     gradient all-reduce (every micro-batch of a window but the last); temperature: this step's
-    (temperature_at), train.temperature when None.
+    (temperature_at), train.temperature when None; cache: a teacher_cache.TeacherCache to read
+    the teacher's outputs from instead of running it.
     """
     t = cfg.train
     temperature = t.temperature if temperature is None else temperature
     s_logits, t_logits, targets, _, extras = forward_pair(student, teacher, batch, precision, teacher_cols,
-                                                          need_teacher)
+                                                          need_teacher, cache)
     parts = losses.distillation_loss(s_logits, t_logits, targets, t.alpha, temperature, normalizer, t.kd_loss,
                                      kd_options=kd_options(t))
     if extras["features"] is not None:
@@ -251,6 +271,40 @@ def load_data(cfg: ExperimentConfig):
     return tokenizer, train_data, val_data
 
 
+def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id):
+    """The teacher cache this run reads (built first when missing), or None when it does not
+    apply (teacher_cache.decide says why, in the log)."""
+    vocab = teacher_cols if teacher_cols is not None else models.vocab_rows(teacher.lm)
+    Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
+    use, why = teacher_cache.decide(cfg, int(train_data.target_counts.sum()), vocab,
+                                    shutil.disk_usage(cfg.data.cache_dir).free)
+    log.info("teacher cache: %s", why)
+    if not use:
+        return None
+    return teacher_cache.open_or_build(cfg.data.cache_dir, teacher.lm, teacher_rows(teacher, precision, teacher_cols),
+                                       data.tokenizer_fingerprint(tokenizer), train_data, pad_id, cfg.data.max_seq_len,
+                                       teacher_cols, vocab, cfg.teacher_cache.top_k)
+
+
+def prepare_teacher_cache(cfg: ExperimentConfig):
+    """Build the teacher cache before the trials start (the search's driver), on the device the
+    trials will use, so no trial waits for another; None when the cache does not apply."""
+    if cfg.teacher is None or cfg.teacher_cache.mode == "off":
+        return None
+    precision = models.resolve_precision(cfg.train.dtype, models.resolve_device(cfg.train.device))
+    tokenizer, train_data, _ = load_data(cfg)
+    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
+    student_lm = models.make_student(cfg.student, tokenizer, precision)
+    teacher_cols = models.check_compatibility(teacher_lm, student_lm, tokenizer)
+    del student_lm
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    cache = open_teacher_cache(cfg, tokenizer, train_data, SelectedLogits(teacher_lm), precision, teacher_cols, pad_id)
+    del teacher_lm
+    if precision.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return cache
+
+
 def wandb_has_credentials() -> bool:
     """An API key in the environment or a wandb login in ~/.netrc."""
     netrc = Path.home() / ".netrc"
@@ -329,6 +383,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     steps_per_epoch = math.ceil(per_rank / t.accumulation_steps)
     total_steps = t.epochs * steps_per_epoch
     need_teacher = teacher is not None and (t.alpha < 1.0 or bool(pairs))
+    cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id) \
+        if need_teacher and not pairs else None   # evaluation keeps the live teacher: exact val metrics
     save = lambda directory: checkpoint.save_checkpoint(Path(directory), lm, tokenizer, optimizer, scaler,  # noqa: E731
                                                         progress, extra_state)
     wandb_run = start_wandb(cfg) if rank == 0 and (cfg.logging.wandb if use_wandb is None else use_wandb) else None
@@ -367,7 +423,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             # Each rank's share: DDP averages gradients over ranks, the window count is global.
             parts = backward_step(student, teacher, batch, cfg, precision, teacher_cols, need_teacher,
                                   window_tokens[window] / world, scaler, sync=last_in_window or world == 1,
-                                  temperature=temperature)
+                                  temperature=temperature, cache=cache)
             log_sums += torch.stack([parts.loss.detach(), parts.ce.detach(), parts.kd.detach()])
             window_loss += parts.loss.detach()
             epoch_tokens += batch["num_tokens"]

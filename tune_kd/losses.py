@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tune_kd.data import IGNORE_INDEX
+from tune_kd.teacher_cache import CachedTeacher
 
 
 def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,10 +44,14 @@ def ce_sum(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(student_logits.float(), targets, reduction="sum")
 
 
-def _log_probs(student_logits, teacher_logits, temperature):
-    """fp32 log-softmax of both at temperature T: (log q_student, log p_teacher)."""
+def _log_probs(student_logits, teacher, temperature):
+    """fp32 log-probabilities of both at temperature T: (log q_student, log p_teacher), over the
+    vocabulary for live teacher logits (N, V), over the cache's k + 1 categories (its top-k and
+    the tail) for a teacher_cache.CachedTeacher."""
+    if isinstance(teacher, CachedTeacher):
+        return teacher.log_probs(student_logits, temperature)
     return (F.log_softmax(student_logits.float() / temperature, dim=-1),
-            F.log_softmax(teacher_logits.float() / temperature, dim=-1))
+            F.log_softmax(teacher.float() / temperature, dim=-1))
 
 
 def _kl_rows(logp_from: torch.Tensor, logp_to: torch.Tensor) -> torch.Tensor:
@@ -145,7 +150,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       kd_options: dict | None = None) -> LossParts:
     """alpha * CE + (1 - alpha) * T^2 * KD on the selected assistant positions.
 
-    student_logits: (N, V); teacher_logits: (N, V) or None when alpha = 1 (no teacher needed);
+    student_logits: (N, V); teacher_logits: (N, V), or the same rows from the teacher cache (a
+    teacher_cache.CachedTeacher), or None when alpha = 1 (no teacher needed);
     targets: (N,); normalizer: assistant tokens in the whole accumulation window (>= 1 used);
     chunk_rows: rows per checkpointed chunk of the fp32 math (the result does not depend on it);
     kd_options: the divergence's own settings (beta for jsd, skew for skew_kl).

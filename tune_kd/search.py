@@ -273,6 +273,17 @@ def check_dashboard(host: str | None) -> None:
                 host, LOOPBACK)
 
 
+def teacher_cache_savings(cache, trial_epochs: int) -> str:
+    """What the teacher cache saved: each trial-epoch read it instead of running the teacher over
+    the training split, at the cost of one such pass when the cache was built."""
+    meta = cache.meta
+    built = "built for this search" if meta.get("built_by_pid") == os.getpid() else "built by an earlier run"
+    return (f"teacher cache ({built}: one teacher pass over {meta['examples']} conversations, {meta['build_seconds']:.1f} s, "
+            f"{cache.nbytes / 2**20:.1f} MB): {trial_epochs} trial-epochs read it instead of running the teacher, "
+            f"about {trial_epochs} teacher passes (~{trial_epochs * meta['build_seconds']:.0f} s of teacher compute at "
+            f"the build's pace) saved")
+
+
 def trial_class(trial_cfg: ExperimentConfig, experiment_dir: Path, resources: dict, name: str):
     """The Tune trainable for trial_cfg, holding `resources`, under a readable class name."""
     from ray import tune
@@ -326,6 +337,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
     loop.load_data(cfg)   # tokenize once in the driver (data errors name file:line); trials read the cache
+    teacher_outputs = loop.prepare_teacher_cache(cfg)   # the teacher runs once here, not in every trial
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (experiment_dir / export.EXPERIMENT_FILE).write_text(json.dumps(
@@ -391,6 +403,8 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
                "parallel": parallel}
     print(format_table(rows))
     print(f"{len(rows)} trials in {summary['seconds']:.0f} s -> {experiment_dir / 'trials.csv'}")
+    if teacher_outputs is not None:
+        print(teacher_cache_savings(teacher_outputs, sum(int(r["epochs"]) for r in rows)))
     if best is not None and export_best:
         target = experiment_dir / export.export_name(cfg)
         candidate = export.export(experiment_dir, target)

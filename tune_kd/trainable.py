@@ -87,6 +87,35 @@ def fire(kind: str, where: str, student=None) -> contextlib.AbstractContextManag
     return contextlib.nullcontext()
 
 
+def report_with_checkpoint(send, checkpoint_cls, row: dict, save, where: str = "") -> None:
+    """One epoch's report through `send` (tune.report or ray.train.report) with a checkpoint that
+    `save` writes into a temporary folder (the fault drills fire here when planned)."""
+    kind = take_fault(row["epoch"], None)
+    drill = fire(kind, f"at the epoch {row['epoch']} report{where}") if kind else contextlib.nullcontext()
+    with tempfile.TemporaryDirectory(prefix="tune_kd-ckpt-") as tmp, drill:
+        save(Path(tmp))
+        send(row, checkpoint=checkpoint_cls.from_directory(tmp))
+
+
+def fault_step_hook(where: str):
+    """loop.train's step_hook for the fault drills: fires a plan planned for this epoch and step."""
+    def step_hook(epoch: int, step: int, student) -> None:
+        kind = take_fault(epoch, step)
+        if kind:
+            fire(kind, f"at epoch {epoch} step {step}{where}", student)
+    return step_hook
+
+
+def train_from(checkpoint, cfg: ExperimentConfig, **options) -> None:
+    """loop.train from the start, or resumed from a Ray checkpoint (load_checkpoint reads all it
+    needs before training starts, so the local copy may go away afterwards)."""
+    if checkpoint is None:
+        loop.train(cfg, **options)
+        return
+    with checkpoint.as_directory() as resume_dir:
+        loop.train(cfg, resume_from=resume_dir, **options)
+
+
 def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
     """A function trainable for ray.tune that trains `base` with each trial's sampled values.
     experiment_dir: the experiment's folder on storage (data-parallel trials keep their Ray Train
@@ -108,30 +137,15 @@ def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
         node_id = ray.get_runtime_context().get_node_id()
 
         def report(metrics: dict, save) -> None:
-            kind = take_fault(metrics["epoch"], None)
-            drill = fire(kind, f"at the epoch {metrics['epoch']} report") if kind else contextlib.nullcontext()
-            with tempfile.TemporaryDirectory(prefix="tune_kd-ckpt-") as tmp, drill:
-                save(Path(tmp))
-                # node_id: which Ray node ran this epoch (result.json's node_ip is shared by nodes on one host)
-                tune.report({**metrics, "node_id": node_id}, checkpoint=tune.Checkpoint.from_directory(tmp))
+            # node_id: which Ray node ran this epoch (result.json's node_ip is shared by nodes on one host)
+            report_with_checkpoint(tune.report, tune.Checkpoint, {**metrics, "node_id": node_id}, save)
             reached["epoch"] = metrics["epoch"]
-
-        def step_hook(epoch: int, step: int, student) -> None:
-            kind = take_fault(epoch, step)
-            if kind:
-                fire(kind, f"at epoch {epoch} step {step}", student)
 
         if cfg.resources.workers_per_trial > 1:
             run_data_parallel(cfg, node_id, Path(experiment_dir) / f"trial_{tune.get_context().get_trial_id()}")
             return
-        checkpoint = tune.get_checkpoint()
         try:
-            if checkpoint is None:
-                loop.train(cfg, report=report, use_wandb=False, step_hook=step_hook)
-                return
-            with checkpoint.as_directory() as resume_dir:
-                # load_checkpoint reads everything it needs before training starts
-                loop.train(cfg, report=report, resume_from=resume_dir, use_wandb=False, step_hook=step_hook)
+            train_from(tune.get_checkpoint(), cfg, report=report, use_wandb=False, step_hook=fault_step_hook(""))
         except loop.TrainingDiverged as exc:
             logging.getLogger(__name__).error("trial stopped: %s", exc)
             worst = math.inf if cfg.metric.mode == "min" else -math.inf
@@ -179,23 +193,9 @@ def data_parallel_worker(cfg: ExperimentConfig, node_id: str) -> None:
     def report(metrics: dict, save) -> None:
         row = {**metrics, "node_id": node_id, "workers": dist.get_world_size()}
         if rank != 0:
-            train.report(row, checkpoint=None)
+            train.report(row, checkpoint=None)   # a barrier: every rank reports, rank 0 with the checkpoint
             return
-        kind = take_fault(metrics["epoch"], None)
-        drill = fire(kind, f"at the epoch {metrics['epoch']} report (rank 0)") if kind else contextlib.nullcontext()
-        with tempfile.TemporaryDirectory(prefix="tune_kd-ckpt-") as tmp, drill:
-            save(Path(tmp))
-            train.report(row, checkpoint=train.Checkpoint.from_directory(tmp))
+        report_with_checkpoint(train.report, train.Checkpoint, row, save, " (rank 0)")
 
-    def step_hook(epoch: int, step: int, student) -> None:
-        kind = take_fault(epoch, step) if rank == 0 else None
-        if kind:
-            fire(kind, f"at epoch {epoch} step {step} (rank 0)", student)
-
-    options = {"report": report, "ddp": True, "use_wandb": False, "report_on_every_rank": True, "step_hook": step_hook}
-    checkpoint = train.get_checkpoint()
-    if checkpoint is None:
-        loop.train(cfg, **options)
-        return
-    with checkpoint.as_directory() as resume_dir:
-        loop.train(cfg, resume_from=resume_dir, **options)
+    train_from(train.get_checkpoint(), cfg, report=report, ddp=True, use_wandb=False, report_on_every_rank=True,
+               step_hook=fault_step_hook(" (rank 0)") if rank == 0 else None)
