@@ -325,7 +325,8 @@ def _summary_html(exp: Experiment) -> str:
         rows = [("best trial " + controls["best"]["trial_id"], controls["best"]["value"], controls["best"]["settings"])]
         rows += [(name, arm.get("value"), arm["settings"]) for name, arm in controls["arms"].items()]
         body = "".join(f"<tr><td>{html.escape(name)}</td><td>{'failed' if v is None else f'{v:.4f}'}</td>"
-                       f"<td>{html.escape(json.dumps(s))}</td></tr>" for name, v, s in rows)
+                       f"<td>{html.escape(', '.join(f'{k} = {_cell(x)}' for k, x in s.items()))}</td></tr>"
+                       for name, v, s in rows)
         parts.append(f"<h2>Control arms</h2><table><tr><th>arm</th><th>{exp.metric}</th><th>settings</th></tr>"
                      f"{body}</table>")
         spread = controls.get("seeds_for_best")
