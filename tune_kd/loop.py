@@ -271,6 +271,11 @@ def load_data(cfg: ExperimentConfig):
     return tokenizer, train_data, val_data
 
 
+def padding_id(tokenizer) -> int:
+    """The id batches are padded with: the pad token, else end-of-sequence (pads carry no label)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id):
     """The teacher cache this run reads (built first when missing), or None when it does not
     apply (teacher_cache.decide says why, in the log)."""
@@ -297,7 +302,7 @@ def prepare_teacher_cache(cfg: ExperimentConfig):
     student_lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_cols = models.check_compatibility(teacher_lm, student_lm, tokenizer)
     del student_lm
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     cache = open_teacher_cache(cfg, tokenizer, train_data, SelectedLogits(teacher_lm), precision, teacher_cols, pad_id)
     del teacher_lm
     if precision.device.type == "cuda":
@@ -357,7 +362,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         log.info("precision: %s (device %s)", precision.reason, device)
     torch.manual_seed(t.seed)
     tokenizer, train_data, val_data = load_data(cfg)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
     teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)

@@ -327,9 +327,3 @@ def fidelity(cfg, student, teacher, cache: TeacherCache, batches: list[dict], pr
         errors[temperature] = (abs(cached - live) / abs(live), float((cached_grad - live_grad).norm() / live_grad.norm()))
     student.zero_grad(set_to_none=True)
     return errors
-
-
-def describe(cache: TeacherCache) -> str:
-    meta = cache.meta
-    return (f"{meta['positions']} positions x top-{meta['top_k']} of {meta['vocab']}, {cache.nbytes / 2**20:.1f} MB, "
-            f"built in {meta['build_seconds']:.1f} s ({cache.directory})")
