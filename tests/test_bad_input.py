@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import search_raw
-from tune_kd import data, search
+from tune_kd import chat_formats, data, search
 
 
 def run_cli(tmp_path: Path, raw, capsys) -> str:
@@ -57,7 +57,7 @@ GOOD = conv(("user", "sort 21"), ("assistant", "12"))
     (conv(("user", "x" * 5000), ("assistant", "y")), "over the 4096-byte limit"),
 ])
 def test_bad_data_line(world, tmp_path, capsys, monkeypatch, line, problem):
-    monkeypatch.setattr(data, "MAX_LINE_BYTES", 4096)   # the real limit (16 MiB) with a small file
+    monkeypatch.setattr(chat_formats, "MAX_LINE_BYTES", 4096)   # the real limit (16 MiB) with a small file
     line_text = run_cli(tmp_path, with_data(world, tmp_path, [GOOD, line]), capsys)
     assert f"{tmp_path / 'train.jsonl'}:2: " in line_text and problem in line_text
 

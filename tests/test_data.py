@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tune_kd import data, demo
+from tune_kd import data, demo, ingest
 from tune_kd.data import DataError, IGNORE_INDEX
 
 
@@ -27,14 +27,14 @@ def test_only_assistant_tokens_carry_labels_multi_turn(tokenizer):
     turns = [{"role": "system", "content": "Be exact."}, {"role": "user", "content": "sort 321"},
              {"role": "assistant", "content": "123"}, {"role": "user", "content": "reverse 45"},
              {"role": "assistant", "content": "54"}]
-    ids, masks, truncated, emptied = data.encode_conversations(tokenizer, [turns], max_seq_len=512)
-    ids, mask = ids[0], masks[0]
+    encoded = ingest.encode_conversations(ingest.ChatRenderer(tokenizer), [turns], 512, np.int32)
+    ids, mask = encoded.tokens, encoded.mask
     assert tokenizer.decode(ids[mask]) == "123<|im_end|>54<|im_end|>"
     # Every unlabeled token belongs to the scaffolding, the system prompt or the user turns.
     unlabeled = tokenizer.decode(ids[~mask])
     assert "sort 321" in unlabeled and "reverse 45" in unlabeled and "Be exact." in unlabeled
     assert "123" not in unlabeled.replace("sort 321", "")
-    assert (truncated, emptied) == (0, 0)
+    assert (encoded.stats["truncated"], encoded.stats["dropped_after_truncation"]) == (0, 0)
 
 
 def test_collate_masks_everything_but_assistant_tokens(tokenizer, tmp_path):
@@ -53,7 +53,7 @@ def test_collate_masks_everything_but_assistant_tokens(tokenizer, tmp_path):
 @pytest.mark.parametrize("line,problem", [
     ('{"conversations": [', "not valid JSON"),
     ('[1, 2]', "expected a JSON object"),
-    ('{"messages": []}', "missing 'conversations'"),
+    ('{"messages": []}', "missing 'conversations'"),   # the file's first line set the format
     ('{"conversations": "hi"}', "non-empty list"),
     (conv(("robot", "x"), ("assistant", "y")), "unknown role 'robot'"),
     ('{"conversations": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]}',
@@ -102,10 +102,10 @@ def test_cache_is_reused_and_keyed(tmp_path, tokenizer, monkeypatch):
     first = data.tokenize_cached(path, tokenizer, 64, tmp_path / "cache")
     calls = []
 
-    def reread(p):
+    def reread(p, *args, **kwargs):
         calls.append(p)
         raise DataError("re-read")
-    monkeypatch.setattr(data, "read_conversations", reread)
+    monkeypatch.setattr(ingest, "build", reread)
     again = data.tokenize_cached(path, tokenizer, 64, tmp_path / "cache")
     assert calls == [] and np.array_equal(first.tokens, again.tokens)
     with pytest.raises(DataError, match="re-read"):   # a new max_seq_len is a new key: it re-reads
@@ -136,5 +136,9 @@ def test_val_split_is_disjoint_and_fixed(tmp_path, tokenizer):
     train, val = data.train_val_split(td, 0.1)
     assert (len(train), len(val)) == (180, 20)
     train2, val2 = data.train_val_split(td, 0.1)
-    assert np.array_equal(val.tokens, val2.tokens)
-    assert len(train.tokens) + len(val.tokens) == len(td.tokens)
+    assert np.array_equal(val.starts, val2.starts)
+    assert sorted(np.concatenate([train.starts, val.starts]).tolist()) == td.starts.tolist()   # disjoint, complete
+    assert train.lengths.sum() + val.lengths.sum() == td.lengths.sum()
+    # views, not copies: both splits read the one memory-mapped token file
+    assert train.tokens is td.tokens and val.mask is td.mask and isinstance(td.tokens, np.memmap)
+    assert [x.tolist() for x in val.example(3)] == [x.tolist() for x in td.example(int(np.flatnonzero(td.starts == val.starts[3])[0]))]

@@ -80,6 +80,8 @@ class DataConfig:
     max_seq_len: int = 512
     cache_dir: str = "results/cache"               # tokenized data, shared by runs and trials
     max_train_examples: Optional[int] = None       # train on a fixed random subset of this size
+    format: Literal["auto", "conversations", "messages", "sharegpt"] = "auto"   # record layout (chat_formats.py)
+    workers: int = 0                               # ingestion processes; 0: one per CPU core (1 for small files)
 
 
 @dataclass(frozen=True)
@@ -384,6 +386,8 @@ def validate_fields(cfg: ExperimentConfig, problems: _Problems) -> None:
         problems.add("data.max_train_examples", f"must be >= 1 (or left out for all), got {d.max_train_examples}")
     if d.max_seq_len is not None and d.max_seq_len < 2:
         problems.add("data.max_seq_len", f"must be >= 2, got {d.max_seq_len}")
+    if d.workers < 0:
+        problems.add("data.workers", f"must be >= 0 (0: one per CPU core), got {d.workers}")
     for role in ("teacher", "student"):
         spec = getattr(cfg, role)
         if spec is None:

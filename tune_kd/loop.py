@@ -261,9 +261,9 @@ def load_data(cfg: ExperimentConfig):
     """(tokenizer, train split, val split), tokenized through the shared on-disk cache."""
     tokenizer = shared_tokenizer(cfg)
     d = cfg.data
-    train_data = data.tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir)
+    train_data = data.tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers)
     if d.val_path:
-        val_data = data.tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir)
+        val_data = data.tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers)
     else:
         train_data, val_data = data.train_val_split(train_data, d.val_fraction)
     if d.max_train_examples is not None and d.max_train_examples < len(train_data):
