@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from conftest import search_raw
-from tune_kd import chat_formats, data, search
+from tune_kd import chat_formats, search
 
 
 def run_cli(tmp_path: Path, raw, capsys) -> str:

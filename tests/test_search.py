@@ -1,6 +1,5 @@
 """The search end to end on local Ray (2 CPUs): ASHA, Optuna, summary, export, faults, resume."""
 
-import copy
 import json
 import math
 import os
@@ -64,7 +63,7 @@ def test_search_end_to_end(world, tmp_path, capsys):
     from ray.tune import Callback
     from transformers import AutoModelForCausalLM
 
-    from tune_kd import data, loop, models, search
+    from tune_kd import loop, models, search
 
     class Probe(ActorProbe, Callback):
         pass
@@ -268,7 +267,8 @@ def test_bad_space_fails_before_ray_starts(tmp_path, world):
 
 def test_missing_paths_and_gpus_are_config_errors(world):
     from tune_kd.config import ConfigError
-    from tune_kd.search import check_gpus, check_paths
+    from tune_kd.prepare import check_paths
+    from tune_kd.search import check_gpus
 
     cfg = load_config(raw=search_raw(world, data={"path": "/nonexistent/train.jsonl"}, teacher={"path": "/no/teacher"},
                                      resources={"gpu_per_trial": 2}))

@@ -29,7 +29,7 @@ def setup_run(cfg):
 
 def open_cache(cfg, tmp_path=None):
     tokenizer, train_data, teacher, precision, cols, pad = setup_run(cfg)
-    return loop.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, cols, pad), train_data, teacher
+    return loop.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, cols, pad)[0], train_data, teacher
 
 
 def live_and_cached(cfg, cache, train_data, teacher, indices, temperature, kd_loss="forward_kl"):

@@ -273,10 +273,12 @@ def token_dtype_for(vocab_size: int):
 
 
 def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta: dict,
-          workers: int = 0, chunk_size: int = CHUNK_CONVERSATIONS) -> dict:
+          workers: int = 0, chunk_size: int | None = None) -> dict:
     """Write the tokenized cache of `path` to `target` (tokens.bin, mask.bin, lengths.npy,
-    targets.npy, meta.json) through a temporary sibling folder; returns the meta written."""
+    targets.npy, meta.json) through a temporary sibling folder; returns the meta written.
+    workers: 0 for worker_count's choice; chunk_size: records per chunk (CHUNK_CONVERSATIONS)."""
     started = time.perf_counter()
+    chunk_size = chunk_size or CHUNK_CONVERSATIONS
     token_dtype = token_dtype_for(len(tokenizer))
     workers = worker_count(workers, path)
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]   # removed again on failure

@@ -257,9 +257,10 @@ def shared_tokenizer(cfg: ExperimentConfig):
     return tokenizer
 
 
-def load_data(cfg: ExperimentConfig):
-    """(tokenizer, train split, val split), tokenized through the shared on-disk cache."""
-    tokenizer = shared_tokenizer(cfg)
+def load_data(cfg: ExperimentConfig, tokenizer=None):
+    """(tokenizer, train split, val split), tokenized through the shared on-disk cache; the
+    splits are views into its memory-mapped arrays."""
+    tokenizer = tokenizer or shared_tokenizer(cfg)
     d = cfg.data
     train_data = data.tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers)
     if d.val_path:
@@ -277,25 +278,27 @@ def padding_id(tokenizer) -> int:
 
 
 def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id):
-    """The teacher cache this run reads (built first when missing), or None when it does not
-    apply (teacher_cache.decide says why, in the log)."""
+    """(the teacher cache this run reads, built first when missing, or None when it does not
+    apply; why, as teacher_cache.decide says it, also logged)."""
     vocab = teacher_cols if teacher_cols is not None else models.vocab_rows(teacher.lm)
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
     use, why = teacher_cache.decide(cfg, int(train_data.target_counts.sum()), vocab,
                                     shutil.disk_usage(cfg.data.cache_dir).free)
     log.info("teacher cache: %s", why)
     if not use:
-        return None
+        return None, why
     return teacher_cache.open_or_build(cfg.data.cache_dir, teacher.lm, teacher_rows(teacher, precision, teacher_cols),
                                        data.tokenizer_fingerprint(tokenizer), train_data, pad_id, cfg.data.max_seq_len,
-                                       teacher_cols, vocab, cfg.teacher_cache.top_k)
+                                       teacher_cols, vocab, cfg.teacher_cache.top_k), why
 
 
 def prepare_teacher_cache(cfg: ExperimentConfig):
     """Build the teacher cache before the trials start (the search's driver), on the device the
-    trials will use, so no trial waits for another; None when the cache does not apply."""
-    if cfg.teacher is None or cfg.teacher_cache.mode == "off":
-        return None
+    trials will use, so no trial waits for another: (the cache or None, why)."""
+    if cfg.teacher is None:
+        return None, "not used: no teacher"
+    if cfg.teacher_cache.mode == "off":
+        return None, "off (teacher_cache: off)"
     precision = models.resolve_precision(cfg.train.dtype, models.resolve_device(cfg.train.device))
     tokenizer, train_data, _ = load_data(cfg)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
@@ -303,11 +306,12 @@ def prepare_teacher_cache(cfg: ExperimentConfig):
     teacher_cols = models.check_compatibility(teacher_lm, student_lm, tokenizer)
     del student_lm
     pad_id = padding_id(tokenizer)
-    cache = open_teacher_cache(cfg, tokenizer, train_data, SelectedLogits(teacher_lm), precision, teacher_cols, pad_id)
+    cache, why = open_teacher_cache(cfg, tokenizer, train_data, SelectedLogits(teacher_lm), precision, teacher_cols,
+                                    pad_id)
     del teacher_lm
     if precision.device.type == "cuda":
         torch.cuda.empty_cache()
-    return cache
+    return cache, why
 
 
 def wandb_has_credentials() -> bool:
@@ -388,7 +392,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     steps_per_epoch = math.ceil(per_rank / t.accumulation_steps)
     total_steps = t.epochs * steps_per_epoch
     need_teacher = teacher is not None and (t.alpha < 1.0 or bool(pairs))
-    cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id) \
+    cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id)[0] \
         if need_teacher and not pairs else None   # evaluation keeps the live teacher: exact val metrics
     save = lambda directory: checkpoint.save_checkpoint(Path(directory), lm, tokenizer, optimizer, scaler,  # noqa: E731
                                                         progress, extra_state)

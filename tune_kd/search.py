@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from tune_kd import controls, export, report, space
+from tune_kd import controls, export, prepare, report, space
 from tune_kd.config import ConfigError, ExperimentConfig, UserError, absolute_paths, load_config
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,6 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 # Checks that need the file system or the machine (config.py checks the file itself)
 # ----------------------------------------------------------------------------------------------
-
-def check_paths(cfg: ExperimentConfig, source: str) -> None:
-    """Every input path must exist before Ray starts; all missing ones reported at once."""
-    wanted = {"data.path": cfg.data.path, "data.val_path": cfg.data.val_path, "tokenizer": cfg.tokenizer,
-              "teacher.path": cfg.teacher.path if cfg.teacher else None, "student.path": cfg.student.path}
-    missing = [f"{source}: {key}: {path} does not exist (fix the path, or set embedded_demo: true for the demo)"
-               for key, path in wanted.items() if path is not None and not Path(path).exists()]
-    if missing:
-        raise ConfigError(missing)
-
 
 def check_gpus(cfg: ExperimentConfig, available: int, source: str) -> None:
     gpu, workers = cfg.resources.gpu_per_trial, cfg.resources.workers_per_trial
@@ -314,15 +304,9 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     import ray
     from ray import tune
 
-    from tune_kd import loop, models
     from tune_kd.progress import SearchProgress, trial_log_options
 
     check_dashboard(dashboard_host if address is None else None)
-    if cfg.embedded_demo:
-        from tune_kd import demo
-
-        demo.prepare()
-    check_paths(cfg, source)
     if address is None:
         import torch
 
@@ -332,12 +316,11 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     if not resume and (experiment_dir / export.EXPERIMENT_FILE).is_file():
         raise UserError(f"{experiment_dir} already holds an experiment: continue it with --resume, or start over "
                         "with --overwrite (the old one is moved aside)")
-    try:   # model errors surface here, once, not in every trial
-        models.preflight(cfg, loop.shared_tokenizer(cfg))
-    except UserError as exc:
-        raise UserError(f"{source}: {exc}") from None
-    loop.load_data(cfg)   # tokenize once in the driver (data errors name file:line); trials read the cache
-    teacher_outputs = loop.prepare_teacher_cache(cfg)   # the teacher runs once here, not in every trial
+    # validate, tokenize once and run the teacher once here (data errors name file:line); trials read the caches
+    prepared = prepare.prepare_inputs(cfg, source)
+    for line in prepared.lines:
+        log.info("%s", line)
+    teacher_outputs = prepared.teacher_cache
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (experiment_dir / export.EXPERIMENT_FILE).write_text(json.dumps(

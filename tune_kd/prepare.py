@@ -1,0 +1,145 @@
+"""Everything a search does before its first trial: `python -m tune_kd.prepare --config FILE.yaml`.
+
+`prepare_inputs(cfg, source)` validates the inputs (the embedded demo built when asked for, every
+path, both models on the meta device), tokenizes the training and validation data into the shared
+cache (streaming, ingest.py) and builds the teacher cache when it applies. The search calls the same
+function, so a search after `prepare` finds every cache built and starts its trials at once; on a
+cluster, prepare once with data.cache_dir on storage every node sees, then search.
+
+The command prints, per data file, the conversations read and kept, tokens, assistant tokens,
+truncated / dropped / skipped counts, the share of assistant tokens that are the tokenizer's
+unknown token (a warning above 1%: the tokenizer cannot spell the data), the time, the size and the
+cache folder; then the split and the teacher cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tune_kd.config import ConfigError, ExperimentConfig, UserError, load_config
+
+log = logging.getLogger(__name__)
+
+UNKNOWN_WARN_SHARE = 0.01
+
+
+@dataclass
+class Prepared:
+    """What prepare_inputs found or built; `lines` is its printed summary."""
+
+    files: dict = field(default_factory=dict)        # "train" / "val" -> the data cache's meta.json (+ "cache")
+    train_examples: int = 0
+    val_examples: int = 0
+    teacher_cache: object = None                      # a teacher_cache.TeacherCache, or None
+    teacher_cache_why: str = ""
+    seconds: float = 0.0
+    lines: list = field(default_factory=list)
+
+
+def check_paths(cfg: ExperimentConfig, source: str) -> None:
+    """Every input path must exist before anything runs; all missing ones reported at once."""
+    wanted = {"data.path": cfg.data.path, "data.val_path": cfg.data.val_path, "tokenizer": cfg.tokenizer,
+              "teacher.path": cfg.teacher.path if cfg.teacher else None, "student.path": cfg.student.path}
+    missing = [f"{source}: {key}: {path} does not exist (fix the path, or set embedded_demo: true for the demo)"
+               for key, path in wanted.items() if path is not None and not Path(path).exists()]
+    if missing:
+        raise ConfigError(missing)
+
+
+def unknown_share(meta: dict) -> float:
+    return meta["unknown_assistant_tokens"] / max(meta["assistant_tokens"], 1)
+
+
+def describe_file(role: str, meta: dict, directory: Path) -> str:
+    built = f"built in {meta['seconds']:.1f} s with {meta['workers']} worker(s)"
+    return (f"{role} {meta['source']} ({meta['format']}): {meta['conversations']:,} conversations -> "
+            f"{meta['examples']:,} examples, {meta['tokens']:,} tokens, {meta['assistant_tokens']:,} assistant tokens; "
+            f"{meta['skipped_no_assistant']:,} skipped (no assistant turn), {meta['truncated']:,} truncated, "
+            f"{meta['dropped_after_truncation']:,} dropped (max_seq_len {meta['max_seq_len']}); unknown token "
+            f"{100 * unknown_share(meta):.2f}% of assistant tokens; {built}; {meta['bytes'] / 2**20:.1f} MB -> {directory}")
+
+
+def warn_unknown(role: str, meta: dict) -> str | None:
+    share = unknown_share(meta)
+    if share <= UNKNOWN_WARN_SHARE:
+        return None
+    return (f"WARNING: {100 * share:.1f}% of the assistant tokens of {meta['source']} are the tokenizer's unknown "
+            f"token {meta['unk_token']!r}: this tokenizer cannot spell the {role} data, and the models would learn "
+            "to emit it; use a tokenizer that covers the data's characters (a byte-level BPE never has unknowns)")
+
+
+def prepare_inputs(cfg: ExperimentConfig, source: str) -> Prepared:
+    """Validate, tokenize into the shared cache and build the teacher cache: the search's preflight."""
+    from tune_kd import data, loop, models
+
+    started = time.perf_counter()
+    if cfg.embedded_demo:
+        from tune_kd import demo
+
+        demo.prepare()
+    check_paths(cfg, source)
+    tokenizer = loop.shared_tokenizer(cfg)
+    try:   # model errors surface here, once, not in every trial
+        models.preflight(cfg, tokenizer)
+    except UserError as exc:
+        raise UserError(f"{source}: {exc}") from None
+    out = Prepared()
+    _, train_data, val_data = loop.load_data(cfg, tokenizer)
+    for role, path in (("train", cfg.data.path), ("val", cfg.data.val_path)):
+        if path is None:
+            continue
+        directory, _ = data.cache_dir_for(path, tokenizer, cfg.data.max_seq_len, cfg.data.cache_dir)
+        out.files[role] = data.cache_meta(directory)
+        out.lines.append(describe_file(role, out.files[role], directory))
+        warning = warn_unknown(role, out.files[role])
+        if warning:
+            out.lines.append(warning)
+    out.train_examples, out.val_examples = len(train_data), len(val_data)
+    how = "data.val_path" if cfg.data.val_path else f"data.val_fraction {cfg.data.val_fraction:g} held out"
+    subset = f", a fixed subset of data.max_train_examples {cfg.data.max_train_examples:,}" \
+        if cfg.data.max_train_examples is not None and cfg.data.max_train_examples <= len(train_data) else ""
+    out.lines.append(f"split: {out.train_examples:,} train / {out.val_examples:,} val ({how}{subset})")
+    out.teacher_cache, out.teacher_cache_why = loop.prepare_teacher_cache(cfg)
+    if out.teacher_cache is not None:
+        meta = out.teacher_cache.meta
+        out.lines.append(f"teacher cache: {out.teacher_cache_why}; {meta['positions']:,} positions, "
+                         f"{out.teacher_cache.nbytes / 2**20:.1f} MB (built in {meta['build_seconds']:.1f} s) -> "
+                         f"{out.teacher_cache.directory}")
+    else:
+        out.lines.append(f"teacher cache: {out.teacher_cache_why}")
+    out.seconds = time.perf_counter() - started
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tune_kd.prepare", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", "--space", dest="config", default="search_spaces/kd.yaml",
+                        help="experiment YAML (default: %(default)s)")
+    parser.add_argument("--workers", type=int, help="override data.workers (ingestion processes; 0: one per core)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from tune_kd.models import quiet_progress_bars
+
+    quiet_progress_bars()
+    try:
+        cfg = load_config(args.config, {"data.workers": args.workers} if args.workers is not None else {})
+        prepared = prepare_inputs(cfg, args.config)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(prepared.lines))
+    print(f"prepared in {prepared.seconds:.1f} s: `python -m tune_kd.search --space {args.config}` now starts its "
+          "trials at once")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
