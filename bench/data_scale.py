@@ -12,6 +12,11 @@ Preparation runs in a fresh process (`python -m tune_kd.prepare`, what a user ru
 generated YAML; a sampler thread reads /proc every 0.2 s and records the peak RSS of that
 process plus its ingestion workers (the whole process tree, summed). Printed per run: the
 conversations and tokens written, the wall time, conversations/s and the peak RSS.
+
+`--baseline N` also times, in the same run and on the first N conversations of the first file,
+the previous method (kept here as a reference, like the seed's step in step_throughput.py): read
+the whole file, render every conversation and then each assistant prefix twice through
+apply_chat_template, tokenize all texts in one call with offsets, all in memory, one process.
 """
 
 from __future__ import annotations
@@ -86,11 +91,34 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def prepare(yaml_path: Path) -> tuple[float, int, str]:
-    """(wall seconds, peak tree RSS in bytes, output) of `python -m tune_kd.prepare` on yaml_path."""
+def previous_method(path: str, tokenizer_dir: str, max_seq_len: int) -> None:
+    """The ingestion this project had before streaming: everything in memory, prefixes re-rendered."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with open(path, "rb") as handle:
+        conversations = [json.loads(line)["conversations"] for line in handle]
+    texts = [tokenizer.apply_chat_template(turns, tokenize=False) for turns in conversations]
+    encoded = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    kept = []
+    for turns, text, ids, offsets in zip(conversations, texts, encoded["input_ids"], encoded["offset_mapping"]):
+        starts = np.fromiter((a for a, _ in offsets), dtype=np.int64, count=len(offsets))
+        ends = np.fromiter((b for _, b in offsets), dtype=np.int64, count=len(offsets))
+        mask = np.zeros(len(ids), dtype=bool)
+        for i, turn in enumerate(turns):
+            if turn["role"] == "assistant":
+                before = tokenizer.apply_chat_template(turns[:i], tokenize=False, add_generation_prompt=True)
+                through = tokenizer.apply_chat_template(turns[:i + 1], tokenize=False).rstrip()
+                mask |= (starts >= len(before)) & (ends <= len(through)) & (ends > starts)
+        kept.append((np.asarray(ids[:max_seq_len], dtype=np.int32), mask[:max_seq_len]))
+    print(f"{sum(len(ids) for ids, _ in kept):,} tokens")
+
+
+def timed(command: list[str]) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS of the process tree in bytes, output) of `command`."""
     started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", "tune_kd.prepare", "--config", str(yaml_path)], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0]
 
     def sample():
@@ -102,8 +130,14 @@ def prepare(yaml_path: Path) -> tuple[float, int, str]:
     output = process.communicate()[0]
     sampler.join()
     if process.returncode != 0:
-        raise SystemExit(f"prepare failed ({process.returncode}):\n{output}")
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{output}")
     return time.perf_counter() - started, peak[0], output
+
+
+def row(label: str, count: int, size_mb: float, written: float, seconds: float, peak: int, output: str) -> str:
+    tokens = re.search(r"(\d[\d,]*) tokens", output)
+    return (f"{label:<9} {count:>13,} {size_mb:>8.0f} {written:>8.1f} {seconds:>9.1f} {count / seconds:>7.0f} "
+            f"{peak / 1e9:>11.2f}  {tokens.group(1) if tokens else '?'}")
 
 
 def main() -> int:
@@ -114,16 +148,30 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=0, help="data.workers (0: one per core)")
     parser.add_argument("--dir", help="work folder (default: a temporary one, removed unless --keep)")
     parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--baseline", type=int, default=0, help="also time the previous method on this many")
+    parser.add_argument("--previous-method", nargs=3, metavar=("FILE", "TOKENIZER", "MAX_SEQ_LEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.previous_method:   # the baseline's own process, started by timed()
+        previous_method(args.previous_method[0], args.previous_method[1], int(args.previous_method[2]))
+        return 0
     work = Path(args.dir or tempfile.mkdtemp(prefix="tune_kd-data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     print(f"tokenizer {args.tokenizer}; data.workers {args.workers}; {os.cpu_count()} CPUs; work folder {work}")
-    print(f"{'conversations':>13} {'file MB':>8} {'write s':>8} {'prepare s':>9} {'conv/s':>7} {'peak RSS GB':>11}  tokens")
-    for count in args.conversations:
+    print(f"{'method':<9} {'conversations':>13} {'file MB':>8} {'write s':>8} {'prepare s':>9} {'conv/s':>7} "
+          f"{'peak RSS GB':>11}  tokens")
+    for index, count in enumerate(args.conversations):
         data_path = work / f"chat-{count}.jsonl"
         started = time.perf_counter()
         write_conversations(data_path, count)
         written = time.perf_counter() - started
+        if index == 0 and args.baseline:
+            head = work / f"chat-{args.baseline}-head.jsonl"
+            with data_path.open() as source, head.open("w") as out:
+                out.writelines(line for _, line in zip(range(args.baseline), source))
+            seconds, peak, output = timed([sys.executable, __file__, "--previous-method", str(head), args.tokenizer,
+                                           str(args.max_seq_len)])
+            print(row("previous", args.baseline, head.stat().st_size / 1e6, 0.0, seconds, peak, output), flush=True)
+            head.unlink()
         yaml_path = work / f"prepare-{count}.yaml"
         yaml_path.write_text(json.dumps({   # JSON is YAML
             "name": f"data-scale-{count}", "tokenizer": args.tokenizer, "teacher": None,
@@ -131,10 +179,8 @@ def main() -> int:
             "data": {"path": str(data_path), "val_fraction": 0.01, "max_seq_len": args.max_seq_len,
                      "cache_dir": str(work / f"cache-{count}"), "workers": args.workers},
             "train": {"alpha": 1.0}}))
-        seconds, peak, output = prepare(yaml_path)
-        tokens = re.search(r"tokens (\d[\d,]*)", output)
-        print(f"{count:>13,} {data_path.stat().st_size / 1e6:>8.0f} {written:>8.1f} {seconds:>9.1f} "
-              f"{count / seconds:>7.0f} {peak / 1e9:>11.2f}  {tokens.group(1) if tokens else '?'}", flush=True)
+        seconds, peak, output = timed([sys.executable, "-m", "tune_kd.prepare", "--config", str(yaml_path)])
+        print(row("prepare", count, data_path.stat().st_size / 1e6, written, seconds, peak, output), flush=True)
         data_path.unlink()
     if not args.keep and not args.dir:
         import shutil
