@@ -169,6 +169,24 @@ def cache_meta(directory: Path) -> dict:
     return json.loads((directory / "meta.json").read_text())
 
 
+UNKNOWN_WARN_SHARE = 0.01     # above this share of assistant tokens being <unk>, the tokenizer cannot spell the data
+
+
+def unknown_share(meta: dict) -> float:
+    """The share of a cache's assistant tokens that are the tokenizer's unknown token."""
+    return meta["unknown_assistant_tokens"] / max(meta["assistant_tokens"], 1)
+
+
+def unknown_token_warning(meta: dict) -> str | None:
+    """The warning line for a cache whose assistant tokens are too often the unknown token, else None."""
+    share = unknown_share(meta)
+    if share <= UNKNOWN_WARN_SHARE:
+        return None
+    return (f"WARNING: {100 * share:.1f}% of the assistant tokens of {meta['source']} are the tokenizer's unknown "
+            f"token {meta['unk_token']!r}: this tokenizer cannot spell the data, and the models would learn to emit "
+            "it; use a tokenizer that covers the data's characters (a byte-level BPE never has unknowns)")
+
+
 def tokenize_cached(path: str | Path, tokenizer, max_seq_len: int, cache_dir: str | Path, fmt: str = "auto",
                     workers: int = 0) -> TokenizedData:
     """Tokenized `path`, from the on-disk cache when present, else built once (streaming, under a
@@ -187,6 +205,8 @@ def tokenize_cached(path: str | Path, tokenizer, max_seq_len: int, cache_dir: st
                                 path, ", ".join(notes), max_seq_len)
                 log.info("data %s: tokenized %d conversations, %d tokens in %.1f s -> %s", path, meta["examples"],
                          meta["tokens"], meta["seconds"], target)
+                if unknown_token_warning(meta):
+                    log.warning("%s", unknown_token_warning(meta))
     remember_fingerprint(Path(path), Path(cache_dir), fingerprint)
     return open_tokenized(target)
 

@@ -21,12 +21,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tune_kd import data
 from tune_kd.config import ConfigError, ExperimentConfig, UserError, load_config
 
 log = logging.getLogger(__name__)
-
-UNKNOWN_WARN_SHARE = 0.01
-
 
 @dataclass
 class Prepared:
@@ -41,6 +39,15 @@ class Prepared:
     lines: list = field(default_factory=list)
 
 
+def describe_file(role: str, meta: dict, directory: Path) -> str:
+    built = f"built in {meta['seconds']:.1f} s with {meta['workers']} worker(s)"
+    return (f"{role} {meta['source']} ({meta['format']}): {meta['conversations']:,} conversations -> "
+            f"{meta['examples']:,} examples, {meta['tokens']:,} tokens, {meta['assistant_tokens']:,} assistant tokens; "
+            f"{meta['skipped_no_assistant']:,} skipped (no assistant turn), {meta['truncated']:,} truncated, "
+            f"{meta['dropped_after_truncation']:,} dropped (max_seq_len {meta['max_seq_len']}); unknown token "
+            f"{100 * data.unknown_share(meta):.2f}% of assistant tokens; {built}; {meta['bytes'] / 2**20:.1f} MB -> {directory}")
+
+
 def check_paths(cfg: ExperimentConfig, source: str) -> None:
     """Every input path must exist before anything runs; all missing ones reported at once."""
     wanted = {"data.path": cfg.data.path, "data.val_path": cfg.data.val_path, "tokenizer": cfg.tokenizer,
@@ -51,31 +58,9 @@ def check_paths(cfg: ExperimentConfig, source: str) -> None:
         raise ConfigError(missing)
 
 
-def unknown_share(meta: dict) -> float:
-    return meta["unknown_assistant_tokens"] / max(meta["assistant_tokens"], 1)
-
-
-def describe_file(role: str, meta: dict, directory: Path) -> str:
-    built = f"built in {meta['seconds']:.1f} s with {meta['workers']} worker(s)"
-    return (f"{role} {meta['source']} ({meta['format']}): {meta['conversations']:,} conversations -> "
-            f"{meta['examples']:,} examples, {meta['tokens']:,} tokens, {meta['assistant_tokens']:,} assistant tokens; "
-            f"{meta['skipped_no_assistant']:,} skipped (no assistant turn), {meta['truncated']:,} truncated, "
-            f"{meta['dropped_after_truncation']:,} dropped (max_seq_len {meta['max_seq_len']}); unknown token "
-            f"{100 * unknown_share(meta):.2f}% of assistant tokens; {built}; {meta['bytes'] / 2**20:.1f} MB -> {directory}")
-
-
-def warn_unknown(role: str, meta: dict) -> str | None:
-    share = unknown_share(meta)
-    if share <= UNKNOWN_WARN_SHARE:
-        return None
-    return (f"WARNING: {100 * share:.1f}% of the assistant tokens of {meta['source']} are the tokenizer's unknown "
-            f"token {meta['unk_token']!r}: this tokenizer cannot spell the {role} data, and the models would learn "
-            "to emit it; use a tokenizer that covers the data's characters (a byte-level BPE never has unknowns)")
-
-
 def prepare_inputs(cfg: ExperimentConfig, source: str) -> Prepared:
     """Validate, tokenize into the shared cache and build the teacher cache: the search's preflight."""
-    from tune_kd import data, loop, models
+    from tune_kd import loop, models
 
     started = time.perf_counter()
     if cfg.embedded_demo:
@@ -96,7 +81,7 @@ def prepare_inputs(cfg: ExperimentConfig, source: str) -> Prepared:
         directory, _ = data.cache_dir_for(path, tokenizer, cfg.data.max_seq_len, cfg.data.cache_dir)
         out.files[role] = data.cache_meta(directory)
         out.lines.append(describe_file(role, out.files[role], directory))
-        warning = warn_unknown(role, out.files[role])
+        warning = data.unknown_token_warning(out.files[role])
         if warning:
             out.lines.append(warning)
     out.train_examples, out.val_examples = len(train_data), len(val_data)
