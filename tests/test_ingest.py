@@ -79,6 +79,16 @@ def test_a_template_that_rewrites_replies_falls_back_to_the_exact_method(tmp_pat
     assert tok.decode(encoded.tokens[encoded.mask].tolist()) == "one2<|im_end|>"
 
 
+def test_a_template_that_refuses_a_probe_still_ingests_what_it_accepts(tmp_path):
+    tok = demo.build_tokenizer(tmp_path / "tok")
+    tok.chat_template = ("{% for message in messages %}{% if message['role'] == 'system' %}"
+                         "{{ raise_exception('no system role') }}{% endif %}" + demo.CHAT_TEMPLATE[len("{% for message in messages %}"):])
+    renderer = ingest.ChatRenderer(tok)
+    turns = [{"role": "user", "content": "sort 21"}, {"role": "assistant", "content": "12"}]
+    encoded = ingest.encode_conversations(renderer, [turns], 512, np.int32)
+    assert tok.decode(encoded.tokens[encoded.mask].tolist()) == "12<|im_end|>"
+
+
 def test_a_bad_line_in_a_later_chunk_names_its_line_and_leaves_no_cache(tmp_path, tokenizer, records):
     path = tmp_path / "d.jsonl"
     lines = [json.dumps({"conversations": t}) for t in records[:200]]
