@@ -1,25 +1,30 @@
 """Distillation step throughput: the seed's step against tune_kd's, in one process, same data.
 
-    python bench/step_throughput.py            # GPU, the seed's sizes (student 512x8, teacher 768x16, vocab 6400)
-    python bench/step_throughput.py --quick    # CPU, the embedded default's sizes (student 64x2, teacher 128x4)
+    python bench/step_throughput.py [--compile on]   # GPU, the seed's sizes (student 512x8, teacher 768x16, vocab 6400)
+    python bench/step_throughput.py --quick          # CPU, the embedded default's sizes (student 64x2, teacher 128x4)
 
 (a) seed: a faithful re-implementation of MiniMind's step: every row padded to max_seq_len, the
     teacher in fp32 outside autocast, full (B, T, V) logits for both models, CE and KL on the masked
     rows, torch's default (non-fused) AdamW.
 (b) tune_kd: the real loop.py path (loop.backward_step + loop.optimizer_step) on length-bucketed
     batches of the same sequences: teacher weights in bf16 under inference_mode (on GPU), LM head
-    only on assistant positions, chunked fp32 loss math, fused AdamW and torch.compile on CUDA.
+    only on assistant positions, chunked fp32 loss math, fused AdamW on CUDA; with --compile on, each
+    decoder layer compiled as a trial compiles it (compiling.compile_bodies).
 (c) cached: (b) reading the teacher's top-k outputs from the teacher cache (teacher_cache.py,
     built once over the same sequences before timing) instead of running the teacher.
 
 Prints, per variant: ms/step, real tokens/s, padded tokens/s, model TFLOP/s (6*P_student +
 2*P_teacher per real token: useful work), MFU against the device's peak (when known), peak memory,
-and the ratio b/a of real-token throughput. torch.compile's one-off cost is reported separately.
+the warm-up's time beyond the steady pace (torch.compile's one-off cost when compiled, reported
+apart from the steady figures), and the ratios b/a and c/b of real-token throughput. --variants
+picks which run (bench/gpu_check.sh runs the compiled ones in a process of their own, under their
+own timeout); --result-lines adds one machine-readable '@result {json}' line per variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import tempfile
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import data, loop, models, teacher_cache  # noqa: E402
+from tune_kd import compiling, data, loop, models, teacher_cache  # noqa: E402
 from tune_kd.config import load_config  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16
@@ -88,16 +93,19 @@ def seed_step(student, teacher_fp32, optimizer, scaler, batch, precision, alpha,
 
 
 def measure(run_step, batches, warmup: int, steps: int, device) -> dict:
-    """Time `steps` steps after `warmup` (the first one timed on its own: compilation)."""
+    """Time `steps` steps after `warmup`. warmup_s: the warm-up steps' time beyond the steady pace,
+    i.e. torch.compile's one-off cost when the step is compiled (allocator and library start-up
+    otherwise); graphs: the graphs dynamo compiled so far (one per model and mode when no batch
+    shape recompiles)."""
+    from torch._dynamo.utils import counters
+
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    run_step(batches[0])
-    sync(device)
-    first = time.perf_counter() - started
-    for b in batches[1:warmup]:
+    for b in batches[:warmup]:
         run_step(b)
     sync(device)
+    warmup_seconds = time.perf_counter() - started
     timed = batches[warmup:warmup + steps]
     started = time.perf_counter()
     for b in timed:
@@ -108,7 +116,8 @@ def measure(run_step, batches, warmup: int, steps: int, device) -> dict:
     padded = sum(b["input_ids"].numel() for b in timed)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     return {"ms": 1000 * seconds / len(timed), "real": real / seconds, "padded": padded / seconds,
-            "first_s": first, "peak_gib": peak}
+            "warmup_s": max(0.0, warmup_seconds - warmup * seconds / len(timed)), "peak_gib": peak,
+            "graphs": counters["stats"]["unique_graphs"]}
 
 
 def main() -> int:
@@ -125,9 +134,16 @@ def main() -> int:
     p.add_argument("--assistant-share", type=float, default=0.5, help="share of each sequence that is assistant")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="torch.compile for tune_kd's step")
+    p.add_argument("--compile", default="off", choices=["on", "off"],
+                   help="torch.compile tune_kd's step (compiling.compile_bodies); its cost is reported apart")
+    p.add_argument("--variants", default="seed,tune_kd,cached", help="which of seed, tune_kd, cached to run")
+    p.add_argument("--result-lines", action="store_true",
+                   help="also print each row as '@result {json}' (bench/gpu_check.sh reads them)")
     p.add_argument("--peak-tflops", type=float, help="device peak for MFU (default: known GPUs)")
     args = p.parse_args()
+    variants = set(args.variants.split(","))
+    if not variants or variants - {"seed", "tune_kd", "cached"}:
+        p.error(f"--variants: give some of seed, tune_kd, cached (got {args.variants})")
     if args.quick:
         args.device, args.student, args.teacher, args.vocab = "cpu", "64,2,4,4", "128,4,4,4", 100
         args.batch, args.min_len, args.max_len, args.assistant_share = 64, 20, 60, 0.2
@@ -146,26 +162,15 @@ def main() -> int:
 
     cfg = load_config(raw={"teacher": {"arch": arch(args.teacher)}, "student": {"arch": arch(args.student)},
                            "train": {"alpha": 0.5, "temperature": 2.0, "batch_size": args.batch,
-                                     "dtype": args.dtype, "device": str(device),
-                                     "compile": args.compile}})
+                                     "dtype": args.dtype, "device": str(device)}})
     n_batches = args.warmup + args.steps
     pool = random_data(args.batch * n_batches, args.vocab, args.min_len, args.max_len, args.assistant_share, seed=1)
 
-    # (a) the seed: rows padded to max_seq_len, in the pool's order
-    seed_batches = []
-    for i in range(n_batches):
-        b = data.collate(pool, np.arange(i * args.batch, (i + 1) * args.batch), stub.pad_token_id)
-        pad = args.max_len_pad - b["input_ids"].shape[1]
-        b["input_ids"] = F.pad(b["input_ids"], (0, pad), value=stub.pad_token_id)
-        b["labels"] = F.pad(b["labels"], (0, pad), value=-100)
-        seed_batches.append(b)
-    fp32 = models.resolve_precision("float32", device)
-    student = models.make_student(cfg.student, stub, precision)
-    teacher = models.make_teacher(cfg.teacher, stub, fp32)
-    p_student = sum(x.numel() for x in student.parameters())
-    p_teacher = sum(x.numel() for x in teacher.parameters())
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
+    def param_count(spec) -> int:
+        with torch.device("meta"):
+            return sum(x.numel() for x in models.build_model(spec, stub, "bench").parameters())
+
+    p_student, p_teacher = param_count(cfg.student), param_count(cfg.teacher)
     flops_per_token = 6 * p_student + 2 * p_teacher
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if device.type == "cuda"
                                      and k in torch.cuda.get_device_name(device)), None)
@@ -174,26 +179,52 @@ def main() -> int:
     print(f"student {args.student} ({p_student / 1e6:.1f} M), teacher {args.teacher} ({p_teacher / 1e6:.1f} M), "
           f"vocab {args.vocab}, batch {args.batch}, lengths U[{args.min_len}, {args.max_len}], "
           f"seed pads to {args.max_len_pad}, {args.steps} timed steps after {args.warmup}")
-    print(f"{'variant':<10} {'ms/step':>9} {'real tok/s':>11} {'padded tok/s':>13} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'peak GiB':>9}", flush=True)
+    print(f"{'variant':<10} {'compile':>7} {'ms/step':>9} {'real tok/s':>11} {'padded tok/s':>13} {'TFLOP/s':>8} "
+          f"{'MFU':>6} {'peak GiB':>9} {'warm-up s':>9}", flush=True)
 
-    def row(label: str, m: dict) -> None:
+    def row(label: str, m: dict, compiled: bool) -> None:
         """One variant's figures, printed as soon as it is measured (a long compile cannot hide the first)."""
         tflops = m["real"] * flops_per_token / 1e12
         mfu = f"{100 * tflops / peak:5.1f}%" if peak else "   n/a"
         mem = f"{m['peak_gib']:9.2f}" if not math.isnan(m["peak_gib"]) else f"{'n/a':>9}"
-        print(f"{label:<10} {m['ms']:9.1f} {m['real']:11.0f} {m['padded']:13.0f} {tflops:8.3f} {mfu:>6} {mem}",
-              flush=True)
+        print(f"{label:<10} {'on' if compiled else 'off':>7} {m['ms']:9.1f} {m['real']:11.0f} {m['padded']:13.0f} "
+              f"{tflops:8.3f} {mfu:>6} {mem} {m['warmup_s']:9.1f}", flush=True)
+        if args.result_lines:
+            result = {"part": "step", "variant": label, "compile": compiled, "device": name, "ms": m["ms"],
+                      "real_tok_s": m["real"], "tflops": tflops, "mfu": tflops / peak if peak else None,
+                      "peak_gib": None if math.isnan(m["peak_gib"]) else m["peak_gib"],
+                      "compile_s": m["warmup_s"] if compiled else None, "graphs": m["graphs"] if compiled else None}
+            print("@result " + json.dumps(result), flush=True)
 
-    seed = measure(lambda b: seed_step(student, teacher, optimizer, scaler, b, precision, 0.5, 2.0, 1.0),
-                   seed_batches, args.warmup, args.steps, device)
-    row("seed", seed)
-    del student, teacher, optimizer
+    measured = {}
+    if "seed" in variants:
+        # (a) the seed: rows padded to max_seq_len, in the pool's order, on its own models
+        seed_batches = []
+        for i in range(n_batches):
+            b = data.collate(pool, np.arange(i * args.batch, (i + 1) * args.batch), stub.pad_token_id)
+            pad = args.max_len_pad - b["input_ids"].shape[1]
+            b["input_ids"] = F.pad(b["input_ids"], (0, pad), value=stub.pad_token_id)
+            b["labels"] = F.pad(b["labels"], (0, pad), value=-100)
+            seed_batches.append(b)
+        student = models.make_student(cfg.student, stub, precision)
+        teacher = models.make_teacher(cfg.teacher, stub, models.resolve_precision("float32", device))
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
+        measured["seed"] = measure(lambda b: seed_step(student, teacher, optimizer, scaler, b, precision, 0.5, 2.0, 1.0),
+                                   seed_batches, args.warmup, args.steps, device)
+        row("seed", measured["seed"], False)
+        del student, teacher, optimizer, seed_batches
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not variants & {"tune_kd", "cached"}:
+        return 0
 
     # (b) tune_kd: the loop's own step functions on bucketed batches of the same sequences
     lm = models.make_student(cfg.student, stub, precision)
     teacher_lm = models.make_teacher(cfg.teacher, stub, precision)
-    compiled = models.maybe_compile(cfg.train.compile, device, lm, teacher_lm)
+    compiled = args.compile == "on"
+    if compiled:
+        compiling.compile_bodies(lm, teacher_lm)
     student_fast, teacher_fast = loop.SelectedLogits(lm), loop.SelectedLogits(teacher_lm)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
@@ -202,40 +233,36 @@ def main() -> int:
     if device.type == "cuda":
         fast_batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in fast_batches]
 
-    def fast_step(b):
+    def fast_step(b, cache=None):
         normalizer = int((b["labels"][:, 1:] != -100).sum())  # host-side, no device sync
-        loop.backward_step(student_fast, teacher_fast, b, cfg, precision, None, True, normalizer, scaler)
+        loop.backward_step(student_fast, teacher_fast, b, cfg, precision, None, True, normalizer, scaler, cache=cache)
         loop.optimizer_step(lm, optimizer, scaler, 1.0)
 
-    ours = measure(fast_step, fast_batches, args.warmup, args.steps, device)
+    if "tune_kd" in variants:
+        measured["tune_kd"] = ours = measure(fast_step, fast_batches, args.warmup, args.steps, device)
+        row("tune_kd", ours, compiled)
+        padding = 1 - sum(b["num_tokens"] for b in fast_batches) / sum(b["input_ids"].numel() for b in fast_batches)
+        versus = f"ratio tune_kd/seed (real tokens/s): {ours['real'] / measured['seed']['real']:.2f}x; " \
+            if "seed" in measured else ""
+        print(f"{versus}padding left in tune_kd's batches: {100 * padding:.1f}%; warm-up beyond the steady pace "
+              f"(torch.compile {'on' if compiled else 'off'}): {ours['warmup_s']:.1f} s", flush=True)
 
-    row("tune_kd", ours)
-    padding = 1 - sum(b["num_tokens"] for b in fast_batches) / sum(b["input_ids"].numel() for b in fast_batches)
-    print(f"ratio tune_kd/seed (real tokens/s): {ours['real'] / seed['real']:.2f}x; padding left in tune_kd's "
-          f"batches: {100 * padding:.1f}%; first step (torch.compile {'on' if compiled else 'off'}): "
-          f"{ours['first_s']:.1f} s vs {seed['first_s']:.1f} s", flush=True)
-
-    # (c) tune_kd reading the teacher cache (built once here, as a search's driver does) instead of
-    # running the teacher: the same step function, the same batches
-    with tempfile.TemporaryDirectory(prefix="tune_kd-bench-cache-") as cache_dir:
-        started = time.perf_counter()
-        with torch.inference_mode():
-            teacher_cache.build(loop.teacher_rows(teacher_fast, precision, None), pool, stub.pad_token_id,
-                                cfg.teacher_cache.top_k, args.vocab, Path(cache_dir) / "cache", {})
-        build_s = time.perf_counter() - started
-        cache = teacher_cache.TeacherCache(Path(cache_dir) / "cache")
-
-        def cached_step(b):
-            normalizer = int((b["labels"][:, 1:] != -100).sum())
-            loop.backward_step(student_fast, teacher_fast, b, cfg, precision, None, True, normalizer, scaler,
-                               cache=cache)
-            loop.optimizer_step(lm, optimizer, scaler, 1.0)
-
-        cached = measure(cached_step, fast_batches, args.warmup, args.steps, device)
-        row("cached", cached)
-        print(f"ratio cached/tune_kd (real tokens/s): {cached['real'] / ours['real']:.2f}x, per-step time "
-              f"{cached['ms'] / ours['ms']:.2f} of the live teacher's; cache: top-{min(cfg.teacher_cache.top_k, args.vocab)}"
-              f" of {args.vocab}, {cache.nbytes / 2**20:.1f} MB for {len(pool)} sequences, built in {build_s:.1f} s")
+    if "cached" in variants:
+        # (c) tune_kd reading the teacher cache (built once here, as a search's driver does) instead of
+        # running the teacher: the same step function, the same batches
+        with tempfile.TemporaryDirectory(prefix="tune_kd-bench-cache-") as cache_dir:
+            started = time.perf_counter()
+            with torch.inference_mode():
+                teacher_cache.build(loop.teacher_rows(teacher_fast, precision, None), pool, stub.pad_token_id,
+                                    cfg.teacher_cache.top_k, args.vocab, Path(cache_dir) / "cache", {})
+            build_s = time.perf_counter() - started
+            cache = teacher_cache.TeacherCache(Path(cache_dir) / "cache")
+            cached = measure(lambda b: fast_step(b, cache), fast_batches, args.warmup, args.steps, device)
+            row("cached", cached, compiled)
+            versus = f"ratio cached/tune_kd (real tokens/s): {cached['real'] / measured['tune_kd']['real']:.2f}x; " \
+                if "tune_kd" in measured else ""
+            print(f"{versus}cache: top-{min(cfg.teacher_cache.top_k, args.vocab)} of {args.vocab}, "
+                  f"{cache.nbytes / 2**20:.1f} MB for {len(pool)} sequences, built in {build_s:.1f} s")
     return 0
 
 

@@ -105,7 +105,7 @@ class TrainConfig:
     feature_weight: float = 0.0                    # feature distillation's weight (0: off)
     feature_loss: Literal["mse", "cosine"] = "mse"
     feature_layers: Optional[list] = None          # [[student layer, teacher layer], ...]; default evenly spaced
-    compile: Literal["auto", "on", "off"] = "auto"   # torch.compile the models; auto: on CUDA only
+    compile: Literal["auto", "on", "off"] = "auto"   # torch.compile; auto: on CUDA when it pays back (compiling.py)
     seed: int = 0
     num_workers: int = 0
     log_interval: int = 100                        # optimizer steps between log lines

@@ -23,14 +23,14 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tune_kd import checkpoint, data, features, losses, models, teacher_cache
+from tune_kd import checkpoint, compiling, data, features, losses, models, teacher_cache
 from tune_kd.checkpoint import Progress
 from tune_kd.config import ExperimentConfig, UserError
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict, Callable[[Path], None]], None]
-METRICS = ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc", "tokens_per_s")
+METRICS = ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc", "tokens_per_s", "gpu_peak_gib")
 
 
 @dataclass
@@ -83,7 +83,7 @@ class SelectedLogits(torch.nn.Module):
         self.moe = models.moe_settings(lm.config)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        wants = {}
+        wants = {"use_cache": False}   # no KV cache to fill: it costs memory, and recompiles compiled layers
         if self.feature_layers:
             wants["output_hidden_states"] = True
         if self.moe is not None and self.training:
@@ -331,6 +331,12 @@ def start_wandb(cfg: ExperimentConfig):
     return run
 
 
+def gpu_peak_gib(device: torch.device) -> float:
+    """The most GPU memory this process has allocated since train() began (GiB): a trial's real need,
+    which search.measure_trial_gpu_memory predicts. NaN off CUDA, as val_kl is without a teacher."""
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
+
+
 class TrainingDiverged(UserError):
     """The training loss became NaN or infinite: the run stops instead of burning compute."""
 
@@ -364,13 +370,14 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     precision = models.resolve_precision(t.dtype, device)
     if rank == 0:
         log.info("precision: %s (device %s)", precision.reason, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)   # gpu_peak_gib: this run's own peak
     torch.manual_seed(t.seed)
     tokenizer, train_data, val_data = load_data(cfg)
     pad_id = padding_id(tokenizer)
     lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
     teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
-    models.maybe_compile(t.compile, device, lm, teacher_lm)
     pairs = features.layer_map(t.feature_layers, lm.config.num_hidden_layers, teacher_lm.config.num_hidden_layers) \
         if t.feature_weight > 0 and teacher_lm is not None else []
     projector = features.FeatureProjector(len(pairs), lm.config.hidden_size, teacher_lm.config.hidden_size).to(device) \
@@ -401,6 +408,10 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         log.info("train: %d conversations, %d val; %d epochs x %d steps; student %.2fM params%s", len(train_data),
                  len(val_data), t.epochs, steps_per_epoch, sum(p.numel() for p in lm.parameters()) / 1e6,
                  f", teacher {sum(p.numel() for p in teacher_lm.parameters()) / 1e6:.2f}M" if teacher_lm else "")
+    compiler = compiling.TrialCompile(t.compile, device, (lm, teacher_lm), cfg.data.cache_dir,
+                                      compiling.shapes_key(lm, teacher_lm, need_teacher and cache is None, device,
+                                                           precision.autocast_dtype),
+                                      steps_left=total_steps - progress.step, epoch=progress.epoch, record=rank == 0)
     run_started, steps_this_run = time.perf_counter(), 0
     divergence_check_every = 1 if device.type == "cpu" else t.log_interval
 
@@ -439,6 +450,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             if not last_in_window:
                 continue
             optimizer_step(trained, optimizer, scaler, t.grad_clip)
+            compiler.after_step(epoch)
             progress.step, progress.batch, epoch_steps = progress.step + 1, micro + 1, epoch_steps + 1
             steps_this_run, log_steps = steps_this_run + 1, log_steps + 1
             epoch_loss += window_loss
@@ -473,6 +485,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         metrics = {"epoch": epoch + 1, "train_loss": train_loss.item(), "tokens_per_s": epoch_tokens * world / train_seconds}
         metrics.update(evaluate(student, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world,
                                 temperature=temperature_at(progress.step, total_steps, t)))
+        metrics["gpu_peak_gib"] = gpu_peak_gib(device)
         progress.history.append(metrics)
         if rank == 0:
             log.info("epoch %d: %s", epoch + 1, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -328,19 +328,6 @@ def make_teacher(spec: ModelSpec, tokenizer, precision: Precision):
     return model.to(precision.device)
 
 
-def maybe_compile(setting: str, device: torch.device, *lms) -> bool:
-    """torch.compile the transformer bodies of `lms` in place when `setting` says so (auto: CUDA only).
-
-    In place keeps state-dict keys plain; dynamic=True because bucketed batches vary in shape.
-    """
-    enabled = setting == "on" or (setting == "auto" and device.type == "cuda")
-    if enabled:
-        for lm in lms:
-            if lm is not None:
-                lm.base_model.compile(dynamic=True)
-    return enabled
-
-
 def vocab_rows(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
 

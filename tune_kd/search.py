@@ -41,35 +41,53 @@ def check_gpus(cfg: ExperimentConfig, available: int, source: str) -> None:
 
 
 def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
-    """Peak bytes of one training step on the longest batch: what one trial needs on a GPU."""
+    """Peak bytes one trial allocates on a GPU (what its gpu_peak_gib metric reports): both models as
+    a trial loads them, and two training steps on the training split's longest batch, the second with
+    the optimizer's state already held, as in every step after a trial's first. The teacher's outputs
+    come from the teacher cache where a trial reads them from it. The step runs eager: a compiled
+    one keeps fewer activations, so this bounds it. Memory this process already held is not counted."""
+    import gc
+
     import torch
 
     from tune_kd import data, loop, models
 
-    precision = models.resolve_precision(cfg.train.dtype, torch.device("cuda"))
+    device = torch.device("cuda")
+    precision = models.resolve_precision(cfg.train.dtype, device)
     tokenizer, train_data, _ = loop.load_data(cfg)
-    torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
     lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
     teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
     student = loop.SelectedLogits(lm)
     teacher = loop.SelectedLogits(teacher_lm) if teacher_lm is not None else None
+    pad_id = loop.padding_id(tokenizer)
+    # alpha may be searched: assume the trial runs (or reads) the teacher whenever there is one
+    cache = loop.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id) \
+        if teacher is not None and cfg.train.feature_weight == 0 else None
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler)
     longest = train_data.lengths.argsort()[-cfg.train.batch_size:]
-    batch = data.collate(train_data, longest, tokenizer.pad_token_id or 0)
+    batch = data.collate(train_data, longest, pad_id)
     scored = int((batch["labels"][:, 1:] != -100).sum())
-    loop.backward_step(student, teacher, batch, cfg, precision, teacher_cols, teacher is not None, scored, scaler)
-    loop.optimizer_step(lm, optimizer, scaler, cfg.train.grad_clip)
-    peak = torch.cuda.max_memory_allocated()
-    del student, teacher, lm, teacher_lm, optimizer
+    for _ in range(2):
+        loop.backward_step(student, teacher, batch, cfg, precision, teacher_cols, teacher is not None, scored, scaler,
+                           cache=cache)
+        loop.optimizer_step(lm, optimizer, scaler, cfg.train.grad_clip)
+    peak = torch.cuda.max_memory_allocated(device) - held
+    del student, teacher, lm, teacher_lm, optimizer, cache
+    gc.collect()
     torch.cuda.empty_cache()
     return peak
 
 
 def trial_resources(cfg: ExperimentConfig, gpus: int) -> dict:
-    """{"cpu": .., "gpu": ..}: gpu auto is 0 without GPUs, else the largest 1/k of a GPU that fits."""
-    gpu = cfg.resources.gpu_per_trial
+    """{"cpu": .., "gpu": .., "workers": ..}: gpu auto is 0 without GPUs, else the largest 1/k of a GPU
+    that fits; when auto measured a trial (measure_trial_gpu_memory), also "gpu_probe_gib", its figure."""
+    gpu, probe = cfg.resources.gpu_per_trial, {}
     if gpu == "auto":
         if gpus == 0:
             gpu = 0
@@ -80,10 +98,10 @@ def trial_resources(cfg: ExperimentConfig, gpus: int) -> dict:
 
             peak, total = measure_trial_gpu_memory(cfg), torch.cuda.get_device_properties(0).total_memory
             per_gpu = max(1, min(8, int(0.85 * total // max(1, int(peak * 1.25)))))  # 25% headroom, 15% spare
-            gpu = 1.0 / per_gpu
+            gpu, probe = 1.0 / per_gpu, {"gpu_probe_gib": peak / 2**30}
             log.info("gpu_per_trial auto: one trial peaks at %.2f GiB of %.0f GiB -> %d trials per GPU",
                      peak / 2**30, total / 2**30, per_gpu)
-    return {"cpu": cfg.resources.cpu_per_trial, "gpu": gpu, "workers": cfg.resources.workers_per_trial}
+    return {"cpu": cfg.resources.cpu_per_trial, "gpu": gpu, "workers": cfg.resources.workers_per_trial, **probe}
 
 
 DRIVER_CPU = 0.01   # what the actor of a data-parallel trial holds (Ray needs a non-empty request)
@@ -383,7 +401,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     rows = trial_rows(experiment_dir, cfg, errors)
     best = write_summary(experiment_dir, cfg, rows)
     summary = {"rows": rows, "best": best, "seconds": time.perf_counter() - started, "dir": experiment_dir,
-               "parallel": parallel}
+               "parallel": parallel, "resources": resources}
     print(format_table(rows))
     print(f"{len(rows)} trials in {summary['seconds']:.0f} s -> {experiment_dir / 'trials.csv'}")
     if teacher_outputs is not None:

@@ -1,0 +1,139 @@
+"""bench/gpu_check.sh's table: reads the parts' output on stdin, prints one row per result at once.
+
+Input lines it reads (everything else is ignored; gpu_check.sh keeps it in its log):
+    @result {"part": "step", ...}     bench/step_throughput.py --result-lines (one per variant)
+    @result {"part": "search", ...}   bench/gpu_search.py --result-lines
+    @result {"part": LABEL, "timed_out_s": N} / {"part": LABEL, "exit_code": N} / {"part": "setup", "note": ..}
+                                      gpu_check.sh itself
+    ===== 3 passed, 1 skipped in 20.1s =====   pytest's closing line (part d)
+
+Each row: part, check, result, goal, verdict. The verdict is "met" / "NOT met" against the GPU
+targets, "n/a (CPU)" for figures measured on a CPU (the smoke mode), "TIMEOUT" / "FAILED" for a
+part that did not finish. The step rows remember the seed's figures to compare tune_kd's with.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+COLUMNS = (("part", 4), ("check", 34), ("result", 84), ("goal", 27), ("verdict", 0))
+PART_LETTERS = {"setup": "-", "step_eager": "a,b", "step_compiled": "a,b", "search": "c", "pytest": "d"}
+STEP_SPEEDUP_GOAL, MFU_GOAL, CACHED_SPEEDUP_GOAL, PROBE_TOLERANCE = 8.0, 0.30, 2.0, 0.25
+# pytest's closing line, with or without its rule of "=" (-q drops it)
+PYTEST_SUMMARY = re.compile(r"^=*\s*(?P<summary>\d+ (?:passed|failed|skipped|errors?|deselected|warnings?)\b"
+                            r"[\w, ]* in [\d.]+s(?: \([\d:]+\))?)\s*=*$")
+
+
+def format_row(*cells: str) -> str:
+    return " ".join(str(cell).ljust(width) for cell, (_, width) in zip(cells, COLUMNS)).rstrip()
+
+
+def header() -> str:
+    return format_row(*(name for name, _ in COLUMNS)) + "\n" + "-" * 170
+
+
+def verdict(ok: bool, on_cpu: bool) -> str:
+    return "n/a (CPU)" if on_cpu else "met" if ok else "NOT met"
+
+
+class Table:
+    """Turns result records into rows; keeps what later rows compare with (the seed's, the live step's)."""
+
+    def __init__(self):
+        self.seed: dict | None = None
+        self.live: dict[bool, dict] = {}      # compile on/off -> tune_kd's live-teacher step
+
+    def rows(self, line: str) -> list[str]:
+        line = line.rstrip("\n")
+        summary = PYTEST_SUMMARY.match(line)
+        if summary:
+            return [self.pytest_row(summary["summary"])]
+        if not line.startswith("@result "):
+            return []
+        try:
+            record = json.loads(line[len("@result "):])
+        except ValueError:
+            return [format_row("?", "unreadable result line", line[:66], "", "FAILED")]
+        if "timed_out_s" in record:
+            return [format_row(PART_LETTERS.get(record["part"], "?"), f"{record['part']}: stopped",
+                               f"timed out after {record['timed_out_s']} s", "", "TIMEOUT")]
+        if "exit_code" in record:
+            return [format_row(PART_LETTERS.get(record["part"], "?"), f"{record['part']}: stopped",
+                               f"exit code {record['exit_code']} (see the log)", "", "FAILED")]
+        if record["part"] == "setup":
+            return [format_row("-", "setup", record["note"], "", "")]
+        if record["part"] == "step":
+            return [self.step_row(record)]
+        if record["part"] == "search":
+            return self.search_rows(record)
+        return [format_row("?", f"unknown part {record['part']!r}", "", "", "FAILED")]
+
+    def step_row(self, r: dict) -> str:
+        on_cpu = r["device"].startswith("CPU")
+        compiled = "compile on" if r["compile"] else "compile off"
+        figures = f"{r['ms']:.1f} ms/step, {r['real_tok_s']:,.0f} real tok/s"
+        figures += f", MFU {100 * r['mfu']:.1f}%" if r["mfu"] is not None else ", MFU n/a"
+        figures += f", {r['peak_gib']:.2f} GiB" if r["peak_gib"] is not None else ", peak n/a"
+        if r["compile"]:
+            figures += f", compile {r['compile_s']:.1f} s ({r['graphs']} graphs)"
+        if r["variant"] == "seed":
+            self.seed = r
+            return format_row("a", "step: seed", figures, "(the baseline)", "measured" if not on_cpu else "n/a (CPU)")
+        if r["variant"] == "tune_kd":
+            self.live[r["compile"]] = r
+            if self.seed is None:
+                return format_row("a", f"step: tune_kd, {compiled}", figures, "", "no seed row to compare")
+            speedup = r["real_tok_s"] / self.seed["real_tok_s"]
+            ok = speedup >= STEP_SPEEDUP_GOAL and (r["mfu"] or 0) >= MFU_GOAL and \
+                (r["peak_gib"] or 0) <= (self.seed["peak_gib"] or 0)
+            return format_row("a", f"step: tune_kd, {compiled}", f"{speedup:.2f}x seed; {figures}",
+                              f">={STEP_SPEEDUP_GOAL:g}x, MFU>={MFU_GOAL:.0%}, <=seed GiB", verdict(ok, on_cpu))
+        live = self.live.get(r["compile"])
+        if live is None:
+            return format_row("b", f"step: cached teacher, {compiled}", figures, "", "no live row to compare")
+        speedup = r["real_tok_s"] / live["real_tok_s"]
+        return format_row("b", f"step: cached teacher, {compiled}", f"{speedup:.2f}x live; {figures}",
+                          f">={CACHED_SPEEDUP_GOAL:g}x the live step", verdict(speedup >= CACHED_SPEEDUP_GOAL, on_cpu))
+
+    @staticmethod
+    def search_rows(r: dict) -> list[str]:
+        on_cpu = r["device"] == "cpu"
+        probe = r["probe_gib"]
+        share = f"{r['share']:g} of a GPU" + (f" (probe {probe:.3f} GiB of {r['gpu_total_gib']:.0f} GiB)"
+                                               if probe is not None else " (no GPU: nothing probed)")
+        rows = [format_row("c", "gpu_per_trial auto", share, "", "measured" if not on_cpu else "n/a (CPU)"),
+                format_row("c", "trials at once", f"{r['peak_running']} (max_concurrent {r['parallel']}), "
+                           f"search {r['seconds']:.0f} s", f">={r['goal']} on one GPU",
+                           verdict(r["peak_running"] >= r["goal"], on_cpu))]
+        for trial, real in r["trial_peak_gib"].items():
+            if real is None or probe is None:
+                rows.append(format_row("c", f"trial {trial} peak vs probe", "no GPU figure (gpu_peak_gib is NaN off "
+                                       "CUDA)", f"within {PROBE_TOLERANCE:.0%}", "n/a (CPU)"))
+                continue
+            ratio = probe / real
+            rows.append(format_row("c", f"trial {trial} peak vs probe", f"real {real:.3f} GiB, probe {probe:.3f} GiB: "
+                                   f"probe/real {ratio:.2f}", f"within {PROBE_TOLERANCE:.0%}",
+                                   verdict(abs(ratio - 1) <= PROBE_TOLERANCE, on_cpu)))
+        return rows
+
+    @staticmethod
+    def pytest_row(summary: str) -> str:
+        failed = re.search(r"\d+ (failed|errors?)", summary) is not None
+        ran = re.search(r"\d+ (passed|failed)", summary) is not None
+        state = "FAILED" if failed else "met" if ran else "n/a (all skipped: no GPU)"
+        return format_row("d", "pytest -m gpu", summary, "all pass", state)
+
+
+def main() -> int:
+    table = Table()
+    print(header(), flush=True)
+    for line in sys.stdin:
+        for row in table.rows(line):
+            print(row, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
