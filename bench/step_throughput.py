@@ -59,7 +59,7 @@ def random_data(n: int, vocab: int, min_len: int, max_len: int, assistant_share:
     lengths = rng.integers(min_len, max_len + 1, size=n)
     tokens = rng.integers(3, vocab, size=int(lengths.sum())).astype(np.int32)
     mask = np.concatenate([np.arange(length) >= int(length * (1 - assistant_share)) for length in lengths])
-    return data.TokenizedData(tokens=tokens, mask=mask, offsets=np.concatenate([[0], np.cumsum(lengths)]))
+    return data.TokenizedData.from_arrays(tokens, mask, lengths)
 
 
 def sync(device: torch.device) -> None:

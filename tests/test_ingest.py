@@ -95,7 +95,7 @@ def test_a_bad_line_in_a_later_chunk_names_its_line_and_leaves_no_cache(tmp_path
     lines[157] = '{"conversations": [{"role": "user", "content": "x"}]}'
     path.write_text("\n".join(lines) + "\n")
     for workers in (1, 2):
-        with pytest.raises(DataError, match=rf"d.jsonl:158: conversation ends with a user turn"):
+        with pytest.raises(DataError, match=r"d.jsonl:158: conversation ends with a user turn"):
             data.tokenize_cached(path, tokenizer, 48, tmp_path / "cache", workers=workers)
         assert not (tmp_path / "cache").exists()
 
