@@ -252,17 +252,19 @@ def main() -> int:
         # running the teacher: the same step function, the same batches
         with tempfile.TemporaryDirectory(prefix="tune_kd-bench-cache-") as cache_dir:
             started = time.perf_counter()
+            top_k = 128 if cfg.teacher_cache.top_k == "auto" else cfg.teacher_cache.top_k   # auto would measure first
+            cache_layout = teacher_cache.layout(top_k, args.vocab, cfg.teacher_cache.dtype)
             with torch.inference_mode():
                 teacher_cache.build(loop.teacher_rows(teacher_fast, precision, None), pool, stub.pad_token_id,
-                                    cfg.teacher_cache.top_k, args.vocab, Path(cache_dir) / "cache", {})
+                                    cache_layout, Path(cache_dir) / "cache", {})
             build_s = time.perf_counter() - started
             cache = teacher_cache.TeacherCache(Path(cache_dir) / "cache")
             cached = measure(lambda b: fast_step(b, cache), fast_batches, args.warmup, args.steps, device)
             row("cached", cached, compiled)
             versus = f"ratio cached/tune_kd (real tokens/s): {cached['real'] / measured['tune_kd']['real']:.2f}x; " \
                 if "tune_kd" in measured else ""
-            print(f"{versus}cache: top-{min(cfg.teacher_cache.top_k, args.vocab)} of {args.vocab}, "
-                  f"{cache.nbytes / 2**20:.1f} MB for {len(pool)} sequences, built in {build_s:.1f} s")
+            print(f"{versus}cache: {cache_layout.describe()}, {cache.nbytes / 2**20:.1f} MB for {len(pool)} sequences, "
+                  f"built in {build_s:.1f} s")
     return 0
 
 

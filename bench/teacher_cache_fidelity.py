@@ -1,24 +1,34 @@
-"""Teacher cache fidelity: the KD loss and its gradient from the cache against the live teacher, by k.
+"""Teacher cache fidelity: the KD loss and its gradient from the cache against the live teacher, by k
+and stored dtype, and the k that teacher_cache.top_k auto picks.
 
-    python bench/teacher_cache_fidelity.py [--space search_spaces/kd.yaml] [--k 2 4 8 ...] [--conversations 512]
+    python bench/teacher_cache_fidelity.py --world docstrings     # MiniMind's 6,400-id BPE tokenizer
+    python bench/teacher_cache_fidelity.py                        # the embedded default (vocab 103)
 
-On the embedded default's teacher and data (built offline on first use) and its student
-architecture, twice: a fresh student (far from the teacher) and the search's exported best
-student when results/kd-demo/best_student exists (close to it, where the tail matters most). For
-each k it builds a cache over the first --conversations training conversations and, for each T,
-compares over those conversations (in batches of train.batch_size):
+Worlds: `docstrings` (bench/docstring_world.py: chat data made of installed packages' docstrings,
+a teacher trained on it, a student distilled from it; built and cached under results/ on first
+use, tens of CPU minutes the first time) and `demo` (--space's teacher and data, the embedded default unless told
+otherwise). For two students (a fresh one, far from the teacher, and a trained one, close to it,
+where the tail matters most) and a fixed seeded sample of training conversations, each (k, dtype)
+is compared with the live teacher at every T of --temperatures (cache_fidelity.FidelityMeter):
 
-    loss error      |KD_cache - KD_live| / KD_live          (the kd_loss of the YAML, summed)
-    gradient error  ||g_cache - g_live|| / ||g_live||       (w.r.t. every student parameter)
+    loss error           |KD_cache - KD_live| / KD_live          (the config's kd_loss, summed)
+    grad error (params)  ||g_cache - g_live|| / ||g_live||       w.r.t. every student parameter
+    grad error (logits)  the same w.r.t. the student's logits    (what top_k auto measures)
 
-and prints the worst over T in [1, 5] per k with the teacher's mean tail mass at T = 5.
+printing the worst over T (and where) with the teacher's mean tail mass (the probability outside
+its top k) at T = 1 and T = 5. Every k of auto's ladder is measured in float16 (the default
+dtype); --compare-k are measured in float32 and bfloat16 as well. Last, top_k auto's own
+decision for the world's config with T searched over the same range (loop.plan_teacher_cache,
+against the fresh student).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
-import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -26,56 +36,104 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import data, demo, loop, models, teacher_cache  # noqa: E402
+from tune_kd import cache_fidelity, demo, loop, models, teacher_cache  # noqa: E402
 from tune_kd.config import load_config  # noqa: E402
 
-TEMPERATURES = (1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0)
+TEMPERATURES = (1.0, 2.0, 3.0, 4.0, 5.0)
+
+
+def load_world(args):
+    """(config, {student name: language model}) for --world."""
+    if args.world == "docstrings":
+        import docstring_world
+
+        world = docstring_world.prepare()
+        cfg = load_config(raw=world["config"])
+        trained_path = world["distilled_student"]
+        print(f"docstring world: teacher val_ce {world['teacher_metrics']['val_ce']:.3f} "
+              f"({world['teacher_metrics']['train_seconds']:.0f} s of training), distilled student val_ce "
+              f"{world['student_metrics']['val_ce']:.3f}, val_kl {world['student_metrics']['val_kl']:.3f}")
+    else:
+        cfg = load_config(args.space)
+        if cfg.embedded_demo:
+            demo.prepare()
+        trained_path = Path(args.trained)
+    return cfg, trained_path
+
+
+def tail_mass(teacher_logits: torch.Tensor, k: int, temperature: float) -> float:
+    """Mean probability the teacher puts outside its top k at temperature T."""
+    probs = torch.softmax(teacher_logits.float() / temperature, dim=-1)
+    return float(1.0 - probs.topk(min(k, probs.shape[-1]), dim=-1).values.sum(-1).mean())
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--space", default="search_spaces/kd.yaml")
-    parser.add_argument("--k", type=int, nargs="+", default=[2, 4, 8, 12, 16, 24, 32, 48, 64, 103])
-    parser.add_argument("--conversations", type=int, default=512)
-    parser.add_argument("--trained", default="results/kd-demo/best_student")
+    parser.add_argument("--world", choices=("demo", "docstrings"), default="demo")
+    parser.add_argument("--space", default="search_spaces/kd.yaml", help="demo world: the experiment YAML")
+    parser.add_argument("--trained", default="results/kd-demo/best_student",
+                        help="demo world: the trained student (the search's export), when it exists")
+    parser.add_argument("--conversations", type=int, default=64)
+    parser.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES))
+    parser.add_argument("--compare-k", type=int, nargs="+", default=[64, 256, 1024],
+                        help="ks also measured in float32 and bfloat16")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    started = time.perf_counter()
     torch.manual_seed(0)
-    cfg = load_config(args.space)
-    if cfg.embedded_demo:
-        demo.prepare()
+    cfg, trained_path = load_world(args)
     precision = models.resolve_precision("float32", torch.device("cpu"))
+    torch.manual_seed(cfg.train.seed)   # the fresh student as loop.train would build it
     tokenizer, train_data, _ = loop.load_data(cfg)
-    sample = train_data.subset(np.arange(min(args.conversations, len(train_data))))
-    pad_id = tokenizer.pad_token_id
-    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
-    teacher = loop.SelectedLogits(teacher_lm)
-    vocab = models.vocab_rows(teacher_lm)
-    batches = [data.collate(sample, idx, pad_id) for idx in data.epoch_batches(sample, cfg.train.batch_size, 0, 0)]
     students = {"fresh student": models.make_student(cfg.student, tokenizer, precision)}
-    if Path(args.trained).is_dir():
+    if trained_path.is_dir():
         from transformers import AutoModelForCausalLM
 
-        students["trained student"] = AutoModelForCausalLM.from_pretrained(args.trained, dtype=torch.float32)
-    print(f"teacher {cfg.teacher.path} (vocab {vocab}), kd_loss {cfg.train.kd_loss}, {len(sample)} conversations "
-          f"({int(sample.target_counts.sum())} scored positions), T in {list(TEMPERATURES)}")
+        students["trained student"] = AutoModelForCausalLM.from_pretrained(trained_path, dtype=torch.float32)
+    teacher = loop.SelectedLogits(models.make_teacher(cfg.teacher, tokenizer, precision))
+    vocab = models.vocab_rows(teacher.lm)
+    pad_id = loop.padding_id(tokenizer)
+    batches = cache_fidelity.sample_batches(train_data, pad_id, conversations=args.conversations)
+    teacher_rows = loop.teacher_rows(teacher, precision, None)
+    ks = teacher_cache.auto_ladder(vocab)
+    layouts = [teacher_cache.layout(k, vocab, "float16") for k in ks]
+    layouts += [teacher_cache.layout(k, vocab, dtype) for k in args.compare_k if k < vocab
+                for dtype in ("float32", "bfloat16")]
+    layouts.sort(key=lambda lay: (lay.k, lay.dtype != "float32", lay.dtype))
+    teacher_logits = torch.cat([teacher_rows(b) for b in batches])
+    positions = teacher_logits.shape[0]
+    print(f"teacher {cfg.teacher.path} (vocab {vocab}), kd_loss {cfg.train.kd_loss}, {args.conversations} sampled "
+          f"conversations ({positions} scored positions), T in {args.temperatures}")
+    header = (f"{'k':>5} {'dtype':>8} {'bytes/pos':>9} {'loss error':>10} {'at T':>4} {'grad (params)':>13} "
+              f"{'at T':>4} {'grad (logits)':>13} {'at T':>4} {'tail T=1':>9} {'T=5':>8}")
     for name, lm in students.items():
         student = loop.SelectedLogits(lm)
-        print(f"\n{name}: worst relative error over T (and where), by k")
-        print(f"{'k':>5} {'bytes/pos':>9} {'loss error':>11} {'at T':>5} {'grad error':>11} {'at T':>5} "
-              f"{'tail mass T=1':>14} {'T=5':>7}")
-        for k in args.k:
-            with tempfile.TemporaryDirectory() as tmp:
-                with torch.inference_mode():
-                    teacher_cache.build(loop.teacher_rows(teacher, precision, None), sample, pad_id, k, vocab,
-                                        Path(tmp) / "c", {})
-                cache = teacher_cache.TeacherCache(Path(tmp) / "c")
-                errors = teacher_cache.fidelity(cfg, student, teacher, cache, batches, precision, TEMPERATURES)
-                worst_loss = max(errors, key=lambda t: errors[t][0])
-                worst_grad = max(errors, key=lambda t: errors[t][1])
-                print(f"{min(k, vocab):>5} {teacher_cache.bytes_per_position(k, vocab):>9} "
-                      f"{100 * errors[worst_loss][0]:>10.3f}% {worst_loss:>5g} {100 * errors[worst_grad][1]:>10.3f}% "
-                      f"{worst_grad:>5g} {teacher_cache.tail_mass(cache, 1.0):>14.2e} "
-                      f"{teacher_cache.tail_mass(cache, 5.0):>7.2e}", flush=True)
+        meter = cache_fidelity.FidelityMeter(layouts, args.temperatures, {cfg.train.kd_loss: loop.kd_options(cfg.train)},
+                                             list(student.parameters()))
+        for batch in batches:
+            s_logits, t_logits, *_ = loop.forward_pair(student, teacher, batch, precision, None, True)
+            meter.add(s_logits, t_logits, conversations=len(batch["indices"]))
+        print(f"\n{name}: worst relative error over T (and where), by k and stored dtype")
+        print(header)
+        for lay, f in meter.results().items():
+            at = lambda t: "-" if t is None else f"{t:g}"  # noqa: E731
+            print(f"{lay.k:>5} {lay.value_dtype:>8} {lay.bytes_per_position:>9} {100 * f.loss:>9.3f}% {at(f.loss_at):>4} "
+                  f"{100 * f.param_grad:>12.3f}% {at(f.param_grad_at):>4} {100 * f.grad:>12.3f}% {at(f.grad_at):>4} "
+                  f"{tail_mass(teacher_logits, lay.k, 1.0):>9.2e} {tail_mass(teacher_logits, lay.k, 5.0):>8.2e}",
+                  flush=True)
+        del meter
+
+    # top_k auto's own decision: T searched over the same range, against the fresh student
+    searched = {"temperature": {"distribution": "uniform", "min": min(args.temperatures),
+                                "max": max(args.temperatures)}}
+    auto_cfg = cfg.replace(parameters={**cfg.parameters, **searched},
+                           teacher_cache=dataclasses.replace(cfg.teacher_cache, mode="auto", top_k="auto"))
+    torch.manual_seed(cfg.train.seed)
+    fresh = loop.SelectedLogits(models.make_student(cfg.student, tokenizer, precision))
+    plan, _ = loop.plan_teacher_cache(auto_cfg, tokenizer, train_data, teacher, precision, None, pad_id, fresh)
+    print(f"\ntop_k auto on this world (T searched in [{min(args.temperatures):g}, {max(args.temperatures):g}], "
+          f"{len(train_data)} training conversations, {int(train_data.target_counts.sum())} positions): {plan.why}")
+    print(f"\nbench wall time {time.perf_counter() - started:.0f} s")
     return 0
 
 

@@ -1,6 +1,9 @@
-"""The teacher-output cache: exactness at k = V, fidelity at the default k, invalidation, sharing."""
+"""The teacher-output cache: storage dtypes and sizes, exactness at k = V, fidelity, top_k auto,
+invalidation, sharing."""
 
 import json
+import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -10,27 +13,35 @@ import numpy as np
 import pytest
 import torch
 
-from tune_kd import data, loop, losses, models, teacher_cache
+from tune_kd import cache_fidelity, data, loop, losses, models, teacher_cache
 from tune_kd.config import ConfigError, UserError, load_config
 from tune_kd.losses import KD_LOSSES
 
 from conftest import tiny_raw
 
+SEARCHED_T = {"temperature": {"distribution": "uniform", "min": 1.0, "max": 5.0}}
+
 
 def setup_run(cfg):
-    """(tokenizer, train split, teacher SelectedLogits, precision, teacher_cols, pad id) as loop.train has them."""
+    """(tokenizer, train split, teacher SelectedLogits, precision, teacher_cols, pad id, student
+    SelectedLogits) as loop.train has them (the student seeded as train seeds it)."""
     precision = models.resolve_precision("float32", torch.device("cpu"))
+    torch.manual_seed(cfg.train.seed)
     tokenizer, train_data, _ = loop.load_data(cfg)
-    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
     student_lm = models.make_student(cfg.student, tokenizer, precision)
+    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
     cols = models.check_compatibility(teacher_lm, student_lm, tokenizer)
-    return tokenizer, train_data, loop.SelectedLogits(teacher_lm), precision, cols, tokenizer.pad_token_id
+    return (tokenizer, train_data, loop.SelectedLogits(teacher_lm), precision, cols, tokenizer.pad_token_id,
+            loop.SelectedLogits(student_lm))
 
 
-def open_cache(cfg, tmp_path=None):
-    tokenizer, train_data, teacher, precision, cols, pad = setup_run(cfg)
-    return loop.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, cols, pad)[0], train_data, teacher
-
+def open_cache(cfg, teacher_scale: float = 1.0):
+    """(the cache loop.open_teacher_cache opens for cfg, or None; train split; teacher). teacher_scale
+    multiplies the teacher's output layer: above 1 a peakier teacher, below 1 a flatter one."""
+    tokenizer, train_data, teacher, precision, cols, pad, student = setup_run(cfg)
+    with torch.no_grad():
+        teacher.lm.get_output_embeddings().weight.mul_(teacher_scale)
+    return loop.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, cols, pad, student)[0], train_data, teacher
 
 def live_and_cached(cfg, cache, train_data, teacher, indices, temperature, kd_loss="forward_kl"):
     """The KD term and its gradient w.r.t. the student's logits, from the live teacher and from the cache,
@@ -51,9 +62,12 @@ def live_and_cached(cfg, cache, train_data, teacher, indices, temperature, kd_lo
 
 
 def test_the_cache_holds_the_full_distribution_when_k_is_the_vocab(tiny_config):
+    """k >= V stores whole rows as float32 logits in id order, whatever teacher_cache.dtype says (here
+    the default float16): 4 bytes per logit, like a float16 value + uint16 id, and the live loss."""
     cfg = tiny_config(teacher_cache={"mode": "on", "top_k": 10_000})
     cache, train_data, teacher = open_cache(cfg)
-    assert cache.tail is None and cache.meta["top_k"] == cache.meta["vocab"]
+    assert cache.tail is None and cache.ids is None and cache.meta["top_k"] == cache.meta["vocab"] == 103
+    assert cache.values.dtype == np.float32 and cache.meta["bytes_per_position"] == 4 * 103
     for kd_loss in KD_LOSSES:
         for temperature in (0.7, 1.0, 2.6, 5.0, 12.0):
             (live, live_grad), (cached, cached_grad) = live_and_cached(cfg, cache, train_data, teacher, [3, 0, 7, 5],
@@ -62,60 +76,236 @@ def test_the_cache_holds_the_full_distribution_when_k_is_the_vocab(tiny_config):
             torch.testing.assert_close(cached_grad, live_grad, rtol=1e-4, atol=1e-7)
 
 
-def fidelity_errors(tiny_config, cache_section: dict, temperatures) -> list[dict]:
-    """teacher_cache.fidelity for a fresh student and one trained for an epoch, on 4 batches of 32."""
+# ----------------------------------------------------------------------------------------------
+# Storage: dtypes, sizes, the round trip through disk
+# ----------------------------------------------------------------------------------------------
+
+RELATIVE_PRECISION = {"float16": 2**-11, "bfloat16": 2**-8, "float32": 2**-24}   # round to nearest
+
+
+def synthetic_rows(vocab: int, hot_ids: slice):
+    """teacher_rows for build(): seeded random logits (N, V), with the ids of `hot_ids` raised so
+    they lead every row's top k; the logits of each batch are kept for the test to compare."""
+    generator, seen = torch.Generator().manual_seed(0), []
+
+    def rows(batch):
+        count = int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+        logits = 3.0 * torch.randn(count, vocab, generator=generator) + 20.0   # unshifted, far from 0
+        logits[:, hot_ids] += 8.0
+        seen.append(logits)
+        return logits
+    return rows, seen
+
+
+@pytest.mark.parametrize("vocab, dtype, id_dtype", [(103, "float16", np.uint16), (103, "bfloat16", np.uint16),
+                                                    (103, "float32", np.uint16), (70_000, "float16", np.int32)])
+def test_what_is_written_is_read_back(tiny_config, tmp_path, vocab, dtype, id_dtype):
+    """ids exact (uint16 up to 65,536 ids, int32 above, ids past 65,535 included), values and tail
+    within the stored dtype's rounding, each row shifted by its largest logit."""
+    cfg = tiny_config(data={"max_train_examples": 40})
+    _, train_data, _ = loop.load_data(cfg)
+    lay = teacher_cache.layout(16, vocab, dtype)
+    rows, seen = synthetic_rows(vocab, slice(vocab - 20, vocab))
+    teacher_cache.build(rows, train_data, 0, lay, tmp_path / "c", {})
+    cache = teacher_cache.TeacherCache(tmp_path / "c")
+    assert cache.ids.dtype == id_dtype and cache.meta["value_dtype"] == dtype
+    assert cache.values.dtype.itemsize == (4 if dtype == "float32" else 2)
+    assert cache.tail.dtype == (np.float32 if dtype == "float32" else np.float16)
+
+    logits = torch.cat(seen)                                                   # (P, V) as the teacher gave them
+    read = cache.rows(np.arange(len(train_data)))
+    assert read.values.dtype == torch.float32 and read.ids.dtype == torch.int64 and read.tail.dtype == torch.float32
+    top = logits.topk(16, dim=1)
+    assert torch.equal(read.ids, top.indices) and int(read.ids.max()) >= vocab - 20
+    shifted = top.values - top.values[:, :1]
+    torch.testing.assert_close(read.values, shifted, rtol=RELATIVE_PRECISION[dtype], atol=1e-6)
+    assert (read.values[:, 0] == 0).all() and (read.values <= 0).all()
+    rest = logits.scatter(1, top.indices, float("-inf")) - top.values[:, :1]
+    expected_tail = torch.stack([torch.logsumexp(rest / t, 1) for t in teacher_cache.TAIL_TEMPERATURES], 1)
+    torch.testing.assert_close(read.tail, expected_tail, rtol=RELATIVE_PRECISION[cache.meta["tail_dtype"]], atol=1e-6)
+    if dtype == "float16":   # and it is not just as coarse as bfloat16: fp16 keeps 3 more bits
+        assert (read.values - shifted).abs().max() < 2**-9 * shifted.abs().max()
+
+
+def test_bytes_per_position_halved_at_k_128():
+    """Format 1 took 4 x (2k + 9) bytes (fp32 values, int32 ids, fp32 tail): 1,060 at k = 128."""
+    format_1 = 4 * (2 * 128 + len(teacher_cache.TAIL_TEMPERATURES))
+    assert teacher_cache.bytes_per_position(128, 6400, "float16") == format_1 // 2 == 530
+    assert teacher_cache.bytes_per_position(128, 6400, "bfloat16") == 530
+    assert teacher_cache.bytes_per_position(128, 6400, "float32") == 128 * 6 + 36
+    assert teacher_cache.bytes_per_position(128, 151_936, "float16") == 128 * 6 + 18      # int32 ids
+    assert teacher_cache.bytes_per_position(10_000, 6400, "float16") == 4 * 6400          # the full row
+    assert teacher_cache.planned_bytes(1000, 128, 6400) == 530_000
+
+
+def test_the_built_files_take_what_bytes_per_position_says(tiny_config, tmp_path):
+    cfg = tiny_config(data={"max_train_examples": 40})
+    _, train_data, _ = loop.load_data(cfg)
+    for dtype in teacher_cache.VALUE_DTYPES:
+        lay = teacher_cache.layout(32, 103, dtype)
+        teacher_cache.build(synthetic_rows(103, slice(0, 4))[0], train_data, 0, lay, tmp_path / dtype, {})
+        cache = teacher_cache.TeacherCache(tmp_path / dtype)
+        positions = cache.meta["positions"]
+        assert positions == int(train_data.target_counts.sum()) > 0
+        assert cache.nbytes - cache.row_offsets.nbytes == positions * lay.bytes_per_position
+        assert cache.meta["bytes_per_position"] == lay.bytes_per_position
+
+
+# ----------------------------------------------------------------------------------------------
+# Fidelity against the live teacher
+# ----------------------------------------------------------------------------------------------
+
+def parameter_fidelity(cfg, student_lm, teacher, train_data, lay, temperature) -> teacher_cache.Fidelity:
+    """cache_fidelity's errors at one temperature, w.r.t. the student's logits and parameters, on the
+    first 128 training conversations (4 batches of 32)."""
+    precision = models.resolve_precision("float32", torch.device("cpu"))
+    student = loop.SelectedLogits(student_lm)
+    meter = cache_fidelity.FidelityMeter([lay], [temperature], {cfg.train.kd_loss: {}}, list(student.parameters()))
+    for lo in range(0, 128, 32):
+        batch = data.collate(train_data, np.arange(lo, lo + 32), 0)
+        s_logits, t_logits, *_ = loop.forward_pair(student, teacher, batch, precision, None, True)
+        meter.add(s_logits, t_logits)
+    return meter.results()[lay]
+
+
+@pytest.fixture(scope="module")
+def students(world):
+    """A fresh student and one trained for an epoch (closer to the teacher), as language models."""
     from tune_kd.loop import train
 
-    cfg = tiny_config(teacher_cache=cache_section)
-    cache, train_data, teacher = open_cache(cfg)
-    tokenizer, *_ = setup_run(cfg)
-    precision = models.resolve_precision("float32", torch.device("cpu"))
-    batches = [data.collate(train_data, np.arange(lo, lo + 32), tokenizer.pad_token_id) for lo in range(0, 128, 32)]
-    torch.manual_seed(0)
-    fresh = models.make_student(cfg.student, tokenizer, precision)
-    trained = train(tiny_config(train={"epochs": 1}, teacher_cache="off")).student
-    return [teacher_cache.fidelity(cfg, loop.SelectedLogits(student), teacher, cache, batches, precision, temperatures)
-            for student in (fresh, trained)]
+    cfg = load_config(raw=tiny_raw(world, train={"epochs": 1}, teacher_cache="off"))
+    _, _, _, _, _, _, fresh = setup_run(cfg)
+    return {"fresh": fresh.lm, "trained": train(cfg).student}
 
 
-def test_fidelity_at_the_default_k(tiny_config):
-    """At the default top_k the KD loss and its gradient (w.r.t. the student's parameters) stay within
-    1% of the live teacher's for T in [1, 5], for a fresh student and for one trained a little."""
-    for errors in fidelity_errors(tiny_config, {"mode": "on"}, [1.0, 1.25, 2.0, 2.7, 3.5, 5.0]):
-        assert max(loss for loss, _ in errors.values()) <= 0.01, errors
-        assert max(grad for _, grad in errors.values()) <= 0.01, errors
-
-
-def test_a_top_k_below_the_vocab_is_close_at_low_temperature_and_drifts_as_t_grows(tiny_config):
-    """k = 48 of 103: the estimated tail holds a growing share of the mass as T rises (see the README's
-    curve): the loss stays within 1%, the gradient within 1% up to T = 3, and its error grows with T."""
-    for errors in fidelity_errors(tiny_config, {"mode": "on", "top_k": 48}, [1.0, 2.0, 3.0, 5.0]):
-        assert max(loss for loss, _ in errors.values()) <= 0.01, errors
-        assert all(errors[t][1] <= 0.01 for t in (1.0, 2.0, 3.0)), errors
-        grads = [errors[t][1] for t in (1.0, 2.0, 3.0, 5.0)]
+def test_a_top_k_below_the_vocab_is_close_at_low_temperature_and_drifts_as_t_grows(tiny_config, students):
+    """k = 48 of 103 in float16: the estimated tail holds a growing share of the mass as T rises: the
+    loss stays within 1%, the parameter gradient within 1% up to T = 3, and its error grows with T."""
+    cfg = tiny_config()
+    _, train_data, teacher, *_ = setup_run(cfg)
+    lay = teacher_cache.layout(48, 103, "float16")
+    for student in students.values():
+        errors = {t: parameter_fidelity(cfg, student, teacher, train_data, lay, t) for t in (1.0, 2.0, 3.0, 5.0)}
+        assert max(e.loss for e in errors.values()) <= 0.01, errors
+        assert all(errors[t].param_grad <= 0.01 for t in (1.0, 2.0, 3.0)), errors
+        grads = [errors[t].param_grad for t in (1.0, 2.0, 3.0, 5.0)]
         assert grads == sorted(grads) and grads[0] < 1e-3, errors
 
 
 def test_the_tail_term_is_exact_at_its_grid_temperatures(tiny_config):
+    """log S(T) - m / T, read back at a grid temperature, is the teacher's (within float16 rounding)."""
     cfg = tiny_config(teacher_cache={"mode": "on", "top_k": 8})
     cache, train_data, teacher = open_cache(cfg)
     precision = models.resolve_precision("float32", torch.device("cpu"))
     batch = data.collate(train_data, np.arange(4), 0)
     logits = loop.teacher_rows(teacher, precision, None)(batch)
     cached = cache.rows(batch["indices"])
-    rest = logits.scatter(1, cached.ids, float("-inf"))
+    row_max = logits.max(1, keepdim=True).values
+    rest = logits.scatter(1, cached.ids, float("-inf")) - row_max
     for temperature in (1.0, 3.0):
-        torch.testing.assert_close(cached.log_tail(temperature).squeeze(1), torch.logsumexp(rest / temperature, 1))
+        torch.testing.assert_close(cached.log_tail(temperature).squeeze(1), torch.logsumexp(rest / temperature, 1),
+                                   rtol=RELATIVE_PRECISION["float16"], atol=1e-6)
     between = cached.log_tail(2.5).squeeze(1)   # a chord of a convex function: at or above the truth
-    assert (between >= torch.logsumexp(rest / 2.5, 1) - 1e-5).all()
+    truth = torch.logsumexp(rest / 2.5, 1)
+    assert (between >= truth - RELATIVE_PRECISION["float16"] * truth.abs() - 1e-6).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# top_k auto
+# ----------------------------------------------------------------------------------------------
+
+def test_auto_keeps_fewer_logits_for_a_peakier_teacher(tiny_config):
+    """The same data and student at T = 2: the trained teacher needs a k inside the ladder to stay
+    within 1%; the same teacher with its logits tripled (much peakier) a smaller one."""
+    cfg = tiny_config(teacher_cache="on")
+    plain, _, _ = open_cache(cfg)
+    peaky, _, _ = open_cache(cfg, teacher_scale=3.0)
+    assert peaky.meta["top_k"] < plain.meta["top_k"] < 103
+    for cache in (plain, peaky):
+        auto = cache.meta["auto"]
+        chosen = auto["errors"][str(auto["chosen_k"])]
+        assert auto["chosen_k"] == cache.meta["top_k"] and auto["temperatures"] == [2.0]
+        assert chosen["loss"] <= 0.01 and chosen["grad"] <= 0.01
+        smaller = [e for k, e in auto["errors"].items() if int(k) < auto["chosen_k"]]
+        assert all(e["loss"] > 0.01 or e["grad"] > 0.01 for e in smaller)   # the smallest that qualifies
+    assert plain.directory != peaky.directory
+
+
+def test_auto_keeps_the_full_row_when_no_smaller_k_is_within_1_percent(tiny_config):
+    """Temperatures up to 20 give the (flattened) teacher's tail most of the mass: every k of the
+    ladder below the vocabulary misses 1%, so auto stores full rows, which are exact."""
+    cfg = tiny_config(teacher_cache="on", parameters={"temperature": {"distribution": "uniform", "min": 1.0,
+                                                                      "max": 20.0}})
+    cache, _, _ = open_cache(cfg, teacher_scale=0.5)
+    auto = cache.meta["auto"]
+    assert sorted(int(k) for k in auto["errors"]) == [8, 16, 32, 64] and auto["temperatures"][-1] == 20.0
+    assert all(e["loss"] > 0.01 or e["grad"] > 0.01 for e in auto["errors"].values()), auto
+    assert cache.meta["top_k"] == 103 and cache.ids is None and auto["chosen_k"] == 103
+
+
+def test_auto_runs_live_when_the_k_it_needs_exceeds_max_gb(tiny_config, caplog):
+    """A max_gb that holds top-16 but not the k auto needs: no cache, and one log line with the figures."""
+    budget_gb = 0.0008   # 859 KB: top-16 (82 bytes x ~8,100 positions) fits, top-32 (146 bytes) does not
+    cfg = tiny_config(teacher_cache={"max_gb": budget_gb}, parameters=SEARCHED_T)
+    with caplog.at_level(logging.INFO, logger="tune_kd.loop"):
+        cache, train_data, _ = open_cache(cfg)
+    assert cache is None
+    lines = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(lines) == 1, lines
+    match = re.search(r"not used: top_k auto needs top-(\d+) to stay within 1% \(loss error [\d.]+% \(T [\d.]+\), "
+                      r"gradient [\d.]+% \(T [\d.]+\), worst over T 1, 2, 3, 4, 5 .*\), but it would take ([\d.]+) GiB, "
+                      r"above teacher_cache.max_gb 0.0008; the largest k within it, top-(\d+), measured loss error", lines[0])
+    assert match, lines[0]
+    needed, gib, largest = int(match[1]), float(match[2]), int(match[3])
+    positions = int(train_data.target_counts.sum())
+    assert largest == 16 < needed and gib == pytest.approx(teacher_cache.planned_bytes(positions, needed, 103) / 2**30,
+                                                           rel=1e-2)
+
+
+def test_auto_k_holds_for_the_parameter_gradient_of_the_starting_student(tiny_config, students):
+    """auto measures w.r.t. the student's logits on its own sample; on other conversations the
+    gradient w.r.t. the starting student's parameters is within 1% too, at every T of the range."""
+    cfg = tiny_config(teacher_cache="on", parameters=SEARCHED_T)
+    cache, train_data, teacher = open_cache(cfg)
+    lay = teacher_cache.layout(cache.meta["top_k"], 103, "float16")
+    assert lay.k < 103
+    for temperature in cache.meta["auto"]["temperatures"]:
+        errors = parameter_fidelity(cfg, students["fresh"], teacher, train_data, lay, temperature)
+        assert errors.loss <= 0.01 and errors.param_grad <= 0.01, (temperature, errors)
+
+
+def test_the_searched_temperature_range_sets_what_auto_measures(tiny_config):
+    assert cache_fidelity.temperatures_to_check(tiny_config()) == [2.0]
+    assert cache_fidelity.temperatures_to_check(tiny_config(parameters=SEARCHED_T)) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    scheduled = tiny_config(train={"temperature_schedule": "linear", "temperature": 4.0, "final_temperature": 1.0})
+    assert cache_fidelity.temperatures_to_check(scheduled) == [1.0, 1.75, 2.5, 3.25, 4.0]
+    searched_loss = tiny_config(parameters={"kd_loss": {"distribution": "values", "values": ["jsd", "forward_kl"]}})
+    assert cache_fidelity.kd_losses_to_check(searched_loss) == ["forward_kl", "jsd"]
+
+
+def test_the_search_driver_measures_once_and_the_trials_reuse_it(world, tmp_path, monkeypatch):
+    """prepare_teacher_cache (the driver) builds its student as train does, so a trial finds the
+    driver's measurement on disk, picks the same k and reads the same cache."""
+    calls = []
+    original = cache_fidelity.measure_ladder
+    monkeypatch.setattr(cache_fidelity, "measure_ladder", lambda *a, **k: (calls.append(1), original(*a, **k))[1])
+    cfg = load_config(raw=tiny_raw(world, train={"epochs": 1}, data={"cache_dir": str(tmp_path / "cache")},
+                                   parameters=SEARCHED_T))
+    driver_cache, _ = loop.prepare_teacher_cache(cfg)
+    opened = []
+    original_open = loop.open_teacher_cache
+    monkeypatch.setattr(loop, "open_teacher_cache", lambda *a, **k: opened.append(original_open(*a, **k)) or opened[-1])
+    loop.train(cfg)
+    assert len(calls) == 1 and opened[0][0].directory == driver_cache.directory
+    assert len(list((tmp_path / "cache" / "teacher").glob("auto-*.json"))) == 1
 
 
 def test_a_changed_teacher_data_or_length_is_rebuilt_never_read(world, tmp_path, monkeypatch):
     builds = []
     original = teacher_cache.build
-    monkeypatch.setattr(teacher_cache, "build", lambda *a, **k: (builds.append(a[5].name), original(*a, **k)))
-    def raw(data=None, **over):   # a cache folder of this test's own, so it counts every build
-        return tiny_raw(world, teacher_cache={"mode": "on", "top_k": 8},
+    monkeypatch.setattr(teacher_cache, "build", lambda *a, **k: (builds.append(a[4].name), original(*a, **k)))
+    def raw(data=None, dtype="float16", **over):   # a cache folder of this test's own, so it counts every build
+        return tiny_raw(world, teacher_cache={"mode": "on", "top_k": 8, "dtype": dtype},
                         data={"cache_dir": str(tmp_path / "cache"), **(data or {})}, **over)
 
     first, _, _ = open_cache(load_config(raw=raw()))
@@ -131,16 +321,16 @@ def test_a_changed_teacher_data_or_length_is_rebuilt_never_read(world, tmp_path,
     save_student(teacher.lm, tokenizer, other_teacher)
     keys = {first.directory.name}
     for changed in (raw(teacher={"path": str(other_teacher)}), raw(data={"max_train_examples": 1000}),
-                    raw(data={"max_seq_len": 48})):
+                    raw(data={"max_seq_len": 48}), raw(dtype="bfloat16")):
         cache, _, _ = open_cache(load_config(raw=changed))
         keys.add(cache.directory.name)
-    assert len(builds) == 4 and len(keys) == 4
+    assert len(builds) == 5 and len(keys) == 5
 
     # a cache folder that does not match its meta (cut short, edited) is rebuilt
     values = first.directory / "values.npy"
-    np.save(values, np.zeros((3, 8), np.float32))
+    np.save(values, np.zeros((3, 8), np.float16))
     rebuilt, _, _ = open_cache(load_config(raw=raw()))
-    assert len(builds) == 5 and rebuilt.values.shape[0] == rebuilt.meta["positions"]
+    assert len(builds) == 6 and rebuilt.values.shape[0] == rebuilt.meta["positions"]
 
 
 def test_two_processes_build_once_and_read_the_same_rows(tiny_config, world):
@@ -191,17 +381,35 @@ def test_training_reads_the_cache_instead_of_running_the_teacher(tiny_config, mo
 
 def test_when_auto_uses_the_cache(tiny_config):
     positions, vocab, free = 10_000, 103, 10 * 2**30
-    assert teacher_cache.decide(tiny_config(), positions, vocab, free)[0]
-    assert not teacher_cache.decide(tiny_config(teacher_cache="off"), positions, vocab, free)[0]
-    use, why = teacher_cache.decide(tiny_config(train={"feature_weight": 0.5}), positions, vocab, free)
-    assert not use and "hidden states" in why
-    assert not teacher_cache.decide(tiny_config(train={"alpha": 1.0}), positions, vocab, free)[0]
-    use, why = teacher_cache.decide(tiny_config(teacher_cache={"max_gb": 1e-6}), positions, vocab, free)
-    assert not use and "max_gb" in why
-    assert teacher_cache.decide(tiny_config(teacher_cache={"mode": "on", "max_gb": 1e-6}), positions, vocab, free)[0]
-    assert not teacher_cache.decide(tiny_config(), positions, vocab, free_bytes=1000)[0]
+    decide = lambda cfg, free_bytes=free: teacher_cache.decide(cfg, positions, vocab, free_bytes)  # noqa: E731
+    fixed = {"top_k": 32}                      # a fixed k: decide measures nothing
+    plan = decide(tiny_config(teacher_cache=fixed))
+    assert plan.use and plan.layout == teacher_cache.layout(32, vocab, "float16") and "146 bytes per position" in plan.why
+    assert not decide(tiny_config(teacher_cache="off")).use
+    plan = decide(tiny_config(train={"feature_weight": 0.5}))
+    assert not plan.use and "hidden states" in plan.why
+    assert not decide(tiny_config(train={"alpha": 1.0})).use
+    plan = decide(tiny_config(teacher_cache={**fixed, "max_gb": 1e-6}))
+    assert not plan.use and "above teacher_cache.max_gb 1e-06" in plan.why
+    assert decide(tiny_config(teacher_cache={**fixed, "mode": "on", "max_gb": 1e-6})).use
+    assert not decide(tiny_config(teacher_cache=fixed), free_bytes=1000).use
     with pytest.raises(UserError, match="teacher_cache: on needs"):
-        teacher_cache.decide(tiny_config(teacher_cache="on"), positions, vocab, free_bytes=1000)
+        decide(tiny_config(teacher_cache={**fixed, "mode": "on"}), free_bytes=1000)
+
+
+def test_auto_takes_the_smallest_k_within_tolerance_from_the_measurement(tiny_config):
+    """decide's rule on a given measurement: the first k within 1% on both errors, else the full row."""
+    def ladder(errors):
+        fidelities = {k: teacher_cache.Fidelity(loss, grad, 5.0, 5.0) for k, (loss, grad) in errors.items()}
+        return lambda: teacher_cache.Ladder(fidelities, [1.0, 5.0], ["forward_kl"], 128, 900)
+
+    cfg = tiny_config()
+    plan = teacher_cache.decide(cfg, 1000, 103, 2**40, ladder({8: (0.2, 0.3), 16: (0.005, 0.02), 32: (0.004, 0.009),
+                                                              64: (0.001, 0.002)}))
+    assert plan.use and plan.layout.k == 32 and plan.auto["chosen_k"] == 32
+    assert "top-16: loss error 0.50% (T 5), gradient 2.00% (T 5)" in plan.why
+    plan = teacher_cache.decide(cfg, 1000, 103, 2**40, ladder({8: (0.2, 0.3), 64: (0.001, 0.011)}))
+    assert plan.use and plan.layout.full and "exact (the full row)" in plan.why
 
 
 def test_teacher_cache_in_yaml(world, tmp_path):
@@ -212,9 +420,19 @@ def test_teacher_cache_in_yaml(world, tmp_path):
     for text, mode in (("off", "off"), ("on", "on"), ("auto", "auto")):
         path.write_text(yaml.safe_dump(base) + f"teacher_cache: {text}\n")
         assert load_config(path).teacher_cache.mode == mode           # YAML 1.1 reads on/off as booleans
+        assert load_config(path).teacher_cache.top_k == "auto" and load_config(path).teacher_cache.dtype == "float16"
+    path.write_text(yaml.safe_dump(base) + "teacher_cache: {top_k: 64, dtype: bfloat16}\n")
+    assert (load_config(path).teacher_cache.top_k, load_config(path).teacher_cache.dtype) == (64, "bfloat16")
     path.write_text(yaml.safe_dump({**base, "train": {**base["train"], "feature_weight": 0.5}})
                     + "teacher_cache: {mode: 'on', top_k: 0}\n")
     with pytest.raises(ConfigError) as error:
         load_config(path)
-    assert "teacher_cache.top_k: must be >= 1" in str(error.value)
+    assert "teacher_cache.top_k: must be auto or an integer >= 1, got 0" in str(error.value)
     assert "teacher_cache.mode: on cannot serve feature distillation" in str(error.value)
+    path.write_text(yaml.safe_dump(base) + "teacher_cache:\n  top_k: many\n  dtype: fp8\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    line = len(yaml.safe_dump(base).splitlines()) + 1           # the teacher_cache: line
+    assert sorted(error.value.problems) == [
+        f"{path}:{line + 1}: teacher_cache.top_k: must be auto or an integer >= 1, got 'many'",
+        f"{path}:{line + 2}: teacher_cache.dtype: 'fp8' is not allowed (allowed: float16, bfloat16, float32)"]

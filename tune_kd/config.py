@@ -162,8 +162,9 @@ class CheckpointConfig:
 class TeacherCacheConfig:
     """The teacher-output cache (teacher_cache.py). In YAML also `teacher_cache: auto | on | off`."""
     mode: Literal["auto", "on", "off"] = "auto"        # auto: on when it can serve the run and fits max_gb
-    top_k: int = 128                                   # teacher logits kept per position (plus the tail's mass);
-                                                       # measured: README "Teacher cache"
+    top_k: Any = "auto"                                # teacher logits kept per position (plus the tail's mass):
+                                                       # an int, or auto: the smallest k measured within 1%
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"   # the kept logits' storage dtype
     max_gb: float = 20.0                               # auto: the largest cache it builds
 
 
@@ -430,8 +431,9 @@ def validate_search(cfg: ExperimentConfig, problems: _Problems) -> None:
     elif isinstance(gpu, (int, float)) and gpu > 1 and gpu != int(gpu):
         problems.add("resources.gpu_per_trial", f"above 1 it must be a whole number of GPUs, got {gpu}")
     cache = cfg.teacher_cache
-    if cache.top_k < 1:
-        problems.add("teacher_cache.top_k", f"must be >= 1, got {cache.top_k}")
+    if cache.top_k != "auto" and (isinstance(cache.top_k, bool) or not isinstance(cache.top_k, int)
+                                  or cache.top_k < 1):
+        problems.add("teacher_cache.top_k", f"must be auto or an integer >= 1, got {cache.top_k!r}")
     if cache.max_gb <= 0:
         problems.add("teacher_cache.max_gb", f"must be > 0, got {cache.max_gb}")
     if cache.mode == "on" and (cfg.train.feature_weight or "feature_weight" in cfg.parameters):

@@ -11,6 +11,8 @@ writes a resumable checkpoint of the student. No Ray in here: the loop runs in p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import logging
 import math
 import os
@@ -23,7 +25,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tune_kd import checkpoint, compiling, data, features, losses, models, teacher_cache
+from tune_kd import cache_fidelity, checkpoint, compiling, data, features, losses, models, teacher_cache
 from tune_kd.checkpoint import Progress
 from tune_kd.config import ExperimentConfig, UserError
 
@@ -277,38 +279,66 @@ def padding_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
-def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id):
-    """(the teacher cache this run reads, built first when missing, or None when it does not
-    apply; why, as teacher_cache.decide says it, also logged)."""
+def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id,
+                       student):
+    """(teacher_cache.decide's plan for this run, inputs() -> the cache's CacheInputs). student: the
+    SelectedLogits the run starts from, before any training or resume; top_k auto measures the
+    cache's error against it."""
     vocab = teacher_cols if teacher_cols is not None else models.vocab_rows(teacher.lm)
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
-    use, why = teacher_cache.decide(cfg, int(train_data.target_counts.sum()), vocab,
-                                    shutil.disk_usage(cfg.data.cache_dir).free)
-    log.info("teacher cache: %s", why)
-    if not use:
-        return None, why
-    return teacher_cache.open_or_build(cfg.data.cache_dir, teacher.lm, teacher_rows(teacher, precision, teacher_cols),
-                                       data.tokenizer_fingerprint(tokenizer), train_data, pad_id, cfg.data.max_seq_len,
-                                       teacher_cols, vocab, cfg.teacher_cache.top_k), why
+    inputs = functools.cache(lambda: teacher_cache.CacheInputs(   # hashing a big teacher takes a while: once
+        teacher_cache.weights_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
+        teacher_cache.data_fingerprint(train_data), cfg.data.max_seq_len, teacher_cols, vocab))
+
+    def measure_auto_k():
+        divergences = {name: kd_options(dataclasses.replace(cfg.train, kd_loss=name))
+                       for name in cache_fidelity.kd_losses_to_check(cfg)}
+        was_training = student.training
+        student.eval()   # the student's logits as a pure function of its weights (no dropout)
+        try:
+            return cache_fidelity.auto_ladder_for_run(
+                cfg, cfg.data.cache_dir, inputs(), teacher_cache.weights_fingerprint(student.lm), train_data, pad_id,
+                teacher_rows(teacher, precision, teacher_cols), teacher_rows(student, precision, None), divergences)
+        finally:
+            student.train(was_training)
+
+    plan = teacher_cache.decide(cfg, int(train_data.target_counts.sum()), vocab,
+                                shutil.disk_usage(cfg.data.cache_dir).free, measure_auto_k)
+    return plan, inputs
+
+
+def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id,
+                       student):
+    """(the teacher cache this run reads, built first when missing, or None when it does not
+    apply; why, as plan_teacher_cache says it, also logged)."""
+    plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, student)
+    log.info("teacher cache: %s", plan.why)
+    if not plan.use:
+        return None, plan.why
+    return teacher_cache.open_or_build(cfg.data.cache_dir, inputs(), teacher_rows(teacher, precision, teacher_cols),
+                                       train_data, pad_id, plan.layout, {"auto": plan.auto} if plan.auto else None), \
+        plan.why
 
 
 def prepare_teacher_cache(cfg: ExperimentConfig):
     """Build the teacher cache before the trials start (the search's driver), on the device the
-    trials will use, so no trial waits for another: (the cache or None, why)."""
+    trials will use, so no trial waits for another: (the cache or None, why). The student is built
+    as loop.train builds it (same seed, same order), so top_k auto measures against the trials'
+    starting student and they all reuse this measurement."""
     if cfg.teacher is None:
         return None, "not used: no teacher"
     if cfg.teacher_cache.mode == "off":
         return None, "off (teacher_cache: off)"
     precision = models.resolve_precision(cfg.train.dtype, models.resolve_device(cfg.train.device))
+    torch.manual_seed(cfg.train.seed)
     tokenizer, train_data, _ = load_data(cfg)
-    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
     student_lm = models.make_student(cfg.student, tokenizer, precision)
+    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
     teacher_cols = models.check_compatibility(teacher_lm, student_lm, tokenizer)
-    del student_lm
     pad_id = padding_id(tokenizer)
     cache, why = open_teacher_cache(cfg, tokenizer, train_data, SelectedLogits(teacher_lm), precision, teacher_cols,
-                                    pad_id)
-    del teacher_lm
+                                    pad_id, SelectedLogits(student_lm))
+    del teacher_lm, student_lm
     if precision.device.type == "cuda":
         torch.cuda.empty_cache()
     return cache, why
@@ -387,6 +417,10 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     trained = SelectedLogits(lm, [p[0] for p in pairs], projector)   # every trained parameter
     student = trained if world == 1 else torch.nn.parallel.DistributedDataParallel(
         trained, device_ids=[device] if device.type == "cuda" else None)
+    need_teacher = teacher is not None and (t.alpha < 1.0 or bool(pairs))
+    # before any resume: top_k auto measures against the starting student, as every trial does
+    cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, trained)[0] \
+        if need_teacher and not pairs else None   # evaluation keeps the live teacher: exact val metrics
     optimizer = torch.optim.AdamW(trained.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
@@ -398,9 +432,6 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         raise UserError(f"data: {len(train_data)} training conversations make fewer batches than ranks ({world})")
     steps_per_epoch = math.ceil(per_rank / t.accumulation_steps)
     total_steps = t.epochs * steps_per_epoch
-    need_teacher = teacher is not None and (t.alpha < 1.0 or bool(pairs))
-    cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id)[0] \
-        if need_teacher and not pairs else None   # evaluation keeps the live teacher: exact val metrics
     save = lambda directory: checkpoint.save_checkpoint(Path(directory), lm, tokenizer, optimizer, scaler,  # noqa: E731
                                                         progress, extra_state)
     wandb_run = start_wandb(cfg) if rank == 0 and (cfg.logging.wandb if use_wandb is None else use_wandb) else None

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from tune_kd.data import IGNORE_INDEX
-from tune_kd.teacher_cache import CachedTeacher
 
 
 def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,9 +45,9 @@ def ce_sum(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _log_probs(student_logits, teacher, temperature):
     """fp32 log-probabilities of both at temperature T: (log q_student, log p_teacher), over the
-    vocabulary for live teacher logits (N, V), over the cache's k + 1 categories (its top-k and
-    the tail) for a teacher_cache.CachedTeacher."""
-    if isinstance(teacher, CachedTeacher):
+    vocabulary for live teacher logits (N, V) and for a teacher_cache.CachedTeacher, which rebuilds
+    them from its rows (the cache's module imports this one, so it is recognised by its method)."""
+    if hasattr(teacher, "log_probs"):
         return teacher.log_probs(student_logits, temperature)
     return (F.log_softmax(student_logits.float() / temperature, dim=-1),
             F.log_softmax(teacher.float() / temperature, dim=-1))

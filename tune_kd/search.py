@@ -66,7 +66,7 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     teacher = loop.SelectedLogits(teacher_lm) if teacher_lm is not None else None
     pad_id = loop.padding_id(tokenizer)
     # alpha may be searched: assume the trial runs (or reads) the teacher whenever there is one
-    cache = loop.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id) \
+    cache = loop.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, student)[0] \
         if teacher is not None and cfg.train.feature_weight == 0 else None
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler)

@@ -3,46 +3,58 @@ and read by every trial of a search (and every later run on the same data).
 
 Every trial runs the same frozen teacher over the same token sequences; only T, alpha and the
 student differ. The cache stores, for every scored (assistant) position of the training split,
-in data order (example by example, positions ascending):
+in data order (example by example, positions ascending), with k = teacher_cache.top_k < V:
 
-    values (P, k) float32   the teacher's k largest logits z_i at T = 1 (the set K)
-    ids    (P, k) int32     their token ids
-    tail   (P, G) float32   log S(T_g), S(T) = sum over j not in K of exp(z_j / T), at the G
-                            temperatures of TAIL_TEMPERATURES (absent when k = V)
+    values (P, k) dtype     the teacher's k largest logits z_i minus the row's largest, m (so <= 0)
+    ids    (P, k) uint16    their token ids (int32 when the vocabulary has more than 65,536 ids)
+    tail   (P, G) float16   log S(T_g) - m / T_g, S(T) = sum over j not in K of exp(z_j / T), at the
+                            G temperatures of TAIL_TEMPERATURES
 
-4 bytes x (2k + G) per position; numpy files that trials memory-map, so concurrent trials on a
-machine share the page cache instead of each holding a copy.
+dtype is teacher_cache.dtype: float16 (default), bfloat16 (stored as its raw 16 bits) or float32
+(then the tail is float32 too). That is 2 + 2 bytes per kept logit plus 18 per position: 530 bytes
+at k = 128, half of format 1's fp32 values + int32 ids (1,060). With k >= V the row is stored whole,
+float32 logits in token-id order, no ids and no tail: 4 V bytes, what k = V of fp16 values + uint16
+ids would take, and exact (so the k = V loss and gradient are the live ones, whatever the dtype).
+Numpy files that trials memory-map, so concurrent trials on a machine share the page cache.
+
+Why shift by m. A distribution at any temperature is invariant to adding a constant to every
+logit (p_i = exp(z_i / T) / Z(T)), and log S(T) shifts by the same m / T, so m itself is never
+needed and is not kept. Shifted, the values that carry the mass are the ones near 0, where a float
+is most precise: fp16 rounds x to within 2^-11 |x|, so a token 10 nats below the top (probability
+ratio e^-10) moves by less than 0.004 nats, where unshifted logits around 30 (the top tokens
+themselves) would move by up to 0.008.
 
 The maths. At temperature T the teacher's distribution is p_i = exp(z_i / T) / Z(T). The cache
-knows z_i on K exactly; the other V - k tokens (the tail) are known only through their total
-S(T), so the cache rebuilds the distribution as
+knows z_i on K (up to the dtype's rounding); the other V - k tokens (the tail) are known only
+through their total S(T), so the cache rebuilds the distribution as
 
-    p_i = exp(z_i / T) / Z(T)                      for i in K           (exact)
+    p_i = exp(z_i / T) / Z(T)                      for i in K
     p_j = S(T) / (V - k) / Z(T)                    for j not in K       (the tail's mass, spread evenly)
     Z(T) = sum over K of exp(z_i / T) + S(T)
 
 and every divergence of losses.KD_LOSSES runs on it unchanged, against the student's live
 log-probabilities (losses reads live and cached teachers through one function).
 
-- k = V: no tail; the rebuilt distribution is the teacher's, the loss and gradient the live ones.
-- The mass on K and the tail's total are exact at the grid temperatures (T = 1 among them); only
-  how the tail's mass is shared among its tokens is assumed. The gradient of the forward KL with
-  respect to a student logit s_j is (q_j - p_j) / T, so its L1 error is at most
+- The mass on K and the tail's total are exact at the grid temperatures (T = 1 among them), up to
+  rounding; only how the tail's mass is shared among its tokens is assumed. The gradient of the
+  forward KL with respect to a student logit s_j is (q_j - p_j) / T, so its L1 error is at most
   sum over the tail of |p_j - p_tail / (V - k)| / T <= 2 p_tail(T) / T: small when the teacher
   puts little mass outside its top k at T, or spreads it evenly.
 - S(T) between grid points: log S is convex in 1/T (a log-partition function), and linear
   interpolation in 1/T draws its chord, slightly above it; beyond the grid the nearest segment
   is extended.
-The error therefore grows with T and shrinks with k; bench/teacher_cache_fidelity.py measures it
-(loss and gradient, against the live teacher) by k for T in [1, 5], and the README has the curve
-for the embedded default.
+The error therefore grows with T and shrinks with k. With teacher_cache.top_k: auto (the
+default) the run measures it before building (cache_fidelity.py: loss and gradient against the
+live teacher on a seeded sample of the training data, over the run's temperatures, in the stored
+dtype) and keeps the smallest k of a ladder within 1% (decide); bench/teacher_cache_fidelity.py
+measures it by k and dtype.
 
 The key hashes the teacher's weights (the loaded tensors, so a built or re-saved teacher counts
 too), the tokenizer, the training split's token ids and masks (which cover the data file, the
-subset and max_seq_len), max_seq_len, the teacher's dtype and vocabulary columns, k and the
-format. Another key is another folder: a changed input is rebuilt, never read. A folder is
-complete only once meta.json is in it (written last, then the folder renamed into place); one
-that does not match its meta is rebuilt.
+subset and max_seq_len), max_seq_len, the teacher's dtype and vocabulary columns, k, the stored
+dtypes and the format. Another key is another folder: a changed input is rebuilt, never read. A
+folder is complete only once meta.json is in it (written last, then the folder renamed into
+place); one that does not match its meta is rebuilt.
 """
 
 from __future__ import annotations
@@ -57,7 +69,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -67,28 +79,139 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2                  # 2: shifted values in teacher_cache.dtype, uint16 ids, fp16 tail; full rows fp32
 TAIL_TEMPERATURES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0)
 BUILD_BATCH = 64            # conversations per teacher forward while building
+VALUE_DTYPES = ("float16", "bfloat16", "float32")   # teacher_cache.dtype
+UINT16_VOCAB = 2**16        # ids fit uint16 up to this vocabulary size
+
+# stored dtype name -> (torch dtype, numpy dtype on disk); numpy has no bfloat16, so its 16 bits
+# are written as uint16 and viewed back on read
+_STORAGE = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
+            "bfloat16": (torch.bfloat16, np.uint16), "int32": (torch.int32, np.int32),
+            "uint16": (torch.int32, np.uint16)}   # uint16 ids are computed as int32, narrowed on the way to disk
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How each position's row is stored: the top k (k < vocab) or the whole row (k = vocab)."""
+
+    k: int
+    vocab: int
+    dtype: str                      # teacher_cache.dtype: the values' dtype when k < vocab
+
+    @property
+    def full(self) -> bool:
+        return self.k >= self.vocab
+
+    @property
+    def value_dtype(self) -> str:
+        return "float32" if self.full else self.dtype     # a full row is exact: float32, in id order
+
+    @property
+    def id_dtype(self) -> str | None:
+        return None if self.full else "uint16" if self.vocab <= UINT16_VOCAB else "int32"
+
+    @property
+    def tail_dtype(self) -> str | None:
+        return None if self.full else "float32" if self.dtype == "float32" else "float16"
+
+    @property
+    def bytes_per_position(self) -> int:
+        if self.full:
+            return 4 * self.vocab
+        size = lambda name: np.dtype(_STORAGE[name][1]).itemsize  # noqa: E731
+        return self.k * (size(self.value_dtype) + size(self.id_dtype)) + len(TAIL_TEMPERATURES) * size(self.tail_dtype)
+
+    def describe(self) -> str:
+        if self.full:
+            return f"the full distribution ({self.vocab} float32 logits), {self.bytes_per_position} bytes per position"
+        return (f"top-{self.k} of {self.vocab} logits ({self.value_dtype} values, {self.id_dtype} ids, {self.tail_dtype} "
+                f"tail), {self.bytes_per_position} bytes per position")
+
+    def meta(self) -> dict:
+        return {"top_k": self.k, "vocab": self.vocab, "value_dtype": self.value_dtype, "id_dtype": self.id_dtype,
+                "tail_dtype": self.tail_dtype, "bytes_per_position": self.bytes_per_position}
+
+
+def layout(top_k: int, vocab: int, dtype: str = "float16") -> Layout:
+    """The layout of a cache keeping top_k logits (all of them when top_k >= vocab) in `dtype`."""
+    if dtype not in VALUE_DTYPES:
+        raise ValueError(f"teacher cache dtype {dtype!r} is not one of {VALUE_DTYPES}")
+    return Layout(min(top_k, vocab), vocab, dtype)
+
+
+def bytes_per_position(top_k: int, vocab: int, dtype: str = "float16") -> int:
+    return layout(top_k, vocab, dtype).bytes_per_position
+
+
+def planned_bytes(positions: int, top_k: int, vocab: int, dtype: str = "float16") -> int:
+    return positions * bytes_per_position(top_k, vocab, dtype)
+
+
+@dataclass
+class StoredRows:
+    """Rows as the cache stores them (what build writes and the fidelity measurement reads back):
+    values (N, k) in the layout's value dtype, ids (N, k) int32 or None, tail (N, G) or None."""
+
+    values: torch.Tensor
+    ids: torch.Tensor | None
+    tail: torch.Tensor | None
+
+
+def compress(logits: torch.Tensor, lay: Layout) -> StoredRows:
+    """(N, V) teacher logits -> the rows the cache stores for them (on logits' device)."""
+    logits = logits.float()
+    if lay.full:
+        return StoredRows(logits, None, None)
+    top = logits.topk(lay.k, dim=1)
+    row_max = top.values[:, :1]                                                      # (N, 1) m
+    rest = logits.scatter(1, top.indices, float("-inf")) - row_max                   # (N, V) z_j - m off K
+    tail = torch.stack([torch.logsumexp(rest / t, dim=1) for t in TAIL_TEMPERATURES], 1)   # (N, G)
+    return StoredRows((top.values - row_max).to(_STORAGE[lay.value_dtype][0]), top.indices.to(torch.int32),
+                      tail.to(_STORAGE[lay.tail_dtype][0]))
+
+
+def _to_disk(tensor: torch.Tensor, name: str) -> np.ndarray:
+    if name == "bfloat16":
+        return tensor.view(torch.int16).cpu().numpy().view(np.uint16)
+    return tensor.cpu().numpy().astype(_STORAGE[name][1], copy=False)
+
+
+def _from_disk(array: np.ndarray, name: str) -> torch.Tensor:
+    if name == "bfloat16":
+        return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(array)
 
 
 @dataclass
 class CachedTeacher:
-    """Cached teacher outputs for N scored positions: what the losses take instead of (N, V) logits."""
+    """Cached teacher outputs for N scored positions: what the losses take instead of (N, V) logits.
 
-    values: torch.Tensor            # (N, k) float32 logits at T = 1
-    ids: torch.Tensor               # (N, k) int64 token ids
-    tail: torch.Tensor | None       # (N, G) float32 log S(T_g); None when k = V
+    k < V: values are the top-k logits minus the row's largest, ids their token ids, tail the
+    shifted log tail mass on the TAIL_TEMPERATURES grid. k = V: values are the (N, V) logits in
+    token-id order; ids and tail are None."""
+
+    values: torch.Tensor            # (N, k) float32
+    ids: torch.Tensor | None        # (N, k) int64 token ids; None when values is the full row
+    tail: torch.Tensor | None       # (N, G) float32 log S(T_g) - m / T_g; None when values is the full row
+
+    @classmethod
+    def from_stored(cls, rows: StoredRows) -> "CachedTeacher":
+        """Widen stored rows to the loss math's dtypes: float32 values and tail, int64 ids."""
+        return cls(rows.values.float(), None if rows.ids is None else rows.ids.long(),
+                   None if rows.tail is None else rows.tail.float())
 
     def __getitem__(self, rows: slice) -> "CachedTeacher":
-        return CachedTeacher(self.values[rows], self.ids[rows], None if self.tail is None else self.tail[rows])
+        pick = lambda x: None if x is None else x[rows]  # noqa: E731
+        return CachedTeacher(self.values[rows], pick(self.ids), pick(self.tail))
 
     def to(self, device, non_blocking: bool = False) -> "CachedTeacher":
         move = lambda x: None if x is None else x.to(device, non_blocking=non_blocking)  # noqa: E731
         return CachedTeacher(move(self.values), move(self.ids), move(self.tail))
 
     def log_tail(self, temperature: float) -> torch.Tensor:
-        """(N, 1) log S(T): linear in 1/T between the grid's neighbours (extended past its ends)."""
+        """(N, 1) log S(T) - m / T: linear in 1/T between the grid's neighbours (extended past its ends)."""
         betas = [1.0 / t for t in TAIL_TEMPERATURES]          # descending
         beta = 1.0 / temperature
         upper = next((i for i in range(1, len(betas)) if betas[i] <= beta), len(betas) - 1)
@@ -100,29 +223,24 @@ class CachedTeacher:
         """(log q, log p) over the vocabulary at temperature T: the student's live, the teacher's
         rebuilt from the cache (exact on K, the tail's mass spread evenly over the tail tokens)."""
         logq = F.log_softmax(student_logits.float() / temperature, dim=-1)          # (N, V)
+        if self.ids is None:   # the full row: nothing estimated, the live teacher's formula
+            return logq, F.log_softmax(self.values / temperature, dim=-1)
         scaled = self.values / temperature                                         # (N, k)
         vocab, k = logq.shape[-1], scaled.shape[-1]
-        if self.tail is None:   # k = V: the full distribution, nothing estimated
-            return logq, torch.empty_like(logq).scatter_(1, self.ids, scaled - torch.logsumexp(scaled, 1, keepdim=True))
-        log_tail = self.log_tail(temperature)                                      # (N, 1) log S(T)
+        log_tail = self.log_tail(temperature)                                      # (N, 1)
         log_z = torch.logsumexp(torch.cat([scaled, log_tail], dim=1), dim=1, keepdim=True)
         logp = (log_tail - math.log(vocab - k) - log_z).expand(-1, vocab).clone()  # each tail token: S / (V - k) / Z
         return logq, logp.scatter_(1, self.ids, scaled - log_z)
-
-
-def bytes_per_position(top_k: int, vocab: int) -> int:
-    k = min(top_k, vocab)
-    return 4 * (2 * k + (len(TAIL_TEMPERATURES) if k < vocab else 0))
 
 
 # ----------------------------------------------------------------------------------------------
 # The key
 # ----------------------------------------------------------------------------------------------
 
-def teacher_fingerprint(teacher: torch.nn.Module) -> str:
-    """sha256 of the teacher's parameters and buffers, by name, as loaded (dtype included)."""
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's parameters and buffers, by name, as loaded (dtype included)."""
     h = hashlib.sha256()
-    for name, tensor in sorted(teacher.state_dict().items()):
+    for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1).contiguous().cpu()
         h.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(flat.view(torch.uint8).numpy().tobytes())
@@ -134,12 +252,26 @@ def data_fingerprint(train_data) -> str:
     return train_data.identity
 
 
-def cache_key(teacher_hash: str, tokenizer_hash: str, train_data, max_seq_len: int, teacher_cols: int | None,
-              vocab: int, top_k: int) -> tuple[str, dict]:
-    parts = {"format": FORMAT, "teacher": teacher_hash, "tokenizer": tokenizer_hash,
-             "data": data_fingerprint(train_data), "max_seq_len": max_seq_len, "teacher_cols": teacher_cols,
-             "vocab": vocab, "top_k": min(top_k, vocab), "tail_temperatures": list(TAIL_TEMPERATURES)}
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], parts
+@dataclass(frozen=True)
+class CacheInputs:
+    """Everything the teacher's outputs depend on, as hashes and sizes: one cache per (inputs, layout)."""
+
+    teacher: str            # weights_fingerprint of the teacher
+    tokenizer: str
+    data: str               # data_fingerprint of the training split
+    max_seq_len: int
+    teacher_cols: int | None
+    vocab: int
+
+
+def digest(parts: dict) -> str:
+    """A short stable hash of a JSON-able dict (cache keys, auto's measurement file)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def cache_key(inputs: CacheInputs, lay: Layout) -> tuple[str, dict]:
+    parts = {"format": FORMAT, **asdict(inputs), **lay.meta(), "tail_temperatures": list(TAIL_TEMPERATURES)}
+    return digest(parts), parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,21 +279,27 @@ def cache_key(teacher_hash: str, tokenizer_hash: str, train_data, max_seq_len: i
 # ----------------------------------------------------------------------------------------------
 
 class TeacherCache:
-    """A built cache folder, memory-mapped. rows(example indices) -> CachedTeacher (CPU)."""
+    """A built cache folder, memory-mapped. rows(example indices) -> CachedTeacher (CPU, float32)."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.meta = json.loads((self.directory / "meta.json").read_text())
+        optional = lambda name: np.load(self.directory / name, mmap_mode="r") \
+            if (self.directory / name).is_file() else None  # noqa: E731
         self.values = np.load(self.directory / "values.npy", mmap_mode="r")
-        self.ids = np.load(self.directory / "ids.npy", mmap_mode="r")
-        tail = self.directory / "tail.npy"
-        self.tail = np.load(tail, mmap_mode="r") if tail.is_file() else None
+        self.ids, self.tail = optional("ids.npy"), optional("tail.npy")
         self.row_offsets = np.load(self.directory / "row_offsets.npy")
 
     def rows(self, indices) -> CachedTeacher:
-        spans = [(int(self.row_offsets[i]), int(self.row_offsets[i + 1])) for i in np.asarray(indices)]
-        take = lambda array: torch.from_numpy(np.concatenate([array[lo:hi] for lo, hi in spans]))  # noqa: E731
-        return CachedTeacher(take(self.values), take(self.ids).long(), None if self.tail is None else take(self.tail))
+        """The rows of these examples, in the order given (each example's positions ascending)."""
+        return self._read([(int(self.row_offsets[i]), int(self.row_offsets[i + 1])) for i in np.asarray(indices)])
+
+    def _read(self, spans: list[tuple[int, int]]) -> CachedTeacher:
+        take = lambda array: np.concatenate([array[lo:hi] for lo, hi in spans])  # noqa: E731
+        return CachedTeacher.from_stored(StoredRows(
+            _from_disk(take(self.values), self.meta["value_dtype"]),
+            None if self.ids is None else torch.from_numpy(take(self.ids).astype(np.int64)),
+            None if self.tail is None else _from_disk(take(self.tail), self.meta["tail_dtype"])))
 
     @property
     def nbytes(self) -> int:
@@ -177,47 +315,44 @@ def _is_complete(directory: Path, key: str, positions: int) -> bool:
     return meta.get("key") == key and cache.values.shape[0] == positions == int(cache.row_offsets[-1])
 
 
-def build(teacher_rows: Callable[[dict], torch.Tensor], train_data, pad_id: int, top_k: int, vocab: int,
-          target: Path, meta: dict) -> None:
+def build(teacher_rows: Callable[[dict], torch.Tensor], train_data, pad_id: int, lay: Layout, target: Path,
+          meta: dict) -> None:
     """Run the teacher over train_data once, writing target/ (via a temporary sibling, renamed).
 
     teacher_rows(batch) -> (N, V) teacher logits at the batch's scored positions, in row-major
     (example, position) order, the order the loop selects them in."""
     from tune_kd import data
 
-    k = min(top_k, vocab)
     counts = train_data.target_counts.astype(np.int64)
     row_offsets = np.concatenate([[0], np.cumsum(counts)])
     positions = int(row_offsets[-1])
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        open_array = lambda name, dtype, width: np.lib.format.open_memmap(  # noqa: E731
-            tmp / name, mode="w+", dtype=dtype, shape=(positions, width))
-        values, ids = open_array("values.npy", np.float32, k), open_array("ids.npy", np.int32, k)
-        tail = open_array("tail.npy", np.float32, len(TAIL_TEMPERATURES)) if k < vocab else None
+        files = {name: np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=_STORAGE[dtype][1],
+                                                 shape=(positions, width))
+                 for name, dtype, width in (("values", lay.value_dtype, lay.k), ("ids", lay.id_dtype, lay.k),
+                                            ("tail", lay.tail_dtype, len(TAIL_TEMPERATURES))) if dtype is not None}
         started = time.perf_counter()
         for lo in range(0, len(train_data), BUILD_BATCH):
             indices = np.arange(lo, min(lo + BUILD_BATCH, len(train_data)))
-            logits = teacher_rows(data.collate(train_data, indices, pad_id)).float()       # (N, V)
+            logits = teacher_rows(data.collate(train_data, indices, pad_id))                # (N, V)
             a, b = int(row_offsets[indices[0]]), int(row_offsets[indices[-1] + 1])
             if logits.shape[0] != b - a:
                 raise RuntimeError(f"teacher cache: {logits.shape[0]} scored rows for examples {lo}.., expected {b - a}")
-            top = logits.topk(k, dim=1)
-            values[a:b] = top.values.cpu().numpy()
-            ids[a:b] = top.indices.to(torch.int32).cpu().numpy()
-            if tail is not None:
-                rest = logits.scatter(1, top.indices, float("-inf"))
-                tail[a:b] = torch.stack([torch.logsumexp(rest / t, dim=1) for t in TAIL_TEMPERATURES], 1).cpu().numpy()
-        for array in (values, ids, tail):
-            if array is not None:
-                array.flush()
+            stored = compress(logits, lay)
+            files["values"][a:b] = _to_disk(stored.values, lay.value_dtype)
+            if not lay.full:
+                files["ids"][a:b] = _to_disk(stored.ids, lay.id_dtype)
+                files["tail"][a:b] = _to_disk(stored.tail, lay.tail_dtype)
+        for array in files.values():
+            array.flush()
         np.save(tmp / "row_offsets.npy", row_offsets)
         seconds = time.perf_counter() - started
         nbytes = sum(p.stat().st_size for p in tmp.iterdir())
-        (tmp / "meta.json").write_text(json.dumps({**meta, "positions": positions, "examples": len(train_data),
-                                                   "build_seconds": seconds, "bytes": nbytes,
-                                                   "built_by_pid": os.getpid()}, indent=1))
+        (tmp / "meta.json").write_text(json.dumps({**meta, **lay.meta(), "positions": positions,
+                                                   "examples": len(train_data), "build_seconds": seconds,
+                                                   "bytes": nbytes, "built_by_pid": os.getpid()}, indent=1))
         if target.exists():   # a stale or broken copy under this key: replaced, never read
             shutil.rmtree(target)
         tmp.rename(target)
@@ -237,91 +372,175 @@ def _locked(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def open_or_build(cache_dir: str | Path, teacher: torch.nn.Module, teacher_rows, tokenizer_hash: str, train_data,
-                  pad_id: int, max_seq_len: int, teacher_cols: int | None, vocab: int, top_k: int) -> TeacherCache:
-    """The cache for these inputs, built first (under a lock) when it is missing or stale."""
-    key, parts = cache_key(teacher_fingerprint(teacher), tokenizer_hash, train_data, max_seq_len, teacher_cols,
-                           vocab, top_k)
+def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_rows, train_data, pad_id: int, lay: Layout,
+                  build_meta: dict | None = None) -> TeacherCache:
+    """The cache for these inputs and layout, built first (under a lock) when it is missing or stale.
+    build_meta: extra fields for a new build's meta.json (auto's measured fidelity)."""
+    key, parts = cache_key(inputs, lay)
     target = Path(cache_dir) / "teacher" / key
     positions = int(train_data.target_counts.sum())
     with _locked(target.with_name(f"{key}.lock")):
         if not _is_complete(target, key, positions):
-            log.info("teacher cache: building %s (%d positions, top-%d of %d%s)", target, positions,
-                     parts["top_k"], vocab, " + the tail's mass" if parts["top_k"] < vocab else ": the full distribution")
+            log.info("teacher cache: building %s (%d positions, %s)", target, positions, lay.describe())
             with torch.inference_mode():
-                build(teacher_rows, train_data, pad_id, top_k, vocab, target, {**parts, "key": key})
+                build(teacher_rows, train_data, pad_id, lay, target, {**parts, **(build_meta or {}), "key": key})
             meta = json.loads((target / "meta.json").read_text())
             log.info("teacher cache: built in %.1f s, %.1f MB (%d bytes per position) -> %s", meta["build_seconds"],
-                     meta["bytes"] / 2**20, bytes_per_position(top_k, vocab), target)
-    cache = TeacherCache(target)
-    return cache
+                     meta["bytes"] / 2**20, meta["bytes_per_position"], target)
+    return TeacherCache(target)
 
 
-def tail_mass(cache: TeacherCache, temperature: float, rows: int = 4096) -> float:
-    """Mean teacher tail mass p_tail at T over the first `rows` positions (0 when k = V)."""
-    if cache.tail is None:
-        return 0.0
-    chunk = CachedTeacher(torch.from_numpy(np.array(cache.values[:rows])), torch.from_numpy(np.array(cache.ids[:rows])).long(),
-                          torch.from_numpy(np.array(cache.tail[:rows])))
-    scaled = chunk.values / temperature
-    log_tail = chunk.log_tail(temperature)
-    return float((log_tail - torch.logsumexp(torch.cat([scaled, log_tail], 1), 1, keepdim=True)).exp().mean())
+def remembered(path: Path, compute: Callable[[], dict]) -> dict:
+    """compute()'s JSON result, stored at `path` by the first process that asks (under a lock) and
+    read by the others, so every trial of a search takes the driver's measurement."""
+    with _locked(path.with_suffix(".lock")):
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = compute()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.rename(path)
+        return result
 
 
-def planned_bytes(positions: int, top_k: int, vocab: int) -> int:
-    return positions * bytes_per_position(top_k, vocab)
+# ----------------------------------------------------------------------------------------------
+# When to use it, and with which k
+# ----------------------------------------------------------------------------------------------
+
+AUTO_TOLERANCE = 0.01       # top_k auto: the largest relative loss and gradient error it accepts
+AUTO_SMALLEST_K = 8         # the ladder auto measures: 8, 16, 32, ... below the vocabulary, then all of it
 
 
-def decide(cfg, positions: int, vocab: int, free_bytes: int) -> tuple[bool, str]:
-    """(use the cache?, why) for a run of cfg whose training split has `positions` scored tokens.
+def auto_ladder(vocab: int) -> list[int]:
+    """The ks top_k auto considers, ascending; the last is the vocabulary (the full row: exact)."""
+    ladder, k = [], AUTO_SMALLEST_K
+    while k < vocab:
+        ladder.append(k)
+        k *= 2
+    return ladder + [vocab]
 
-    auto uses it when the run needs the teacher's logits only (not its hidden states: feature
-    distillation runs it live) and the cache fits teacher_cache.max_gb and the free disk. Nothing
-    a trial can vary changes the token sequences (max_seq_len and the data are not searchable),
-    so one cache serves every trial."""
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How far a cache layout is from the live teacher on a sample: the worst relative error over
+    the temperatures (and divergences) measured, and the T where each was worst."""
+
+    loss: float                         # |KD_cache - KD_live| / KD_live
+    grad: float                         # ||g_cache - g_live|| / ||g_live||, g w.r.t. the student's logits
+    loss_at: float | None               # None: exact, nothing measured
+    grad_at: float | None
+    param_grad: float | None = None     # the same w.r.t. the student's parameters (the bench measures it)
+    param_grad_at: float | None = None
+
+    def within(self, tolerance: float) -> bool:
+        return self.loss <= tolerance and self.grad <= tolerance
+
+    def describe(self) -> str:
+        if self.loss_at is None:
+            return "exact (the full row)"
+        return f"loss error {100 * self.loss:.2f}% (T {self.loss_at:g}), gradient {100 * self.grad:.2f}% (T {self.grad_at:g})"
+
+
+EXACT = Fidelity(0.0, 0.0, None, None)   # k = vocab: the full row, nothing estimated
+
+
+@dataclass
+class Ladder:
+    """top_k auto's measurement: the Fidelity of each k of auto_ladder below the vocabulary, in
+    the run's value dtype, and what it was measured on."""
+
+    errors: dict[int, Fidelity]
+    temperatures: list[float]
+    kd_losses: list[str]
+    conversations: int
+    positions: int
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "errors": {str(k): asdict(e) for k, e in self.errors.items()}}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Ladder":
+        return cls(**{**raw, "errors": {int(k): Fidelity(**e) for k, e in raw["errors"].items()}})
+
+
+@dataclass
+class CachePlan:
+    """decide's answer: whether this run reads a teacher cache, why (one log line), in which layout."""
+
+    use: bool
+    why: str
+    layout: Layout | None = None
+    auto: dict | None = None            # top_k auto: what it measured and chose (recorded in meta.json)
+
+
+def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[], Ladder] | None = None) -> CachePlan:
+    """Whether and how a run of cfg, whose training split has `positions` scored tokens, uses the cache.
+
+    It applies when the run needs the teacher's logits only (not its hidden states: feature
+    distillation runs it live). k is teacher_cache.top_k, or with top_k auto the smallest k of
+    auto_ladder whose measured loss and gradient errors (measure(), called only here) are within
+    AUTO_TOLERANCE; then the cache must fit teacher_cache.max_gb (auto; `on` ignores it) and 90%
+    of the free disk, else the run reads the live teacher (`on`: a UserError). Nothing a trial can
+    vary changes the token sequences (max_seq_len and the data are not searchable), so one cache
+    serves every trial."""
+    c = cfg.teacher_cache
+    if c.mode == "off":
+        return CachePlan(False, "off (teacher_cache: off)")
+    if cfg.teacher is None or (cfg.train.alpha >= 1.0 and "alpha" not in cfg.parameters):
+        return CachePlan(False, "not used: training never runs the teacher (no teacher, or alpha 1)")
+    if cfg.train.feature_weight > 0 or "feature_weight" in cfg.parameters:
+        return CachePlan(False, "not used: feature distillation needs the teacher's hidden states, so the teacher "
+                                "runs live")
+    if c.top_k == "auto":
+        if measure is None:
+            raise ValueError("teacher_cache.top_k auto needs a measure() of the candidate ks")
+        return _auto_plan(cfg, positions, vocab, free_bytes, measure())
+    lay = layout(c.top_k, vocab, c.dtype)
+    too_big = _too_big(cfg, positions * lay.bytes_per_position, free_bytes)
+    if too_big:
+        return CachePlan(False, f"not used: {too_big} (raise it, or set teacher_cache: on)")
+    return CachePlan(True, f"{c.mode}: {lay.describe()}, {positions * lay.bytes_per_position / 2**20:.1f} MB", lay)
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.3g} GiB"
+
+
+def _too_big(cfg, size: int, free_bytes: int) -> str | None:
+    """Why a cache of `size` bytes cannot be built (None when it can); `on` raises on the disk."""
     from tune_kd.config import UserError
 
     c = cfg.teacher_cache
-    if c.mode == "off":
-        return False, "off (teacher_cache: off)"
-    if cfg.teacher is None or (cfg.train.alpha >= 1.0 and "alpha" not in cfg.parameters):
-        return False, "not used: training never runs the teacher (no teacher, or alpha 1)"
-    if cfg.train.feature_weight > 0 or "feature_weight" in cfg.parameters:
-        return False, "not used: feature distillation needs the teacher's hidden states, so the teacher runs live"
-    size = planned_bytes(positions, c.top_k, vocab)
     if c.mode == "auto" and size > c.max_gb * 2**30:
-        return False, (f"not used: it would take {size / 2**30:.1f} GiB, above teacher_cache.max_gb {c.max_gb:g} "
-                       "(raise it, or set teacher_cache: on)")
+        return f"it would take {_gib(size)}, above teacher_cache.max_gb {c.max_gb:g}"
     if size > 0.9 * free_bytes:
         if c.mode == "on":
-            raise UserError(f"teacher_cache: on needs {size / 2**30:.1f} GiB but {cfg.data.cache_dir} has "
-                            f"{free_bytes / 2**30:.1f} GiB free (free space, lower teacher_cache.top_k, or use auto)")
-        return False, f"not used: {size / 2**30:.1f} GiB would not fit the {free_bytes / 2**30:.1f} GiB free"
-    return True, f"{c.mode}: top-{min(c.top_k, vocab)} of {vocab} logits per position, {size / 2**20:.1f} MB"
+            raise UserError(f"teacher_cache: on needs {_gib(size)} but {cfg.data.cache_dir} has {_gib(free_bytes)} "
+                            "free (free space, lower teacher_cache.top_k, or use auto)")
+        return f"it would take {_gib(size)}, more than 90% of the {_gib(free_bytes)} free"
+    return None
 
 
-def fidelity(cfg, student, teacher, cache: TeacherCache, batches: list[dict], precision,
-             temperatures) -> dict[float, tuple[float, float]]:
-    """{T: (loss error, gradient error)} of the cache against the live teacher on `batches`:
-    |KD_cache - KD_live| / KD_live for cfg's kd_loss summed over the batches, and
-    ||g_cache - g_live|| / ||g_live|| for its gradient w.r.t. every parameter of `student`
-    (a loop.SelectedLogits). What bench/teacher_cache_fidelity.py and the tests measure."""
-    from tune_kd import loop, losses
-
-    def kd_and_grad(temperature, source):
-        student.zero_grad(set_to_none=True)
-        total = 0.0
-        for batch in batches:
-            s_logits, t_logits, targets, _, _ = loop.forward_pair(student, teacher, batch, precision, None, True, source)
-            kd = losses.distillation_loss(s_logits, t_logits, targets, 0.0, temperature, 1.0, cfg.train.kd_loss,
-                                          kd_options=loop.kd_options(cfg.train)).kd
-            kd.backward()
-            total += float(kd.detach())
-        return total, torch.cat([p.grad.reshape(-1) for p in student.parameters() if p.grad is not None])
-
-    errors = {}
-    for temperature in temperatures:
-        (live, live_grad), (cached, cached_grad) = kd_and_grad(temperature, None), kd_and_grad(temperature, cache)
-        errors[temperature] = (abs(cached - live) / abs(live), float((cached_grad - live_grad).norm() / live_grad.norm()))
-    student.zero_grad(set_to_none=True)
-    return errors
+def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder) -> CachePlan:
+    """top_k auto: the smallest k within AUTO_TOLERANCE, when it fits; else the live teacher, with the figures."""
+    c = cfg.teacher_cache
+    errors = {**ladder.errors, vocab: EXACT}
+    chosen = min(k for k, e in errors.items() if e.within(AUTO_TOLERANCE))   # k = vocab always qualifies
+    lay = layout(chosen, vocab, c.dtype)
+    size = positions * lay.bytes_per_position
+    on_what = (f"worst over T {', '.join(f'{t:g}' for t in ladder.temperatures)} and {', '.join(ladder.kd_losses)} "
+               f"on {ladder.conversations} conversations")
+    record = {"tolerance": AUTO_TOLERANCE, "chosen_k": chosen, "chosen": asdict(errors[chosen]), **ladder.to_json()}
+    too_big = _too_big(cfg, size, free_bytes)
+    if too_big is None:
+        smaller = max((k for k in errors if k < chosen), default=None)
+        beaten = f"; top-{smaller}: {errors[smaller].describe()}" if smaller else ""
+        return CachePlan(True, f"{c.mode}, top_k auto: {lay.describe()}, {size / 2**20:.1f} MB; measured "
+                               f"{errors[chosen].describe()}, {on_what}{beaten}", lay, record)
+    limit = min(0.9 * free_bytes, c.max_gb * 2**30)
+    fitting = max((k for k in errors if positions * bytes_per_position(k, vocab, c.dtype) <= limit), default=None)
+    best_fitting = (f"; the largest k within it, top-{fitting}, measured {errors[fitting].describe()}"
+                    if fitting else "")
+    return CachePlan(False, f"not used: top_k auto needs top-{chosen} to stay within {100 * AUTO_TOLERANCE:g}% "
+                            f"({errors[chosen].describe()}, {on_what}), but {too_big}{best_fitting} (raise "
+                            f"teacher_cache.max_gb, or set teacher_cache.top_k)", None, record)

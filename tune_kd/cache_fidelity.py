@@ -1,0 +1,202 @@
+"""How close a teacher cache is to the live teacher: what teacher_cache.top_k auto measures before
+it picks k, and what bench/teacher_cache_fidelity.py tabulates.
+
+For a cache layout (k, stored dtype; teacher_cache.Layout), a divergence of losses.KD_LOSSES and a
+temperature T, on the same student logits:
+
+    loss error      |KD_cache - KD_live| / KD_live                   (KD summed over the sample)
+    gradient error  ||g_cache - g_live|| / ||g_live||                (g: d KD / d student logits)
+
+and optionally the gradient error w.r.t. the student's parameters. The cached teacher is rebuilt
+exactly as a trial reads it (teacher_cache.compress, then CachedTeacher.from_stored: the stored
+dtype's rounding included), but in memory, without writing a cache. Each error is reported at its
+worst over the temperatures and divergences (teacher_cache.Fidelity).
+
+Both sums decompose over rows, so the sample is processed batch by batch with flat memory. The
+parameter gradient is linear in the logit gradient (g_params = J^T g_logits), so its error needs
+one vector-Jacobian product per (layout, divergence, T) on the batch's retained graph, not a new
+forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+
+from tune_kd import data, teacher_cache
+from tune_kd.config import parameter_candidates
+from tune_kd.losses import KD_LOSSES
+from tune_kd.teacher_cache import (FORMAT, CacheInputs, CachedTeacher, Fidelity, Ladder, Layout, auto_ladder,
+                                   compress, layout)
+
+log = logging.getLogger(__name__)
+
+SAMPLE_CONVERSATIONS = 128   # top_k auto measures on this many training conversations ...
+SAMPLE_SEED = 0              # ... drawn with this seed, the same for every run on the same data
+SAMPLE_BATCH = 32            # conversations per forward while measuring
+TEMPERATURE_POINTS = 5       # temperatures measured across the run's range (both ends included)
+
+
+def temperatures_to_check(cfg) -> list[float]:
+    """The temperatures a run of cfg trains at, as TEMPERATURE_POINTS evenly spaced values over its
+    range: the searched `temperature` (and `final_temperature` when a schedule moves T) parameters'
+    extremes, else the train section's values."""
+    t = cfg.train
+    values = _candidates(cfg, "temperature", t.temperature)
+    schedules = set(_candidates(cfg, "temperature_schedule", t.temperature_schedule))
+    if schedules - {"constant"}:
+        values += _candidates(cfg, "final_temperature", t.final_temperature)
+    values = [float(v) for v in values if v is not None]
+    lo, hi = min(values), max(values)
+    if hi == lo:
+        return [lo]
+    return [float(v) for v in np.linspace(lo, hi, TEMPERATURE_POINTS)]
+
+
+def kd_losses_to_check(cfg) -> list[str]:
+    """train.kd_loss, or every divergence the search may pick."""
+    return sorted(set(_candidates(cfg, "kd_loss", cfg.train.kd_loss)))
+
+
+def _candidates(cfg, name: str, fixed) -> list:
+    """A train key's possible values: the searched parameter's extremes or values, else its fixed value."""
+    spec = cfg.parameters.get(name)
+    return list(parameter_candidates(spec).values()) if spec is not None else [fixed]
+
+
+def sample_batches(train_data, pad_id: int, conversations: int = SAMPLE_CONVERSATIONS,
+                   batch: int = SAMPLE_BATCH) -> list[dict]:
+    """A fixed, seeded sample of the training conversations, collated in batches (data.collate)."""
+    count = min(conversations, len(train_data))
+    chosen = np.sort(np.random.default_rng(SAMPLE_SEED).choice(len(train_data), size=count, replace=False))
+    return [data.collate(train_data, chosen[lo:lo + batch], pad_id) for lo in range(0, count, batch)]
+
+
+class FidelityMeter:
+    """Accumulates, batch by batch, the cache's KD sums and gradients against the live teacher's for
+    every layout, divergence (name -> its options, e.g. {"beta": 0.5} for jsd) and temperature.
+
+    parameters: the student's parameters, to also measure the gradient error w.r.t. them; add()
+    then needs student logits that still carry their graph (grad enabled)."""
+
+    def __init__(self, layouts: Iterable[Layout], temperatures: Iterable[float], divergences: dict[str, dict],
+                 parameters: list[torch.Tensor] | None = None):
+        self.layouts, self.temperatures, self.divergences = list(layouts), list(temperatures), dict(divergences)
+        self.parameters = [p for p in parameters or [] if p.requires_grad]
+        self.conversations = self.positions = 0
+        # (divergence, T) -> live KD sum, ||g||^2; (layout, divergence, T) -> cached KD sum, ||g_cache - g_live||^2
+        self.live: dict[tuple, list[float]] = {}
+        self.cached: dict[tuple, list[float]] = {}
+        self.live_param_grad: dict[tuple, torch.Tensor] = {}       # (divergence, T) -> J^T g_live
+        self.param_grad_error: dict[tuple, torch.Tensor] = {}      # (layout, divergence, T) -> J^T (g_cache - g_live)
+
+    def add(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, conversations: int = 0) -> None:
+        """One batch: student_logits (N, V) and the live teacher's teacher_logits (N, V) at the same
+        scored positions."""
+        self.conversations += conversations
+        self.positions += student_logits.shape[0]
+        teacher_logits = teacher_logits.to(torch.float32, copy=True)   # out of inference mode: autograd may save it
+        rebuilt = {lay: CachedTeacher.from_stored(compress(teacher_logits, lay)) for lay in self.layouts}
+        for name, options in self.divergences.items():
+            for temperature in self.temperatures:
+                live_kd, live_grad = _kd_and_grad(student_logits, teacher_logits, name, options, temperature)
+                _accumulate(self.live, (name, temperature), live_kd, live_grad.square().sum())
+                if self.parameters:
+                    _add_vector(self.live_param_grad, (name, temperature), self._pull_back(student_logits, live_grad))
+                for lay, cached in rebuilt.items():
+                    kd, grad = _kd_and_grad(student_logits, cached, name, options, temperature)
+                    difference = grad - live_grad
+                    _accumulate(self.cached, (lay, name, temperature), kd, difference.square().sum())
+                    if self.parameters:
+                        _add_vector(self.param_grad_error, (lay, name, temperature),
+                                    self._pull_back(student_logits, difference))
+
+    def _pull_back(self, student_logits: torch.Tensor, logit_grad: torch.Tensor) -> torch.Tensor:
+        """J^T logit_grad: the parameter gradient a logit gradient implies, flattened."""
+        grads = torch.autograd.grad(student_logits, self.parameters, grad_outputs=logit_grad.to(student_logits.dtype),
+                                    retain_graph=True, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float()
+                          for p, g in zip(self.parameters, grads)])
+
+    def results(self) -> dict[Layout, Fidelity]:
+        """Each layout's worst relative errors over the divergences and temperatures."""
+        out = {}
+        for lay in self.layouts:
+            loss, grad, param = {}, {}, {}
+            for (name, temperature), (live_kd, live_sq) in self.live.items():
+                kd, diff_sq = self.cached[(lay, name, temperature)]
+                loss[(name, temperature)] = abs(kd - live_kd) / max(abs(live_kd), 1e-30)
+                grad[(name, temperature)] = (diff_sq / max(live_sq, 1e-30)) ** 0.5
+                if self.parameters:
+                    live_norm = float(self.live_param_grad[(name, temperature)].norm())
+                    param[(name, temperature)] = float(self.param_grad_error[(lay, name, temperature)].norm()) \
+                        / max(live_norm, 1e-30)
+            worst = lambda errors: max(errors, key=errors.get)  # noqa: E731
+            at_param = worst(param) if param else None
+            out[lay] = Fidelity(loss[worst(loss)], grad[worst(grad)], worst(loss)[1], worst(grad)[1],
+                                param[at_param] if param else None, at_param[1] if param else None)
+        return out
+
+
+def _kd_and_grad(student_logits, teacher, name: str, options: dict, temperature: float):
+    """(KD sum as a float, its gradient (N, V) w.r.t. the student logits) for a live or cached teacher."""
+    with torch.enable_grad():
+        leaf = student_logits.detach().to(torch.float32, copy=True).requires_grad_(True)   # copy: may be an inference tensor
+        kd = KD_LOSSES[name](leaf, teacher, temperature, **options)
+        (grad,) = torch.autograd.grad(kd, leaf)
+    return float(kd.detach()), grad
+
+
+def _accumulate(sums: dict, key, *values) -> None:
+    sums[key] = [a + float(b) for a, b in zip(sums.get(key, [0.0] * len(values)), values)]
+
+
+def _add_vector(sums: dict, key, vector: torch.Tensor) -> None:
+    sums[key] = vector if key not in sums else sums[key] + vector
+
+
+def measure_ladder(batches: list[dict], teacher_logits: Callable[[dict], torch.Tensor],
+                   student_logits: Callable[[dict], torch.Tensor], layouts: list[Layout], temperatures: list[float],
+                   divergences: dict[str, dict]) -> Ladder:
+    """top_k auto's measurement: each layout's Fidelity (w.r.t. the student's logits) on `batches`.
+
+    teacher_logits(batch), student_logits(batch) -> (N, V) logits at the batch's scored positions."""
+    meter = FidelityMeter(layouts, temperatures, divergences)
+    for batch in batches:
+        meter.add(student_logits(batch), teacher_logits(batch), conversations=len(batch["indices"]))
+    return Ladder({lay.k: fidelity for lay, fidelity in meter.results().items()}, list(temperatures),
+                  list(divergences), meter.conversations, meter.positions)
+
+
+def auto_ladder_for_run(cfg, cache_dir, inputs: CacheInputs, student_hash: str, train_data, pad_id: int,
+                        teacher_logits: Callable[[dict], torch.Tensor], student_logits: Callable[[dict], torch.Tensor],
+                        divergences: dict[str, dict]) -> Ladder:
+    """top_k auto's measurement for a run of cfg, against the student the trials start from
+    (student_hash: its weights_fingerprint), over cfg's temperatures and divergences (name -> options).
+
+    Remembered under cache_dir/teacher/auto-<hash of everything it depends on>.json: the search's
+    driver measures, every trial (and every rank) reads the same figures, so all pick the same k."""
+    temperatures = temperatures_to_check(cfg)
+    ks = auto_ladder(inputs.vocab)[:-1]                       # the full row is exact: nothing to measure
+    layouts = [layout(k, inputs.vocab, cfg.teacher_cache.dtype) for k in ks]
+    settings = {"format": FORMAT, **asdict(inputs), "student": student_hash, "dtype": cfg.teacher_cache.dtype,
+                "temperatures": temperatures, "divergences": divergences, "ladder": ks,
+                "sample": [SAMPLE_CONVERSATIONS, SAMPLE_SEED]}
+
+    def measure() -> dict:
+        started = time.perf_counter()
+        ladder = measure_ladder(sample_batches(train_data, pad_id), teacher_logits, student_logits, layouts,
+                                temperatures, divergences)
+        log.info("teacher cache: top_k auto measured k in %s on %d conversations (%d positions) in %.1f s", ks,
+                 ladder.conversations, ladder.positions, time.perf_counter() - started)
+        return {"settings": settings, **ladder.to_json()}
+
+    remembered = teacher_cache.remembered(Path(cache_dir) / "teacher" / f"auto-{teacher_cache.digest(settings)}.json",
+                                          measure)
+    return Ladder.from_json({k: v for k, v in remembered.items() if k != "settings"})
