@@ -42,7 +42,8 @@ def test_every_divergence_trains_and_a_categorical_search_over_them_works(tiny_c
     for name in KD_LOSSES:
         result = train(space.apply_point(cfg, {"kd_loss": name}))
         losses[name] = result.metrics["train_loss"]
-        assert all(v == v and abs(v) != float("inf") for v in result.metrics.values()), (name, result.metrics)
+        finite = {k: v for k, v in result.metrics.items() if k != "gpu_peak_gib"}   # NaN off CUDA by design
+        assert all(v == v and abs(v) != float("inf") for v in finite.values()), (name, result.metrics)
     assert len({round(v, 6) for v in losses.values()}) == len(KD_LOSSES), losses
 
 
