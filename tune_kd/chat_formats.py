@@ -96,8 +96,8 @@ def _record(chunk: Chunk, index: int) -> object | None:
         raise DataError(f"{chunk.where(index)}: invalid UTF-8 at byte {exc.start} (re-encode the file as UTF-8)") from None
     if not text.strip():
         return None
-    try:
-        return json.loads(text)
+    try:   # without the line break, a truncated record's error points into the line, not past it
+        return json.loads(text.rstrip("\r\n"))
     except json.JSONDecodeError as exc:
         raise DataError(f"{chunk.where(index)}: not valid JSON ({exc.msg} at column {exc.colno})") from None
 
