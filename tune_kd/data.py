@@ -193,7 +193,7 @@ def tokenize_cached(path: str | Path, tokenizer, max_seq_len: int, cache_dir: st
     lock so concurrent trials wait for one build) and cached atomically."""
     target, fingerprint = cache_dir_for(path, tokenizer, max_seq_len, cache_dir)
     if not (target / "meta.json").is_file():
-        with ingest.file_lock(target):
+        with ingest.file_lock(ingest.build_lock_path(target)):
             if not (target / "meta.json").is_file():
                 path = Path(path)
                 meta = ingest.build(path, resolve_format(path, fmt), tokenizer, max_seq_len, target,

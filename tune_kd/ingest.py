@@ -324,13 +324,17 @@ def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta:
                 directory.rmdir()
 
 
-@contextlib.contextmanager
-def file_lock(target: Path):
-    """An exclusive lock on building `target`, across the processes of this machine: the first
-    builds, the others wait and then read. The lock file lives in the temporary directory, so a
-    build that fails on bad input leaves nothing in the cache folder."""
+def build_lock_path(target: Path) -> Path:
+    """Where the lock on building `target` lives: in the temporary directory, so a build that fails
+    on bad input leaves nothing in the cache folder (one machine's processes share it)."""
     name = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:32]
-    path = Path(tempfile.gettempdir()) / "tune_kd-locks" / name
+    return Path(tempfile.gettempdir()) / "tune_kd-locks" / name
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on the file `path` across processes: the first builds, the others wait
+    and then read what it built."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

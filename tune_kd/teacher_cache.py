@@ -59,8 +59,6 @@ place); one that does not match its meta is rebuilt.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -76,6 +74,8 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from tune_kd import ingest
 
 log = logging.getLogger(__name__)
 
@@ -360,18 +360,6 @@ def build(teacher_rows: Callable[[dict], torch.Tensor], train_data, pad_id: int,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock across processes (the first trial builds, the others wait and read)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_rows, train_data, pad_id: int, lay: Layout,
                   build_meta: dict | None = None) -> TeacherCache:
     """The cache for these inputs and layout, built first (under a lock) when it is missing or stale.
@@ -379,7 +367,7 @@ def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_rows, trai
     key, parts = cache_key(inputs, lay)
     target = Path(cache_dir) / "teacher" / key
     positions = int(train_data.target_counts.sum())
-    with _locked(target.with_name(f"{key}.lock")):
+    with ingest.file_lock(target.with_name(f"{key}.lock")):
         if not _is_complete(target, key, positions):
             log.info("teacher cache: building %s (%d positions, %s)", target, positions, lay.describe())
             with torch.inference_mode():
@@ -393,7 +381,7 @@ def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_rows, trai
 def remembered(path: Path, compute: Callable[[], dict]) -> dict:
     """compute()'s JSON result, stored at `path` by the first process that asks (under a lock) and
     read by the others, so every trial of a search takes the driver's measurement."""
-    with _locked(path.with_suffix(".lock")):
+    with ingest.file_lock(path.with_suffix(".lock")):
         if path.is_file():
             return json.loads(path.read_text())
         result = compute()
