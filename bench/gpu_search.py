@@ -7,7 +7,7 @@ one GPU, and the probe behind auto must predict what a trial really uses.
 Runs the search (no ASHA, so every trial runs its epochs; no control arms, no export), counts how
 many trials were RUNNING at the same time (a Tune callback), and compares each trial's real peak
 GPU memory (its gpu_peak_gib metric, torch.cuda.max_memory_allocated in the trial) with the
-figure of the probe that chose the share (search.measure_trial_gpu_memory). Needs Ray; on a GPU
+figure of the probe that chose the share (resources.measure_trial_gpu_memory). Needs Ray; on a GPU
 machine without it, see shared/device/make-wheels.sh. --result-lines adds one '@result {json}'
 line (bench/gpu_check.sh reads it).
 """

@@ -208,7 +208,7 @@ def test_compile_auto_logs_its_decision_on_gpu(tiny_config, caplog):
 def test_probe_is_within_25_percent_of_a_trials_real_peak_at_demo_sizes():
     from tune_kd import demo, loop
     from tune_kd.config import load_config
-    from tune_kd.search import measure_trial_gpu_memory
+    from tune_kd.resources import measure_trial_gpu_memory
 
     demo.prepare()
     cfg = load_config(Path(__file__).resolve().parents[1] / "search_spaces" / "kd.yaml",

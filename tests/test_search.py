@@ -268,7 +268,7 @@ def test_bad_space_fails_before_ray_starts(tmp_path, world):
 def test_missing_paths_and_gpus_are_config_errors(world):
     from tune_kd.config import ConfigError
     from tune_kd.prepare import check_paths
-    from tune_kd.search import check_gpus
+    from tune_kd.resources import check_gpus
 
     cfg = load_config(raw=search_raw(world, data={"path": "/nonexistent/train.jsonl"}, teacher={"path": "/no/teacher"},
                                      resources={"gpu_per_trial": 2}))
@@ -282,7 +282,7 @@ def test_missing_paths_and_gpus_are_config_errors(world):
 
 
 def test_resources_and_concurrency(world):
-    from tune_kd.search import concurrency, trial_resources
+    from tune_kd.resources import concurrency, trial_resources
 
     cfg = load_config(raw=search_raw(world))
     resources = trial_resources(cfg, gpus=0)

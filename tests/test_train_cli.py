@@ -75,3 +75,16 @@ def test_torchrun_ddp_on_cpu_trains_and_saves_once(tmp_path, world):
     assert metrics[1]["val_ce"] < metrics[0]["val_ce"]
     assert proc.stdout.count("done: epoch 2") == 1
     assert sorted(p.name for p in out.iterdir()) == ["best", "last", "metrics.jsonl"]
+
+
+def test_bad_data_is_reported_before_the_demo_is_built(tmp_path):
+    """A fresh checkout (no results/demo) with the demo YAML and the user's own --data_path: the bad
+    line is reported at once; the demo teacher (minutes of training) is not built first."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                    '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "yo"}]}\n')
+    proc = subprocess.run([sys.executable, "-m", "tune_kd.train", "--config", str(REPO / "search_spaces/kd.yaml"),
+                           "--data_path", str(data)], cwd=tmp_path, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"{data}:2:" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "results" / "demo" / "teacher").exists()

@@ -192,6 +192,14 @@ def resolve_format(path: str | Path, requested: str) -> str:
     return first_record_format(path) if requested == "auto" else requested
 
 
+def check_file(path: str | Path, fmt: str = "auto") -> None:
+    """Read the whole file as ingestion would, keeping nothing: raises DataError at the first bad
+    record, or when no record has an assistant turn."""
+    fmt = resolve_format(path, fmt)
+    if not any(parse_chunk(chunk, fmt)[0] for chunk in read_chunks(path, 4096)):
+        raise DataError(f"{path}: no usable conversation (the file is empty or no record has an assistant turn)")
+
+
 def read_conversations(path: str | Path, fmt: str = "auto") -> tuple[list[list[dict]], int]:
     """Every conversation of a (small) file at once: (conversations, skipped). For tests and tools;
     ingestion streams the same reading through read_chunks / parse_chunk."""

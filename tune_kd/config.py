@@ -78,7 +78,8 @@ class DataConfig:
     val_path: Optional[str] = None                 # a separate validation file; else val_fraction
     val_fraction: float = 0.05
     max_seq_len: int = 512
-    cache_dir: str = "results/cache"               # tokenized data, shared by runs and trials
+    cache_dir: Optional[str] = None                # tokenized data and teacher outputs, shared by runs and
+                                                   # trials; default <storage>/cache (results/cache), where every node sees it
     max_train_examples: Optional[int] = None       # train on a fixed random subset of this size
     format: Literal["auto", "conversations", "messages", "sharegpt"] = "auto"   # record layout (chat_formats.py)
     workers: int = 0                               # ingestion processes; 0: one per CPU core (1 for small files)
@@ -430,6 +431,11 @@ def validate_search(cfg: ExperimentConfig, problems: _Problems) -> None:
         problems.add("resources.gpu_per_trial", f"must be auto or a number >= 0 (0.25 shares a GPU by 4), got {gpu!r}")
     elif isinstance(gpu, (int, float)) and gpu > 1 and gpu != int(gpu):
         problems.add("resources.gpu_per_trial", f"above 1 it must be a whole number of GPUs, got {gpu}")
+    elif isinstance(gpu, (int, float)) and 0 < gpu < 1 and r.workers_per_trial > 1:
+        # Ray would pack two ranks of one trial onto one GPU, and NCCL refuses a communicator like that
+        problems.add("resources.gpu_per_trial", f"{gpu} with workers_per_trial {r.workers_per_trial} can put two ranks "
+                     "of one data-parallel trial on one GPU, which NCCL refuses: use 1 (a GPU per worker), or "
+                     "workers_per_trial: 1 to share GPUs between trials")
     cache = cfg.teacher_cache
     if cache.top_k != "auto" and (isinstance(cache.top_k, bool) or not isinstance(cache.top_k, int)
                                   or cache.top_k < 1):
@@ -523,8 +529,10 @@ def _check_parameter(cfg: ExperimentConfig, name: str, spec: Any, problems: _Pro
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
-                raw: dict | None = None) -> ExperimentConfig:
+                raw: dict | None = None, storage: str | Path | None = None) -> ExperimentConfig:
     """Load an experiment YAML (or a raw dict), apply dotted-key overrides, validate everything.
+    storage: the results root (a search's --storage, default results); data.cache_dir defaults to
+    <storage>/cache, so on a cluster every node finds the caches the driver built.
 
     Raises ConfigError listing every problem at once, each with file:line and dotted key.
     """
@@ -559,6 +567,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         cfg = dataclasses.replace(cfg, stages=_stage_raws(raw, stages, source, lines, problems))
     if problems.items:
         raise ConfigError(problems.items)
+    if cfg.data.cache_dir is None:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, cache_dir=str(Path(storage or "results") / "cache")))
     return cfg
 
 

@@ -113,6 +113,11 @@ def demo_config_dict(root: Path = DEMO_DIR) -> dict:
     }
 
 
+def is_built(root: Path = DEMO_DIR) -> bool:
+    """The demo's teacher (its last product) is on disk."""
+    return (Path(root) / "teacher" / "teacher.json").is_file()
+
+
 def prepare(root: Path = DEMO_DIR, force: bool = False) -> dict:
     """Build the demo under `root` unless its teacher is already cached; return the teacher's figures."""
     root = Path(root)
@@ -128,7 +133,7 @@ def _prepare_locked(root: Path, force: bool) -> dict:
     from tune_kd.loop import train
 
     data_dir, tok_dir, teacher_dir = root / "data", root / "tokenizer", root / "teacher"
-    if not force and (teacher_dir / "teacher.json").is_file():
+    if not force and is_built(root):
         return json.loads((teacher_dir / "teacher.json").read_text())
     started = time.perf_counter()
     write_jsonl(data_dir / "train.jsonl", make_conversations(TRAIN_CONVERSATIONS, DEMO_SEED))

@@ -350,11 +350,16 @@ def wandb_has_credentials() -> bool:
     return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
 
 
+def wandb_mode() -> str:
+    """WANDB_MODE when the user set it, else online with credentials and offline without."""
+    return os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+
+
 def start_wandb(cfg: ExperimentConfig):
     """wandb run, imported only when asked for; offline (with a sync hint) when no credentials exist."""
     import wandb
 
-    mode = os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
+    mode = wandb_mode()
     run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, config=cfg.to_dict(), mode=mode)
     if mode == "offline":
         log.info("wandb: no credentials configured, logging offline; upload later with: wandb sync %s", run.dir)
@@ -363,7 +368,7 @@ def start_wandb(cfg: ExperimentConfig):
 
 def gpu_peak_gib(device: torch.device) -> float:
     """The most GPU memory this process has allocated since train() began (GiB): a trial's real need,
-    which search.measure_trial_gpu_memory predicts. NaN off CUDA, as val_kl is without a teacher."""
+    which resources.measure_trial_gpu_memory predicts. NaN off CUDA, as val_kl is without a teacher."""
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else math.nan
 
 

@@ -4,7 +4,8 @@
 path, both models on the meta device), tokenizes the training and validation data into the shared
 cache (streaming, ingest.py) and builds the teacher cache when it applies. The search calls the same
 function, so a search after `prepare` finds every cache built and starts its trials at once; on a
-cluster, prepare once with data.cache_dir on storage every node sees, then search.
+cluster, prepare once with the search's --storage (data.cache_dir defaults to <storage>/cache, which
+every node sees), then search.
 
 The command prints, per data file, the conversations read and kept, tokens, assistant tokens,
 truncated / dropped / skipped counts, the share of assistant tokens that are the tokenizer's
@@ -38,6 +39,18 @@ class Prepared:
     seconds: float = 0.0
     lines: list = field(default_factory=list)
 
+    def add_teacher_cache(self, directory: str | Path | None, why: str) -> None:
+        """Record the teacher cache built (or found) for this run, wherever that happened."""
+        from tune_kd.teacher_cache import TeacherCache
+
+        self.teacher_cache, self.teacher_cache_why = (TeacherCache(directory) if directory else None), why
+        if self.teacher_cache is None:
+            self.lines.append(f"teacher cache: {why}")
+            return
+        meta = self.teacher_cache.meta
+        self.lines.append(f"teacher cache: {why}; {meta['positions']:,} positions, {self.teacher_cache.nbytes / 2**20:.1f} "
+                          f"MB (built in {meta['build_seconds']:.1f} s) -> {self.teacher_cache.directory}")
+
 
 def describe_file(role: str, meta: dict, directory: Path) -> str:
     built = f"built in {meta['seconds']:.1f} s with {meta['workers']} worker(s)"
@@ -48,25 +61,47 @@ def describe_file(role: str, meta: dict, directory: Path) -> str:
             f"{100 * data.unknown_share(meta):.2f}% of assistant tokens; {built}; {meta['bytes'] / 2**20:.1f} MB -> {directory}")
 
 
-def check_paths(cfg: ExperimentConfig, source: str) -> None:
-    """Every input path must exist before anything runs; all missing ones reported at once."""
+def input_paths(cfg: ExperimentConfig) -> dict[str, str]:
+    """Dotted key -> every input path the config names."""
     wanted = {"data.path": cfg.data.path, "data.val_path": cfg.data.val_path, "tokenizer": cfg.tokenizer,
               "teacher.path": cfg.teacher.path if cfg.teacher else None, "student.path": cfg.student.path}
+    return {key: path for key, path in wanted.items() if path is not None}
+
+
+def check_paths(cfg: ExperimentConfig, source: str, keys=None) -> None:
+    """Every input path (of `keys`, default all) must exist before anything runs; all missing ones
+    reported at once."""
     missing = [f"{source}: {key}: {path} does not exist (fix the path, or set embedded_demo: true for the demo)"
-               for key, path in wanted.items() if path is not None and not Path(path).exists()]
+               for key, path in input_paths(cfg).items() if (keys is None or key in keys) and not Path(path).exists()]
     if missing:
         raise ConfigError(missing)
 
 
-def prepare_inputs(cfg: ExperimentConfig, source: str) -> Prepared:
-    """Validate, tokenize into the shared cache and build the teacher cache: the search's preflight."""
+def build_demo_after_checks(cfg: ExperimentConfig, source: str) -> None:
+    """Build the embedded demo when the config asks for it and it is not built yet, but first check
+    the user's own inputs (paths outside the demo folder; their chat files read through): a bad line
+    must cost seconds, not the minutes of training the demo teacher."""
+    if not cfg.embedded_demo:
+        return
+    from tune_kd import chat_formats, demo
+
+    if not demo.is_built():
+        demo_root = demo.DEMO_DIR.resolve()
+        own = {key for key, path in input_paths(cfg).items() if not Path(path).resolve().is_relative_to(demo_root)}
+        check_paths(cfg, source, own)
+        for key in sorted(own & {"data.path", "data.val_path"}):
+            chat_formats.check_file(input_paths(cfg)[key], cfg.data.format)
+    demo.prepare()
+
+
+def prepare_inputs(cfg: ExperimentConfig, source: str, teacher_cache: bool = True) -> Prepared:
+    """Validate, tokenize into the shared cache and build the teacher cache: the search's preflight.
+    teacher_cache=False leaves the teacher cache to the caller (a search builds it where its trials
+    run: resources.place_trials)."""
     from tune_kd import loop, models
 
     started = time.perf_counter()
-    if cfg.embedded_demo:
-        from tune_kd import demo
-
-        demo.prepare()
+    build_demo_after_checks(cfg, source)
     check_paths(cfg, source)
     tokenizer = loop.shared_tokenizer(cfg)
     try:   # model errors surface here, once, not in every trial
@@ -89,14 +124,9 @@ def prepare_inputs(cfg: ExperimentConfig, source: str) -> Prepared:
     subset = f", a fixed subset of data.max_train_examples {cfg.data.max_train_examples:,}" \
         if cfg.data.max_train_examples is not None and cfg.data.max_train_examples <= len(train_data) else ""
     out.lines.append(f"split: {out.train_examples:,} train / {out.val_examples:,} val ({how}{subset})")
-    out.teacher_cache, out.teacher_cache_why = loop.prepare_teacher_cache(cfg)
-    if out.teacher_cache is not None:
-        meta = out.teacher_cache.meta
-        out.lines.append(f"teacher cache: {out.teacher_cache_why}; {meta['positions']:,} positions, "
-                         f"{out.teacher_cache.nbytes / 2**20:.1f} MB (built in {meta['build_seconds']:.1f} s) -> "
-                         f"{out.teacher_cache.directory}")
-    else:
-        out.lines.append(f"teacher cache: {out.teacher_cache_why}")
+    if teacher_cache:
+        cache, why = loop.prepare_teacher_cache(cfg)
+        out.add_teacher_cache(cache.directory if cache is not None else None, why)
     out.seconds = time.perf_counter() - started
     return out
 
@@ -105,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tune_kd.prepare", description=__doc__.split("\n")[0])
     parser.add_argument("--config", "--space", dest="config", default="search_spaces/kd.yaml",
                         help="experiment YAML (default: %(default)s)")
+    parser.add_argument("--storage", help="the results root the search will use (its --storage): the caches go "
+                                          "under it unless data.cache_dir says otherwise (default: results)")
     parser.add_argument("--workers", type=int, help="override data.workers (ingestion processes; 0: one per core)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     args = parser.parse_args(argv)
@@ -113,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_progress_bars()
     try:
-        cfg = load_config(args.config, {"data.workers": args.workers} if args.workers is not None else {})
+        cfg = load_config(args.config, {"data.workers": args.workers} if args.workers is not None else {},
+                          storage=args.storage)
         prepared = prepare_inputs(cfg, args.config)
     except UserError as exc:
         if args.debug:

@@ -22,104 +22,11 @@ import sys
 import time
 from pathlib import Path
 
-from tune_kd import controls, export, prepare, report, space
-from tune_kd.config import ConfigError, ExperimentConfig, UserError, absolute_paths, load_config
+from tune_kd import controls, export, prepare, report, resources, space
+from tune_kd.tracking import make_callbacks
+from tune_kd.config import ExperimentConfig, UserError, absolute_paths, load_config
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checks that need the file system or the machine (config.py checks the file itself)
-# ----------------------------------------------------------------------------------------------
-
-def check_gpus(cfg: ExperimentConfig, available: int, source: str) -> None:
-    gpu, workers = cfg.resources.gpu_per_trial, cfg.resources.workers_per_trial
-    if gpu != "auto" and gpu * workers > available:
-        per = f" x {workers} workers_per_trial" if workers > 1 else ""
-        raise ConfigError([f"{source}: resources.gpu_per_trial: {gpu}{per} asked for, but this machine has "
-                           f"{available} GPU(s) (lower it, or use auto)"])
-
-
-def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
-    """Peak bytes one trial allocates on a GPU (what its gpu_peak_gib metric reports): both models as
-    a trial loads them, and two training steps on the training split's longest batch, the second with
-    the optimizer's state already held, as in every step after a trial's first. The teacher's outputs
-    come from the teacher cache where a trial reads them from it. The step runs eager: a compiled
-    one keeps fewer activations, so this bounds it. Memory this process already held is not counted."""
-    import gc
-
-    import torch
-
-    from tune_kd import data, loop, models
-
-    device = torch.device("cuda")
-    precision = models.resolve_precision(cfg.train.dtype, device)
-    tokenizer, train_data, _ = loop.load_data(cfg)
-    gc.collect()
-    torch.cuda.empty_cache()
-    held = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    lm = models.make_student(cfg.student, tokenizer, precision)
-    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
-    teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
-    student = loop.SelectedLogits(lm)
-    teacher = loop.SelectedLogits(teacher_lm) if teacher_lm is not None else None
-    pad_id = loop.padding_id(tokenizer)
-    # alpha may be searched: assume the trial runs (or reads) the teacher whenever there is one
-    cache = loop.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, student)[0] \
-        if teacher is not None and cfg.train.feature_weight == 0 else None
-    optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler)
-    longest = train_data.lengths.argsort()[-cfg.train.batch_size:]
-    batch = data.collate(train_data, longest, pad_id)
-    scored = int((batch["labels"][:, 1:] != -100).sum())
-    for _ in range(2):
-        loop.backward_step(student, teacher, batch, cfg, precision, teacher_cols, teacher is not None, scored, scaler,
-                           cache=cache)
-        loop.optimizer_step(lm, optimizer, scaler, cfg.train.grad_clip)
-    peak = torch.cuda.max_memory_allocated(device) - held
-    del student, teacher, lm, teacher_lm, optimizer, cache
-    gc.collect()
-    torch.cuda.empty_cache()
-    return peak
-
-
-def trial_resources(cfg: ExperimentConfig, gpus: int) -> dict:
-    """{"cpu": .., "gpu": .., "workers": ..}: gpu auto is 0 without GPUs, else the largest 1/k of a GPU
-    that fits; when auto measured a trial (measure_trial_gpu_memory), also "gpu_probe_gib", its figure."""
-    gpu, probe = cfg.resources.gpu_per_trial, {}
-    if gpu == "auto":
-        if gpus == 0:
-            gpu = 0
-        elif cfg.resources.workers_per_trial > 1:
-            gpu = 1   # DDP's natural layout: a whole GPU per worker
-        else:
-            import torch
-
-            peak, total = measure_trial_gpu_memory(cfg), torch.cuda.get_device_properties(0).total_memory
-            per_gpu = max(1, min(8, int(0.85 * total // max(1, int(peak * 1.25)))))  # 25% headroom, 15% spare
-            gpu, probe = 1.0 / per_gpu, {"gpu_probe_gib": peak / 2**30}
-            log.info("gpu_per_trial auto: one trial peaks at %.2f GiB of %.0f GiB -> %d trials per GPU",
-                     peak / 2**30, total / 2**30, per_gpu)
-    return {"cpu": cfg.resources.cpu_per_trial, "gpu": gpu, "workers": cfg.resources.workers_per_trial, **probe}
-
-
-DRIVER_CPU = 0.01   # what the actor of a data-parallel trial holds (Ray needs a non-empty request)
-
-
-def concurrency(cfg: ExperimentConfig, resources: dict, cpus: float, gpus: float) -> int:
-    if cfg.search.max_concurrent != "auto":
-        return cfg.search.max_concurrent
-    workers = resources.get("workers", 1)   # data-parallel trials hold workers x the per-worker resources
-    per_trial = resources["cpu"] * workers + (DRIVER_CPU if workers > 1 else 0.0)
-    if per_trial > cpus + 1e-9:
-        raise UserError(f"resources: one trial needs {per_trial:g} CPUs ({workers} workers x cpu_per_trial "
-                        f"{resources['cpu']:g}{' + its driver' if workers > 1 else ''}) but Ray has {cpus:g}: lower "
-                        "cpu_per_trial or workers_per_trial, or give Ray more CPUs (--num-cpus)")
-    fits = math.floor(cpus / per_trial + 1e-9)
-    if resources["gpu"]:
-        fits = min(fits, math.floor(gpus / (resources["gpu"] * workers) + 1e-9))
-    return max(1, min(fits, cfg.search.num_samples))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,24 +90,6 @@ def make_scheduler(cfg: ExperimentConfig):
     # time_attr="epoch": our own counter, which survives restores (training_iteration restarts)
     return ASHAScheduler(time_attr="epoch", metric=cfg.metric.name, mode=cfg.metric.mode, max_t=cfg.train.epochs,
                          grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor)
-
-
-def make_callbacks(cfg: ExperimentConfig) -> list:
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback, TBXLoggerCallback
-
-    callbacks = [JsonLoggerCallback(), CSVLoggerCallback()]   # result.json feeds export and the summary
-    if cfg.logging.tensorboard:
-        callbacks.append(TBXLoggerCallback())
-    if cfg.logging.wandb:
-        from ray.air.integrations.wandb import WandbLoggerCallback
-
-        from tune_kd.loop import wandb_has_credentials
-
-        if not wandb_has_credentials():
-            os.environ.setdefault("WANDB_MODE", "offline")
-            log.info("wandb: no credentials configured, logging offline; upload later with `wandb sync <run dir>`")
-        callbacks.append(WandbLoggerCallback(project=cfg.logging.wandb_project, group=cfg.name))
-    return callbacks
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,19 +170,21 @@ def check_dashboard(host: str | None) -> None:
                 host, LOOPBACK)
 
 
-def teacher_cache_savings(cache, trial_epochs: int) -> str:
+def teacher_cache_savings(cache, builder_pid: int, trial_epochs: int) -> str:
     """What the teacher cache saved: each trial-epoch read it instead of running the teacher over
-    the training split, at the cost of one such pass when the cache was built."""
+    the training split, at the cost of one such pass when the cache was built (by the process
+    builder_pid: the driver, or its task on a GPU node)."""
     meta = cache.meta
-    built = "built for this search" if meta.get("built_by_pid") == os.getpid() else "built by an earlier run"
+    built = "built for this search" if meta.get("built_by_pid") == builder_pid else "built by an earlier run"
     return (f"teacher cache ({built}: one teacher pass over {meta['examples']} conversations, {meta['build_seconds']:.1f} s, "
             f"{cache.nbytes / 2**20:.1f} MB): {trial_epochs} trial-epochs read it instead of running the teacher, "
             f"about {trial_epochs} teacher passes (~{trial_epochs * meta['build_seconds']:.0f} s of teacher compute at "
             f"the build's pace) saved")
 
 
-def trial_class(trial_cfg: ExperimentConfig, experiment_dir: Path, resources: dict, name: str):
-    """The Tune trainable for trial_cfg, holding `resources`, under a readable class name."""
+def trial_class(trial_cfg: ExperimentConfig, experiment_dir: Path, per_trial: dict, name: str):
+    """The Tune trainable for trial_cfg, holding `per_trial` (resources.trial_resources), under a
+    readable class name."""
     from ray import tune
     from ray.tune.trainable import wrap_function
 
@@ -304,7 +195,7 @@ def trial_class(trial_cfg: ExperimentConfig, experiment_dir: Path, resources: di
     # Ray wraps a function trainable in classes named ImplicitFunc / ResourceTrainable; a named
     # subclass makes the trial actors readable in the dashboard and the state API.
     # A data-parallel trial's actor only drives Ray Train, whose workers ask for the resources themselves.
-    actor = {"cpu": DRIVER_CPU} if resources["workers"] > 1 else {"cpu": resources["cpu"], "gpu": resources["gpu"]}
+    actor = {"cpu": resources.DRIVER_CPU} if per_trial["workers"] > 1 else {"cpu": per_trial["cpu"], "gpu": per_trial["gpu"]}
     base = tune.with_resources(wrap_function(distill), actor)
     return type(name, (base,), {"__qualname__": name})
 
@@ -328,17 +219,16 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     if address is None:
         import torch
 
-        check_gpus(cfg, torch.cuda.device_count(), source)
+        resources.check_gpus(cfg, torch.cuda.device_count(), source)
     root = Path(storage or "results").resolve()
     experiment_dir = root / cfg.name
     if not resume and (experiment_dir / export.EXPERIMENT_FILE).is_file():
         raise UserError(f"{experiment_dir} already holds an experiment: continue it with --resume, or start over "
                         "with --overwrite (the old one is moved aside)")
-    # validate, tokenize once and run the teacher once here (data errors name file:line); trials read the caches
-    prepared = prepare.prepare_inputs(cfg, source)
+    # validate and tokenize once here (data errors name file:line); trials read the cache
+    prepared = prepare.prepare_inputs(cfg, source, teacher_cache=False)
     for line in prepared.lines:
         log.info("%s", line)
-    teacher_outputs = prepared.teacher_cache
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         (experiment_dir / export.EXPERIMENT_FILE).write_text(json.dumps(
@@ -358,21 +248,29 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         context = None
     cluster = ray.cluster_resources()
     if address is not None:
-        check_gpus(cfg, int(cluster.get("GPU", 0)), source)
-    resources = trial_resources(cfg, int(cluster.get("GPU", 0)))
-    parallel = concurrency(cfg, resources, cluster.get("CPU", 1), cluster.get("GPU", 0))
+        resources.check_gpus(cfg, int(cluster.get("GPU", 0)), source)
+        resources.check_node_fit(cfg, ray.nodes(), source)
+    # the teacher runs once, where the trials run (in their precision), and gpu auto measures a trial there
+    per_trial, placed = resources.place_trials(absolute_paths(cfg), int(cluster.get("GPU", 0)), source)
+    prepared.add_teacher_cache(placed["teacher_cache"], placed["why"])
+    log.info("%s", prepared.lines[-1])
+    parallel = resources.concurrency(cfg, per_trial, cluster.get("CPU", 1), cluster.get("GPU", 0))
     # Without this Ray keeps one pending trial at a time for searchers like Optuna's.
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(parallel)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"   # make_callbacks picks them explicitly
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are the design
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "1")
+    # Ray's new output engine prints its own experiment box and a TensorBoard hint into its staging
+    # folder under /tmp; progress.py's lines and the hint below replace both
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     log.info("search %s: %d trials, up to %d at a time, %s per trial", cfg.name, cfg.search.num_samples, parallel,
-             resources)
+             per_trial)
 
     # trials run in other working directories (absolute paths) and use the resolved GPU share
-    trial_cfg = absolute_paths(cfg).replace(resources=dataclasses.replace(cfg.resources, gpu_per_trial=resources["gpu"]))
-    with_resources = trial_class(trial_cfg, experiment_dir, resources, f"distill_{cfg.name.replace('-', '_')}")
+    trial_cfg = absolute_paths(cfg).replace(resources=dataclasses.replace(cfg.resources, gpu_per_trial=per_trial["gpu"]))
+    with_resources = trial_class(trial_cfg, experiment_dir, per_trial, f"distill_{cfg.name.replace('-', '_')}")
     progress = SearchProgress(cfg.metric.name, cfg.metric.mode, cfg.search.num_samples, cfg.train.epochs, parallel)
+    if cfg.logging.tensorboard:
+        print(f"TensorBoard: tensorboard --logdir {experiment_dir}", flush=True)
     started = time.perf_counter()
     if resume:
         if not tune.Tuner.can_restore(str(experiment_dir)):
@@ -401,11 +299,11 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     rows = trial_rows(experiment_dir, cfg, errors)
     best = write_summary(experiment_dir, cfg, rows)
     summary = {"rows": rows, "best": best, "seconds": time.perf_counter() - started, "dir": experiment_dir,
-               "parallel": parallel, "resources": resources}
+               "parallel": parallel, "resources": per_trial}
     print(format_table(rows))
     print(f"{len(rows)} trials in {summary['seconds']:.0f} s -> {experiment_dir / 'trials.csv'}")
-    if teacher_outputs is not None:
-        print(teacher_cache_savings(teacher_outputs, sum(int(r["epochs"]) for r in rows)))
+    if prepared.teacher_cache is not None:
+        print(teacher_cache_savings(prepared.teacher_cache, placed["pid"], sum(int(r["epochs"]) for r in rows)))
     if best is not None and export_best:
         target = experiment_dir / export.export_name(cfg)
         candidate = export.export(experiment_dir, target)
@@ -416,7 +314,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         if cfg.search.algorithm == "optuna":
             print(f"study: optuna-dashboard sqlite:///{experiment_dir / 'optuna.db'}")
     if best is not None:
-        arm_trainable = trial_class(trial_cfg, experiment_dir / controls.CONTROLS_DIR, resources,
+        arm_trainable = trial_class(trial_cfg, experiment_dir / controls.CONTROLS_DIR, per_trial,
                                     f"control_{cfg.name.replace('-', '_')}")
         arms = controls.run_controls(cfg, best, experiment_dir, arm_trainable, parallel, make_callbacks(cfg), resume)
         if arms is not None:
@@ -453,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_progress_bars()
     try:
         overrides = {"search.num_samples": args.num_samples} if args.num_samples else {}
-        cfg = load_config(args.space, overrides)
+        cfg = load_config(args.space, overrides, storage=args.storage)
         if args.storage and "://" in args.storage:
             raise UserError(f"--storage {args.storage}: give a filesystem path every node sees (an NFS or other "
                             "shared mount); the summary and export read trial files from it")

@@ -32,7 +32,7 @@ def run_stages(cfg: ExperimentConfig, source: str, storage: str | None = None, r
     for index, raw in enumerate(cfg.stages, start=1):
         # later stages carry a placeholder teacher path (config.PREVIOUS_STAGE_EXPORT) until here
         overrides = {"teacher.path": str(teacher)} if teacher is not None else {}
-        stage = load_config(raw=raw, overrides=overrides)
+        stage = load_config(raw=raw, overrides=overrides, storage=storage)
         experiment_dir = root / stage.name
         exported = experiment_dir / export.export_name(stage)
         if resume and exported.is_dir():

@@ -68,10 +68,9 @@ def run(args: argparse.Namespace) -> dict:
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     cfg = load_config(args.config, overrides)
     rank = int(os.environ.get("RANK", 0)) if args.ddp else 0
-    if cfg.embedded_demo:
-        from tune_kd import demo
+    from tune_kd.prepare import build_demo_after_checks
 
-        demo.prepare()  # file-locked: concurrent ranks wait for one build
+    build_demo_after_checks(cfg, args.config)  # file-locked: concurrent ranks wait for one build
     from tune_kd.loop import train
 
     out_dir = Path(args.out_dir or Path("results") / cfg.name / "train")

@@ -166,7 +166,7 @@ def run_data_parallel(cfg: ExperimentConfig, node_id: str, trial_dir: Path) -> N
     from ray.tune.integration.ray_train import TuneReportCallback
 
     r = cfg.resources
-    gpu = float(r.gpu_per_trial)   # the driver resolved auto (search.trial_resources)
+    gpu = float(r.gpu_per_trial)   # the driver resolved auto (resources.trial_resources)
     trainer = TorchTrainer(
         functools.partial(data_parallel_worker, cfg, node_id),
         scaling_config=train.ScalingConfig(num_workers=r.workers_per_trial, use_gpu=gpu > 0,
