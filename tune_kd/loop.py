@@ -2,10 +2,11 @@
 
 Per optimizer step: set the learning rate (linear warmup, then the seed's cosine
 lr/10 + 0.5*lr*(1 + cos(pi*step/total))), run `accumulation_steps` micro-batches (student under
-autocast, teacher frozen under inference_mode), back-propagate alpha*CE + (1-alpha)*T^2*KL divided
-by the assistant-token count of the whole window, clip, step, zero_grad(set_to_none=True). At each
-epoch end: evaluate on the validation split and call `report(metrics, save)`, where `save(dir)`
-writes a resumable checkpoint of the student. No Ray in here: the loop runs in plain pytest.
+autocast, teacher frozen under inference_mode), back-propagate alpha*CE + (1-alpha)*T^2*KL (another
+train.kd_loss D: T^k*D, losses.kd_scale) divided by the assistant-token count of the whole window,
+clip, step, zero_grad(set_to_none=True). At each epoch end: evaluate on the validation split and
+call `report(metrics, save)`, where `save(dir)` writes a resumable checkpoint of the student. No Ray
+in here: the loop runs in plain pytest.
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     tokens = max(tokens, 1.0)
     has_teacher = teacher is not None
     return {"val_ce": ce / tokens, "val_kl": kl / tokens if has_teacher else float("nan"),
-            "val_loss": (t.alpha * ce + (1 - t.alpha) * temperature ** 2 * kd_t) / tokens,
+            "val_loss": (t.alpha * ce + (1 - t.alpha) * losses.kd_scale(t.kd_loss, temperature) * kd_t) / tokens,
             "val_acc": right / max(rows, 1.0)}
 
 
