@@ -235,3 +235,18 @@ def test_each_divergence_keeps_its_gradient_scale_as_t_grows(name):
     norms = [kd_gradient_norm(name, T) for T in (2.0, 4.0, 8.0)]
     assert max(norms) / min(norms) < 2.0, norms
 
+
+def trl_form_jsd(student, teacher, temperature, beta):
+    """Summed generalized JSD as TRL's GKD trainer defines it: beta weighs the teacher,
+    m = beta p + (1 - beta) q, beta KL(p || m) + (1 - beta) KL(q || m); no 1 / (beta (1 - beta))."""
+    q, p = torch.softmax(student / temperature, -1), torch.softmax(teacher / temperature, -1)
+    m = beta * p + (1 - beta) * q
+    return beta * kl_by_definition(p, m) + (1 - beta) * kl_by_definition(q, m)
+
+
+@pytest.mark.parametrize("beta,factor", [(0.5, 4.0), (0.1, 1 / 0.09)])
+def test_jsd_is_the_trl_form_over_beta_times_one_minus_beta(beta, factor):
+    """A TRL jsd beta carries over unchanged (same side weighted); only the size differs."""
+    s, t = logits_pair(4)
+    trl = trl_form_jsd(s, t, 2.0, beta)
+    assert losses.jsd_sum(s, t, 2.0, beta=beta).item() == pytest.approx(factor * trl.item(), rel=1e-5)

@@ -90,7 +90,8 @@ def jsd_sum(student_logits, teacher_logits, temperature, beta=0.5, **_):
         m = beta * p + (1 - beta) * q,
 
     JSD_0 = KL(p || q) (forward, the limit beta -> 0), JSD_1 = KL(q || p) (reverse); at beta = 0.5
-    it is 4x the usual JSD."""
+    it is 4x the usual JSD. beta weighs the teacher as in TRL's GKD generalized JSD, which is the
+    bracket without the division (so a TRL beta carries over; the term is 1 / (beta (1 - beta)) x TRL's)."""
     logq, logp = _log_probs(student_logits, teacher_logits, temperature)
     if beta <= 0.0:
         return _kl_rows(logp, logq)
