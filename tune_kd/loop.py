@@ -515,7 +515,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         if world > 1:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss.item(), "tokens_per_s": epoch_tokens * world / train_seconds}
-        metrics.update(evaluate(student, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world,
+        # the unwrapped student: DDP's forward broadcasts buffers, a collective a rank without a batch never joins
+        metrics.update(evaluate(trained, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world,
                                 temperature=temperature_at(progress.step, total_steps, t)))
         metrics["gpu_peak_gib"] = gpu_peak_gib(device)
         progress.history.append(metrics)
