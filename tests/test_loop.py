@@ -150,6 +150,29 @@ def test_a_loss_that_stops_being_finite_stops_training_at_once(tiny_config, pois
     assert steps == [1, 2, 3] and not reports       # the first bad step is the last, no epoch was reported
 
 
+def test_a_loss_gone_nan_is_caught_before_a_mid_epoch_checkpoint_as_on_gpu(tiny_config, tmp_path, monkeypatch):
+    """On GPU the loss is read only every log_interval steps (a read is a device sync), yet never
+    less often than `last/` is saved: a checkpoint holds no weights of a diverged run."""
+    from safetensors.torch import load_file
+
+    from tune_kd import loop
+    from tune_kd.checkpoint import TRAINER_STATE
+
+    check = loop.divergence_check_due
+    monkeypatch.setattr(loop, "divergence_check_due", lambda step, device, t: check(step, torch.device("cuda"), t))
+
+    def poison_after_step_four(epoch, step, student):   # step 5's loss is NaN, and so are the weights after it
+        if step == 4:
+            with torch.no_grad():
+                student.model.norm.weight.fill_(float("nan"))
+
+    cfg = tiny_config(train={"epochs": 1, "save_interval": 3, "log_interval": 10})
+    with pytest.raises(loop.TrainingDiverged, match="loss became nan at epoch 1 step 6 "):
+        train(cfg, out_dir=tmp_path, step_hook=poison_after_step_four)
+    assert torch.load(tmp_path / "last" / TRAINER_STATE, weights_only=True)["progress"]["step"] == 3
+    assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "last" / "model.safetensors").values())
+
+
 def test_temperature_schedules_go_from_temperature_to_final_temperature(tiny_config):
     from tune_kd.loop import temperature_at
 

@@ -374,11 +374,19 @@ class TrainingDiverged(UserError):
 
 def loss_is_finite(running_loss: torch.Tensor, world: int) -> bool:
     """Whether the running loss sum is finite on every rank (NaN and inf never wash out of a sum).
-    Reading it synchronises the device, so on GPU the loop asks only at log intervals."""
+    Reading it synchronises the device, so on GPU the loop asks only at log and save intervals."""
     flag = torch.isfinite(running_loss).to(torch.float32)
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
+
+
+def divergence_check_due(step: int, device: torch.device, t) -> bool:
+    """Whether the loop checks the loss after optimizer step `step`: every step on CPU; on GPU (a
+    check is a device sync) every train.log_interval steps and before every train.save_interval
+    save, so `last/` never holds a diverged run's weights. Alike on every rank (the check is a
+    collective), whether or not this rank saves."""
+    return device.type == "cpu" or step % t.log_interval == 0 or bool(t.save_interval) and step % t.save_interval == 0
 
 
 def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str | Path | None = None,
@@ -393,7 +401,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     step_hook(epoch, step_in_epoch, student) runs after every optimizer step (fault drills use it).
     report_on_every_rank: call report on every rank (Ray Train's report is a barrier), not rank 0 only.
     Raises TrainingDiverged when the loss stops being finite: checked every step on CPU, every
-    train.log_interval steps on GPU (a check is a device sync), and before every evaluation.
+    train.log_interval steps and train.save_interval save on GPU (a check is a device sync), and
+    before every evaluation.
     """
     t = cfg.train
     # ---- setup: device, precision, data, models, optimizer ----------------------------------
@@ -445,7 +454,6 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                                                            precision.autocast_dtype),
                                       steps_left=total_steps - progress.step, epoch=progress.epoch, record=rank == 0)
     run_started, steps_this_run = time.perf_counter(), 0
-    divergence_check_every = 1 if device.type == "cpu" else t.log_interval
 
     def stop_if_diverged(epoch_loss: torch.Tensor, epoch: int) -> None:
         if not loss_is_finite(epoch_loss, world):
@@ -489,7 +497,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             window_loss.zero_()
             if step_hook is not None:
                 step_hook(epoch + 1, epoch_steps, lm)
-            if progress.step % divergence_check_every == 0:
+            if divergence_check_due(progress.step, device, t):
                 stop_if_diverged(epoch_loss, epoch)
             if progress.step % t.log_interval == 0 and rank == 0:
                 loss, ce, kd = (log_sums / log_steps).tolist()
