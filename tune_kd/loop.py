@@ -288,7 +288,7 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
     vocab = teacher_cols if teacher_cols is not None else models.vocab_rows(teacher.lm)
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
     inputs = functools.cache(lambda: teacher_cache.CacheInputs(   # hashing a big teacher takes a while: once
-        teacher_cache.weights_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
+        teacher_cache.model_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
         teacher_cache.data_fingerprint(train_data), cfg.data.max_seq_len, teacher_cols, vocab))
 
     def measure_auto_k():
@@ -298,7 +298,7 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
         student.eval()   # the student's logits as a pure function of its weights (no dropout)
         try:
             return cache_fidelity.auto_ladder_for_run(
-                cfg, cfg.data.cache_dir, inputs(), teacher_cache.weights_fingerprint(student.lm), train_data, pad_id,
+                cfg, cfg.data.cache_dir, inputs(), teacher_cache.model_fingerprint(student.lm), train_data, pad_id,
                 teacher_rows(teacher, precision, teacher_cols), teacher_rows(student, precision, None), divergences)
         finally:
             student.train(was_training)
