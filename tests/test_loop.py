@@ -1,12 +1,20 @@
 """End-to-end CPU runs of the training loop: learning, reporting, saving, reloading, resuming."""
 
+import json
 import math
+import os
+import socket
+import time
+from datetime import timedelta
+from pathlib import Path
 
 import pytest
 import torch
 
-from tune_kd import data
+from tune_kd import data, demo
 from tune_kd.loop import METRICS, lr_at, train
+
+from conftest import tiny_raw
 
 
 def test_lr_schedule_is_the_seeds_cosine_after_warmup():
@@ -142,6 +150,29 @@ def test_a_loss_that_stops_being_finite_stops_training_at_once(tiny_config, pois
     assert steps == [1, 2, 3] and not reports       # the first bad step is the last, no epoch was reported
 
 
+def test_a_loss_gone_nan_is_caught_before_a_mid_epoch_checkpoint_as_on_gpu(tiny_config, tmp_path, monkeypatch):
+    """On GPU the loss is read only every log_interval steps (a read is a device sync), yet never
+    less often than `last/` is saved: a checkpoint holds no weights of a diverged run."""
+    from safetensors.torch import load_file
+
+    from tune_kd import loop
+    from tune_kd.checkpoint import TRAINER_STATE
+
+    check = loop.divergence_check_due
+    monkeypatch.setattr(loop, "divergence_check_due", lambda step, device, t: check(step, torch.device("cuda"), t))
+
+    def poison_after_step_four(epoch, step, student):   # step 5's loss is NaN, and so are the weights after it
+        if step == 4:
+            with torch.no_grad():
+                student.model.norm.weight.fill_(float("nan"))
+
+    cfg = tiny_config(train={"epochs": 1, "save_interval": 3, "log_interval": 10})
+    with pytest.raises(loop.TrainingDiverged, match="loss became nan at epoch 1 step 6 "):
+        train(cfg, out_dir=tmp_path, step_hook=poison_after_step_four)
+    assert torch.load(tmp_path / "last" / TRAINER_STATE, weights_only=True)["progress"]["step"] == 3
+    assert all(torch.isfinite(w).all() for w in load_file(tmp_path / "last" / "model.safetensors").values())
+
+
 def test_temperature_schedules_go_from_temperature_to_final_temperature(tiny_config):
     from tune_kd.loop import temperature_at
 
@@ -186,3 +217,45 @@ def test_feature_distillation_trains_a_projection_that_is_not_exported(tiny_conf
     assert state["extra"]["feature_projector"]["maps.0.weight"].shape == (teacher_width, student_width)
     with safe_open(str(tmp_path / "last" / "model.safetensors"), "pt") as handle:
         assert not [k for k in handle.keys() if "maps" in k or "projector" in k]
+
+
+def ddp_rank(rank: int, raw: dict, port: int, out: str) -> None:
+    """One of two gloo ranks running loop.train(ddp=True); writes the metrics it was reported. The
+    short timeout turns a rank stuck in a collective its peer never joins into an error."""
+    import torch.distributed as dist
+
+    from tune_kd.config import load_config
+
+    torch.set_num_threads(1)
+    os.environ["RANK"] = str(rank)           # loop.train(ddp=True) checks it was launched as a rank
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=timedelta(seconds=30))
+    reports = []
+    try:
+        train(load_config(raw=raw), report=lambda metrics, save: reports.append(metrics), ddp=True,
+              report_on_every_rank=True)
+    finally:
+        dist.destroy_process_group()
+    Path(out, f"rank{rank}.json").write_text(json.dumps(reports))
+
+
+def test_ddp_evaluation_with_fewer_validation_batches_than_ranks(world, tmp_path):
+    val = tmp_path / "val.jsonl"
+    demo.write_jsonl(val, demo.make_conversations(10, seed=3))      # one batch of 32: rank 1 gets none
+    raw = tiny_raw(world, data={"val_path": str(val), "max_train_examples": 128}, train={"epochs": 1},
+                   teacher_cache={"mode": "off"})
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ranks = torch.multiprocessing.start_processes(ddp_rank, args=(raw, port, str(tmp_path)), nprocs=2, join=False,
+                                                  start_method="spawn")
+    deadline = time.monotonic() + 180
+    while not ranks.join(timeout=5):         # raises when a rank failed (a collective timed out)
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("the DDP run did not finish within 180 s")
+    metrics = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    shared = ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc")
+    assert [[m[k] for k in shared] for m in metrics[0]] == [[m[k] for k in shared] for m in metrics[1]]
+    assert len(metrics[0]) == 1 and math.isfinite(metrics[0][0]["val_ce"])

@@ -4,6 +4,7 @@ invalidation, sharing."""
 import json
 import logging
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -331,6 +332,27 @@ def test_a_changed_teacher_data_or_length_is_rebuilt_never_read(world, tmp_path,
     np.save(values, np.zeros((3, 8), np.float16))
     rebuilt, _, _ = open_cache(load_config(raw=raw()))
     assert len(builds) == 6 and rebuilt.values.shape[0] == rebuilt.meta["positions"]
+
+
+def test_the_same_weights_under_another_config_get_another_cache(world, tmp_path):
+    """rope_theta and rms_norm_eps change the teacher's outputs, not its weights: the key holds its config."""
+    def raw(**over):
+        return tiny_raw(world, teacher_cache={"mode": "on", "top_k": 8}, data={"max_train_examples": 200}, **over)
+
+    def rope_theta(config, value):   # transformers 5 keeps it in rope_parameters, older versions at the top
+        config.update({"rope_parameters": {**config["rope_parameters"], "rope_theta": value}}
+                      if "rope_parameters" in config else {"rope_theta": value})
+
+    base, _, _ = open_cache(load_config(raw=raw()))
+    for name, change in (("theta", lambda c: rope_theta(c, 50.0)), ("eps", lambda c: c.update(rms_norm_eps=0.5))):
+        shutil.copytree(world["teacher"], tmp_path / name)
+        config_file = tmp_path / name / "config.json"
+        config = json.loads(config_file.read_text())
+        change(config)
+        config_file.write_text(json.dumps(config))
+        cache, _, _ = open_cache(load_config(raw=raw(teacher={"path": str(tmp_path / name)})))
+        assert cache.directory != base.directory
+        assert not np.array_equal(cache.values, base.values)        # what a stale cache would have served
 
 
 def test_two_processes_build_once_and_read_the_same_rows(tiny_config, world):

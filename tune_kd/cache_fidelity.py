@@ -178,7 +178,7 @@ def auto_ladder_for_run(cfg, cache_dir, inputs: CacheInputs, student_hash: str, 
                         teacher_logits: Callable[[dict], torch.Tensor], student_logits: Callable[[dict], torch.Tensor],
                         divergences: dict[str, dict]) -> Ladder:
     """top_k auto's measurement for a run of cfg, against the student the trials start from
-    (student_hash: its weights_fingerprint), over cfg's temperatures and divergences (name -> options).
+    (student_hash: its model_fingerprint), over cfg's temperatures and divergences (name -> options).
 
     Remembered under cache_dir/teacher/auto-<hash of everything it depends on>.json: the search's
     driver measures, every trial (and every rank) reads the same figures, so all pick the same k."""

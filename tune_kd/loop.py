@@ -2,10 +2,11 @@
 
 Per optimizer step: set the learning rate (linear warmup, then the seed's cosine
 lr/10 + 0.5*lr*(1 + cos(pi*step/total))), run `accumulation_steps` micro-batches (student under
-autocast, teacher frozen under inference_mode), back-propagate alpha*CE + (1-alpha)*T^2*KL divided
-by the assistant-token count of the whole window, clip, step, zero_grad(set_to_none=True). At each
-epoch end: evaluate on the validation split and call `report(metrics, save)`, where `save(dir)`
-writes a resumable checkpoint of the student. No Ray in here: the loop runs in plain pytest.
+autocast, teacher frozen under inference_mode), back-propagate alpha*CE + (1-alpha)*T^2*KL (another
+train.kd_loss D: T^k*D, losses.kd_scale) divided by the assistant-token count of the whole window,
+clip, step, zero_grad(set_to_none=True). At each epoch end: evaluate on the validation split and
+call `report(metrics, save)`, where `save(dir)` writes a resumable checkpoint of the student. No Ray
+in here: the loop runs in plain pytest.
 """
 
 from __future__ import annotations
@@ -247,7 +248,7 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     tokens = max(tokens, 1.0)
     has_teacher = teacher is not None
     return {"val_ce": ce / tokens, "val_kl": kl / tokens if has_teacher else float("nan"),
-            "val_loss": (t.alpha * ce + (1 - t.alpha) * temperature ** 2 * kd_t) / tokens,
+            "val_loss": (t.alpha * ce + (1 - t.alpha) * losses.kd_scale(t.kd_loss, temperature) * kd_t) / tokens,
             "val_acc": right / max(rows, 1.0)}
 
 
@@ -287,7 +288,7 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
     vocab = teacher_cols if teacher_cols is not None else models.vocab_rows(teacher.lm)
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
     inputs = functools.cache(lambda: teacher_cache.CacheInputs(   # hashing a big teacher takes a while: once
-        teacher_cache.weights_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
+        teacher_cache.model_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
         teacher_cache.data_fingerprint(train_data), cfg.data.max_seq_len, teacher_cols, vocab))
 
     def measure_auto_k():
@@ -297,7 +298,7 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
         student.eval()   # the student's logits as a pure function of its weights (no dropout)
         try:
             return cache_fidelity.auto_ladder_for_run(
-                cfg, cfg.data.cache_dir, inputs(), teacher_cache.weights_fingerprint(student.lm), train_data, pad_id,
+                cfg, cfg.data.cache_dir, inputs(), teacher_cache.model_fingerprint(student.lm), train_data, pad_id,
                 teacher_rows(teacher, precision, teacher_cols), teacher_rows(student, precision, None), divergences)
         finally:
             student.train(was_training)
@@ -378,11 +379,19 @@ class TrainingDiverged(UserError):
 
 def loss_is_finite(running_loss: torch.Tensor, world: int) -> bool:
     """Whether the running loss sum is finite on every rank (NaN and inf never wash out of a sum).
-    Reading it synchronises the device, so on GPU the loop asks only at log intervals."""
+    Reading it synchronises the device, so on GPU the loop asks only at log and save intervals."""
     flag = torch.isfinite(running_loss).to(torch.float32)
     if world > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag)
+
+
+def divergence_check_due(step: int, device: torch.device, t) -> bool:
+    """Whether the loop checks the loss after optimizer step `step`: every step on CPU; on GPU (a
+    check is a device sync) every train.log_interval steps and before every train.save_interval
+    save, so `last/` never holds a diverged run's weights. Alike on every rank (the check is a
+    collective), whether or not this rank saves."""
+    return device.type == "cpu" or step % t.log_interval == 0 or bool(t.save_interval) and step % t.save_interval == 0
 
 
 def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str | Path | None = None,
@@ -397,7 +406,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     step_hook(epoch, step_in_epoch, student) runs after every optimizer step (fault drills use it).
     report_on_every_rank: call report on every rank (Ray Train's report is a barrier), not rank 0 only.
     Raises TrainingDiverged when the loss stops being finite: checked every step on CPU, every
-    train.log_interval steps on GPU (a check is a device sync), and before every evaluation.
+    train.log_interval steps and train.save_interval save on GPU (a check is a device sync), and
+    before every evaluation.
     """
     t = cfg.train
     # ---- setup: device, precision, data, models, optimizer ----------------------------------
@@ -449,7 +459,6 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                                                            precision.autocast_dtype),
                                       steps_left=total_steps - progress.step, epoch=progress.epoch, record=rank == 0)
     run_started, steps_this_run = time.perf_counter(), 0
-    divergence_check_every = 1 if device.type == "cpu" else t.log_interval
 
     def stop_if_diverged(epoch_loss: torch.Tensor, epoch: int) -> None:
         if not loss_is_finite(epoch_loss, world):
@@ -493,7 +502,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             window_loss.zero_()
             if step_hook is not None:
                 step_hook(epoch + 1, epoch_steps, lm)
-            if progress.step % divergence_check_every == 0:
+            if divergence_check_due(progress.step, device, t):
                 stop_if_diverged(epoch_loss, epoch)
             if progress.step % t.log_interval == 0 and rank == 0:
                 loss, ce, kd = (log_sums / log_steps).tolist()
@@ -519,7 +528,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         if world > 1:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
         metrics = {"epoch": epoch + 1, "train_loss": train_loss.item(), "tokens_per_s": epoch_tokens * world / train_seconds}
-        metrics.update(evaluate(student, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world,
+        # the unwrapped student: DDP's forward broadcasts buffers, a collective a rank without a batch never joins
+        metrics.update(evaluate(trained, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world,
                                 temperature=temperature_at(progress.step, total_steps, t)))
         metrics["gpu_peak_gib"] = gpu_peak_gib(device)
         progress.history.append(metrics)

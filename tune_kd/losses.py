@@ -4,11 +4,18 @@ The objective is the seed's
 
     loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-with alpha the CE weight (alpha = 1: plain SFT, alpha = 0: pure distillation). The T^2 factor keeps
-the KD gradient's scale independent of T (Hinton et al.). train.kd_loss swaps the KL for another
-divergence of KD_LOSSES (p = teacher, q = student, both at temperature T): forward_kl (the seed's),
-reverse_kl, jsd (train.jsd_beta), skew_kl (train.skew), tvd. Each is 0 for identical inputs and
-non-negative.
+with alpha the CE weight (alpha = 1: plain SFT, alpha = 0: pure distillation). train.kd_loss swaps
+the KL for another divergence D of KD_LOSSES (p = teacher, q = student, both at temperature T):
+forward_kl (the seed's), reverse_kl, jsd (train.jsd_beta), skew_kl (train.skew), tvd. Each is 0 for
+identical inputs and non-negative. In general the objective is alpha * CE + (1 - alpha) * T^k * D.
+
+The factor T^k (KD_TEMPERATURE_POWER, kd_scale) keeps the KD gradient's scale from drifting with T,
+so that searching T does not also search the KD weight. The gradient of D(p_T, q_T) w.r.t. a student
+logit is (1/T) sum_i dD/dq_i * q_i (delta_ij - q_j). As T grows, p and q approach uniform and differ
+by O(1/T). For the KL family (forward, reverse, jsd, skew: smooth divergences, locally a chi-square
+in p - q) dD/dq is O(1/T) too, so the gradient shrinks as 1/T^2 and k = 2 (Hinton et al.; the
+seed's T^2). TVD = 0.5 sum |p - q| has dD/dq_i = +-1/2 however close p and q are, so its gradient
+shrinks as 1/T only and k = 1: under T^2 its gradient would grow with T (about 4x from T 2 to 8).
 
 Every function here returns a *sum* over the selected positions; the caller divides by the number
 of assistant tokens in the whole gradient-accumulation window. That makes accumulation_steps = k
@@ -83,7 +90,8 @@ def jsd_sum(student_logits, teacher_logits, temperature, beta=0.5, **_):
         m = beta * p + (1 - beta) * q,
 
     JSD_0 = KL(p || q) (forward, the limit beta -> 0), JSD_1 = KL(q || p) (reverse); at beta = 0.5
-    it is 4x the usual JSD."""
+    it is 4x the usual JSD. beta weighs the teacher as in TRL's GKD generalized JSD, which is the
+    bracket without the division (so a TRL beta carries over; the term is 1 / (beta (1 - beta)) x TRL's)."""
     logq, logp = _log_probs(student_logits, teacher_logits, temperature)
     if beta <= 0.0:
         return _kl_rows(logp, logq)
@@ -113,6 +121,15 @@ def tvd_sum(student_logits, teacher_logits, temperature, **_):
 KD_LOSSES = {"forward_kl": forward_kl_sum, "reverse_kl": reverse_kl_sum, "jsd": jsd_sum, "skew_kl": skew_kl_sum,
              "tvd": tvd_sum}
 
+# name -> k of the objective's T^k factor: the power of 1/T at which the divergence's gradient
+# w.r.t. the student's logits shrinks at large T (the module docstring derives it)
+KD_TEMPERATURE_POWER = {"forward_kl": 2, "reverse_kl": 2, "jsd": 2, "skew_kl": 2, "tvd": 1}
+
+
+def kd_scale(kd_loss: str, temperature: float) -> float:
+    """The divergence's factor in the objective, T^k: T^2 for the KL family, T for tvd."""
+    return temperature ** KD_TEMPERATURE_POWER[kd_loss]
+
 
 # Rows per chunk of the (N, V) loss math: the fp32 log-probabilities of one chunk exist at a time
 # (recomputed in backward), so memory stays flat however many assistant tokens a batch holds.
@@ -139,7 +156,7 @@ class LossParts:
 
     loss: torch.Tensor     # the objective that is back-propagated
     ce: torch.Tensor       # CE at T = 1
-    kd: torch.Tensor       # divergence at temperature T, without the T^2 factor
+    kd: torch.Tensor       # divergence at temperature T, without its T^k factor (kd_scale)
     feature: torch.Tensor | None = None   # feature distillation's term, when on (loop adds it)
 
 
@@ -147,7 +164,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
                       alpha: float, temperature: float, normalizer: float | torch.Tensor,
                       kd_loss: str = "forward_kl", chunk_rows: int = CHUNK_ROWS,
                       kd_options: dict | None = None) -> LossParts:
-    """alpha * CE + (1 - alpha) * T^2 * KD on the selected assistant positions.
+    """alpha * CE + (1 - alpha) * T^k * KD on the selected assistant positions (T^k: kd_scale).
 
     student_logits: (N, V); teacher_logits: (N, V), or the same rows from the teacher cache (a
     teacher_cache.CachedTeacher), or None when alpha = 1 (no teacher needed);
@@ -163,5 +180,5 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     divergence = KD_LOSSES[kd_loss]
     kd = chunked_sum(lambda s, t: divergence(s, t, temperature, **(kd_options or {})), student_logits, teacher_logits,
                      chunk_rows=chunk_rows) / normalizer
-    loss = alpha * ce + (1.0 - alpha) * temperature ** 2 * kd
+    loss = alpha * ce + (1.0 - alpha) * kd_scale(kd_loss, temperature) * kd
     return LossParts(loss=loss, ce=ce, kd=kd)

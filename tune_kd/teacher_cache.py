@@ -50,7 +50,8 @@ dtype) and keeps the smallest k of a ladder within 1% (decide); bench/teacher_ca
 measures it by k and dtype.
 
 The key hashes the teacher's weights (the loaded tensors, so a built or re-saved teacher counts
-too), the tokenizer, the training split's token ids and masks (which cover the data file, the
+too) and its config (rope_theta, rms_norm_eps, ...: the same weights can compute other logits), the
+tokenizer, the training split's token ids and masks (which cover the data file, the
 subset and max_seq_len), max_seq_len, the teacher's dtype and vocabulary columns, k, the stored
 dtypes and the format. Another key is another folder: a changed input is rebuilt, never read. A
 folder is complete only once meta.json is in it (written last, then the folder renamed into
@@ -237,9 +238,20 @@ class CachedTeacher:
 # The key
 # ----------------------------------------------------------------------------------------------
 
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of a model's parameters and buffers, by name, as loaded (dtype included)."""
+# config keys that are bookkeeping, not maths: where it was loaded from, which library wrote it, and
+# the dtype (the tensors' own dtype is hashed)
+_UNHASHED_CONFIG = ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype")
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of a model's config (what it computes: rope_theta, rms_norm_eps, ...) and its parameters
+    and persistent buffers, by name, as loaded (dtype included). The config counts because derived
+    tensors such as the rotary frequencies are rebuilt from it, never saved."""
     h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        settings = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED_CONFIG}
+        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(model.state_dict().items()):
         flat = tensor.detach().reshape(-1).contiguous().cpu()
         h.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
@@ -256,7 +268,7 @@ def data_fingerprint(train_data) -> str:
 class CacheInputs:
     """Everything the teacher's outputs depend on, as hashes and sizes: one cache per (inputs, layout)."""
 
-    teacher: str            # weights_fingerprint of the teacher
+    teacher: str            # model_fingerprint of the teacher (weights and config)
     tokenizer: str
     data: str               # data_fingerprint of the training split
     max_seq_len: int
