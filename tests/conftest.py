@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import csv
+import json
+import math
 from pathlib import Path
 
 import pytest
@@ -84,6 +87,49 @@ def search_raw(world, num_samples=6, **sections):
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return raw
+
+
+# trials.csv status -> the state the trial's Optuna trial must end in
+OPTUNA_STATE = {"COMPLETED": "COMPLETE", "STOPPED_EARLY": "PRUNED", "DIVERGED": "PRUNED", "ERROR": "FAIL"}
+
+
+def check_study_agrees(experiment_dir: Path) -> None:
+    """What every finished search (fresh or resumed) leaves: optuna.db holds no RUNNING or WAITING trial;
+    each trials.csv row's Optuna trial (its latest with that tune_trial_id) is in the state its status
+    maps to and ranks by the row's best value; every other Optuna trial is FAIL (asked but never run,
+    or replaced by a retry); best.json names the best row, which is the study's best trial when it
+    completed."""
+    import optuna
+
+    experiment = json.loads((experiment_dir / "experiment.json").read_text())
+    metric, mode = experiment["metric"]["name"], experiment["metric"]["mode"]
+    study = optuna.load_study(study_name=experiment["name"], storage=f"sqlite:///{experiment_dir / 'optuna.db'}")
+    assert not [t.number for t in study.trials if t.state.name in ("RUNNING", "WAITING")]
+    latest = {t.user_attrs.get("tune_trial_id"): t for t in study.trials}   # study.trials is in number order
+    with (experiment_dir / "trials.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert rows
+    pick = min if mode == "min" else max
+    ranked = {}
+    for row in rows:
+        trial = latest.get(row["trial_id"])
+        assert trial is not None, f"trial {row['trial_id']} is not in the study"
+        assert trial.state.name == OPTUNA_STATE[row["status"]], (row, trial)
+        reported = [v for v in trial.intermediate_values.values() if not math.isnan(v)]
+        told = trial.value if trial.state.name == "COMPLETE" else pick(reported) if reported else math.nan
+        value = float(row[f"best_{metric}"])
+        assert told == value or math.isnan(told) and math.isnan(value), (row, trial)
+        ranked[row["trial_id"]] = value
+    mapped = {latest[r["trial_id"]].number for r in rows}
+    assert all(t.state.name == "FAIL" for t in study.trials if t.number not in mapped)
+    scored = {trial_id: value for trial_id, value in ranked.items() if not math.isnan(value)}
+    if not scored:
+        assert not (experiment_dir / "best.json").exists()
+        return
+    best = json.loads((experiment_dir / "best.json").read_text())
+    assert best[f"best_{metric}"] == pick(scored.values()) == scored[best["trial_id"]]
+    if best["status"] == "COMPLETED":
+        assert study.best_trial.number == latest[best["trial_id"]].number
 
 
 def render_in_chromium(page: Path) -> str:

@@ -1,5 +1,6 @@
 """The search end to end on local Ray (2 CPUs): ASHA, Optuna, summary, export, faults, resume."""
 
+import csv
 import json
 import math
 import os
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import TINY_ARCH, render_in_chromium, search_raw
+from conftest import TINY_ARCH, check_study_agrees, render_in_chromium, search_raw
 from tune_kd import checkpoint
 from tune_kd.config import UserError, load_config
 
@@ -211,44 +212,93 @@ def test_diverged_and_killed_trials(world, tmp_path, monkeypatch):
     assert "DIVERGED" in trials_csv and "loss became nan" in trials_csv
 
 
-@pytest.mark.slow
-def test_resume_after_the_driver_is_killed(world, tmp_path):
-    space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(search_raw(world, num_samples=6, scheduler={"type": "none"},
-                                               search={"max_concurrent": 1})))
-    cmd = [sys.executable, "-m", "tune_kd.search", "--space", str(space), "--storage", str(tmp_path), "--num-cpus", "2"]
-    experiment = tmp_path / "tiny-search"
-    driver = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    deadline = time.time() + 240
+def searched_values(row: dict) -> tuple:
+    return tuple(float(row[k]) for k in ("learning_rate", "temperature", "alpha"))
+
+
+def by_searched_values(experiment_dir: Path) -> dict[tuple, dict]:
+    """trials.csv rows keyed by their searched values (two runs give their trials different ids)."""
+    with (experiment_dir / "trials.csv").open() as handle:
+        return {searched_values(row): row for row in csv.DictReader(handle)}
+
+
+def wait_for_line(path: Path, text: str, seconds: float) -> bool:
+    deadline = time.time() + seconds
     while time.time() < deadline:
-        finished = {t: e for t, e in epochs_by_trial(experiment).items() if e and e[-1] == 3}
-        if len(finished) >= 2:
-            break
+        if path.is_file() and text in path.read_text():
+            return True
         time.sleep(0.5)
-    assert len(finished) >= 2, "the search did not get going"
-    time.sleep(2)
-    os.killpg(driver.pid, signal.SIGKILL)                          # the driver and everything it started
-    driver.wait(timeout=30)
+    return False
+
+
+@pytest.mark.slow
+def test_kill_and_resume_give_the_uninterrupted_search(world, tmp_path):
+    """One trial at a time (so both runs see the same order): ASHA, the seeded sampler and the
+    trials are deterministic, so a search killed (driver and trials, SIGKILL) and resumed must end
+    as the uninterrupted one: the same trials stopped at the same epochs, the same errored trial
+    left ERROR, the same best, a study that agrees with trials.csv. Then --retry-errored re-runs it."""
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(search_raw(world, num_samples=6, search={"max_concurrent": 1, "max_failures": 0})))
+    plan = [{"kind": "error", "epoch": 2, "times": 1}]   # the first trial to reach epoch 2 fails there
+
+    def search(storage: Path, *flags: str, **popen) -> subprocess.Popen:
+        fault = storage / "fault.json"
+        if not fault.exists():
+            storage.mkdir()
+            fault.write_text(json.dumps(plan))
+        env = {**os.environ, "TUNE_KD_FAULT_FILE": str(fault), "PYTHONPATH": str(REPO)}
+        return subprocess.Popen([sys.executable, "-m", "tune_kd.search", "--space", str(space), "--storage",
+                                 str(storage), "--num-cpus", "2", "--no-dashboard", *flags], cwd=REPO, env=env,
+                                text=True, **popen)
+
+    reference = search(tmp_path / "reference", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
+    expected = by_searched_values(tmp_path / "reference" / "tiny-search")
+    assert sorted(r["status"] for r in expected.values()).count("STOPPED_EARLY") >= 2   # ASHA had work to do
+    assert [r["status"] for r in expected.values()].count("ERROR") == 1
+    check_study_agrees(tmp_path / "reference" / "tiny-search")
+
+    killed, experiment = tmp_path / "killed", tmp_path / "killed" / "tiny-search"
+    log = tmp_path / "killed.log"
+    with log.open("w") as out:
+        driver = search(killed, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        reached = wait_for_line(log, "search: 3/6 trials done", 300)
+        time.sleep(2)
+        os.killpg(driver.pid, signal.SIGKILL)                      # the driver and everything it started
+        driver.wait(timeout=30)
+    assert reached, log.read_text()[-3000:]
     before = epochs_by_trial(experiment)
-    assert len(before) < 6
     saved = {c: c.joinpath("model.safetensors").stat().st_mtime_ns for c in experiment.glob("trial_*/checkpoint_*")
              if checkpoint.is_complete(c)}
-    assert saved
 
-    resumed = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed = search(killed, "--resume", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-3000:]
+    assert "search: 6/6 trials done" in out                         # the count went on from where it was
+    got = by_searched_values(experiment)
+    assert {k: (r["status"], r["epochs"]) for k, r in got.items()} == \
+        {k: (r["status"], r["epochs"]) for k, r in expected.items()}
     after = epochs_by_trial(experiment)
-    assert len(after) == 6
-    for trial, epochs in finished.items():
-        assert after[trial] == epochs                               # finished trials were not re-run
-    for path, mtime in saved.items():   # every checkpoint of a finished trial survives, untouched
-        if path.parent.name.removeprefix("trial_") in finished:
-            assert checkpoint.is_complete(path) and path.joinpath("model.safetensors").stat().st_mtime_ns == mtime
     for trial, epochs in after.items():
-        assert epochs == [1, 2, 3], (trial, epochs)
-    assert len((experiment / "trials.csv").read_text().splitlines()) == 7
-    assert (experiment / "best_student" / "model.safetensors").is_file()
+        assert epochs == list(range(1, len(epochs) + 1)), (trial, epochs)   # no epoch run twice
+    for path, mtime in saved.items():   # a trial that had ended before the kill was not run again
+        trial = path.parent.name.removeprefix("trial_")
+        if trial in after and before.get(trial) == after[trial]:
+            assert path.joinpath("model.safetensors").stat().st_mtime_ns == mtime
+    check_study_agrees(experiment)
+    best = json.loads((experiment / "best.json").read_text())
+    reference_best = json.loads((tmp_path / "reference" / "tiny-search" / "best.json").read_text())
+    assert searched_values(best) == searched_values(reference_best)
+    assert best["best_val_ce"] == pytest.approx(reference_best["best_val_ce"], rel=1e-4)   # resumed mid-trial, maybe
+    assert json.loads((experiment / "best_student" / "tune_kd.json").read_text())["trial_id"] == best["trial_id"]
+
+    retried = search(killed, "--resume", "--retry-errored", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert retried.wait(timeout=600) == 0, retried.stderr.read()[-3000:]
+    rows = by_searched_values(experiment)
+    (failed,) = [k for k, r in got.items() if r["status"] == "ERROR"]
+    assert rows[failed]["status"] in ("COMPLETED", "STOPPED_EARLY") and int(rows[failed]["epochs"]) >= 2
+    assert epochs_by_trial(experiment)[rows[failed]["trial_id"]] == list(range(1, int(rows[failed]["epochs"]) + 1))
+    check_study_agrees(experiment)
 
 
 def test_bad_space_fails_before_ray_starts(tmp_path, world):

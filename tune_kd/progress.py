@@ -6,7 +6,8 @@
 The search line comes when a trial ends, and otherwise at most every `every_s` seconds. Its
 estimate counts the trial-epochs still to run (unfinished trials are expected to run as many
 epochs as the finished ones did on average, ASHA's stops included) at the mean epoch time so far,
-spread over the trials that run at once.
+spread over the trials that run at once. A resumed search counts on from where the killed one was
+(get_state / set_state, saved by Tune with the experiment state).
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ class SearchProgress(Callback):
         self.finished: dict[str, str] = {}       # trial id -> "done" | "stopped" | "failed"
         self.epoch_seconds: list[float] = []
         self.best: tuple[float, str] | None = None
+
+    def setup(self, **info) -> None:
+        # a resumed search runs the callback pickled into tuner.pkl when the search was first built
+        self.started = self.last_line = time.monotonic()
+
+    def get_state(self) -> dict:
+        """Saved by Tune with the experiment state; a resumed search gets it back through set_state,
+        so its line counts on from where the killed run was."""
+        return {"reached": dict(self.reached), "finished": dict(self.finished),
+                "epoch_seconds": list(self.epoch_seconds), "best": self.best}
+
+    def set_state(self, state: dict) -> None:
+        self.reached, self.finished = dict(state["reached"]), dict(state["finished"])
+        self.epoch_seconds, self.best = list(state["epoch_seconds"]), state["best"]
 
     def _print(self, line: str) -> None:
         print(line, file=sys.stdout, flush=True)   # looked up per call: the Tuner pickles its callbacks

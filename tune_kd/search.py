@@ -2,10 +2,13 @@
 
 Ray Tune runs `trainable.make_trainable(cfg)` for `search.num_samples` configs proposed by
 Optuna's TPE (seeded; study stored in results/<name>/optuna.db for optuna-dashboard) and stopped
-early by ASHA on our own `epoch` counter. At the end it writes results/<name>/trials.csv and
-best.json, prints the table and exports the best student to results/<name>/best_student.
+early by ASHA on our own `epoch` counter (both built in searcher.py). At the end it writes
+results/<name>/trials.csv and best.json, prints the table and exports the best student to
+results/<name>/best_student. --resume continues an interrupted search; --retry-errored also re-runs
+its errored trials.
 
-Everything a user can get wrong (YAML, paths, GPUs asked for) is checked before Ray starts.
+Everything a user can get wrong (YAML, paths, GPUs asked for, a YAML changed since the search
+started) is checked before Ray starts.
 """
 
 from __future__ import annotations
@@ -23,86 +26,26 @@ import time
 from pathlib import Path
 
 from tune_kd import controls, export, prepare, report, resources, space
-from tune_kd.tracking import make_callbacks
 from tune_kd.config import ExperimentConfig, UserError, absolute_paths, load_config
+from tune_kd.tracking import make_callbacks
 
 log = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------------------------
-# Searcher: Optuna that knows ASHA's early stops are prunes
-# ----------------------------------------------------------------------------------------------
-
-def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str, points: list[dict] | None):
-    import optuna
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
-
-    class PruneAwareOptunaSearch(OptunaSearch):
-        """Ray's OptunaSearch reports at training_iteration and tells an early-stopped trial COMPLETE
-        with its last value; here intermediate values are keyed by our `epoch`, and a trial that
-        ends before train.epochs without an error is told PRUNED at the epoch it reached."""
-
-        def __init__(self, *args, max_epochs: int, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._max_epochs = max_epochs
-            self._reported: dict[str, set] = {}   # trial id -> epochs already told to Optuna
-
-        def on_trial_result(self, trial_id: str, result: dict) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
-                return
-            value = result.get(self.metric)
-            if value is not None and not math.isnan(value):
-                self._ot_trials[trial_id].report(value, result["epoch"])
-                self._reported.setdefault(trial_id, set()).add(result["epoch"])
-
-        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-            if (not error and result and result.get("epoch", self._max_epochs) < self._max_epochs
-                    and trial_id not in self._completed_trials and trial_id in self._ot_trials):
-                if result["epoch"] not in self._reported.get(trial_id, ()):
-                    self.on_trial_result(trial_id, result)  # ASHA can stop a trial at its first report
-                self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
-                self._completed_trials.add(trial_id)
-                return
-            super().on_trial_complete(trial_id, result, error)
-
-    storage = optuna.storages.RDBStorage(storage_url)
-    return PruneAwareOptunaSearch(metric=cfg.metric.name, mode=cfg.metric.mode, points_to_evaluate=points,
-                                  sampler=optuna.samplers.TPESampler(seed=cfg.search.seed), study_name=cfg.name,
-                                  storage=storage, max_epochs=cfg.train.epochs)
-
-
-def make_searcher(cfg: ExperimentConfig, experiment_dir: Path):
-    first = space.fixed_point(cfg)
-    points = [first] if cfg.search.evaluate_train_first and first else None
-    if cfg.search.algorithm == "optuna":
-        return make_optuna_searcher(cfg, f"sqlite:///{experiment_dir / 'optuna.db'}", points)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
-    return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.search.seed)
-
-
-def make_scheduler(cfg: ExperimentConfig):
-    if cfg.scheduler.type == "none":
-        return None
-    from ray.tune.schedulers import ASHAScheduler
-
-    # time_attr="epoch": our own counter, which survives restores (training_iteration restarts)
-    return ASHAScheduler(time_attr="epoch", metric=cfg.metric.name, mode=cfg.metric.mode, max_t=cfg.train.epochs,
-                         grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor)
 
 
 # ----------------------------------------------------------------------------------------------
 # Summary
 # ----------------------------------------------------------------------------------------------
 
-def trial_rows(experiment_dir: Path, cfg: ExperimentConfig, errors: dict[str, tuple[str, dict]]) -> list[dict]:
+def trial_rows(experiment_dir: Path, cfg: ExperimentConfig, errors: dict[str, tuple[str, dict]],
+               trials: set[str] | None = None) -> list[dict]:
     """One row per trial from its result.json (searched values, best metric, epochs run, status),
-    plus the errored trials that never reported. errors: trial id -> (last error line, config)."""
+    plus the errored trials that never reported. errors: trial id -> (last error line, config).
+    trials: the search's trial ids; a killed run can leave the folder of a trial started after
+    Tune's last state save, which the resumed search never knew."""
     rows, key = [], f"best_{cfg.metric.name}"
     for result_file in sorted(experiment_dir.glob("*/result.json")):
         params, reports = export.read_trial(result_file.parent)
-        if not reports:
+        if not reports or trials is not None and str(reports[0]["trial_id"]) not in trials:
             continue
         trial_id = str(reports[0]["trial_id"])
         values = [r[cfg.metric.name] for r in reports if not math.isnan(r.get(cfg.metric.name, math.nan))]
@@ -202,9 +145,10 @@ def trial_class(trial_cfg: ExperimentConfig, experiment_dir: Path, per_trial: di
 
 def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, address: str | None = None,
                resume: bool = False, num_cpus: int | None = None, callbacks: list | None = None,
-               export_best: bool = True, dashboard_host: str | None = LOOPBACK, trial_logs: bool = False) -> dict:
+               export_best: bool = True, dashboard_host: str | None = LOOPBACK, trial_logs: bool = False,
+               retry_errored: bool = False) -> dict:
     """Run (or resume) the search described by cfg; returns the summary dict (rows, best, export,
-    controls, report).
+    controls, report). A resume leaves errored trials ERROR unless retry_errored re-runs them.
 
     dashboard_host: where a local Ray's dashboard listens (None: no dashboard); see check_dashboard.
     trial_logs: also stream every trial's log lines to this terminal (they are always written to
@@ -214,6 +158,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     from ray import tune
 
     from tune_kd.progress import SearchProgress, trial_log_options
+    from tune_kd.searcher import check_resume_config, make_scheduler, make_searcher
 
     check_dashboard(dashboard_host if address is None else None)
     if address is None:
@@ -225,6 +170,8 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     if not resume and (experiment_dir / export.EXPERIMENT_FILE).is_file():
         raise UserError(f"{experiment_dir} already holds an experiment: continue it with --resume, or start over "
                         "with --overwrite (the old one is moved aside)")
+    if resume:
+        check_resume_config(cfg, experiment_dir)
     # validate and tokenize once here (data errors name file:line); trials read the cache
     prepared = prepare.prepare_inputs(cfg, source, teacher_cache=False)
     for line in prepared.lines:
@@ -275,7 +222,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     if resume:
         if not tune.Tuner.can_restore(str(experiment_dir)):
             raise UserError(f"{experiment_dir}: nothing to resume (no Ray experiment state there)")
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=with_resources, resume_errored=True)
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=with_resources, resume_errored=retry_errored)
     else:
         tuner = tune.Tuner(
             with_resources,
@@ -296,7 +243,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     results = tuner.fit()
     errors = {Path(r.path).name.removeprefix("trial_"): (str(r.error).strip().splitlines()[-1], r.config)
               for r in results if r.error}
-    rows = trial_rows(experiment_dir, cfg, errors)
+    rows = trial_rows(experiment_dir, cfg, errors, {Path(r.path).name.removeprefix("trial_") for r in results})
     best = write_summary(experiment_dir, cfg, rows)
     summary = {"rows": rows, "best": best, "seconds": time.perf_counter() - started, "dir": experiment_dir,
                "parallel": parallel, "resources": per_trial}
@@ -306,7 +253,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         print(teacher_cache_savings(prepared.teacher_cache, placed["pid"], sum(int(r["epochs"]) for r in rows)))
     if best is not None and export_best:
         target = experiment_dir / export.export_name(cfg)
-        candidate = export.export(experiment_dir, target)
+        candidate = export.export(experiment_dir, target, best["trial_id"])   # the trial best.json names
         summary["export"] = candidate
         print(f"best: trial {candidate.trial_id} epoch {candidate.metrics['epoch']} {cfg.metric.name} "
               f"{candidate.value:.4f} -> {target} (reload verified)")
@@ -333,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", help="join a running Ray cluster (ray start --head ...), e.g. auto or host:6379")
     parser.add_argument("--storage", help="results root on storage every node sees (default: results)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this YAML")
+    parser.add_argument("--retry-errored", action="store_true",
+                        help="with --resume: run errored trials again (else they stay ERROR)")
     parser.add_argument("--overwrite", action="store_true", help="move an existing experiment of this name aside")
     parser.add_argument("--num-samples", type=int, help="override search.num_samples")
     parser.add_argument("--num-cpus", type=int, help="CPUs a local Ray may use (default: all)")
@@ -352,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = {"search.num_samples": args.num_samples} if args.num_samples else {}
         cfg = load_config(args.space, overrides, storage=args.storage)
+        if args.retry_errored and not args.resume:
+            raise UserError("--retry-errored re-runs the errored trials of an interrupted or finished search: use it "
+                            "with --resume")
         if args.storage and "://" in args.storage:
             raise UserError(f"--storage {args.storage}: give a filesystem path every node sees (an NFS or other "
                             "shared mount); the summary and export read trial files from it")
@@ -361,6 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.move(str(experiment_dir), aside)
             log.info("moved the previous experiment to %s", aside)
         options = {"address": args.address, "num_cpus": args.num_cpus, "trial_logs": args.trial_logs,
+                   "retry_errored": args.retry_errored,
                    "dashboard_host": None if args.no_dashboard else args.dashboard_host}
         if cfg.stages:   # progressive distillation: a chain of searches (stages.py)
             from tune_kd import stages

@@ -1,0 +1,262 @@
+"""The search's searcher and scheduler, and what keeps them right across `--resume`.
+
+make_searcher: Optuna's TPE (PruneAwareOptunaSearch; the study lives in results/<name>/optuna.db),
+or random search. make_scheduler: ASHA on our `epoch` counter (PersistentASHA), or none.
+
+A resumed search gets both back from tuner.pkl, pickled when the Tuner was built, before any
+trial ran. Tune saves the searcher with its experiment state and restores it (PruneAwareOptunaSearch
+then reconciles it with the study, which is always newer); Tune drops the scheduler from that state
+(TuneController.__getstate__, ray issue 30838), so PersistentASHA keeps its own file.
+check_resume_config refuses a resume whose YAML changed since the first run.
+
+The study and trials.csv agree after any search: a trials.csv row COMPLETED / STOPPED_EARLY or
+DIVERGED / ERROR is an Optuna trial COMPLETE / PRUNED / FAIL (user attr tune_trial_id; a re-run
+trial's latest), told the value the search ranks by (the trial's best epoch). Optuna trials that
+never ran under Tune end FAIL.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+from pathlib import Path
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.search.optuna import OptunaSearch
+
+from tune_kd import export, space
+from tune_kd.config import ExperimentConfig, UserError
+
+SCHEDULER_STATE_FILE = "scheduler_state.pkl"
+# changes a resume takes as they are: how trials run, not what they compute or how they are ranked
+RESUMABLE_CHANGES = ("resources.", "data.cache_dir")
+
+
+# ----------------------------------------------------------------------------------------------
+# Searcher: Optuna that knows ASHA's early stops are prunes, and survives a resume
+# ----------------------------------------------------------------------------------------------
+
+class PruneAwareOptunaSearch(OptunaSearch):
+    """Ray's OptunaSearch reports at training_iteration and tells an early-stopped trial COMPLETE
+    with its last value. Here intermediate values are keyed by our `epoch`; a trial that ends before
+    train.epochs (ASHA) or diverges is told PRUNED; one that completes is told its best epoch's value.
+
+    Resume: Tune restores this object as saved at its last experiment save, while the study holds
+    everything up to the kill. restore() closes what was asked after that save (FAIL: it never ran;
+    left RUNNING, TPE's constant liar would count it in every later proposal) and marks what was
+    finished after it, so reports Tune replays are not told twice. A trial Optuna holds as FAIL
+    that runs again (--retry-errored) gets a new Optuna trial, added when it ends."""
+
+    def __init__(self, *args, max_epochs: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._max_epochs = max_epochs
+        self._failed: set[str] = set()          # Tune trial ids whose Optuna trial ended FAIL
+        self._retries: dict[str, dict] = {}     # trial id -> its re-run after a FAIL, until it ends
+        self._reported: dict[str, set] = {}     # trial id -> epochs already reported
+        self._max_live: int | None = None
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        # limit here, not in Ray's ConcurrencyLimiter: it drops the completion of a trial it does not
+        # count as live, and a trial re-run after its error (--retry-errored) never is
+        self._max_live = max_concurrent
+        return True
+
+    def suggest(self, trial_id: str) -> dict | None:
+        if self._max_live is not None and len(self._ot_trials.keys() - self._completed_trials) >= self._max_live:
+            return None
+        config = super().suggest(trial_id)
+        self._ot_trials[trial_id].set_user_attr("tune_trial_id", trial_id)
+        return config
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._failed:
+            self._retry(trial_id)
+        value = result.get(self.metric)
+        if value is None or math.isnan(value):
+            return
+        if trial_id in self._retries:
+            self._retries[trial_id]["values"].setdefault(result["epoch"], value)
+        elif trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            try:
+                self._ot_trials[trial_id].report(value, result["epoch"])
+            except UpdateFinishedTrialError:   # finished behind this object's back (a killed run's last moments)
+                self._adopt(trial_id, self._frozen(trial_id).state)
+                if trial_id in self._failed:
+                    self.on_trial_result(trial_id, result)
+                return
+        self._reported.setdefault(trial_id, set()).add(result["epoch"])
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if result and result.get("epoch") not in self._reported.get(trial_id, ()):
+            self.on_trial_result(trial_id, result)   # ASHA's STOP withholds a trial's last result from on_trial_result
+        if trial_id in self._retries:
+            retry = self._retries.pop(trial_id)
+            state, value = self._ending(result, error, retry["values"])
+            self._ot_study.add_trial(optuna.trial.create_trial(
+                state=state, value=value, params=retry["params"], distributions=retry["distributions"],
+                intermediate_values=retry["values"], user_attrs={"tune_trial_id": trial_id,
+                                                                  "retry_of": retry["retry_of"]}))
+        elif trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            state, value = self._ending(result, error, self._frozen(trial_id).intermediate_values)
+            self._ot_study.tell(self._ot_trials[trial_id], value, state=state, skip_if_finished=True)
+        else:
+            return
+        self._adopt(trial_id, state)
+
+    def restore(self, checkpoint_path: str) -> None:
+        super().restore(checkpoint_path)
+        known = {trial.number: trial_id for trial_id, trial in self._ot_trials.items()}
+        for frozen in self._ot_study.get_trials(deepcopy=False):
+            trial_id = known.get(frozen.number)
+            if trial_id is None and frozen.state == TrialState.RUNNING:   # asked after Tune's last save
+                self._ot_study.tell(frozen.number, state=TrialState.FAIL, skip_if_finished=True)
+            elif trial_id is not None and frozen.state.is_finished() and trial_id not in self._completed_trials:
+                self._adopt(trial_id, frozen.state)
+            retried = frozen.user_attrs.get("tune_trial_id")
+            retry = self._retries.get(retried)
+            if retry is not None and frozen.user_attrs.get("retry_of") == retry["retry_of"]:
+                del self._retries[retried]   # the re-run ended after the last save
+                self._adopt(retried, frozen.state)
+
+    def _adopt(self, trial_id: str, state: TrialState) -> None:
+        """The trial's Optuna trial ended in `state`: tell it nothing more (a FAIL one is re-opened by a re-run)."""
+        self._completed_trials.add(trial_id)
+        (self._failed.add if state == TrialState.FAIL else self._failed.discard)(trial_id)
+
+    def _retry(self, trial_id: str) -> None:
+        """Collect the re-run of a trial Optuna holds as FAIL, from its reports so far; added when it ends,
+        so a kill meanwhile leaves nothing RUNNING."""
+        failed = self._frozen(trial_id)
+        self._retries[trial_id] = {"params": failed.params, "distributions": failed.distributions,
+                                   "values": dict(failed.intermediate_values), "retry_of": failed.number}
+        self._failed.discard(trial_id)
+        self._completed_trials.discard(trial_id)
+
+    def _frozen(self, trial_id: str) -> optuna.trial.FrozenTrial:
+        """The latest Optuna trial of a Tune trial, as the study stores it now."""
+        number = self._ot_trials[trial_id].number
+        mine = [t for t in self._ot_study.get_trials(deepcopy=False)
+                if t.number == number or t.user_attrs.get("tune_trial_id") == trial_id]
+        return max(mine, key=lambda t: t.number)
+
+    def _ending(self, result: dict | None, error: bool, values: dict) -> tuple[TrialState, float | None]:
+        """(state, value) to tell: FAIL for an error or a trial that never reported; PRUNED for an early
+        stop or a divergence; else COMPLETE with the best epoch's value, as trials.csv ranks it."""
+        finite = [v for v in values.values() if not math.isnan(v)]
+        if error or not result or not finite:
+            return TrialState.FAIL, None
+        if result.get("diverged") or result.get("epoch", self._max_epochs) < self._max_epochs:
+            return TrialState.PRUNED, None
+        return TrialState.COMPLETE, (min if self.mode == "min" else max)(finite)
+
+
+def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str, points: list[dict] | None) -> PruneAwareOptunaSearch:
+    storage = optuna.storages.RDBStorage(storage_url)
+    return PruneAwareOptunaSearch(metric=cfg.metric.name, mode=cfg.metric.mode, points_to_evaluate=points,
+                                  sampler=optuna.samplers.TPESampler(seed=cfg.search.seed), study_name=cfg.name,
+                                  storage=storage, max_epochs=cfg.train.epochs)
+
+
+def make_searcher(cfg: ExperimentConfig, experiment_dir: Path):
+    first = space.fixed_point(cfg)
+    points = [first] if cfg.search.evaluate_train_first and first else None
+    if cfg.search.algorithm == "optuna":
+        return make_optuna_searcher(cfg, f"sqlite:///{experiment_dir / 'optuna.db'}", points)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.search.seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# Scheduler: ASHA whose rungs survive a resume
+# ----------------------------------------------------------------------------------------------
+
+class PersistentASHA(AsyncHyperBandScheduler):
+    """ASHA that writes its rungs to <experiment>/scheduler_state.pkl after every decision and
+    reads them back when a restored run adds its first trial (Tune restores the scheduler as it
+    was built, with empty rungs: every decision would be CONTINUE). It also remembers whom it
+    stopped: Tune may resume a trial stopped after its last state save, and it must stop again."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._stopped: set[str] = set()
+        self._loaded = False
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        if not self._loaded:
+            self._loaded = True
+            path = state_path(trial)
+            if path.is_file():
+                with path.open("rb") as handle:
+                    state = pickle.load(handle)
+                self._brackets, self._stopped, self._num_stopped = state["brackets"], state["stopped"], state["num_stopped"]
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if trial.trial_id in self._stopped:
+            decision = TrialScheduler.STOP
+        if decision == TrialScheduler.STOP:
+            self._stopped.add(trial.trial_id)
+        self._save(trial)
+        return decision
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save(trial)
+
+    def _save(self, trial) -> None:
+        path = state_path(trial)
+        staging = path.with_name(f".{path.name}.{os.getpid()}")   # whole or not at all: a kill can come any time
+        with staging.open("wb") as handle:
+            pickle.dump({"brackets": self._brackets, "stopped": self._stopped, "num_stopped": self._num_stopped},
+                        handle)
+        os.replace(staging, path)
+
+
+def state_path(trial) -> Path:
+    # from the trial, not from construction: a restored experiment may have moved
+    return Path(trial.storage.experiment_fs_path) / SCHEDULER_STATE_FILE
+
+
+def make_scheduler(cfg: ExperimentConfig):
+    if cfg.scheduler.type == "none":
+        return None
+    # time_attr="epoch": our own counter, which survives restores (training_iteration restarts)
+    return PersistentASHA(time_attr="epoch", metric=cfg.metric.name, mode=cfg.metric.mode, max_t=cfg.train.epochs,
+                          grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume: the YAML must still describe the search that started
+# ----------------------------------------------------------------------------------------------
+
+def flat(tree, prefix: str = "") -> dict:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    out = {}
+    for key, value in tree.items():
+        out.update(flat(value, f"{prefix}{key}."))
+    return out
+
+
+def check_resume_config(cfg: ExperimentConfig, experiment_dir: Path) -> None:
+    """Refuse, in one line, a resume whose config differs from the first run's (experiment.json):
+    Tune resumes the searcher, scheduler and callbacks as first built, so a changed metric, space,
+    num_samples or training setting would be half applied."""
+    path = experiment_dir / export.EXPERIMENT_FILE
+    if not path.is_file():
+        return   # nothing to compare: run_search says there is nothing to resume
+    first = flat(json.loads(path.read_text())["config"])
+    now = flat(json.loads(json.dumps(cfg.to_dict(), default=str)))
+    shown = lambda v: v if isinstance(v, str) else json.dumps(v)  # noqa: E731
+    changed = [f"{key}: {shown(first.get(key))} -> {shown(now.get(key))}" for key in sorted(first.keys() | now.keys())
+               if first.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        raise UserError(f"{experiment_dir}: the config changed since this search started ({'; '.join(changed)}); a "
+                        "resumed search keeps its first settings: undo the change, or start over with --overwrite")
