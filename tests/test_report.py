@@ -39,6 +39,41 @@ def test_verdict_uses_the_seed_mean_and_calls_a_gap_inside_the_noise_inconclusiv
     assert controls.verdict("val_ce", "min", 0.9, 1.1, tight).startswith("did distillation help? yes:")
 
 
+def write_trial(directory: Path, trial_id: str, params: dict, values: list[float]) -> None:
+    trial = directory / f"trial_{trial_id}"
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text(json.dumps(params))
+    (trial / "result.json").write_text("".join(json.dumps({"trial_id": trial_id, "epoch": e, "val_ce": v}) + "\n"
+                                               for e, v in enumerate(values, 1)))
+
+
+def test_verdict_without_seed_arms_weighs_the_gap_against_the_trials_seed_noise(tmp_path):
+    same = {"learning_rate": 3e-3, "alpha": 0.5}
+    write_trial(tmp_path, "a", {**same, "seed": 1}, [1.5, 1.10])
+    write_trial(tmp_path, "b", {**same, "seed": 2}, [1.5, 1.14])
+    write_trial(tmp_path, "c", {**same, "seed": 3}, [1.6])             # stopped early: not a seed draw
+    write_trial(tmp_path, "d", {"learning_rate": 1e-3, "alpha": 0.5, "seed": 1}, [1.4, 1.3])   # alone
+    noise = controls.trial_seed_noise(tmp_path, "val_ce", "min", epochs=2)
+    assert noise["trials"] == 2 and noise["groups"] == 1 and math.isclose(noise["std"], 0.04 / math.sqrt(2))
+    bound = f"±{2 * 0.04 / math.sqrt(2):.4f}"
+    within = controls.verdict("val_ce", "min", 1.10, 1.14, None, noise)
+    assert within.startswith("did distillation help? inconclusive: val_ce 1.1000 (the best distilled student)")
+    assert within.endswith(f"; within the seed noise ({bound}: 2 x the std of 2 full-length trials sharing a "
+                           "config under different seeds)")
+    beyond = controls.verdict("val_ce", "min", 1.00, 1.14, None, noise)
+    assert beyond.startswith("did distillation help? yes:") and f"; beyond the seed noise ({bound}" in beyond
+
+
+def test_verdict_says_when_the_seed_noise_cannot_be_estimated(tmp_path):
+    write_trial(tmp_path, "a", {"learning_rate": 3e-3, "seed": 0}, [1.2])
+    write_trial(tmp_path, "b", {"learning_rate": 3e-3, "seed": 0}, [1.2])   # same seed: no seed draw
+    assert controls.trial_seed_noise(tmp_path, "val_ce", "min", epochs=1) is None
+    line = controls.verdict("val_ce", "min", 1.0, 1.1, None, None)
+    assert line.startswith("did distillation help? yes:")
+    assert line.endswith("; the seed noise is unknown (no full-length trials share a config under different seeds): "
+                         "set controls.seeds_for_best: 3 to measure it")
+
+
 def test_arm_points_follow_the_controls_section(world):
     best = {"trial_id": "t1", "learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2}
     cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "seed_defaults": True, "seeds_for_best": 2},

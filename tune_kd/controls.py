@@ -34,6 +34,7 @@ CONTROLS_FILE = "controls.json"
 # MiniMind's train_distillation.py: --learning_rate 5e-6, train_epoch(alpha=0.0, temperature=1.0)
 SEED_DEFAULTS = {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
 NOISE_SIGMAS = 2.0   # a difference within this many seed standard deviations is not called a win
+SUGGESTED_SEEDS = 3
 
 
 def arm_points(cfg: ExperimentConfig, best_params: dict) -> dict[str, dict]:
@@ -82,7 +83,7 @@ def run_controls(cfg: ExperimentConfig, best: dict, experiment_dir: Path, traina
                                                         checkpoint_score_order=cfg.metric.mode),
                 failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=0))
     tuner.fit()
-    comparison = compare(cfg, best, arm_results(controls_dir, cfg.metric.name, cfg.metric.mode), arms)
+    comparison = compare(cfg, best, arm_results(controls_dir, cfg.metric.name, cfg.metric.mode), arms, experiment_dir)
     comparison["seconds"] = time.perf_counter() - started
     (experiment_dir / CONTROLS_FILE).write_text(json.dumps(comparison, indent=1))
     return comparison
@@ -104,8 +105,10 @@ def arm_results(controls_dir: Path, metric: str, mode: str) -> dict[str, dict]:
     return out
 
 
-def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: dict[str, dict]) -> dict:
-    """The controls.json document: every arm next to the best trial, the verdict line, seed spread."""
+def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: dict[str, dict],
+            experiment_dir: Path | None = None) -> dict:
+    """The controls.json document: every arm next to the best trial, the verdict line, seed spread
+    (from the best_seed_* arms, else what the trials in experiment_dir tell: trial_seed_noise)."""
     metric, mode = cfg.metric.name, cfg.metric.mode
     best_value = best[f"best_{metric}"]
     seeds = [results[name]["value"] for name in arms if name.startswith("best_seed_") and name in results]
@@ -118,14 +121,45 @@ def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: d
                          "settings": {k: best.get(k) for k in cfg.parameters}},
                 "arms": {name: {"settings": point, **results.get(name, {"value": None})} for name, point in arms.items()},
                 "seeds_for_best": spread}
-    document["verdict"] = verdict(metric, mode, best_value, results.get("plain_sft", {}).get("value"), spread)
+    document["seed_noise"] = None if spread else trial_seed_noise(experiment_dir, metric, mode, cfg.train.epochs)
+    document["verdict"] = verdict(metric, mode, best_value, results.get("plain_sft", {}).get("value"), spread,
+                                  document["seed_noise"])
     return document
 
 
-def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, spread: dict | None) -> str | None:
+def trial_seed_noise(experiment_dir: Path | None, metric: str, mode: str, epochs: int) -> dict | None:
+    """The seed noise the search's own trials can tell, without extra runs: the pooled standard
+    deviation of the best metric within groups of trials that share every searched value but the
+    seed (train.seed searched, or a trial repeated under another seed). Only trials that ran all
+    `epochs` count: an early stop changes the metric for reasons other than the seed. Trials that
+    share a seed too are left out, since their spread is run-to-run nondeterminism at best.
+    None when no such group exists; else {"std", "trials", "groups"}."""
+    if experiment_dir is None:
+        return None
+    groups: dict[str, dict[object, float]] = {}
+    for result_file in sorted(Path(experiment_dir).glob("*/result.json")):
+        params, reports = export.read_trial(result_file.parent)
+        scored = [r[metric] for r in reports if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+        if not scored or max(int(r.get("epoch", 0)) for r in reports) < epochs:
+            continue
+        key = json.dumps({k: v for k, v in params.items() if k != "seed"}, sort_keys=True, default=str)
+        groups.setdefault(key, {})[params.get("seed")] = (min if mode == "min" else max)(scored)
+    groups = {k: list(v.values()) for k, v in groups.items() if len(v) > 1}
+    if not groups:
+        return None
+    squares = sum(sum((x - statistics.fmean(values)) ** 2 for x in values) for values in groups.values())
+    freedom = sum(len(values) - 1 for values in groups.values())
+    return {"std": math.sqrt(squares / freedom), "trials": sum(len(v) for v in groups.values()),
+            "groups": len(groups)}
+
+
+def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, spread: dict | None,
+            noise: dict | None = None) -> str | None:
     """The "did distillation help" line; None without a plain-SFT result to compare with.
     With seeds_for_best, the re-trained mean stands for the best config (the search's own best is
-    the luckiest of many draws) and a gap inside NOISE_SIGMAS seed deviations is called inconclusive."""
+    the luckiest of many draws) and a gap inside NOISE_SIGMAS seed deviations is called inconclusive.
+    Without it, `noise` (trial_seed_noise) gives the seed deviation when the trials can tell it; when
+    nothing can, the line says so and names the setting that would measure it."""
     if sft_value is None or best_value is None or math.isnan(best_value):
         return None
     distilled, which = best_value, "the best distilled student"
@@ -133,14 +167,24 @@ def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, 
         distilled, which = spread["mean"], f"the best config's mean over {spread['n']} seeds"
     diff = distilled - sft_value
     helped = diff < 0 if mode == "min" else diff > 0
-    noise = spread["std"] if spread else None
-    if noise is not None and abs(diff) <= NOISE_SIGMAS * noise:
-        answer = f"inconclusive (within {NOISE_SIGMAS:g} x the seed spread {noise:.4f})"
-    else:
-        answer = "yes" if helped else "no"
+    answer = "yes" if helped else "no"
     relative = f", {diff / abs(sft_value):+.1%}" if sft_value else ""
+    note = ""
+    if spread is not None and spread["std"] is not None:
+        if abs(diff) <= NOISE_SIGMAS * spread["std"]:
+            answer = f"inconclusive (within {NOISE_SIGMAS:g} x the seed spread {spread['std']:.4f})"
+    elif noise is not None:
+        bound = NOISE_SIGMAS * noise["std"]
+        where = "within" if abs(diff) <= bound else "beyond"
+        if where == "within":
+            answer = "inconclusive"
+        note = (f"; {where} the seed noise (±{bound:.4f}: {NOISE_SIGMAS:g} x the std of {noise['trials']} "
+                f"full-length trials sharing a config under different seeds)")
+    elif spread is None:
+        note = (f"; the seed noise is unknown (no full-length trials share a config under different seeds): set "
+                f"controls.seeds_for_best: {SUGGESTED_SEEDS} to measure it")
     return (f"did distillation help? {answer}: {metric} {distilled:.4f} ({which}) vs {sft_value:.4f} "
-            f"(plain SFT, alpha 1) = {diff:+.4f}{relative}")
+            f"(plain SFT, alpha 1) = {diff:+.4f}{relative}{note}")
 
 
 def format_comparison(document: dict) -> str:
