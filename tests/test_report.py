@@ -233,8 +233,60 @@ def test_report_of_a_folder_that_is_no_experiment_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: not a tune_kd experiment folder")
 
 
-def test_importances_see_every_trial_at_its_best_epoch(tmp_path):
-    study = report.optuna_study(report.load(write_experiment(tmp_path / "hand-made", CURVES, finished=True)))
-    assert len(study.trials) == 6
-    assert sorted(t.value for t in study.trials) == sorted(min(v) for _, v in CURVES.values())
-    assert study.best_trial.params["learning_rate"] == 8e-3 and math.isclose(study.best_value, 1.2)
+def test_figures_compare_every_trial_at_the_epoch_all_reached(tmp_path):
+    """ASHA stopped t2, t4, t6 after epoch 1; t1, t3 ran 3 epochs: params, parallel and importance
+    all take epoch 1's values, and say so."""
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True)
+    exp = report.load(experiment)
+    first = sorted(values[0] for _, values in CURVES.values())
+    assert exp.common_epoch == 1
+    study = report.optuna_study(exp)
+    assert sorted(t.value for t in study.trials) == first
+    assert study.best_trial.params["learning_rate"] == 8e-3 and math.isclose(study.best_value, 1.9)
+    params = report.plot_params(exp)
+    for ax in params.axes:
+        assert sorted(float(y) for c in ax.collections for _, y in c.get_offsets()) == first
+        assert ax.get_ylabel() == "val_ce at epoch 1"
+    assert params._suptitle.get_text().startswith("val_ce at epoch 1 (reached by every trial)")
+    assert "at epoch 1" in report.plot_importance(exp, study).axes[0].get_title()
+    assert "at epoch 1" in report.plot_parallel(exp, study).axes[0].get_title()
+    text = report.build(experiment).read_text()
+    for figure in ("params", "parallel", "importance"):
+        caption = text.split(f"<figure id='{figure}'>")[1].split("<figcaption>")[1].split("</figcaption>")[0]
+        assert "val_ce at epoch 1, the last epoch every trial reached" in caption
+
+
+def test_report_shows_the_answers_of_teacher_best_student_and_plain_sft(tmp_path, world):
+    """The prompts table: validation prompts, the data's answer and three models' greedy answers,
+    in a browser; without the plain_sft arm its column is left out with a note."""
+    import shutil
+
+    from tune_kd.checkpoint import save_student
+    from tune_kd.data import load_tokenizer
+    from tune_kd.models import build_model
+
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True, with_controls=True)
+    meta = json.loads((experiment / "experiment.json").read_text())
+    meta["config"] = json.loads(json.dumps(load_config(raw=search_raw(world)).to_dict(), default=str))
+    (experiment / "experiment.json").write_text(json.dumps(meta))
+    shutil.copytree(world["teacher"], experiment / "best_student")
+    arm = experiment / "controls" / "plain_sft_c1"
+    cfg = load_config(raw=search_raw(world))
+    save_student(build_model(cfg.student, load_tokenizer(world["tokenizer"]), "student"),
+                 load_tokenizer(world["tokenizer"]), arm / "checkpoint_000000")
+    (arm / "result.json").write_text(json.dumps({"trial_id": "c1", "epoch": 1, "val_ce": 2.1,
+                                                 "checkpoint_dir_name": "checkpoint_000000"}) + "\n")
+    dom = render_in_chromium(report.build(experiment))
+    table = dom.split('<table id="samples">')[1].split("</table>")[0]
+    assert [h.split("</th>")[0] for h in table.split("<th>")[1:]] == \
+        ["prompt", "reference (data)", "teacher", "best student", "plain SFT"]
+    rows = table.split("<tr>")[2:]
+    questions = [t["content"] for c in map(json.loads, Path(world["val"]).read_text().splitlines())
+                 for t in c["conversations"] if t["role"] == "user"]
+    assert len(rows) == 4 and all(any(q in row for q in questions) for row in rows)
+    assert "left out" not in dom
+
+    shutil.rmtree(arm)
+    text = report.build(experiment).read_text()
+    assert "<th>plain SFT</th>" not in text and "<th>teacher</th>" in text
+    assert "left out: plain SFT: no checkpoint of the plain_sft control arm" in text
