@@ -148,6 +148,8 @@ def test_search_end_to_end(world, tmp_path, capsys):
     for figure in ("curves", "params", "parallel", "importance", "controls"):
         assert f'id="{figure}"' in dom and (experiment / "report" / f"{figure}.png").is_file()
     assert "did distillation help?" in dom
+    samples = dom.split('<table id="samples">')[1].split("</table>")[0]   # the real arm and export are found
+    assert all(f"<th>{column}</th>" in samples for column in ("teacher", "best student", "plain SFT"))
 
 
 def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_section) -> tuple[dict, list[dict]]:

@@ -108,7 +108,7 @@ def arm_results(controls_dir: Path, metric: str, mode: str) -> dict[str, dict]:
 def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: dict[str, dict],
             experiment_dir: Path | None = None) -> dict:
     """The controls.json document: every arm next to the best trial, the verdict line, seed spread
-    (from the best_seed_* arms, else what the trials in experiment_dir tell: trial_seed_noise)."""
+    (from the best_seed_* arms, else what repeated trials in experiment_dir tell: repeat_noise)."""
     metric, mode = cfg.metric.name, cfg.metric.mode
     best_value = best[f"best_{metric}"]
     seeds = [results[name]["value"] for name in arms if name.startswith("best_seed_") and name in results]
@@ -121,36 +121,34 @@ def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: d
                          "settings": {k: best.get(k) for k in cfg.parameters}},
                 "arms": {name: {"settings": point, **results.get(name, {"value": None})} for name, point in arms.items()},
                 "seeds_for_best": spread}
-    document["seed_noise"] = None if spread else trial_seed_noise(experiment_dir, metric, mode, cfg.train.epochs)
+    document["repeat_noise"] = None if spread else repeat_noise(experiment_dir, metric, mode, cfg.train.epochs)
     document["verdict"] = verdict(metric, mode, best_value, results.get("plain_sft", {}).get("value"), spread,
-                                  document["seed_noise"])
+                                  document["repeat_noise"])
     return document
 
 
-def trial_seed_noise(experiment_dir: Path | None, metric: str, mode: str, epochs: int) -> dict | None:
-    """The seed noise the search's own trials can tell, without extra runs: the pooled standard
-    deviation of the best metric within groups of trials that share every searched value but the
-    seed (train.seed searched, or a trial repeated under another seed). Only trials that ran all
-    `epochs` count: an early stop changes the metric for reasons other than the seed. Trials that
-    share a seed too are left out, since their spread is run-to-run nondeterminism at best.
-    None when no such group exists; else {"std", "trials", "groups"}."""
+def repeat_noise(experiment_dir: Path | None, metric: str, mode: str, epochs: int) -> dict | None:
+    """The run-to-run noise the search's own trials show, without extra runs: the pooled standard
+    deviation of the best metric within groups of trials that repeat every searched value (TPE does
+    repeat a config, on a categorical space most). All trials share train.seed, so a repeat differs
+    only by nondeterministic kernels: a lower bound on the seed noise. Only trials that ran all
+    `epochs` count (an early stop changes the metric for another reason), and bit-identical repeats
+    (a deterministic device) tell nothing. None when no group is left; else {"std", "trials"}."""
     if experiment_dir is None:
         return None
-    groups: dict[str, dict[object, float]] = {}
+    groups: dict[str, list[float]] = {}
     for result_file in sorted(Path(experiment_dir).glob("*/result.json")):
         params, reports = export.read_trial(result_file.parent)
         scored = [r[metric] for r in reports if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
-        if not scored or max(int(r.get("epoch", 0)) for r in reports) < epochs:
-            continue
-        key = json.dumps({k: v for k, v in params.items() if k != "seed"}, sort_keys=True, default=str)
-        groups.setdefault(key, {})[params.get("seed")] = (min if mode == "min" else max)(scored)
-    groups = {k: list(v.values()) for k, v in groups.items() if len(v) > 1}
-    if not groups:
+        if scored and max(int(r.get("epoch", 0)) for r in reports) >= epochs:
+            key = json.dumps(params, sort_keys=True, default=str)
+            groups.setdefault(key, []).append((min if mode == "min" else max)(scored))
+    spread = [values for values in groups.values() if len(set(values)) > 1]
+    if not spread:
         return None
-    squares = sum(sum((x - statistics.fmean(values)) ** 2 for x in values) for values in groups.values())
-    freedom = sum(len(values) - 1 for values in groups.values())
-    return {"std": math.sqrt(squares / freedom), "trials": sum(len(v) for v in groups.values()),
-            "groups": len(groups)}
+    squares = sum(sum((x - statistics.fmean(values)) ** 2 for x in values) for values in spread)
+    return {"std": math.sqrt(squares / sum(len(values) - 1 for values in spread)),
+            "trials": sum(len(values) for values in spread)}
 
 
 def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, spread: dict | None,
@@ -158,8 +156,9 @@ def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, 
     """The "did distillation help" line; None without a plain-SFT result to compare with.
     With seeds_for_best, the re-trained mean stands for the best config (the search's own best is
     the luckiest of many draws) and a gap inside NOISE_SIGMAS seed deviations is called inconclusive.
-    Without it, `noise` (trial_seed_noise) gives the seed deviation when the trials can tell it; when
-    nothing can, the line says so and names the setting that would measure it."""
+    Without it, `noise` (repeat_noise) gives a lower bound when the trials repeat a config: a gap
+    inside it is inconclusive, one beyond it is called with that caveat; with no estimate at all
+    the line says so. Both name the setting that measures the seed noise."""
     if sft_value is None or best_value is None or math.isnan(best_value):
         return None
     distilled, which = best_value, "the best distilled student"
@@ -175,13 +174,13 @@ def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, 
             answer = f"inconclusive (within {NOISE_SIGMAS:g} x the seed spread {spread['std']:.4f})"
     elif noise is not None:
         bound = NOISE_SIGMAS * noise["std"]
-        where = "within" if abs(diff) <= bound else "beyond"
-        if where == "within":
-            answer = "inconclusive"
-        note = (f"; {where} the seed noise (±{bound:.4f}: {NOISE_SIGMAS:g} x the std of {noise['trials']} "
-                f"full-length trials sharing a config under different seeds)")
+        within = abs(diff) <= bound
+        answer = "inconclusive" if within else answer
+        note = (f"; {'within' if within else 'beyond'} the seed noise as far as the trials show it (±{bound:.4f}: "
+                f"{NOISE_SIGMAS:g} x the std of {noise['trials']} full-length trials repeating a config, same seed; "
+                f"a lower bound: controls.seeds_for_best: {SUGGESTED_SEEDS} measures it)")
     elif spread is None:
-        note = (f"; the seed noise is unknown (no full-length trials share a config under different seeds): set "
+        note = (f"; the seed noise is unknown (no full-length trials repeat a config): set "
                 f"controls.seeds_for_best: {SUGGESTED_SEEDS} to measure it")
     return (f"did distillation help? {answer}: {metric} {distilled:.4f} ({which}) vs {sft_value:.4f} "
             f"(plain SFT, alpha 1) = {diff:+.4f}{relative}{note}")

@@ -293,7 +293,8 @@ PAGE = """<!doctype html>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px; color: #222; }}
 figure {{ margin: 1.5em 0; }} figure img {{ max-width: 100%; border: 1px solid #ddd; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }} td, th {{ border: 1px solid #ccc; padding: 2px 6px; }}
-.verdict {{ font-weight: bold; font-size: 1.1em; }} #samples td {{ white-space: pre-wrap; vertical-align: top; }} .note {{ color: #666; }}
+.verdict {{ font-weight: bold; font-size: 1.1em; }} .note {{ color: #666; }}
+#samples td {{ white-space: pre-wrap; vertical-align: top; }}
 #render-warning {{ display: none; background: #fdd; padding: 0.5em; }}
 </style></head>
 <body>

@@ -4,7 +4,8 @@ report.build puts them in a table, so a person sees what distillation changed an
 numbers. The prompts are spread over the experiment's validation split (loop.load_data: the split
 every trial validated on), each example cut before its first assistant token, so a model sees the
 chat exactly as training rendered it (template, system and user turns, assistant header). The
-answers are greedy (do_sample=False) on CPU, at most MAX_NEW_TOKENS: seconds for small students.
+answers are greedy (do_sample=False), at most MAX_NEW_TOKENS, on the GPU when there is one (a large
+teacher in fp32 on CPU would take minutes), else on CPU in fp32: seconds for small students.
 
 A model that is not there (no teacher, no plain_sft arm, the export skipped) or does not load
 leaves its column out with a note saying why: the report never fails over a sample.
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tune_kd import export
-from tune_kd.config import UserError, load_config
+from tune_kd.config import load_config
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ def validation_prompts(cfg, count: int = NUM_PROMPTS):
 
 
 def greedy_answers(model, tokenizer, prompts: list, pad_id: int) -> list[str]:
-    """One greedy answer per prompt (ids), decoded without special tokens."""
+    """One greedy answer per prompt (ids, on the model's device), decoded without special tokens."""
     import torch
 
     limit = getattr(model.config, "max_position_embeddings", None)
@@ -106,7 +107,7 @@ def greedy_answers(model, tokenizer, prompts: list, pad_id: int) -> list[str]:
         if room < 1:
             answers.append("")
             continue
-        inputs = torch.as_tensor(ids).unsqueeze(0)
+        inputs = torch.as_tensor(ids, device=model.device).unsqueeze(0)
         with torch.inference_mode():
             out = model.generate(inputs, attention_mask=torch.ones_like(inputs), do_sample=False, max_new_tokens=room,
                                  pad_token_id=pad_id, eos_token_id=eos if eos is not None else tokenizer.eos_token_id)
@@ -114,8 +115,9 @@ def greedy_answers(model, tokenizer, prompts: list, pad_id: int) -> list[str]:
     return answers
 
 
-def build_samples(experiment_dir: Path, meta: dict, count: int = NUM_PROMPTS) -> Samples | None:
-    """The prompts table's content; None (with a log line) when the validation data cannot be read."""
+def build_samples(experiment_dir: Path, meta: dict, count: int = NUM_PROMPTS) -> Samples:
+    """The prompts table's content. Any failure (data moved, a model that does not load or generate)
+    becomes a note: the report is the last step of a finished search and must not be lost to it."""
     import torch
 
     from tune_kd import loop, models
@@ -123,25 +125,32 @@ def build_samples(experiment_dir: Path, meta: dict, count: int = NUM_PROMPTS) ->
     try:
         cfg = experiment_config(meta)
         tokenizer, pairs = validation_prompts(cfg, count)
-    except (UserError, OSError, ValueError) as exc:
-        log.warning("report: no sample answers (%s)", str(exc).splitlines()[0])
-        return None
+    except Exception as exc:   # a moved data file, a config this version reads otherwise: the table only
+        log.warning("report: no sample answers (%s)", _first_line(exc))
+        return Samples([], [], notes=[f"sample answers: the validation prompts could not be read ({_first_line(exc)})"])
     decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True).strip()
     samples = Samples([decode(p) for p, _ in pairs], [decode(r) for _, r in pairs])
     specs, samples.notes = models_to_ask(cfg, experiment_dir, meta["metric"]["name"], meta["metric"]["mode"])
+    device = models.resolve_device("auto")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    prompts = [p for p, _ in pairs]
     for column, spec in specs.items():
         try:
-            model = models.load_model_dir(spec, column, torch.float32).eval()
-            samples.answers[column] = greedy_answers(model, tokenizer, [p for p, _ in pairs], loop.padding_id(tokenizer))
-        except (UserError, OSError, ValueError, RuntimeError) as exc:   # one broken model costs its column only
-            samples.notes.append(f"{column}: {str(exc).splitlines()[0]}")
+            model = models.load_model_dir(spec, column, dtype).to(device).eval()
+            samples.answers[column] = greedy_answers(model, tokenizer, prompts, loop.padding_id(tokenizer))
+        except Exception as exc:   # one broken model costs its column only
+            samples.notes.append(f"{column}: {_first_line(exc)}")
     return samples
 
 
-def samples_html(samples: Samples | None) -> str:
-    """The report's table (text escaped) and a note per column left out; "" without samples."""
-    if samples is None:
-        return ""
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def samples_html(samples: Samples) -> str:
+    """The report's table (text escaped) and a note per column left out."""
+    if not samples.prompts:
+        return "".join(f"<p class='note'>{html.escape(note)}</p>" for note in samples.notes)
     columns = ["prompt", "reference (data)", *samples.answers]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     rows = ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
