@@ -22,6 +22,8 @@ from pathlib import Path
 
 from tune_kd import export
 from tune_kd.config import load_config
+from tune_kd.controls import CONTROLS_DIR
+from tune_kd.space import CONTROL_KEY
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +53,6 @@ def experiment_config(meta: dict):
 
 def models_to_ask(cfg, experiment_dir: Path, metric: str, mode: str) -> tuple[dict[str, object], list[str]]:
     """(column -> ModelSpec of a model directory on disk, notes for the columns left out)."""
-    from tune_kd.controls import CONTROLS_DIR
-    from tune_kd.space import CONTROL_KEY
-
     specs, notes = {}, []
     if cfg.teacher is None:
         notes.append("teacher: none in this experiment (plain SFT)")
