@@ -40,9 +40,11 @@ class ActorProbe:
         raise AttributeError(name)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        import ray
         from ray.util.state import list_actors
 
-        for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+        # this search's Ray by its GCS address: "auto" fails when another Ray runs on the machine
+        for actor in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")]):
             self.class_names.add(actor.class_name)
         if self.dashboard_urls and not self.http:   # the dashboard's HTTP API, asked without a token
             import urllib.error
