@@ -1,8 +1,8 @@
 """What each part of the search contributes: the sampler (TPE against random) and the scheduler
 (ASHA against full budget), measured apart on the embedded default's space.
 
-    python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--num-samples 16] [--epochs 4]
-                                      [--max-train-examples 1500]
+    python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--num-samples 10] [--epochs 3]
+                                      [--max-train-examples 600]
 
 Four arms per seed, with the same space, trial count and seed (used as both search.seed and
 train.seed, so every arm of a seed shares its training noise):
@@ -126,9 +126,9 @@ def main() -> None:
     parser.add_argument("--space", default="search_spaces/kd.yaml")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--num-samples", type=int, default=16)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--max-train-examples", type=int, default=1500)
+    parser.add_argument("--num-samples", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--max-train-examples", type=int, default=600)
     parser.add_argument("--num-cpus", type=int)
     parser.add_argument("--storage", help="where the searches' folders go (default: a temporary folder)")
     parser.add_argument("--table-from", help="print the table of an earlier run's runs.json and exit")

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pickle
+import warnings
 from pathlib import Path
 
 import optuna
@@ -167,9 +168,12 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.TPESampler:
     constant_liar: trials still running count as bad results, so concurrent asks spread out instead of
     piling onto one optimum. ASHA-stopped trials are PRUNED with their epochs' values: TPE ranks them
     after every completed trial, by how far they got and then by their last value (low-fidelity evidence)."""
-    return optuna.samplers.TPESampler(seed=cfg.search.seed, multivariate=True, group=True, constant_liar=True,
-                                      n_startup_trials=startup_trials(cfg.search.num_samples, cfg.search.startup_trials),
-                                      warn_independent_sampling=False)
+    with warnings.catch_warnings():   # `group` is marked experimental; the search log need not say so per run
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(seed=cfg.search.seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=startup_trials(cfg.search.num_samples,
+                                                                          cfg.search.startup_trials),
+                                          warn_independent_sampling=False)
 
 
 def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str, points: list[dict] | None) -> PruneAwareOptunaSearch:
