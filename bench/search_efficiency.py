@@ -72,6 +72,52 @@ def run_one(args, arm: str, seed: int, storage: Path) -> dict:
     return {"arm": arm, "seed": seed, "values": reports.values, "wall": time.monotonic() - started}
 
 
+def replay_asha(curves: list[list[float]], parallel: int, grace: int, reduction: int, epochs: int) -> list[float]:
+    """random+asha without running it: the random arm's trials (same seed: same configs, same training,
+    so the same curves) in their order through Ray's own ASHA bracket, `parallel` at a time, every
+    epoch one time unit. Returns the epoch values in the order they would have arrived."""
+    import heapq
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import TrialScheduler
+    from ray.tune.schedulers.async_hyperband import _Bracket
+
+    bracket, events, values, queue = _Bracket(grace, epochs, reduction, 0), [], [], list(range(len(curves)))
+    start = lambda index, now: heapq.heappush(events, (now + 1, index, 1))  # noqa: E731
+    for index in queue[:parallel]:
+        start(index, 0)
+    queue = queue[parallel:]
+    while events:
+        now, index, epoch = heapq.heappop(events)
+        value = curves[index][epoch - 1]
+        values.append(value)
+        decision = bracket.on_result(SimpleNamespace(trial_id=index), epoch, -value)   # Ray maximises -val_ce
+        if decision == TrialScheduler.STOP or epoch == len(curves[index]):
+            if queue:
+                start(queue.pop(0), now)
+        else:
+            heapq.heappush(events, (now + 1, index, epoch + 1))
+    return values
+
+
+def replayed(runs: list[dict], storage: Path, parallel: int, grace: int, reduction: int, epochs: int) -> list[dict]:
+    """A replayed random+asha run for every seed whose random run is there and random+asha is not."""
+    import csv
+
+    have = {(r["seed"], r["arm"]) for r in runs}
+    out = []
+    for run in runs:
+        if run["arm"] == "random" and (run["seed"], "random+asha") not in have:
+            folder = storage / f"efficiency-random-seed{run['seed']}"
+            if not folder.is_dir():   # another runs.json's
+                continue
+            curves = [[float(row["val_ce"]) for row in csv.DictReader((trial / "progress.csv").open())]
+                      for trial in sorted(folder.glob("trial_*"))]
+            out.append({"arm": "random+asha", "seed": run["seed"], "wall": float("nan"), "replayed": True,
+                        "values": replay_asha(curves, parallel, grace, reduction, epochs)})
+    return out
+
+
 def best(values: list[float]) -> float:
     finite = [v for v in values if v == v]
     return min(finite) if finite else float("inf")
@@ -99,7 +145,7 @@ def table(runs: list[dict]) -> str:
         for run in present:
             at_equal, reached = best(run["values"][:equal]), to_target(run["values"], target)
             per_arm[run["arm"]].append((at_equal, reached, len(run["values"]), best(run["values"]), run["wall"]))
-            lines.append(f"| {run['arm']} | {seed} | {at_equal:.4f} ({equal}) | {reached or 'not reached'} | "
+            lines.append(f"| {run['arm']}{' (replayed)' if run.get('replayed') else ''} | {seed} | {at_equal:.4f} ({equal}) | {reached or 'not reached'} | "
                          f"{len(run['values'])} | {best(run['values']):.4f} | {run['wall']:.0f} s |")
         if (seed, "tpe+asha") in by:
             tpe_asha, random = by[(seed, "tpe+asha")], by[(seed, "random")]
@@ -131,10 +177,16 @@ def main() -> None:
     parser.add_argument("--max-train-examples", type=int, default=600)
     parser.add_argument("--num-cpus", type=int)
     parser.add_argument("--storage", help="where the searches' folders go (default: a temporary folder)")
-    parser.add_argument("--table-from", help="print the table of an earlier run's runs.json and exit")
+    parser.add_argument("--table-from", nargs="+", help="print the table of earlier runs' runs.json files and exit")
+    parser.add_argument("--replay-asha", action="store_true", help="with --table-from: replay random+asha from the "
+                        "random arm's curves where it was not run (2 at a time, the YAML's grace 1, factor 2)")
     args = parser.parse_args()
     if args.table_from:
-        print(table(json.loads(Path(args.table_from).read_text())))
+        runs = [run for path in args.table_from for run in json.loads(Path(path).read_text())]
+        if args.replay_asha:
+            runs += [run for path in args.table_from
+                     for run in replayed(runs, Path(path).parent, 2, 1, 2, args.epochs)]
+        print(table(runs))
         return
     logging.basicConfig(level=logging.WARNING)
     storage = Path(args.storage or tempfile.mkdtemp(prefix="tune_kd-efficiency-"))
