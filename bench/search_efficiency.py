@@ -118,6 +118,10 @@ def replayed(runs: list[dict], storage: Path, parallel: int, grace: int, reducti
     return out
 
 
+def seconds(value: float) -> str:
+    return f"{value:.0f} s" if value == value else "-"   # a replayed arm has no wall time
+
+
 def best(values: list[float]) -> float:
     finite = [v for v in values if v == v]
     return min(finite) if finite else float("inf")
@@ -146,7 +150,7 @@ def table(runs: list[dict]) -> str:
             at_equal, reached = best(run["values"][:equal]), to_target(run["values"], target)
             per_arm[run["arm"]].append((at_equal, reached, len(run["values"]), best(run["values"]), run["wall"]))
             lines.append(f"| {run['arm']}{' (replayed)' if run.get('replayed') else ''} | {seed} | {at_equal:.4f} ({equal}) | {reached or 'not reached'} | "
-                         f"{len(run['values'])} | {best(run['values']):.4f} | {run['wall']:.0f} s |")
+                         f"{len(run['values'])} | {best(run['values']):.4f} | {seconds(run['wall'])} |")
         if (seed, "tpe+asha") in by:
             tpe_asha, random = by[(seed, "tpe+asha")], by[(seed, "random")]
             # not reached: its whole spend stands in, a lower bound on what it would have needed
@@ -160,7 +164,7 @@ def table(runs: list[dict]) -> str:
             reached = [r[1] for r in rows if r[1] is not None]
             lines.append(f"| **{arm}, mean** | {len(rows)} seeds | {fmean([r[0] for r in rows]):.4f} | "
                          f"{fmean(reached):.1f} ({len(reached)}/{len(rows)} reached) | {fmean([r[2] for r in rows]):.1f} | "
-                         f"{fmean([r[3] for r in rows]):.4f} | {fmean([r[4] for r in rows]):.0f} s |")
+                         f"{fmean([r[3] for r in rows]):.4f} | {seconds(fmean([r[4] for r in rows if r[4] == r[4]]))} |")
     lines += ["", f"tpe+asha below random+asha at equal compute: {sum(wins)}/{len(wins)} seeds",
               f"trial-epochs ratio (TPE+ASHA / random, to reach random's best): {fmean(ratios):.2f}"
               f" (per seed: {', '.join(f'{r:.2f}' for r in ratios)})"]
