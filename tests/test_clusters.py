@@ -97,3 +97,30 @@ def test_cluster_placement_from_a_driver_without_cuda(world, tmp_path, cluster_w
     gpu_hungry = load_config(raw=search_raw(world, resources={"gpu_per_trial": 2}))
     with pytest.raises(UserError, match=r"resources.gpu_per_trial: 2 GPUs per trial, but the largest node "):
         resources.check_node_fit(gpu_hungry, ray.nodes(), "x.yaml")
+
+
+@pytest.mark.slow
+def test_a_search_without_address_starts_its_own_ray_beside_a_running_one(world, tmp_path):
+    """`ray start` on this machine (simulated: a Cluster head, which records itself as the machine's
+    current cluster) must not capture a search run without --address."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from tune_kd import search
+
+    running = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cfg = load_config(raw=search_raw(world, num_samples=1, scheduler={"type": "none"}, train={"epochs": 1},
+                                         controls={"plain_sft": False, "seed_defaults": False}))
+        seen = {}
+
+        class WhichRay:
+            def __getattr__(self, name):   # every Tune callback hook: note the Ray this search runs in
+                return lambda *a, **k: seen.setdefault("gcs", ray.get_runtime_context().gcs_address)
+
+        summary = search.run_search(cfg, "x.yaml", storage=str(tmp_path), num_cpus=1, dashboard_host=None,
+                                    export_best=False, callbacks=[WhichRay()])
+        assert summary["rows"] and seen["gcs"] != running.address
+    finally:
+        ray.shutdown()
+        running.shutdown()

@@ -39,6 +39,44 @@ def test_verdict_uses_the_seed_mean_and_calls_a_gap_inside_the_noise_inconclusiv
     assert controls.verdict("val_ce", "min", 0.9, 1.1, tight).startswith("did distillation help? yes:")
 
 
+def write_trial(directory: Path, trial_id: str, params: dict, values: list[float]) -> None:
+    trial = directory / f"trial_{trial_id}"
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text(json.dumps(params))
+    (trial / "result.json").write_text("".join(json.dumps({"trial_id": trial_id, "epoch": e, "val_ce": v}) + "\n"
+                                               for e, v in enumerate(values, 1)))
+
+
+def test_verdict_without_seed_arms_weighs_the_gap_against_the_noise_of_repeated_trials(tmp_path):
+    same = {"learning_rate": 3e-3, "alpha": 0.5}
+    write_trial(tmp_path, "a", same, [1.5, 1.10])
+    write_trial(tmp_path, "b", same, [1.5, 1.14])
+    write_trial(tmp_path, "c", same, [1.6])                                # stopped early: not a repeat
+    write_trial(tmp_path, "d", {"learning_rate": 1e-3, "alpha": 0.5}, [1.4, 1.3])   # alone
+    noise = controls.repeat_noise(tmp_path, "val_ce", "min", epochs=2)
+    assert noise["trials"] == 2 and math.isclose(noise["std"], 0.04 / math.sqrt(2))
+    bound = f"±{2 * 0.04 / math.sqrt(2):.4f}"
+    within = controls.verdict("val_ce", "min", 1.10, 1.14, None, noise)
+    assert within.startswith("did distillation help? inconclusive: val_ce 1.1000 (the best distilled student)")
+    assert within.endswith(f"; within the seed noise as far as the trials show it ({bound}: 2 x the std of 2 "
+                           "full-length trials repeating a config, same seed; a lower bound: "
+                           "controls.seeds_for_best: 3 measures it)")
+    beyond = controls.verdict("val_ce", "min", 1.00, 1.14, None, noise)
+    assert beyond.startswith("did distillation help? yes:") and f"; beyond the seed noise as far as the trials " \
+        f"show it ({bound}" in beyond
+
+
+def test_verdict_says_when_the_seed_noise_cannot_be_estimated(tmp_path):
+    write_trial(tmp_path, "a", {"learning_rate": 3e-3}, [1.2])
+    write_trial(tmp_path, "b", {"learning_rate": 3e-3}, [1.2])   # a bit-identical repeat: deterministic
+    write_trial(tmp_path, "c", {"learning_rate": 1e-3}, [1.3])
+    assert controls.repeat_noise(tmp_path, "val_ce", "min", epochs=1) is None
+    line = controls.verdict("val_ce", "min", 1.0, 1.1, None, None)
+    assert line.startswith("did distillation help? yes:")
+    assert line.endswith("; the seed noise is unknown (no full-length trials repeat a config): "
+                         "set controls.seeds_for_best: 3 to measure it")
+
+
 def test_arm_points_follow_the_controls_section(world):
     best = {"trial_id": "t1", "learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2}
     cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "seed_defaults": True, "seeds_for_best": 2},
@@ -198,8 +236,60 @@ def test_report_of_a_folder_that_is_no_experiment_is_one_line(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: not a tune_kd experiment folder")
 
 
-def test_importances_see_every_trial_at_its_best_epoch(tmp_path):
-    study = report.optuna_study(report.load(write_experiment(tmp_path / "hand-made", CURVES, finished=True)))
-    assert len(study.trials) == 6
-    assert sorted(t.value for t in study.trials) == sorted(min(v) for _, v in CURVES.values())
-    assert study.best_trial.params["learning_rate"] == 8e-3 and math.isclose(study.best_value, 1.2)
+def test_figures_compare_every_trial_at_the_epoch_all_reached(tmp_path):
+    """ASHA stopped t2, t4, t6 after epoch 1; t1, t3 ran 3 epochs: params, parallel and importance
+    all take epoch 1's values, and say so."""
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True)
+    exp = report.load(experiment)
+    first = sorted(values[0] for _, values in CURVES.values())
+    study = report.optuna_study(exp)
+    assert sorted(t.value for t in study.trials) == first     # not each trial's best: 1.3, 1.2, 1.7
+    assert exp.common_epoch == 1
+    assert study.best_trial.params["learning_rate"] == 8e-3 and math.isclose(study.best_value, 1.9)
+    params = report.plot_params(exp)
+    for ax in params.axes:
+        assert sorted(float(y) for c in ax.collections for _, y in c.get_offsets()) == first
+        assert ax.get_ylabel() == "val_ce at epoch 1"
+    assert params._suptitle.get_text().startswith("val_ce at epoch 1 (reached by every trial)")
+    assert "at epoch 1" in report.plot_importance(exp, study).axes[0].get_title()
+    assert "at epoch 1" in report.plot_parallel(exp, study).axes[0].get_title()
+    text = report.build(experiment).read_text()
+    for figure in ("params", "parallel", "importance"):
+        caption = text.split(f"<figure id='{figure}'>")[1].split("<figcaption>")[1].split("</figcaption>")[0]
+        assert "val_ce at epoch 1, the last epoch every trial reached" in caption
+
+
+def test_report_shows_the_answers_of_teacher_best_student_and_plain_sft(tmp_path, world):
+    """The prompts table: validation prompts, the data's answer and three models' greedy answers,
+    in a browser; without the plain_sft arm its column is left out with a note."""
+    import shutil
+
+    from tune_kd.checkpoint import save_student
+    from tune_kd.data import load_tokenizer
+    from tune_kd.models import build_model
+
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True, with_controls=True)
+    meta = json.loads((experiment / "experiment.json").read_text())
+    meta["config"] = json.loads(json.dumps(load_config(raw=search_raw(world)).to_dict(), default=str))
+    (experiment / "experiment.json").write_text(json.dumps(meta))
+    shutil.copytree(world["teacher"], experiment / "best_student")
+    arm = experiment / "controls" / "plain_sft_c1"
+    cfg = load_config(raw=search_raw(world))
+    save_student(build_model(cfg.student, load_tokenizer(world["tokenizer"]), "student"),
+                 load_tokenizer(world["tokenizer"]), arm / "checkpoint_000000")
+    (arm / "result.json").write_text(json.dumps({"trial_id": "c1", "epoch": 1, "val_ce": 2.1,
+                                                 "checkpoint_dir_name": "checkpoint_000000"}) + "\n")
+    dom = render_in_chromium(report.build(experiment))
+    table = dom.split('<table id="samples">')[1].split("</table>")[0]
+    assert [h.split("</th>")[0] for h in table.split("<th>")[1:]] == \
+        ["prompt", "reference (data)", "teacher", "best student", "plain SFT"]
+    rows = table.split("<tr>")[2:]
+    questions = [t["content"] for c in map(json.loads, Path(world["val"]).read_text().splitlines())
+                 for t in c["conversations"] if t["role"] == "user"]
+    assert len(rows) == 4 and all(any(q in row for q in questions) for row in rows)
+    assert "left out" not in dom
+
+    shutil.rmtree(arm)
+    text = report.build(experiment).read_text()
+    assert "<th>plain SFT</th>" not in text and "<th>teacher</th>" in text
+    assert "left out: plain SFT: no checkpoint of the plain_sft control arm" in text

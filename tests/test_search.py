@@ -40,9 +40,11 @@ class ActorProbe:
         raise AttributeError(name)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        import ray
         from ray.util.state import list_actors
 
-        for actor in list_actors(filters=[("state", "=", "ALIVE")]):
+        # this search's Ray by its GCS address: "auto" fails when another Ray runs on the machine
+        for actor in list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")]):
             self.class_names.add(actor.class_name)
         if self.dashboard_urls and not self.http:   # the dashboard's HTTP API, asked without a token
             import urllib.error
@@ -148,6 +150,8 @@ def test_search_end_to_end(world, tmp_path, capsys):
     for figure in ("curves", "params", "parallel", "importance", "controls"):
         assert f'id="{figure}"' in dom and (experiment / "report" / f"{figure}.png").is_file()
     assert "did distillation help?" in dom
+    samples = dom.split('<table id="samples">')[1].split("</table>")[0]   # the real arm and export are found
+    assert all(f"<th>{column}</th>" in samples for column in ("teacher", "best student", "plain SFT"))
 
 
 def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_section) -> tuple[dict, list[dict]]:

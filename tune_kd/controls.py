@@ -34,6 +34,7 @@ CONTROLS_FILE = "controls.json"
 # MiniMind's train_distillation.py: --learning_rate 5e-6, train_epoch(alpha=0.0, temperature=1.0)
 SEED_DEFAULTS = {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
 NOISE_SIGMAS = 2.0   # a difference within this many seed standard deviations is not called a win
+SUGGESTED_SEEDS = 3
 
 
 def arm_points(cfg: ExperimentConfig, best_params: dict) -> dict[str, dict]:
@@ -82,7 +83,7 @@ def run_controls(cfg: ExperimentConfig, best: dict, experiment_dir: Path, traina
                                                         checkpoint_score_order=cfg.metric.mode),
                 failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=0))
     tuner.fit()
-    comparison = compare(cfg, best, arm_results(controls_dir, cfg.metric.name, cfg.metric.mode), arms)
+    comparison = compare(cfg, best, arm_results(controls_dir, cfg.metric.name, cfg.metric.mode), arms, experiment_dir)
     comparison["seconds"] = time.perf_counter() - started
     (experiment_dir / CONTROLS_FILE).write_text(json.dumps(comparison, indent=1))
     return comparison
@@ -104,8 +105,10 @@ def arm_results(controls_dir: Path, metric: str, mode: str) -> dict[str, dict]:
     return out
 
 
-def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: dict[str, dict]) -> dict:
-    """The controls.json document: every arm next to the best trial, the verdict line, seed spread."""
+def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: dict[str, dict],
+            experiment_dir: Path | None = None) -> dict:
+    """The controls.json document: every arm next to the best trial, the verdict line, seed spread
+    (from the best_seed_* arms, else what repeated trials in experiment_dir tell: repeat_noise)."""
     metric, mode = cfg.metric.name, cfg.metric.mode
     best_value = best[f"best_{metric}"]
     seeds = [results[name]["value"] for name in arms if name.startswith("best_seed_") and name in results]
@@ -118,14 +121,44 @@ def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: d
                          "settings": {k: best.get(k) for k in cfg.parameters}},
                 "arms": {name: {"settings": point, **results.get(name, {"value": None})} for name, point in arms.items()},
                 "seeds_for_best": spread}
-    document["verdict"] = verdict(metric, mode, best_value, results.get("plain_sft", {}).get("value"), spread)
+    document["repeat_noise"] = None if spread else repeat_noise(experiment_dir, metric, mode, cfg.train.epochs)
+    document["verdict"] = verdict(metric, mode, best_value, results.get("plain_sft", {}).get("value"), spread,
+                                  document["repeat_noise"])
     return document
 
 
-def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, spread: dict | None) -> str | None:
+def repeat_noise(experiment_dir: Path | None, metric: str, mode: str, epochs: int) -> dict | None:
+    """The run-to-run noise the search's own trials show, without extra runs: the pooled standard
+    deviation of the best metric within groups of trials that repeat every searched value (TPE does
+    repeat a config, on a categorical space most). All trials share train.seed, so a repeat differs
+    only by nondeterministic kernels: a lower bound on the seed noise. Only trials that ran all
+    `epochs` count (an early stop changes the metric for another reason), and bit-identical repeats
+    (a deterministic device) tell nothing. None when no group is left; else {"std", "trials"}."""
+    if experiment_dir is None:
+        return None
+    groups: dict[str, list[float]] = {}
+    for result_file in sorted(Path(experiment_dir).glob("*/result.json")):
+        params, reports = export.read_trial(result_file.parent)
+        scored = [r[metric] for r in reports if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
+        if scored and max(int(r.get("epoch", 0)) for r in reports) >= epochs:
+            key = json.dumps(params, sort_keys=True, default=str)
+            groups.setdefault(key, []).append((min if mode == "min" else max)(scored))
+    spread = [values for values in groups.values() if len(set(values)) > 1]
+    if not spread:
+        return None
+    squares = sum(sum((x - statistics.fmean(values)) ** 2 for x in values) for values in spread)
+    return {"std": math.sqrt(squares / sum(len(values) - 1 for values in spread)),
+            "trials": sum(len(values) for values in spread)}
+
+
+def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, spread: dict | None,
+            noise: dict | None = None) -> str | None:
     """The "did distillation help" line; None without a plain-SFT result to compare with.
     With seeds_for_best, the re-trained mean stands for the best config (the search's own best is
-    the luckiest of many draws) and a gap inside NOISE_SIGMAS seed deviations is called inconclusive."""
+    the luckiest of many draws) and a gap inside NOISE_SIGMAS seed deviations is called inconclusive.
+    Without it, `noise` (repeat_noise) gives a lower bound when the trials repeat a config: a gap
+    inside it is inconclusive, one beyond it is called with that caveat; with no estimate at all
+    the line says so. Both name the setting that measures the seed noise."""
     if sft_value is None or best_value is None or math.isnan(best_value):
         return None
     distilled, which = best_value, "the best distilled student"
@@ -133,14 +166,24 @@ def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, 
         distilled, which = spread["mean"], f"the best config's mean over {spread['n']} seeds"
     diff = distilled - sft_value
     helped = diff < 0 if mode == "min" else diff > 0
-    noise = spread["std"] if spread else None
-    if noise is not None and abs(diff) <= NOISE_SIGMAS * noise:
-        answer = f"inconclusive (within {NOISE_SIGMAS:g} x the seed spread {noise:.4f})"
-    else:
-        answer = "yes" if helped else "no"
+    answer = "yes" if helped else "no"
     relative = f", {diff / abs(sft_value):+.1%}" if sft_value else ""
+    note = ""
+    if spread is not None and spread["std"] is not None:
+        if abs(diff) <= NOISE_SIGMAS * spread["std"]:
+            answer = f"inconclusive (within {NOISE_SIGMAS:g} x the seed spread {spread['std']:.4f})"
+    elif noise is not None:
+        bound = NOISE_SIGMAS * noise["std"]
+        within = abs(diff) <= bound
+        answer = "inconclusive" if within else answer
+        note = (f"; {'within' if within else 'beyond'} the seed noise as far as the trials show it (±{bound:.4f}: "
+                f"{NOISE_SIGMAS:g} x the std of {noise['trials']} full-length trials repeating a config, same seed; "
+                f"a lower bound: controls.seeds_for_best: {SUGGESTED_SEEDS} measures it)")
+    elif spread is None:
+        note = (f"; the seed noise is unknown (no full-length trials repeat a config): set "
+                f"controls.seeds_for_best: {SUGGESTED_SEEDS} to measure it")
     return (f"did distillation help? {answer}: {metric} {distilled:.4f} ({which}) vs {sft_value:.4f} "
-            f"(plain SFT, alpha 1) = {diff:+.4f}{relative}")
+            f"(plain SFT, alpha 1) = {diff:+.4f}{relative}{note}")
 
 
 def format_comparison(document: dict) -> str:

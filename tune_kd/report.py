@@ -9,14 +9,20 @@ tell). Figures, each also saved under results/<name>/report/:
 
     curves.png      the metric per epoch for every trial (ASHA's stops are the lines that end
                     early, marked x) and the control arms (dashed)
-    params.png      each trial's best metric against each searched parameter
+    params.png      each trial's metric at the common epoch against each searched parameter
     parallel.png    parallel coordinates of the searched parameters, coloured by the metric (Optuna's)
-    importance.png  parameter importances (Optuna's fANOVA, seeded) for the trials' best metric
+    importance.png  parameter importances (Optuna's fANOVA, seeded) for the metric at the common epoch
     controls.png    the best trial next to the control arms (controls.py)
 
-A trial's "best metric" is its best epoch's, the epoch its kept checkpoint holds. Importances
-use every trial that reported, stopped ones included, so they describe the metric the trials
-reached, early stops and all; with fewer than 4 such trials they are left out (and said so).
+Below the figures, a table of a few validation prompts with the teacher's, the best student's and
+the plain-SFT control's greedy answers (samples.py).
+
+The common epoch is the last one every trial reached (ASHA's first rung, scheduler.grace_period,
+when it stopped some): params, parallel and importance compare trials there, so a trial the
+scheduler stopped after one epoch is not set against another's third. The best trial, the table
+and the controls still go by each trial's best epoch, the one its kept checkpoint holds.
+Importances need 4 trials with a value at the common epoch; with fewer they are left out (and
+said so).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from pathlib import Path
 from tune_kd import export
 from tune_kd.config import UserError
 from tune_kd.controls import CONTROLS_DIR, CONTROLS_FILE, arm_results
+from tune_kd.samples import build_samples, samples_html
 
 REPORT_FILE = "report.html"
 FIGURES_DIR = "report"
@@ -52,6 +59,9 @@ class Trial:
     curve: list[tuple[int, float]]            # (epoch, metric) for every epoch that reported one
     status: str
     error: str = ""
+
+    def value_at(self, epoch: int) -> float | None:
+        return next((v for e, v in self.curve if e == epoch and math.isfinite(v)), None)
 
     def best(self, mode: str) -> float | None:
         values = [v for _, v in self.curve if math.isfinite(v)]
@@ -74,6 +84,12 @@ class Experiment:
     @property
     def searched(self) -> list[str]:
         return [name for name, spec in self.parameters.items() if "value" not in spec]
+
+    @property
+    def common_epoch(self) -> int | None:
+        """The last epoch every trial that reported reached: where their metrics are comparable."""
+        reached = [max(epoch for epoch, _ in t.curve) for t in self.trials if t.curve]
+        return min(reached) if reached else None
 
     def best_trial(self) -> Trial | None:
         scored = [t for t in self.trials if t.best(self.mode) is not None]
@@ -156,12 +172,12 @@ def plot_curves(exp: Experiment):
 
 def plot_params(exp: Experiment):
     plt = _pyplot()
-    names = exp.searched
+    names, epoch = exp.searched, exp.common_epoch
     fig, axes = plt.subplots(1, max(1, len(names)), figsize=(4 * max(1, len(names)), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         spec = exp.parameters[name]
-        points = [(t.params.get(name), t.best(exp.mode), t.status) for t in exp.trials
-                  if t.params.get(name) is not None and t.best(exp.mode) is not None]
+        points = [(t.params.get(name), t.value_at(epoch), t.status) for t in exp.trials
+                  if t.params.get(name) is not None and t.value_at(epoch) is not None]
         categorical = "values" in spec
         choices = [str(v) for v in spec.get("values", [])]
         for value, metric, status in points:
@@ -176,15 +192,16 @@ def plot_params(exp: Experiment):
             ax.set_xscale("log")
             ax.xaxis.set_minor_formatter(NullFormatter())   # minor labels collide on a short log range
         ax.set_xlabel(name)
-        ax.set_ylabel(f"best {exp.metric}")
+        ax.set_ylabel(f"{exp.metric} at epoch {epoch}")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"best {exp.metric} of each trial against each searched parameter")
+    fig.suptitle(f"{exp.metric} at epoch {epoch} (reached by every trial) against each searched parameter")
     fig.tight_layout()
     return fig
 
 
 def optuna_study(exp: Experiment):
-    """An in-memory Optuna study holding every trial that reported, valued at its best epoch."""
+    """An in-memory Optuna study holding every trial that reported, valued at the common epoch
+    (its per-epoch values kept as intermediate values)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -200,7 +217,7 @@ def optuna_study(exp: Experiment):
                 spec["min"], spec["max"], log=spec.get("distribution") == "log_uniform_values")
     study = optuna.create_study(direction="minimize" if exp.mode == "min" else "maximize", study_name=exp.name)
     for trial in exp.trials:
-        value = trial.best(exp.mode)
+        value = trial.value_at(exp.common_epoch)
         if value is None or any(trial.params.get(name) is None for name in distributions):
             continue
         study.add_trial(optuna.trial.create_trial(
@@ -213,9 +230,9 @@ def plot_parallel(exp: Experiment, study):
     from optuna.visualization.matplotlib import plot_parallel_coordinate
 
     with _quiet_experimental():
-        ax = plot_parallel_coordinate(study, target_name=f"best {exp.metric}")
+        ax = plot_parallel_coordinate(study, target_name=f"{exp.metric} at epoch {exp.common_epoch}")
     ax.figure.set_size_inches(9, 4.5)
-    ax.set_title(f"parallel coordinates: each line a trial, coloured by its best {exp.metric}")
+    ax.set_title(f"parallel coordinates: each line a trial, coloured by its {exp.metric} at epoch {exp.common_epoch}")
     ax.figure.subplots_adjust(bottom=0.2, left=0.08)
     return ax.figure
 
@@ -226,7 +243,8 @@ def plot_importance(exp: Experiment, study):
 
     with _quiet_experimental():
         ax = plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
-                                    target_name=f"best {exp.metric}")
+                                    target_name=f"{exp.metric} at epoch {exp.common_epoch}")
+    ax.set_title(f"parameter importance for {exp.metric} at epoch {exp.common_epoch} (every trial reached it)")
     ax.figure.set_size_inches(7, 0.5 * len(exp.searched) + 2)
     ax.figure.tight_layout()
     return ax.figure
@@ -276,6 +294,7 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1000px;
 figure {{ margin: 1.5em 0; }} figure img {{ max-width: 100%; border: 1px solid #ddd; }}
 table {{ border-collapse: collapse; font-size: 0.9em; }} td, th {{ border: 1px solid #ccc; padding: 2px 6px; }}
 .verdict {{ font-weight: bold; font-size: 1.1em; }} .note {{ color: #666; }}
+#samples td {{ white-space: pre-wrap; vertical-align: top; }}
 #render-warning {{ display: none; background: #fdd; padding: 0.5em; }}
 </style></head>
 <body>
@@ -283,6 +302,7 @@ table {{ border-collapse: collapse; font-size: 0.9em; }} td, th {{ border: 1px s
 <p id="render-warning"></p>
 {summary}
 {figures}
+{samples}
 <h2>Trials</h2>
 {table}
 <script>
@@ -368,19 +388,19 @@ def build(experiment_dir: str | Path) -> Path:
         figures.append(("curves.png", f"{exp.metric} per epoch for every trial; x marks a trial stopped early; "
                                       "dashed lines are the control arms", plot_curves(exp)))
     if exp.searched and any(t.curve for t in exp.trials):
-        figures.append(("params.png", f"best {exp.metric} of each trial against each searched parameter",
-                        plot_params(exp)))
+        at = f"{exp.metric} at epoch {exp.common_epoch}, the last epoch every trial reached"
+        figures.append(("params.png", f"{at}, against each searched parameter", plot_params(exp)))
         study = optuna_study(exp)
         if len(study.trials) >= 2:
-            figures.append(("parallel.png", "parallel coordinates (Optuna): one line per trial, coloured by "
-                                            f"its best {exp.metric}", plot_parallel(exp, study)))
+            figures.append(("parallel.png", f"parallel coordinates (Optuna): one line per trial, coloured by its {at}",
+                            plot_parallel(exp, study)))
         if len(study.trials) >= MIN_TRIALS_FOR_IMPORTANCE:
             figures.append(("importance.png", "parameter importance (Optuna's fANOVA, seed 0): the share of the "
-                                              f"variance of the best {exp.metric} each parameter explains",
+                                              f"variance of the {at} each parameter explains",
                             plot_importance(exp, study)))
         else:
             notes.append(f"Parameter importances need at least {MIN_TRIALS_FOR_IMPORTANCE} trials with a "
-                         f"{exp.metric}; this experiment has {len(study.trials)}.")
+                         f"{exp.metric} at epoch {exp.common_epoch}; this experiment has {len(study.trials)}.")
     if exp.controls and any(arm.get("value") is not None for arm in exp.controls["arms"].values()):
         figures.append(("controls.png", "the best trial next to the control arms", plot_controls(exp)))
     plt = _pyplot()
@@ -395,8 +415,9 @@ def build(experiment_dir: str | Path) -> Path:
         blocks.append(f"<figure id='{file_name[:-4]}'><img alt='{html.escape(caption)}' "
                       f"src='data:image/png;base64,{encoded}'><figcaption>{html.escape(caption)}</figcaption></figure>")
     blocks += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
+    samples = build_samples(exp.directory, export.read_experiment(exp.directory))
     page = PAGE.format(name=html.escape(exp.name), summary=_summary_html(exp), figures="\n".join(blocks),
-                       table=_table_html(exp))
+                       samples=samples_html(samples), table=_table_html(exp))
     target = exp.directory / REPORT_FILE
     temporary = target.with_suffix(".html.tmp")
     temporary.write_text(page, encoding="utf-8")

@@ -186,7 +186,9 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         # joining a cluster: its head already runs (or not) the dashboard
         dashboard = {} if address is not None else {"include_dashboard": False} if dashboard_host is None else \
             {"include_dashboard": True, "dashboard_host": dashboard_host}
-        context = ray.init(address=address, num_cpus=num_cpus if address is None else None,
+        # "local": a Ray of our own even when one runs here already (Ray would join one started with
+        # `ray start` and refuse num_cpus); joining takes --address
+        context = ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
                            logging_level=logging.WARNING, log_to_driver=trial_logs, **dashboard)
         if context.dashboard_url:
             log.info("Ray dashboard: http://%s (token authentication: `ray get-auth-token` prints the token "
