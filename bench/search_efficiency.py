@@ -100,17 +100,16 @@ def replay_asha(curves: list[list[float]], parallel: int, grace: int, reduction:
     return values
 
 
-def replayed(runs: list[dict], storage: Path, parallel: int, grace: int, reduction: int, epochs: int) -> list[dict]:
-    """A replayed random+asha run for every seed whose random run is there and random+asha is not."""
+def replayed(runs: list[dict], have: set, storage: Path, parallel: int, grace: int, reduction: int,
+             epochs: int) -> list[dict]:
+    """A replayed random+asha run for every seed whose random run is among `runs` (one runs.json's,
+    its folders under `storage`) and whose random+asha is not in `have` (every file's)."""
     import csv
 
-    have = {(r["seed"], r["arm"]) for r in runs}
     out = []
     for run in runs:
         if run["arm"] == "random" and (run["seed"], "random+asha") not in have:
             folder = storage / f"efficiency-random-seed{run['seed']}"
-            if not folder.is_dir():   # another runs.json's
-                continue
             curves = [[float(row["val_ce"]) for row in csv.DictReader((trial / "progress.csv").open())]
                       for trial in sorted(folder.glob("trial_*"))]
             out.append({"arm": "random+asha", "seed": run["seed"], "wall": float("nan"), "replayed": True,
@@ -186,10 +185,12 @@ def main() -> None:
                         "random arm's curves where it was not run (2 at a time, the YAML's grace 1, factor 2)")
     args = parser.parse_args()
     if args.table_from:
-        runs = [run for path in args.table_from for run in json.loads(Path(path).read_text())]
+        files = {path: json.loads(Path(path).read_text()) for path in args.table_from}
+        runs = [run for runs_of_file in files.values() for run in runs_of_file]
         if args.replay_asha:
-            runs += [run for path in args.table_from
-                     for run in replayed(runs, Path(path).parent, 2, 1, 2, args.epochs)]
+            have = {(r["seed"], r["arm"]) for r in runs}
+            runs += [run for path, runs_of_file in files.items()
+                     for run in replayed(runs_of_file, have, Path(path).parent, 2, 1, 2, args.epochs)]
         print(table(runs))
         return
     logging.basicConfig(level=logging.WARNING)
