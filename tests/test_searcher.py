@@ -129,7 +129,8 @@ def test_a_resumed_study_holds_no_stale_trial(tmp_path):
     """The driver was killed after Tune's last state save: `a` finished and `c` was asked after it."""
     from optuna.trial import TrialState
 
-    cfg = config()
+    # random proposals throughout: d sees b's re-run, which c never saw, so a modelling TPE may differ
+    cfg = config(search={"startup_trials": 10})
     url = f"sqlite:///{tmp_path / 'optuna.db'}"
     first = space.fixed_point(cfg)
     built = as_tuner_pickle(make_optuna_searcher(cfg, url, [first]))
@@ -251,3 +252,47 @@ def test_the_summary_leaves_out_a_trial_the_resumed_search_never_knew(tmp_path):
         (folder / "result.json").write_text(json.dumps({"trial_id": trial_id, **result(1, value)}) + "\n")
     rows = trial_rows(tmp_path, cfg, {}, {"known"})
     assert [(r["trial_id"], r["status"]) for r in rows] == [("known", "STOPPED_EARLY")]
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler: models within the budget, spreads concurrent proposals
+# ----------------------------------------------------------------------------------------------
+
+def test_startup_trials_follow_num_samples():
+    from tune_kd.searcher import make_sampler
+
+    # a quarter of the budget, at least 2, at most 10; Optuna's default (10) left 8-16 trial searches random
+    for num_samples, expected in ((4, 2), (8, 2), (16, 4), (24, 6), (50, 10), (200, 10)):
+        assert make_sampler(config(search={"num_samples": num_samples}))._n_startup_trials == expected
+    assert make_sampler(config(search={"num_samples": 16, "startup_trials": 7}))._n_startup_trials == 7
+
+
+def test_startup_trials_must_be_auto_or_a_positive_int():
+    import pytest
+
+    from tune_kd.config import ConfigError
+
+    for bad in (0, "some", 2.5):
+        with pytest.raises(ConfigError, match="search.startup_trials"):
+            config(search={"startup_trials": bad})
+
+
+def test_concurrent_proposals_spread_once_past_startup(tmp_path):
+    """Four asks before any result, after the startup trials: TPE's constant liar counts the running
+    ones as bad, so the proposals differ instead of all landing on the one good region seen so far."""
+    import math
+
+    cfg = config(search={"num_samples": 8})            # startup: 2
+    searcher = started_searcher(make_optuna_searcher(cfg, f"sqlite:///{tmp_path / 'optuna.db'}", None), cfg)
+    for name, value in (("a", 1.0), ("b", 2.0), ("c", 1.5)):
+        searcher.suggest(name)
+        for epoch in (1, 2, 3):
+            searcher.on_trial_result(name, result(epoch, value))
+        searcher.on_trial_complete(name, result(3, value))
+    proposals = [searcher.suggest(name) for name in ("d", "e", "f", "g")]
+    assert all(proposals)
+    # in the unit cube of the space (log lr); without the liar the four land within ~0.1 of each other
+    unit = [(math.log(p["learning_rate"] / 1e-4) / math.log(100), (p["temperature"] - 1) / 3, p["alpha"])
+            for p in proposals]
+    closest = min(math.dist(x, y) for i, x in enumerate(unit) for y in unit[i + 1:])
+    assert closest > 0.3, proposals

@@ -147,6 +147,7 @@ class SearchConfig:
     seed: int = 0
     evaluate_train_first: bool = True                  # the YAML's fixed train settings are trial 1
     max_failures: int = 2                              # retries of a crashing trial from its last checkpoint
+    startup_trials: Any = "auto"                       # random proposals before TPE models: auto (from num_samples) or an int
 
 
 @dataclass(frozen=True)
@@ -439,6 +440,9 @@ def validate_search(cfg: ExperimentConfig, problems: _Problems) -> None:
         problems.add("search.max_concurrent", f"must be auto or an integer >= 1, got {s.max_concurrent!r}")
     if s.max_failures < 0:
         problems.add("search.max_failures", f"must be >= 0, got {s.max_failures}")
+    if s.startup_trials != "auto" and (isinstance(s.startup_trials, bool) or not isinstance(s.startup_trials, int)
+                                       or s.startup_trials < 1):
+        problems.add("search.startup_trials", f"must be auto or an integer >= 1, got {s.startup_trials!r}")
     if sch.type == "asha":
         if sch.grace_period < 1:
             problems.add("scheduler.grace_period", f"must be >= 1 epoch, got {sch.grace_period}")
