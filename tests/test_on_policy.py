@@ -196,3 +196,17 @@ def test_an_on_policy_best_gets_an_off_policy_arm_and_a_verdict(tiny_config):
         "value": 1.1, "metrics": {"val_gen_acc": 0.4}}})
     assert line.startswith("did on-policy help? no") and "best_off_policy 0.400, plain_sft 0.300" in line
     assert controls.on_policy_verdict("val_ce", "min", 1.2, {"plain_sft": results["plain_sft"]}) is None
+
+
+def test_an_off_policy_best_says_how_far_the_best_on_policy_trial_fell_short(tmp_path):
+    from tune_kd import controls
+
+    for trial, fraction, values in (("a", 0.0, [0.02, 0.08]), ("b", 0.6, [0.0, 0.005]), ("c", 0.9, [0.0])):
+        folder = tmp_path / f"trial_{trial}"
+        folder.mkdir()
+        (folder / "params.json").write_text(json.dumps({"on_policy_fraction": fraction}))
+        (folder / "result.json").write_text("".join(json.dumps({"epoch": e + 1, "val_gen_acc": v}) + "\n"
+                                                    for e, v in enumerate(values)))
+    line = controls.off_policy_best_verdict("val_gen_acc", "max", 0.08, tmp_path)
+    assert line == ("did on-policy help? no: the best trial trained off-policy (on_policy_fraction 0, val_gen_acc "
+                    "0.0800); the best on-policy trial (on_policy_fraction 0.60, 2 epoch(s)) reached 0.0050 = -0.0750")

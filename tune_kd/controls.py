@@ -130,7 +130,27 @@ def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: d
     document["verdict"] = verdict(metric, mode, best_value, results.get("plain_sft", {}).get("value"), spread,
                                   document["repeat_noise"])
     document["on_policy_verdict"] = on_policy_verdict(metric, mode, best_value, results)
+    if document["on_policy_verdict"] is None and "on_policy_fraction" in cfg.parameters \
+            and not best.get("on_policy_fraction"):
+        document["on_policy_verdict"] = off_policy_best_verdict(metric, mode, best_value, experiment_dir)
     return document
+
+
+def off_policy_best_verdict(metric: str, mode: str, best_value: float, experiment_dir: Path | None) -> str:
+    """The "did on-policy help" line when the search's best trial is off-policy: no arm to train,
+    the best on-policy trial says by how much it fell short (at its best epoch, however far it got)."""
+    on_policy = []
+    for result_file in sorted(Path(experiment_dir).glob("*/result.json")) if experiment_dir else []:
+        params, reports = export.read_trial(result_file.parent)
+        values = [r[metric] for r in reports if math.isfinite(r.get(metric, math.nan))]
+        if params.get("on_policy_fraction") and values:
+            on_policy.append(((min if mode == "min" else max)(values), params["on_policy_fraction"], len(reports)))
+    line = f"did on-policy help? no: the best trial trained off-policy (on_policy_fraction 0, {metric} {best_value:.4f})"
+    if not on_policy:
+        return line
+    value, fraction, epochs = (min if mode == "min" else max)(on_policy, key=lambda row: row[0])
+    return (f"{line}; the best on-policy trial (on_policy_fraction {fraction:.2f}, {epochs} epoch(s)) reached "
+            f"{value:.4f} = {value - best_value:+.4f}")
 
 
 def on_policy_verdict(metric: str, mode: str, best_value: float, results: dict[str, dict]) -> str | None:
