@@ -111,6 +111,15 @@ class TrainConfig:
     num_workers: int = 0
     log_interval: int = 100                        # optimizer steps between log lines
     save_interval: int = 0                         # optimizer steps between resumable checkpoints; 0 = epoch ends only
+    on_policy_fraction: float = 0.0                # share of batches the student answers itself (on_policy.py); 0: off
+    generation_temperature: float = 1.0            # sampling temperature of on-policy replies (0: greedy)
+    max_new_tokens: int = 64                       # longest generated reply (on-policy, seq_kd, val_gen_*)
+    seq_kd: bool = False                           # off-policy batches learn the teacher's greedy replies, not the data's
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    generation_samples: int = 0                    # validation prompts answered greedily per epoch for val_gen_*; 0: off
 
 
 @dataclass(frozen=True)
@@ -122,7 +131,7 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class MetricConfig:
-    name: Literal["val_ce", "val_kl", "val_loss", "val_acc", "train_loss"] = "val_ce"
+    name: Literal["val_ce", "val_kl", "val_loss", "val_acc", "val_gen_acc", "val_gen_ce", "train_loss"] = "val_ce"
     goal: Literal["minimize", "maximize"] = "minimize"
 
     @property
@@ -176,6 +185,7 @@ class ControlsConfig:
     plain_sft: bool = True                             # the best trial's settings with alpha = 1: no teacher
     seed_defaults: bool = True                         # MiniMind's defaults: lr 5e-6, alpha 0, T 1
     seeds_for_best: int = 0                            # re-train the best config with N more seeds
+    best_off_policy: bool = True                       # the best config with on_policy_fraction 0 (when it used on-policy)
 
 
 @dataclass(frozen=True)
@@ -187,6 +197,7 @@ class ExperimentConfig:
     student: ModelSpec = field(default_factory=lambda: ModelSpec(preset="minimind-student"))
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parameters: dict = field(default_factory=dict)     # searched train.* keys (space.py)
     metric: MetricConfig = field(default_factory=MetricConfig)
@@ -373,9 +384,20 @@ def validate_fields(cfg: ExperimentConfig, problems: _Problems) -> None:
             and all(isinstance(p, list) and len(p) == 2 and all(isinstance(x, int) for x in p) for p in t.feature_layers)):
         problems.add("train.feature_layers", "expected a list of [student layer, teacher layer] integer pairs, "
                      "e.g. [[1, 2], [2, 4]]")
-    for name in ("jsd_beta", "skew"):
+    for name in ("jsd_beta", "skew", "on_policy_fraction"):
         if getattr(t, name) is not None and not 0.0 <= getattr(t, name) <= 1.0:
             problems.add(f"train.{name}", f"must be in [0, 1], got {getattr(t, name)}")
+    if t.generation_temperature is not None and t.generation_temperature < 0:
+        problems.add("train.generation_temperature", f"must be >= 0 (0: greedy), got {t.generation_temperature}")
+    if t.max_new_tokens is not None and t.max_new_tokens < 1:
+        problems.add("train.max_new_tokens", f"must be >= 1, got {t.max_new_tokens}")
+    if cfg.eval.generation_samples < 0:
+        problems.add("eval.generation_samples", f"must be >= 0 (0: no generation metrics), got {cfg.eval.generation_samples}")
+    if cfg.metric.name.startswith("val_gen_") and cfg.eval.generation_samples < 1:
+        problems.add("eval.generation_samples", f"must be >= 1 when metric.name is {cfg.metric.name} (how many "
+                     "validation prompts the student answers each epoch), e.g. 200")
+    if cfg.teacher is None and cfg.metric.name == "val_gen_ce":
+        problems.add("metric.name", "val_gen_ce is the teacher's CE on the student's replies: it needs a teacher")
     if t.learning_rate is not None and t.learning_rate <= 0:
         problems.add("train.learning_rate", f"must be > 0, got {t.learning_rate}")
     if t.grad_clip is not None and t.grad_clip < 0:
@@ -399,6 +421,9 @@ def validate_fields(cfg: ExperimentConfig, problems: _Problems) -> None:
             problems.add(role, "needs one of path, preset or arch")
         if spec.path is not None and (spec.preset is not None or spec.arch is not None):
             problems.add(f"{role}.path", "a model comes from a path or is built from preset/arch, not both")
+    if cfg.teacher is None and (t.on_policy_fraction or t.seq_kd):
+        problems.add("train.on_policy_fraction" if t.on_policy_fraction else "train.seq_kd",
+                     "on-policy and sequence-level distillation need a teacher")
     if cfg.teacher is None and t.feature_weight:
         problems.add("train.feature_weight", "feature distillation needs a teacher")
     if cfg.teacher is None and t.alpha is not None and t.alpha != 1.0:
@@ -463,7 +488,7 @@ DISTRIBUTIONS = {"log_uniform_values": ("min", "max"), "uniform": ("min", "max")
 # train.* keys a search may vary; the rest fix the budget (epochs) or the machinery
 SEARCHABLE = ("learning_rate", "temperature", "alpha", "weight_decay", "warmup_iters", "batch_size",
               "accumulation_steps", "grad_clip", "kd_loss", "final_temperature", "temperature_schedule",
-              "jsd_beta", "skew", "feature_weight")
+              "jsd_beta", "skew", "feature_weight", "on_policy_fraction", "generation_temperature", "seq_kd")
 
 
 def parameter_candidates(spec: dict) -> dict[str, Any]:

@@ -35,14 +35,19 @@ CONTROLS_FILE = "controls.json"
 SEED_DEFAULTS = {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
 NOISE_SIGMAS = 2.0   # a difference within this many seed standard deviations is not called a win
 SUGGESTED_SEEDS = 3
+OFF_POLICY = "best_off_policy"   # the best config trained off-policy only: what on-policy batches added
 
 
 def arm_points(cfg: ExperimentConfig, best_params: dict) -> dict[str, dict]:
     """arm name -> the train settings it overrides (a point for space.apply_point)."""
     tuned = {name: best_params[name] for name in cfg.parameters if best_params.get(name) is not None}
+    on_policy = tuned.get("on_policy_fraction", cfg.train.on_policy_fraction) > 0
     arms = {}
-    if cfg.teacher is not None and cfg.controls.plain_sft:
-        arms["plain_sft"] = {**tuned, "alpha": 1.0}
+    if cfg.teacher is not None and cfg.controls.plain_sft:   # no teacher: nothing on-policy, no teacher replies
+        arms["plain_sft"] = {**tuned, "alpha": 1.0, **({"on_policy_fraction": 0.0} if on_policy else {}),
+                             **({"seq_kd": False} if tuned.get("seq_kd", cfg.train.seq_kd) else {})}
+    if on_policy and cfg.controls.best_off_policy:
+        arms[OFF_POLICY] = {**tuned, "on_policy_fraction": 0.0}
     if cfg.teacher is not None and cfg.controls.seed_defaults:
         arms["seed_defaults"] = dict(SEED_DEFAULTS)
     for offset in range(1, cfg.controls.seeds_for_best + 1):
@@ -124,7 +129,43 @@ def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: d
     document["repeat_noise"] = None if spread else repeat_noise(experiment_dir, metric, mode, cfg.train.epochs)
     document["verdict"] = verdict(metric, mode, best_value, results.get("plain_sft", {}).get("value"), spread,
                                   document["repeat_noise"])
+    document["on_policy_verdict"] = on_policy_verdict(metric, mode, best_value, results)
+    if document["on_policy_verdict"] is None and "on_policy_fraction" in cfg.parameters \
+            and not best.get("on_policy_fraction"):
+        document["on_policy_verdict"] = off_policy_best_verdict(metric, mode, best_value, experiment_dir)
     return document
+
+
+def off_policy_best_verdict(metric: str, mode: str, best_value: float, experiment_dir: Path | None) -> str:
+    """The "did on-policy help" line when the search's best trial is off-policy: no arm to train,
+    the best on-policy trial says by how much it fell short (at its best epoch, however far it got)."""
+    on_policy = []
+    for result_file in sorted(Path(experiment_dir).glob("*/result.json")) if experiment_dir else []:
+        params, reports = export.read_trial(result_file.parent)
+        values = [r[metric] for r in reports if math.isfinite(r.get(metric, math.nan))]
+        if params.get("on_policy_fraction") and values:
+            on_policy.append(((min if mode == "min" else max)(values), params["on_policy_fraction"], len(reports)))
+    line = f"did on-policy help? no: the best trial trained off-policy (on_policy_fraction 0, {metric} {best_value:.4f})"
+    if not on_policy:
+        return line
+    value, fraction, epochs = (min if mode == "min" else max)(on_policy, key=lambda row: row[0])
+    return (f"{line}; the best on-policy trial (on_policy_fraction {fraction:.2f}, {epochs} epoch(s)) reached "
+            f"{value:.4f} = {value - best_value:+.4f}")
+
+
+def on_policy_verdict(metric: str, mode: str, best_value: float, results: dict[str, dict]) -> str | None:
+    """The "did on-policy help" line: the best trial against its own config trained off-policy
+    (same epochs and seed), with each arm's val_gen_acc when measured; None without that arm."""
+    off = results.get(OFF_POLICY, {}).get("value")
+    if off is None or best_value is None or math.isnan(best_value):
+        return None
+    diff = best_value - off
+    helped = diff < 0 if mode == "min" else diff > 0
+    gen = {name: results.get(name, {}).get("metrics", {}).get("val_gen_acc") for name in (OFF_POLICY, "plain_sft")}
+    shown = ", ".join(f"{name} {value:.3f}" for name, value in gen.items() if value is not None and math.isfinite(value))
+    return (f"did on-policy help? {'yes' if helped else 'no'}: {metric} {best_value:.4f} (the best trial) vs "
+            f"{off:.4f} (its config off-policy, on_policy_fraction 0) = {diff:+.4f}"
+            + (f"; val_gen_acc of the arms: {shown}" if shown and metric != "val_gen_acc" else ""))
 
 
 def repeat_noise(experiment_dir: Path | None, metric: str, mode: str, epochs: int) -> dict | None:
@@ -205,6 +246,7 @@ def format_comparison(document: dict) -> str:
         lines.append(f"best config over {spread['n']} more seed(s): {metric} {spread['mean']:.4f}{std} "
                      f"(min {spread['min']:.4f}, max {spread['max']:.4f}); the search's own best was "
                      f"{document['best']['value']:.4f}")
-    if document["verdict"]:
-        lines.append(document["verdict"])
+    for line in ("verdict", "on_policy_verdict"):
+        if document.get(line):
+            lines.append(document[line])
     return "\n".join(lines)

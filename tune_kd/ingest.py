@@ -104,6 +104,11 @@ class ChatRenderer:
             return self._template(turns, generation_prompt)
         return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
 
+    def reply_markers(self) -> tuple[str, str]:
+        """(header, end-of-turn): the text the template puts before and after an assistant reply
+        (ValueError for a template that does not render a reply that way)."""
+        return self._learn_markers([{"role": r, "content": c} for r, c in PROBES[0]])
+
     def _learn_markers(self, probe: list[dict]) -> tuple[str, str]:
         """(header, end-of-turn): the text the template puts before and after an assistant reply."""
         prompt = self.render(probe[:1])

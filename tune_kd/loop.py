@@ -26,14 +26,15 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tune_kd import cache_fidelity, checkpoint, compiling, data, features, losses, models, teacher_cache
+from tune_kd import cache_fidelity, checkpoint, compiling, data, features, losses, models, on_policy, teacher_cache
 from tune_kd.checkpoint import Progress
 from tune_kd.config import ExperimentConfig, UserError
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict, Callable[[Path], None]], None]
-METRICS = ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc", "tokens_per_s", "gpu_peak_gib")
+METRICS = ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc", "val_gen_acc", "val_gen_ce", "tokens_per_s",
+           "gpu_peak_gib")
 
 
 @dataclass
@@ -176,20 +177,22 @@ def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher:
 
 def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, teacher_cols, need_teacher: bool,
                   normalizer: float, scaler, sync: bool = True, temperature: float | None = None,
-                  cache=None) -> losses.LossParts:
+                  cache=None, on_policy_batch: bool = False) -> losses.LossParts:
     """One micro-batch: forward both models on the scored positions, the objective, backward.
 
     normalizer: assistant tokens of the whole accumulation window; sync=False skips DDP's
     gradient all-reduce (every micro-batch of a window but the last); temperature: this step's
     (temperature_at), train.temperature when None; cache: a teacher_cache.TeacherCache to read
-    the teacher's outputs from instead of running it.
+    the teacher's outputs from instead of running it; on_policy_batch: the replies are the student's
+    own samples (on_policy.py), so the loss is the divergence alone, T^k * D (alpha is CE's weight,
+    and a sampled token is no label).
     """
     t = cfg.train
     temperature = t.temperature if temperature is None else temperature
     s_logits, t_logits, targets, _, extras = forward_pair(student, teacher, batch, precision, teacher_cols,
                                                           need_teacher, cache)
-    parts = losses.distillation_loss(s_logits, t_logits, targets, t.alpha, temperature, normalizer, t.kd_loss,
-                                     kd_options=kd_options(t))
+    parts = losses.distillation_loss(s_logits, t_logits, targets, 0.0 if on_policy_batch else t.alpha, temperature,
+                                     normalizer, t.kd_loss, kd_options=kd_options(t))
     if extras["features"] is not None:
         parts.feature = features.feature_loss_sum(*extras["features"], t.feature_loss) / max(float(normalizer), 1.0)
         parts.loss = parts.loss + t.feature_weight * parts.feature
@@ -215,12 +218,15 @@ def optimizer_step(lm, optimizer, scaler, grad_clip: float) -> None:
 
 @torch.no_grad()
 def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precision, teacher_cols,
-             rank: int = 0, world: int = 1, temperature: float | None = None) -> dict:
+             rank: int = 0, world: int = 1, temperature: float | None = None,
+             generation: on_policy.Generation | None = None) -> dict:
     """Validation metrics over the whole split (sharded across ranks and summed).
 
     val_ce and val_kl are at T = 1, so they compare across trials with different T and alpha;
     val_loss is the trial's own objective; val_acc is the share of conversations whose every
-    assistant token is the argmax, i.e. what greedy decoding would answer exactly.
+    assistant token is the argmax, i.e. what greedy decoding would answer exactly. With
+    eval.generation_samples (and `generation`), val_gen_acc and val_gen_ce from the student's greedy
+    replies to that many validation prompts (on_policy.py); NaN otherwise.
     """
     t = cfg.train
     temperature = t.temperature if temperature is None else temperature   # val_loss at the current T
@@ -241,15 +247,22 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
         sums[3] += targets.numel()
         sums[4] += ((wrong == 0) & positions.any(1)).sum()
         sums[5] += positions.any(1).sum()
+    gen_sums = torch.zeros(4, dtype=torch.float64, device=precision.device)
+    if generation is not None and cfg.eval.generation_samples:
+        subset = on_policy.generation_subset(val_data, cfg.eval.generation_samples)[rank::world]
+        gen_sums = on_policy.generation_sums(student.lm, generation, val_data, subset, t.batch_size,
+                                             teacher_rows(teacher, precision, teacher_cols) if teacher else None,
+                                             precision.autocast, precision.device)
     if world > 1:
         dist.all_reduce(sums)
+        dist.all_reduce(gen_sums)
     student.train()
     ce, kl, kd_t, tokens, right, rows = sums.tolist()
     tokens = max(tokens, 1.0)
     has_teacher = teacher is not None
     return {"val_ce": ce / tokens, "val_kl": kl / tokens if has_teacher else float("nan"),
             "val_loss": (t.alpha * ce + (1 - t.alpha) * losses.kd_scale(t.kd_loss, temperature) * kd_t) / tokens,
-            "val_acc": right / max(rows, 1.0)}
+            "val_acc": right / max(rows, 1.0), **on_policy.generation_metrics(gen_sums, has_teacher)}
 
 
 def shared_tokenizer(cfg: ExperimentConfig):
@@ -394,6 +407,13 @@ def divergence_check_due(step: int, device: torch.device, t) -> bool:
     return device.type == "cpu" or step % t.log_interval == 0 or bool(t.save_interval) and step % t.save_interval == 0
 
 
+def generation_setting(cfg: ExperimentConfig) -> str:
+    """The setting that makes a run generate, named in its log and error lines."""
+    t = cfg.train
+    return ("train.on_policy_fraction" if t.on_policy_fraction > 0 else "train.seq_kd" if t.seq_kd
+            else "eval.generation_samples")
+
+
 def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str | Path | None = None,
           out_dir: str | Path | None = None, ddp: bool = False, use_wandb: bool | None = None,
           step_hook: Callable[[int, int, torch.nn.Module], None] | None = None,
@@ -432,10 +452,15 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     trained = SelectedLogits(lm, [p[0] for p in pairs], projector)   # every trained parameter
     student = trained if world == 1 else torch.nn.parallel.DistributedDataParallel(
         trained, device_ids=[device] if device.type == "cuda" else None)
-    need_teacher = teacher is not None and (t.alpha < 1.0 or bool(pairs))
-    # before any resume: top_k auto measures against the starting student, as every trial does
+    generates_in_training = t.on_policy_fraction > 0 or t.seq_kd
+    need_teacher = teacher is not None and (t.alpha < 1.0 or bool(pairs) or generates_in_training)
+    generation = on_policy.Generation(cfg, tokenizer, pad_id, [lm, teacher_lm], generation_setting(cfg)) \
+        if generates_in_training or cfg.eval.generation_samples else None
+    # before any resume: top_k auto measures against the starting student, as every trial does.
+    # Evaluation and on-policy batches keep the live teacher (exact val metrics; new sequences);
+    # under seq_kd no batch is the data's, so the cache could serve none.
     cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, trained)[0] \
-        if need_teacher and not pairs else None   # evaluation keeps the live teacher: exact val metrics
+        if need_teacher and not pairs and not t.seq_kd and t.on_policy_fraction < 1 else None
     optimizer = torch.optim.AdamW(trained.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
@@ -454,7 +479,11 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         log.info("train: %d conversations, %d val; %d epochs x %d steps; student %.2fM params%s", len(train_data),
                  len(val_data), t.epochs, steps_per_epoch, sum(p.numel() for p in lm.parameters()) / 1e6,
                  f", teacher {sum(p.numel() for p in teacher_lm.parameters()) / 1e6:.2f}M" if teacher_lm else "")
-    compiler = compiling.TrialCompile(t.compile, device, (lm, teacher_lm), cfg.data.cache_dir,
+    if generation is not None and (t.compile == "on" or t.compile == "auto" and device.type == "cuda"):
+        # generate()'s cached decoding steps would recompile at every new length
+        log.info("compile: off (train.compile %s): this run generates (%s)", t.compile, generation_setting(cfg))
+    compiler = compiling.TrialCompile("off" if generation is not None else t.compile, device, (lm, teacher_lm),
+                                      cfg.data.cache_dir,
                                       compiling.shapes_key(lm, teacher_lm, need_teacher and cache is None, device,
                                                            precision.autocast_dtype),
                                       steps_left=total_steps - progress.step, epoch=progress.epoch, record=rank == 0)
@@ -478,6 +507,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         log_sums, log_steps = torch.zeros(3, device=device), 0      # loss, ce, kd since the last log line
         window_loss = torch.zeros((), device=device)
         epoch_tokens, epoch_steps, epoch_started = 0, 0, time.perf_counter()
+        kind_seconds, kind_batches = {"off_policy": 0.0, "on_policy": 0.0}, {"off_policy": 0, "on_policy": 0}
         for micro, batch in enumerate(loader, start=progress.batch):
             window, last_in_window = micro // t.accumulation_steps, (micro + 1) % t.accumulation_steps == 0 \
                 or micro + 1 == per_rank
@@ -485,10 +515,28 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(progress.step, total_steps, t.learning_rate, t.warmup_iters)
                 temperature = temperature_at(progress.step, total_steps, t)
+            batch_started = time.perf_counter()
+            kind = "on_policy" if on_policy.is_on_policy(t.on_policy_fraction, t.seed, epoch, micro) else "off_policy"
             # Each rank's share: DDP averages gradients over ranks, the window count is global.
+            normalizer, batch_cache = window_tokens[window] / world, cache
+            if kind == "on_policy" or t.seq_kd:
+                data_targets = max(int(counts[batch["indices"]].sum()), 1)
+                if kind == "on_policy":
+                    batch, targets = generation.on_policy_batch(
+                        lm, train_data, batch["indices"], on_policy.sampling_seed(t.seed, epoch, micro, rank),
+                        precision.autocast)
+                else:
+                    batch, targets = generation.teacher_reply_batch(teacher_lm, train_data, batch["indices"],
+                                                                    precision.autocast)
+                # the batch's mean over its own reply tokens, weighted by its data share of the window
+                normalizer, batch_cache = normalizer * targets / data_targets, None
             parts = backward_step(student, teacher, batch, cfg, precision, teacher_cols, need_teacher,
-                                  window_tokens[window] / world, scaler, sync=last_in_window or world == 1,
-                                  temperature=temperature, cache=cache)
+                                  normalizer, scaler, sync=last_in_window or world == 1,
+                                  temperature=temperature, cache=batch_cache, on_policy_batch=kind == "on_policy")
+            if generation is not None and device.type == "cuda":
+                torch.cuda.synchronize(device)   # the per-kind cost below is the batch's, not a queue's
+            kind_seconds[kind] += time.perf_counter() - batch_started
+            kind_batches[kind] += 1
             log_sums += torch.stack([parts.loss.detach(), parts.ce.detach(), parts.kd.detach()])
             window_loss += parts.loss.detach()
             epoch_tokens += batch["num_tokens"]
@@ -527,10 +575,12 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         train_loss = torch.stack([epoch_loss / max(epoch_steps, 1)])
         if world > 1:
             dist.all_reduce(train_loss, op=dist.ReduceOp.AVG)
-        metrics = {"epoch": epoch + 1, "train_loss": train_loss.item(), "tokens_per_s": epoch_tokens * world / train_seconds}
+        metrics = {"epoch": epoch + 1, "train_loss": train_loss.item(), "tokens_per_s": epoch_tokens * world / train_seconds,
+                   **{f"{kind}_s_per_batch": kind_seconds[kind] / kind_batches[kind] if kind_batches[kind] else math.nan
+                      for kind in kind_seconds}}
         # the unwrapped student: DDP's forward broadcasts buffers, a collective a rank without a batch never joins
         metrics.update(evaluate(trained, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world,
-                                temperature=temperature_at(progress.step, total_steps, t)))
+                                temperature=temperature_at(progress.step, total_steps, t), generation=generation))
         metrics["gpu_peak_gib"] = gpu_peak_gib(device)
         progress.history.append(metrics)
         if rank == 0:

@@ -340,8 +340,9 @@ def _summary_html(exp: Experiment) -> str:
                      f"({html.escape(settings)})</p>")
     controls = exp.controls
     if controls:
-        if controls.get("verdict"):
-            parts.append(f"<p class='verdict'>{html.escape(controls['verdict'])}</p>")
+        for line in ("verdict", "on_policy_verdict"):
+            if controls.get(line):
+                parts.append(f"<p class='verdict'>{html.escape(controls[line])}</p>")
         rows = [("best trial " + controls["best"]["trial_id"], controls["best"]["value"], controls["best"]["settings"])]
         rows += [(name, arm.get("value"), arm["settings"]) for name, arm in controls["arms"].items()]
         body = "".join(f"<tr><td>{html.escape(name)}</td><td>{'failed' if v is None else f'{v:.4f}'}</td>"
