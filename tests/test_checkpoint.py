@@ -10,7 +10,7 @@ import torch
 
 from tune_kd import checkpoint, export
 from tune_kd.checkpoint import CheckpointWriteError, Progress
-from tune_kd.config import UserError
+from tune_kd.errors import UserError
 
 
 @pytest.fixture

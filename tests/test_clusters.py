@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from conftest import search_raw
-from tune_kd.config import ConfigError, UserError, absolute_paths, load_config
+from tune_kd.config import absolute_paths, load_config
+from tune_kd.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -193,7 +193,7 @@ def test_feature_distillation_trains_a_projection_that_is_not_exported(tiny_conf
 
     from tune_kd import features
     from tune_kd.checkpoint import TRAINER_STATE
-    from tune_kd.config import UserError
+    from tune_kd.errors import UserError
 
     assert features.layer_map(None, 2, 4) == [(1, 2), (2, 4)]    # evenly spaced, ending at both last layers
     assert features.layer_map(None, 3, 3) == [(1, 1), (2, 2), (3, 3)]

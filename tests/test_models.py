@@ -8,7 +8,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from tune_kd import models
-from tune_kd.config import ArchSpec, ModelSpec, UserError
+from tune_kd.config import ArchSpec, ModelSpec
+from tune_kd.errors import UserError
 
 
 def test_cpu_bf16_falls_back_to_fp32_with_a_reason(monkeypatch):

@@ -99,7 +99,7 @@ def test_a_control_arm_point_reaches_the_trial_config(world):
 
 
 def test_negative_seeds_for_best_is_a_config_error(world):
-    from tune_kd.config import ConfigError
+    from tune_kd.errors import ConfigError
 
     with pytest.raises(ConfigError, match="controls.seeds_for_best: must be >= 0"):
         load_config(raw=search_raw(world, controls={"seeds_for_best": -1}))

@@ -15,7 +15,8 @@ import yaml
 
 from conftest import TINY_ARCH, check_study_agrees, render_in_chromium, search_raw
 from tune_kd import checkpoint
-from tune_kd.config import UserError, load_config
+from tune_kd.config import load_config
+from tune_kd.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 def epochs_by_trial(experiment_dir: Path) -> dict[str, list[int]]:
@@ -320,7 +321,7 @@ def test_bad_space_fails_before_ray_starts(tmp_path, world):
 
 
 def test_missing_paths_and_gpus_are_config_errors(world):
-    from tune_kd.config import ConfigError
+    from tune_kd.errors import ConfigError
     from tune_kd.prepare import check_paths
     from tune_kd.resources import check_gpus
 

@@ -270,7 +270,7 @@ def test_startup_trials_follow_num_samples():
 def test_startup_trials_must_be_auto_or_a_positive_int():
     import pytest
 
-    from tune_kd.config import ConfigError
+    from tune_kd.errors import ConfigError
 
     for bad in (0, "some", 2.5):
         with pytest.raises(ConfigError, match="search.startup_trials"):

@@ -10,7 +10,7 @@ import yaml
 
 from conftest import search_raw
 from tune_kd import search
-from tune_kd.config import UserError
+from tune_kd.errors import UserError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,8 @@ demonstrably changes the run."""
 import pytest
 
 from tune_kd import space
-from tune_kd.config import SEARCHABLE, ConfigError, load_config
+from tune_kd.config import SEARCHABLE, load_config
+from tune_kd.errors import ConfigError
 from tune_kd.loop import train
 
 # Two settings per searchable key; a run with each must differ.

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from tune_kd import cache_fidelity, data, loop, losses, models, teacher_cache
-from tune_kd.config import ConfigError, UserError, load_config
+from tune_kd.config import load_config
+from tune_kd.errors import ConfigError, UserError
 from tune_kd.losses import KD_LOSSES
 
 from conftest import tiny_raw

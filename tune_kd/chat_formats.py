@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tune_kd.config import UserError
+from tune_kd.errors import UserError
 
 FORMATS = ("conversations", "messages", "sharegpt")
 ROLES = ("system", "user", "assistant")

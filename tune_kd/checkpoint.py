@@ -141,7 +141,7 @@ def load_checkpoint(directory: Path, student, optimizer, scaler,
     """Restore a checkpoint written by save_checkpoint into `student`, `optimizer`, `scaler`, `extra`."""
     from safetensors.torch import load_file
 
-    from tune_kd.config import UserError
+    from tune_kd.errors import UserError
 
     directory = Path(directory)
     restore_interrupted(directory)

@@ -4,8 +4,7 @@
 in the file is collected and reported at once as a `ConfigError` whose lines read
 ``file:line: dotted.key: what is wrong (allowed: ...)``, so a user fixes the whole file in one go.
 
-`UserError` is the root of every error a user can cause (bad YAML, bad data line, missing file);
-the CLIs print it as one line and exit with code 2.
+The errors themselves live in errors.py.
 """
 
 from __future__ import annotations
@@ -21,19 +20,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-
-class UserError(Exception):
-    """An error the user can fix: printed as one line, exit code 2, no traceback unless --debug."""
-
-
-class ConfigError(UserError):
-    """One or more problems in an experiment config; `problems` holds one line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems) if len(self.problems) == 1 else
-                         f"{len(self.problems)} problems in the config:\n  " + "\n  ".join(self.problems))
-
+from tune_kd.errors import ConfigError, UserError  # noqa: F401  (UserError: re-exported for old imports)
 
 # ----------------------------------------------------------------------------------------------
 # The schema. Field defaults are the defaults a YAML gets when it leaves a key out.

@@ -25,7 +25,7 @@ import torch
 
 from tune_kd import ingest
 from tune_kd.chat_formats import DataError, read_conversations, resolve_format  # noqa: F401  (re-exported)
-from tune_kd.config import UserError
+from tune_kd.errors import UserError
 
 log = logging.getLogger(__name__)
 

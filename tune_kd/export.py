@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tune_kd.checkpoint import MANIFEST, TRAINER_STATE, atomic_directory_write, is_complete
-from tune_kd.config import UserError
+from tune_kd.errors import UserError
 from tune_kd.loop import METRICS
 
 log = logging.getLogger(__name__)

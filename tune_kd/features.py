@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from tune_kd.config import UserError
+from tune_kd.errors import UserError
 
 
 def layer_map(configured, student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from tune_kd.chat_formats import Chunk, DataError, parse_chunk, read_chunks
-from tune_kd.config import UserError
+from tune_kd.errors import UserError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ import torch.distributed as dist
 
 from tune_kd import cache_fidelity, checkpoint, compiling, data, features, losses, models, on_policy, teacher_cache
 from tune_kd.checkpoint import Progress
-from tune_kd.config import ExperimentConfig, UserError
+from tune_kd.config import ExperimentConfig
+from tune_kd.errors import UserError
 
 log = logging.getLogger(__name__)
 

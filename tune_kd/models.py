@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from tune_kd.config import ModelSpec, UserError
+from tune_kd.config import ModelSpec
+from tune_kd.errors import UserError
 
 log = logging.getLogger(__name__)
 

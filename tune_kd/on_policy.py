@@ -30,7 +30,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tune_kd.config import UserError
+from tune_kd.errors import UserError
 from tune_kd.data import IGNORE_INDEX, VAL_SPLIT_SEED, TokenizedData
 
 GENERATION_SUBSET_SEED = VAL_SPLIT_SEED + 2     # which validation prompts val_gen_* uses: the same every epoch and trial

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tune_kd import data
-from tune_kd.config import ConfigError, ExperimentConfig, UserError, load_config
+from tune_kd.config import ExperimentConfig, load_config
+from tune_kd.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 

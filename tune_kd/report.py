@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tune_kd import export
-from tune_kd.config import UserError
+from tune_kd.errors import UserError
 from tune_kd.controls import CONTROLS_DIR, CONTROLS_FILE, arm_results
 from tune_kd.samples import build_samples, samples_html
 

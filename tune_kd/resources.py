@@ -16,7 +16,8 @@ import math
 import os
 import socket
 
-from tune_kd.config import ConfigError, ExperimentConfig, UserError
+from tune_kd.config import ExperimentConfig
+from tune_kd.errors import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 
 from tune_kd import controls, export, prepare, report, resources, space
-from tune_kd.config import ExperimentConfig, UserError, absolute_paths, load_config
+from tune_kd.config import ExperimentConfig, absolute_paths, load_config
+from tune_kd.errors import UserError
 from tune_kd.tracking import make_callbacks
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from tune_kd import export, space
-from tune_kd.config import ExperimentConfig, UserError
+from tune_kd.config import ExperimentConfig
+from tune_kd.errors import UserError
 
 SCHEDULER_STATE_FILE = "scheduler_state.pkl"
 # changes a resume takes as they are: how trials run, not what they compute or how they are ranked

@@ -508,7 +508,7 @@ def _gib(size: float) -> str:
 
 def _too_big(cfg, size: int, free_bytes: int) -> str | None:
     """Why a cache of `size` bytes cannot be built (None when it can); `on` raises on the disk."""
-    from tune_kd.config import UserError
+    from tune_kd.errors import UserError
 
     c = cfg.teacher_cache
     if c.mode == "auto" and size > c.max_gb * 2**30:

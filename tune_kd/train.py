@@ -20,7 +20,8 @@ import os
 import sys
 from pathlib import Path
 
-from tune_kd.config import UserError, load_config
+from tune_kd.config import load_config
+from tune_kd.errors import UserError
 
 DEFAULT_CONFIG = "search_spaces/kd.yaml"
 
