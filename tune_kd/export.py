@@ -16,10 +16,10 @@ import json
 import logging
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tune_kd import cli
 from tune_kd.checkpoint import MANIFEST, TRAINER_STATE, atomic_directory_write, is_complete
 from tune_kd.errors import UserError
 from tune_kd.results import EXPERIMENT_FILE, METRICS, best, read_experiment, read_trial, trial_folders  # noqa: F401
@@ -139,26 +139,19 @@ def export(experiment_dir: str | Path, out: str | Path, trial_id: str | None = N
     return candidate
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_kd.export", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="the experiment folder, results/<name>")
     parser.add_argument("--out", required=True, help="where to write the Hugging Face model directory")
     parser.add_argument("--trial", help="export this trial's best epoch instead of the overall best")
-    parser.add_argument("--debug", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from tune_kd.models import quiet_progress_bars
 
-    quiet_progress_bars()
-    try:
-        c = export(args.experiment, args.out, args.trial)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def command(args: argparse.Namespace) -> None:
+    c = export(args.experiment, args.out, args.trial)
     print(f"exported trial {c.trial_id} epoch {c.metrics.get('epoch')} -> {args.out} (reload verified)")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("export", __doc__, add_arguments, command, argv)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,11 @@ import html
 import io
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tune_kd import results
+from tune_kd import cli, results
 from tune_kd.errors import UserError
 from tune_kd.controls import CONTROLS_DIR, CONTROLS_FILE, arm_results
 from tune_kd.samples import build_samples, samples_html
@@ -433,17 +432,17 @@ def experiment_dirs(path: Path) -> list[Path]:
                     "of a search")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_kd.report", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="the experiment folder, results/<name>")
-    args = parser.parse_args(argv)
-    try:
-        for directory in experiment_dirs(Path(args.experiment)):
-            print(f"report: {build(directory)}")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+
+def command(args: argparse.Namespace) -> None:
+    for directory in experiment_dirs(Path(args.experiment)):
+        print(f"report: {build(directory)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("report", __doc__, add_arguments, command, argv)
 
 
 if __name__ == "__main__":
