@@ -138,6 +138,9 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     dashboard_host: where a local Ray's dashboard listens (None: no dashboard); see check_dashboard.
     trial_logs: also stream every trial's log lines to this terminal (they are always written to
     stdout.log / stderr.log in the trial's folder; the terminal gets progress.py's lines).
+
+    The steps, in order: preflight (before Ray starts) -> start_ray -> size_trials -> build_tuner -> fit ->
+    summarize_and_export -> run_control_arms -> write_report.
     """
     root = Path(storage or "results").resolve()
     experiment_dir = root / cfg.name
