@@ -242,7 +242,7 @@ def test_resume_refuses_a_changed_yaml(tmp_path, capsys):
 def test_the_summary_leaves_out_a_trial_the_resumed_search_never_knew(tmp_path):
     """A trial started after Tune's last state save can leave its folder behind a SIGKILL; its
     Optuna trial was closed as FAIL on resume, and trials.csv must not list it either."""
-    from tune_kd.search import trial_rows
+    from tune_kd.results import trial_rows
 
     cfg = config()
     for trial_id, value in (("known", 2.0), ("ghost", 1.0)):

@@ -23,7 +23,7 @@ import statistics
 import time
 from pathlib import Path
 
-from tune_kd import export
+from tune_kd import results
 from tune_kd.config import ExperimentConfig
 from tune_kd.space import CONTROL_KEY
 
@@ -97,16 +97,14 @@ def run_controls(cfg: ExperimentConfig, best: dict, experiment_dir: Path, traina
 def arm_results(controls_dir: Path, metric: str, mode: str) -> dict[str, dict]:
     """arm name -> {value: its best metric over epochs, metrics at that epoch, epochs, curve}."""
     out = {}
-    for result_file in sorted(controls_dir.glob("*/result.json")):
-        params, reports = export.read_trial(result_file.parent)
+    for _, params, reports in results.trial_folders(controls_dir):
         arm = params.get(CONTROL_KEY, {}).get("arm")
-        scored = [r for r in reports if not math.isnan(r.get(metric, math.nan))]
-        if arm is None or not scored:
+        at_best = results.best_report(reports, metric, mode)
+        if arm is None or at_best is None:
             continue
-        at_best = (min if mode == "min" else max)(scored, key=lambda r: r[metric])
-        out[arm] = {"value": at_best[metric], "metrics": {k: at_best[k] for k in export.METRICS if k in at_best},
+        out[arm] = {"value": at_best[metric], "metrics": {k: at_best[k] for k in results.METRICS if k in at_best},
                     "epochs": max(r["epoch"] for r in reports),
-                    "curve": [[r["epoch"], r[metric]] for r in scored]}
+                    "curve": [[r["epoch"], r[metric]] for r in results.scored(reports, metric)]}
     return out
 
 
@@ -140,15 +138,14 @@ def off_policy_best_verdict(metric: str, mode: str, best_value: float, experimen
     """The "did on-policy help" line when the search's best trial is off-policy: no arm to train,
     the best on-policy trial says by how much it fell short (at its best epoch, however far it got)."""
     on_policy = []
-    for result_file in sorted(Path(experiment_dir).glob("*/result.json")) if experiment_dir else []:
-        params, reports = export.read_trial(result_file.parent)
+    for _, params, reports in results.trial_folders(experiment_dir) if experiment_dir else []:
         values = [r[metric] for r in reports if math.isfinite(r.get(metric, math.nan))]
         if params.get("on_policy_fraction") and values:
-            on_policy.append(((min if mode == "min" else max)(values), params["on_policy_fraction"], len(reports)))
+            on_policy.append((results.best(values, mode), params["on_policy_fraction"], len(reports)))
     line = f"did on-policy help? no: the best trial trained off-policy (on_policy_fraction 0, {metric} {best_value:.4f})"
     if not on_policy:
         return line
-    value, fraction, epochs = (min if mode == "min" else max)(on_policy, key=lambda row: row[0])
+    value, fraction, epochs = results.best(on_policy, mode, key=lambda row: row[0])
     return (f"{line}; the best on-policy trial (on_policy_fraction {fraction:.2f}, {epochs} epoch(s)) reached "
             f"{value:.4f} = {value - best_value:+.4f}")
 
@@ -178,12 +175,11 @@ def repeat_noise(experiment_dir: Path | None, metric: str, mode: str, epochs: in
     if experiment_dir is None:
         return None
     groups: dict[str, list[float]] = {}
-    for result_file in sorted(Path(experiment_dir).glob("*/result.json")):
-        params, reports = export.read_trial(result_file.parent)
+    for _, params, reports in results.trial_folders(experiment_dir):
         scored = [r[metric] for r in reports if isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])]
         if scored and max(int(r.get("epoch", 0)) for r in reports) >= epochs:
             key = json.dumps(params, sort_keys=True, default=str)
-            groups.setdefault(key, []).append((min if mode == "min" else max)(scored))
+            groups.setdefault(key, []).append(results.best(scored, mode))
     spread = [values for values in groups.values() if len(set(values)) > 1]
     if not spread:
         return None

@@ -23,6 +23,8 @@ import string
 import time
 from pathlib import Path
 
+from tune_kd import cli
+
 log = logging.getLogger(__name__)
 
 DEMO_DIR = Path("results/demo")
@@ -152,22 +154,19 @@ def _prepare_locked(root: Path, force: bool) -> dict:
     return figures
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_kd.demo", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=str(DEMO_DIR), help="where to build the demo (default: %(default)s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a teacher is cached")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from tune_kd.models import quiet_progress_bars
 
-    quiet_progress_bars()
-    from tune_kd.models import quiet_progress_bars
 
-    quiet_progress_bars()
+def command(args: argparse.Namespace) -> None:
     figures = prepare(Path(args.root), force=args.force)
     print(f"demo teacher: val_acc {figures['val_acc']:.3f}, val_ce {figures['val_ce']:.4f}, "
           f"prepared in {figures['prepare_seconds']:.0f} s -> {args.root}/teacher")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("demo", __doc__, add_arguments, command, argv)
 
 
 if __name__ == "__main__":

@@ -16,17 +16,16 @@ import json
 import logging
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from tune_kd import cli
 from tune_kd.checkpoint import MANIFEST, TRAINER_STATE, atomic_directory_write, is_complete
 from tune_kd.errors import UserError
-from tune_kd.loop import METRICS
+from tune_kd.results import EXPERIMENT_FILE, METRICS, best, read_experiment, read_trial, trial_folders  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-EXPERIMENT_FILE = "experiment.json"      # written by the search: resolved config, metric, versions
 SKIP_FILES = {TRAINER_STATE, "progress.json", MANIFEST, ".is_checkpoint", ".metadata.pkl", ".tune_metadata"}
 
 
@@ -51,33 +50,10 @@ def versions() -> dict:
     return out
 
 
-def read_experiment(experiment_dir: Path) -> dict:
-    path = experiment_dir / EXPERIMENT_FILE
-    if not path.is_file():
-        raise UserError(f"{experiment_dir}: not a tune_kd experiment folder (no {EXPERIMENT_FILE}); give "
-                        "results/<name> of a search")
-    return json.loads(path.read_text())
-
-
-def read_trial(trial_dir: Path) -> tuple[dict, list[dict]]:
-    """(searched values from params.json, one dict per reported epoch from result.json)."""
-    params_file = trial_dir / "params.json"
-    params = json.loads(params_file.read_text()) if params_file.is_file() else {}
-    reports = []
-    for line in (trial_dir / "result.json").read_text().splitlines():
-        try:
-            reports.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash
-    return params, reports
-
-
 def checkpoint_candidates(experiment_dir: Path, metric: str) -> list[Candidate]:
     """Every (trial, epoch) whose checkpoint is still on disk, with its metric value."""
     found = []
-    for result_file in sorted(experiment_dir.glob("*/result.json")):
-        trial_dir = result_file.parent
-        params, reports = read_trial(trial_dir)
+    for trial_dir, params, reports in trial_folders(experiment_dir):
         for row in reports:
             # a Tune checkpoint (checkpoint_dir_name), or a Ray Train one (checkpoint_path, workers_per_trial > 1)
             name = row.get("checkpoint_dir_name") or row.get("checkpoint_path")
@@ -100,8 +76,7 @@ def best_candidate(experiment_dir: Path, trial_id: str | None = None) -> tuple[C
     if not candidates:
         which = f"trial {trial_id}" if trial_id else "any trial"
         raise UserError(f"{experiment_dir}: no checkpoint of {which} is on disk yet (has an epoch finished?)")
-    pick = min if mode == "min" else max
-    return pick(candidates, key=lambda c: c.value), experiment
+    return best(candidates, mode, key=lambda c: c.value), experiment
 
 
 def export_name(cfg) -> str:
@@ -164,26 +139,19 @@ def export(experiment_dir: str | Path, out: str | Path, trial_id: str | None = N
     return candidate
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_kd.export", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="the experiment folder, results/<name>")
     parser.add_argument("--out", required=True, help="where to write the Hugging Face model directory")
     parser.add_argument("--trial", help="export this trial's best epoch instead of the overall best")
-    parser.add_argument("--debug", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from tune_kd.models import quiet_progress_bars
 
-    quiet_progress_bars()
-    try:
-        c = export(args.experiment, args.out, args.trial)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def command(args: argparse.Namespace) -> None:
+    c = export(args.experiment, args.out, args.trial)
     print(f"exported trial {c.trial_id} epoch {c.metrics.get('epoch')} -> {args.out} (reload verified)")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("export", __doc__, add_arguments, command, argv)
 
 
 if __name__ == "__main__":

@@ -34,8 +34,7 @@ from tune_kd.errors import UserError
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict, Callable[[Path], None]], None]
-METRICS = ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc", "val_gen_acc", "val_gen_ce", "tokens_per_s",
-           "gpu_peak_gib")
+from tune_kd.results import METRICS  # noqa: E402,F401  (the metric names every epoch reports)
 
 
 @dataclass

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tune_kd import data
+from tune_kd import cli, data
 from tune_kd.config import ExperimentConfig, load_config
 from tune_kd.errors import ConfigError, UserError
 
@@ -132,32 +131,24 @@ def prepare_inputs(cfg: ExperimentConfig, source: str, teacher_cache: bool = Tru
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_kd.prepare", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", "--space", dest="config", default="search_spaces/kd.yaml",
-                        help="experiment YAML (default: %(default)s)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli.add_config_argument(parser)
     parser.add_argument("--storage", help="the results root the search will use (its --storage): the caches go "
                                           "under it unless data.cache_dir says otherwise (default: results)")
     parser.add_argument("--workers", type=int, help="override data.workers (ingestion processes; 0: one per core)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from tune_kd.models import quiet_progress_bars
 
-    quiet_progress_bars()
-    try:
-        cfg = load_config(args.config, {"data.workers": args.workers} if args.workers is not None else {},
-                          storage=args.storage)
-        prepared = prepare_inputs(cfg, args.config)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def command(args: argparse.Namespace) -> None:
+    cfg = load_config(args.config, {"data.workers": args.workers} if args.workers is not None else {},
+                      storage=args.storage)
+    prepared = prepare_inputs(cfg, args.config)
     print("\n".join(prepared.lines))
     print(f"prepared in {prepared.seconds:.1f} s: `python -m tune_kd.search --space {args.config}` now starts its "
           "trials at once")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("prepare", __doc__, add_arguments, command, argv)
 
 
 if __name__ == "__main__":

@@ -30,17 +30,15 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
-import csv
 import html
 import io
 import json
 import math
-import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tune_kd import export
+from tune_kd import cli, results
 from tune_kd.errors import UserError
 from tune_kd.controls import CONTROLS_DIR, CONTROLS_FILE, arm_results
 from tune_kd.samples import build_samples, samples_html
@@ -65,7 +63,7 @@ class Trial:
 
     def best(self, mode: str) -> float | None:
         values = [v for _, v in self.curve if math.isfinite(v)]
-        return (min if mode == "min" else max)(values) if values else None
+        return results.best(values, mode) if values else None
 
 
 @dataclass
@@ -95,23 +93,20 @@ class Experiment:
         scored = [t for t in self.trials if t.best(self.mode) is not None]
         if not scored:
             return None
-        return (min if self.mode == "min" else max)(scored, key=lambda t: t.best(self.mode))
+        return results.best(scored, self.mode, key=lambda t: t.best(self.mode))
 
 
 def load(experiment_dir: str | Path) -> Experiment:
     directory = Path(experiment_dir)
-    meta = export.read_experiment(directory)
+    meta = results.read_experiment(directory)
     config = meta["config"]
     metric, mode = meta["metric"]["name"], meta["metric"]["mode"]
     epochs = int(config["train"]["epochs"])
-    statuses = {}
-    summary_file = directory / "trials.csv"
-    if summary_file.is_file():
-        with summary_file.open(newline="") as handle:
-            statuses = {row["trial_id"]: (row["status"], row.get("error", "")) for row in csv.DictReader(handle)}
+    statuses = results.read_statuses(directory)
+    finished = statuses is not None
+    statuses = statuses or {}
     trials = []
-    for result_file in sorted(directory.glob("*/result.json")):
-        params, reports = export.read_trial(result_file.parent)
+    for _, params, reports in results.trial_folders(directory):
         if not reports:
             continue
         trial_id = str(reports[0]["trial_id"])
@@ -126,7 +121,7 @@ def load(experiment_dir: str | Path) -> Experiment:
     controls = json.loads(controls_file.read_text()) if controls_file.is_file() else None
     curves = {arm: result["curve"] for arm, result in arm_results(directory / CONTROLS_DIR, metric, mode).items()}
     return Experiment(meta["name"], directory, metric, mode, epochs, config.get("parameters") or {}, trials,
-                      summary_file.is_file(), controls, curves)
+                      finished, controls, curves)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,7 +411,7 @@ def build(experiment_dir: str | Path) -> Path:
         blocks.append(f"<figure id='{file_name[:-4]}'><img alt='{html.escape(caption)}' "
                       f"src='data:image/png;base64,{encoded}'><figcaption>{html.escape(caption)}</figcaption></figure>")
     blocks += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
-    samples = build_samples(exp.directory, export.read_experiment(exp.directory))
+    samples = build_samples(exp.directory, results.read_experiment(exp.directory))
     page = PAGE.format(name=html.escape(exp.name), summary=_summary_html(exp), figures="\n".join(blocks),
                        samples=samples_html(samples), table=_table_html(exp))
     target = exp.directory / REPORT_FILE
@@ -428,26 +423,26 @@ def build(experiment_dir: str | Path) -> Path:
 
 def experiment_dirs(path: Path) -> list[Path]:
     """The experiment folders under `path`: itself, or each stage of a progressive chain."""
-    if (path / export.EXPERIMENT_FILE).is_file():
+    if (path / results.EXPERIMENT_FILE).is_file():
         return [path]
-    stages = sorted(p.parent for p in path.glob(f"*/{export.EXPERIMENT_FILE}"))
+    stages = sorted(p.parent for p in path.glob(f"*/{results.EXPERIMENT_FILE}"))
     if stages:
         return stages
-    raise UserError(f"{path}: not a tune_kd experiment folder (no {export.EXPERIMENT_FILE}); give results/<name> "
+    raise UserError(f"{path}: not a tune_kd experiment folder (no {results.EXPERIMENT_FILE}); give results/<name> "
                     "of a search")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_kd.report", description=__doc__.split("\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="the experiment folder, results/<name>")
-    args = parser.parse_args(argv)
-    try:
-        for directory in experiment_dirs(Path(args.experiment)):
-            print(f"report: {build(directory)}")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+
+def command(args: argparse.Namespace) -> None:
+    for directory in experiment_dirs(Path(args.experiment)):
+        print(f"report: {build(directory)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("report", __doc__, add_arguments, command, argv)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tune_kd import export
+from tune_kd import export, results
 from tune_kd.config import load_config
 from tune_kd.controls import CONTROLS_DIR
 from tune_kd.space import CONTROL_KEY
@@ -72,7 +72,7 @@ def models_to_ask(cfg, experiment_dir: Path, metric: str, mode: str) -> tuple[di
     if not arm:
         notes.append("plain SFT: no checkpoint of the plain_sft control arm (controls.plain_sft off, or not run)")
     else:
-        best = (min if mode == "min" else max)(arm, key=lambda c: c.value)
+        best = results.best(arm, mode, key=lambda c: c.value)
         specs["plain SFT"] = dataclasses.replace(cfg.student, path=str(best.path))
     return specs, notes
 

@@ -23,9 +23,10 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from tune_kd import controls, export, prepare, report, resources, space
+from tune_kd import cli, controls, export, prepare, report, resources, results, space
 from tune_kd.config import ExperimentConfig, absolute_paths, load_config
 from tune_kd.errors import UserError
 from tune_kd.tracking import make_callbacks
@@ -37,36 +38,8 @@ log = logging.getLogger(__name__)
 # Summary
 # ----------------------------------------------------------------------------------------------
 
-def trial_rows(experiment_dir: Path, cfg: ExperimentConfig, errors: dict[str, tuple[str, dict]],
-               trials: set[str] | None = None) -> list[dict]:
-    """One row per trial from its result.json (searched values, best metric, epochs run, status),
-    plus the errored trials that never reported. errors: trial id -> (last error line, config).
-    trials: the search's trial ids; a killed run can leave the folder of a trial started after
-    Tune's last state save, which the resumed search never knew."""
-    rows, key = [], f"best_{cfg.metric.name}"
-    for result_file in sorted(experiment_dir.glob("*/result.json")):
-        params, reports = export.read_trial(result_file.parent)
-        if not reports or trials is not None and str(reports[0]["trial_id"]) not in trials:
-            continue
-        trial_id = str(reports[0]["trial_id"])
-        values = [r[cfg.metric.name] for r in reports if not math.isnan(r.get(cfg.metric.name, math.nan))]
-        best = (min if cfg.metric.mode == "min" else max)(values) if values else math.nan
-        epochs = max(r["epoch"] for r in reports)
-        diverged = reports[-1].get("diverged")
-        status = ("ERROR" if trial_id in errors else "DIVERGED" if diverged
-                  else "COMPLETED" if epochs >= cfg.train.epochs else "STOPPED_EARLY")
-        rows.append({"trial_id": trial_id, **{k: params.get(k) for k in cfg.parameters}, "epochs": epochs,
-                     key: best, "val_acc": reports[-1].get("val_acc", math.nan), "status": status,
-                     "error": errors.get(trial_id, ("", {}))[0] or diverged or ""})
-    reported = {r["trial_id"] for r in rows}
-    for trial_id, (message, config) in sorted(errors.items()):
-        if trial_id not in reported:
-            rows.append({"trial_id": trial_id, **{k: config.get(k) for k in cfg.parameters}, "epochs": 0,
-                         key: math.nan, "val_acc": math.nan, "status": "ERROR", "error": message})
-    return rows
-
-
 def write_summary(experiment_dir: Path, cfg: ExperimentConfig, rows: list[dict]) -> dict | None:
+    """trials.csv (every row) and best.json (the best scored row, returned; None when no trial scored)."""
     columns = list(rows[0]) if rows else ["trial_id"]
     with (experiment_dir / "trials.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns)
@@ -76,7 +49,7 @@ def write_summary(experiment_dir: Path, cfg: ExperimentConfig, rows: list[dict])
     scored = [r for r in rows if not math.isnan(r[key])]
     if not scored:
         return None
-    best = (min if cfg.metric.mode == "min" else max)(scored, key=lambda r: r[key])
+    best = results.best(scored, cfg.metric.mode, key=lambda r: r[key])
     (experiment_dir / "best.json").write_text(json.dumps(best, indent=1))
     return best
 
@@ -144,6 +117,17 @@ def trial_class(trial_cfg: ExperimentConfig, experiment_dir: Path, per_trial: di
     return type(name, (base,), {"__qualname__": name})
 
 
+@dataclass
+class Plan:
+    """How the trials run on the Ray cluster at hand (size_trials)."""
+
+    per_trial: dict               # resources.trial_resources: cpu, gpu, workers of one trial
+    placed: dict                  # resources.place_trials: the teacher cache built, why, by which process
+    parallel: int                 # trials at a time
+    trial_cfg: ExperimentConfig   # cfg as a trial runs it: absolute paths, the resolved GPU share
+    trainable: type               # the Tune trainable of the search's trials
+
+
 def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, address: str | None = None,
                resume: bool = False, num_cpus: int | None = None, callbacks: list | None = None,
                export_best: bool = True, dashboard_host: str | None = LOOPBACK, trial_logs: bool = False,
@@ -154,53 +138,87 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     dashboard_host: where a local Ray's dashboard listens (None: no dashboard); see check_dashboard.
     trial_logs: also stream every trial's log lines to this terminal (they are always written to
     stdout.log / stderr.log in the trial's folder; the terminal gets progress.py's lines).
-    """
-    import ray
-    from ray import tune
 
-    from tune_kd.progress import SearchProgress, trial_log_options
-    from tune_kd.searcher import check_resume_config, make_scheduler, make_searcher
+    The steps, in order: preflight (before Ray starts) -> start_ray -> size_trials -> build_tuner -> fit ->
+    summarize_and_export -> run_control_arms -> write_report.
+    """
+    root = Path(storage or "results").resolve()
+    experiment_dir = root / cfg.name
+    prepared = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
+    context = start_ray(address, num_cpus, dashboard_host, trial_logs)
+    plan = size_trials(cfg, source, address, experiment_dir, prepared)
+    started = time.perf_counter()
+    tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks)
+    errors, trial_ids = fit(tuner)
+    summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
+    run_control_arms(cfg, summary, experiment_dir, plan, resume)
+    write_report(summary, experiment_dir)
+    if context is not None and address is None:
+        import ray
+
+        ray.shutdown()
+    return summary
+
+
+def preflight(cfg: ExperimentConfig, source: str, experiment_dir: Path, address: str | None, resume: bool,
+              dashboard_host: str | None) -> prepare.Prepared:
+    """Everything checkable before Ray starts (dashboard exposure, GPUs of this machine, an experiment
+    already there, a resume's changed config), then the inputs validated and tokenized once
+    (prepare.py: data errors name file:line; trials read the cache) and experiment.json written."""
+    from tune_kd.searcher import check_resume_config
 
     check_dashboard(dashboard_host if address is None else None)
     if address is None:
         import torch
 
         resources.check_gpus(cfg, torch.cuda.device_count(), source)
-    root = Path(storage or "results").resolve()
-    experiment_dir = root / cfg.name
-    if not resume and (experiment_dir / export.EXPERIMENT_FILE).is_file():
+    if not resume and (experiment_dir / results.EXPERIMENT_FILE).is_file():
         raise UserError(f"{experiment_dir} already holds an experiment: continue it with --resume, or start over "
                         "with --overwrite (the old one is moved aside)")
     if resume:
         check_resume_config(cfg, experiment_dir)
-    # validate and tokenize once here (data errors name file:line); trials read the cache
     prepared = prepare.prepare_inputs(cfg, source, teacher_cache=False)
     for line in prepared.lines:
         log.info("%s", line)
     experiment_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
-        (experiment_dir / export.EXPERIMENT_FILE).write_text(json.dumps(
+        (experiment_dir / results.EXPERIMENT_FILE).write_text(json.dumps(
             {"name": cfg.name, "source": source, "metric": {"name": cfg.metric.name, "mode": cfg.metric.mode},
              "config": cfg.to_dict(), "versions": export.versions(), "command": sys.argv}, indent=1, default=str))
+    return prepared
 
-    if not ray.is_initialized():
-        # joining a cluster: its head already runs (or not) the dashboard
-        dashboard = {} if address is not None else {"include_dashboard": False} if dashboard_host is None else \
-            {"include_dashboard": True, "dashboard_host": dashboard_host}
-        # "local": a Ray of our own even when one runs here already (Ray would join one started with
-        # `ray start` and refuse num_cpus); joining takes --address
-        context = ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
-                           logging_level=logging.WARNING, log_to_driver=trial_logs, **dashboard)
-        if context.dashboard_url:
-            log.info("Ray dashboard: http://%s (token authentication: `ray get-auth-token` prints the token "
-                     "to paste at its login page)", context.dashboard_url)
-    else:
-        context = None
+
+def start_ray(address: str | None, num_cpus: int | None, dashboard_host: str | None, trial_logs: bool):
+    """Start a local Ray (or join the cluster at `address`) unless one is initialized already; returns
+    Ray's context, None when this process was already connected."""
+    import ray
+
+    if ray.is_initialized():
+        return None
+    # joining a cluster: its head already runs (or not) the dashboard
+    dashboard = {} if address is not None else {"include_dashboard": False} if dashboard_host is None else \
+        {"include_dashboard": True, "dashboard_host": dashboard_host}
+    # "local": a Ray of our own even when one runs here already (Ray would join one started with
+    # `ray start` and refuse num_cpus); joining takes --address
+    context = ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
+                       logging_level=logging.WARNING, log_to_driver=trial_logs, **dashboard)
+    if context.dashboard_url:
+        log.info("Ray dashboard: http://%s (token authentication: `ray get-auth-token` prints the token "
+                 "to paste at its login page)", context.dashboard_url)
+    return context
+
+
+def size_trials(cfg: ExperimentConfig, source: str, address: str | None, experiment_dir: Path,
+                prepared: prepare.Prepared) -> Plan:
+    """Fit the trials to the cluster: its GPUs and nodes checked, the teacher cache built where the
+    trials run (in their precision; gpu auto measures a trial there), how many run at a time, and
+    the trainable they run."""
+    import ray
+
     cluster = ray.cluster_resources()
     if address is not None:
         resources.check_gpus(cfg, int(cluster.get("GPU", 0)), source)
         resources.check_node_fit(cfg, ray.nodes(), source)
-    # the teacher runs once, where the trials run (in their precision), and gpu auto measures a trial there
     per_trial, placed = resources.place_trials(absolute_paths(cfg), int(cluster.get("GPU", 0)), source)
     prepared.add_teacher_cache(placed["teacher_cache"], placed["why"])
     log.info("%s", prepared.lines[-1])
@@ -210,50 +228,71 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"   # make_callbacks picks them explicitly
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are the design
     # Ray's new output engine prints its own experiment box and a TensorBoard hint into its staging
-    # folder under /tmp; progress.py's lines and the hint below replace both
+    # folder under /tmp; progress.py's lines and the hint in build_tuner replace both
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     log.info("search %s: %d trials, up to %d at a time, %s per trial", cfg.name, cfg.search.num_samples, parallel,
              per_trial)
-
     # trials run in other working directories (absolute paths) and use the resolved GPU share
     trial_cfg = absolute_paths(cfg).replace(resources=dataclasses.replace(cfg.resources, gpu_per_trial=per_trial["gpu"]))
-    with_resources = trial_class(trial_cfg, experiment_dir, per_trial, f"distill_{cfg.name.replace('-', '_')}")
-    progress = SearchProgress(cfg.metric.name, cfg.metric.mode, cfg.search.num_samples, cfg.train.epochs, parallel)
+    trainable = trial_class(trial_cfg, experiment_dir, per_trial, f"distill_{cfg.name.replace('-', '_')}")
+    return Plan(per_trial, placed, parallel, trial_cfg, trainable)
+
+
+def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: Plan, resume: bool,
+                retry_errored: bool, callbacks: list | None):
+    """The Tune Tuner: a new one (Optuna's searcher, the scheduler, checkpoints, callbacks), or the
+    interrupted one restored with resume."""
+    from ray import tune
+
+    from tune_kd.progress import SearchProgress, trial_log_options
+    from tune_kd.searcher import make_scheduler, make_searcher
+
+    progress = SearchProgress(cfg.metric.name, cfg.metric.mode, cfg.search.num_samples, cfg.train.epochs, plan.parallel)
     if cfg.logging.tensorboard:
         print(f"TensorBoard: tensorboard --logdir {experiment_dir}", flush=True)
-    started = time.perf_counter()
     if resume:
         if not tune.Tuner.can_restore(str(experiment_dir)):
             raise UserError(f"{experiment_dir}: nothing to resume (no Ray experiment state there)")
-        tuner = tune.Tuner.restore(str(experiment_dir), trainable=with_resources, resume_errored=retry_errored)
-    else:
-        tuner = tune.Tuner(
-            with_resources,
-            param_space=space.tune_domains(cfg),
-            tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, experiment_dir), scheduler=make_scheduler(cfg),
-                                        num_samples=cfg.search.num_samples, max_concurrent_trials=parallel,
-                                        metric=None if cfg.scheduler.type == "asha" else cfg.metric.name,
-                                        mode=None if cfg.scheduler.type == "asha" else cfg.metric.mode,
-                                        trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
-            run_config=tune.RunConfig(
-                name=cfg.name, storage_path=str(root),
-                callbacks=make_callbacks(cfg) + [progress] + list(callbacks or []), **trial_log_options(),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_per_trial,
-                                                        checkpoint_score_attribute=cfg.metric.name,
-                                                        checkpoint_score_order=cfg.metric.mode),
-                failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=0),
-        )
-    results = tuner.fit()
+        return tune.Tuner.restore(str(experiment_dir), trainable=plan.trainable, resume_errored=retry_errored)
+    return tune.Tuner(
+        plan.trainable,
+        param_space=space.tune_domains(cfg),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, experiment_dir), scheduler=make_scheduler(cfg),
+                                    num_samples=cfg.search.num_samples, max_concurrent_trials=plan.parallel,
+                                    metric=None if cfg.scheduler.type == "asha" else cfg.metric.name,
+                                    mode=None if cfg.scheduler.type == "asha" else cfg.metric.mode,
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+        run_config=tune.RunConfig(
+            name=cfg.name, storage_path=str(root),
+            callbacks=make_callbacks(cfg) + [progress] + list(callbacks or []), **trial_log_options(),
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_per_trial,
+                                                    checkpoint_score_attribute=cfg.metric.name,
+                                                    checkpoint_score_order=cfg.metric.mode),
+            failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=0),
+    )
+
+
+def fit(tuner) -> tuple[dict[str, tuple[str, dict]], set[str]]:
+    """Run the trials; returns (trial id -> (last error line, config) of each errored trial, every
+    trial id the search knows)."""
+    grid = tuner.fit()
     errors = {Path(r.path).name.removeprefix("trial_"): (str(r.error).strip().splitlines()[-1], r.config)
-              for r in results if r.error}
-    rows = trial_rows(experiment_dir, cfg, errors, {Path(r.path).name.removeprefix("trial_") for r in results})
+              for r in grid if r.error}
+    return errors, {Path(r.path).name.removeprefix("trial_") for r in grid}
+
+
+def summarize_and_export(cfg: ExperimentConfig, experiment_dir: Path, errors: dict, trial_ids: set[str], plan: Plan,
+                         prepared: prepare.Prepared, started: float, export_best: bool) -> dict:
+    """trials.csv and best.json, the table and what the teacher cache saved printed, and the best
+    student exported (unless export_best is off); returns the summary dict."""
+    rows = results.trial_rows(experiment_dir, cfg, errors, trial_ids)
     best = write_summary(experiment_dir, cfg, rows)
     summary = {"rows": rows, "best": best, "seconds": time.perf_counter() - started, "dir": experiment_dir,
-               "parallel": parallel, "resources": per_trial}
+               "parallel": plan.parallel, "resources": plan.per_trial}
     print(format_table(rows))
     print(f"{len(rows)} trials in {summary['seconds']:.0f} s -> {experiment_dir / 'trials.csv'}")
     if prepared.teacher_cache is not None:
-        print(teacher_cache_savings(prepared.teacher_cache, placed["pid"], sum(int(r["epochs"]) for r in rows)))
+        print(teacher_cache_savings(prepared.teacher_cache, plan.placed["pid"], sum(int(r["epochs"]) for r in rows)))
     if best is not None and export_best:
         target = experiment_dir / export.export_name(cfg)
         candidate = export.export(experiment_dir, target, best["trial_id"])   # the trial best.json names
@@ -263,23 +302,35 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         print(f"export another: python -m tune_kd.export {experiment_dir} --out DIR [--trial ID]")
         if cfg.search.algorithm == "optuna":
             print(f"study: optuna-dashboard sqlite:///{experiment_dir / 'optuna.db'}")
-    if best is not None:
-        arm_trainable = trial_class(trial_cfg, experiment_dir / controls.CONTROLS_DIR, per_trial,
-                                    f"control_{cfg.name.replace('-', '_')}")
-        arms = controls.run_controls(cfg, best, experiment_dir, arm_trainable, parallel, make_callbacks(cfg), resume)
-        if arms is not None:
-            summary["controls"] = arms
-            print(controls.format_comparison(arms))
-    summary["report"] = report.build(experiment_dir)
-    print(f"report: {summary['report']} (rebuild: python -m tune_kd.report {experiment_dir})")
-    if context is not None and address is None:
-        ray.shutdown()
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tune_kd.search", description=__doc__.split("\n")[0])
-    parser.add_argument("--space", default="search_spaces/kd.yaml", help="experiment YAML (default: %(default)s)")
+def run_control_arms(cfg: ExperimentConfig, summary: dict, experiment_dir: Path, plan: Plan, resume: bool) -> None:
+    """The control arms next to the best trial (controls.py), into summary["controls"] and printed;
+    nothing without a best trial or with every arm off."""
+    if summary["best"] is None:
+        return
+    arm_trainable = trial_class(plan.trial_cfg, experiment_dir / controls.CONTROLS_DIR, plan.per_trial,
+                                f"control_{cfg.name.replace('-', '_')}")
+    arms = controls.run_controls(cfg, summary["best"], experiment_dir, arm_trainable, plan.parallel,
+                                 make_callbacks(cfg), resume)
+    if arms is not None:
+        summary["controls"] = arms
+        print(controls.format_comparison(arms))
+
+
+def write_report(summary: dict, experiment_dir: Path) -> None:
+    """report.html (report.py), its path into summary["report"] and printed."""
+    summary["report"] = report.build(experiment_dir)
+    print(f"report: {summary['report']} (rebuild: python -m tune_kd.report {experiment_dir})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    cli.add_config_argument(parser)
     parser.add_argument("--address", help="join a running Ray cluster (ray start --head ...), e.g. auto or host:6379")
     parser.add_argument("--storage", help="results root on storage every node sees (default: results)")
     parser.add_argument("--resume", action="store_true", help="continue the interrupted experiment of this YAML")
@@ -295,42 +346,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-export", action="store_true", help="skip exporting the best student")
     parser.add_argument("--trial-logs", action="store_true",
                         help="stream every trial's log lines here too (always in trial_*/stdout.log, stderr.log)")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from tune_kd.models import quiet_progress_bars
 
-    quiet_progress_bars()
-    try:
-        overrides = {"search.num_samples": args.num_samples} if args.num_samples else {}
-        cfg = load_config(args.space, overrides, storage=args.storage)
-        if args.retry_errored and not args.resume:
-            raise UserError("--retry-errored re-runs the errored trials of an interrupted or finished search: use it "
-                            "with --resume")
-        if args.storage and "://" in args.storage:
-            raise UserError(f"--storage {args.storage}: give a filesystem path every node sees (an NFS or other "
-                            "shared mount); the summary and export read trial files from it")
-        experiment_dir = Path(args.storage or "results").resolve() / cfg.name
-        if args.overwrite and experiment_dir.exists():
-            aside = experiment_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-            shutil.move(str(experiment_dir), aside)
-            log.info("moved the previous experiment to %s", aside)
-        options = {"address": args.address, "num_cpus": args.num_cpus, "trial_logs": args.trial_logs,
-                   "retry_errored": args.retry_errored,
-                   "dashboard_host": None if args.no_dashboard else args.dashboard_host}
-        if cfg.stages:   # progressive distillation: a chain of searches (stages.py)
-            from tune_kd import stages
 
-            stages.run_stages(cfg, args.space, storage=args.storage, resume=args.resume, **options)
-        else:
-            run_search(cfg, args.space, storage=args.storage, resume=args.resume, export_best=not args.no_export,
-                       **options)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+def command(args: argparse.Namespace) -> None:
+    overrides = {"search.num_samples": args.num_samples} if args.num_samples else {}
+    cfg = load_config(args.config, overrides, storage=args.storage)
+    if args.retry_errored and not args.resume:
+        raise UserError("--retry-errored re-runs the errored trials of an interrupted or finished search: use it "
+                        "with --resume")
+    if args.storage and "://" in args.storage:
+        raise UserError(f"--storage {args.storage}: give a filesystem path every node sees (an NFS or other "
+                        "shared mount); the summary and export read trial files from it")
+    experiment_dir = Path(args.storage or "results").resolve() / cfg.name
+    if args.overwrite and experiment_dir.exists():
+        aside = experiment_dir.with_name(f"{cfg.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(str(experiment_dir), aside)
+        log.info("moved the previous experiment to %s", aside)
+    options = {"address": args.address, "num_cpus": args.num_cpus, "trial_logs": args.trial_logs,
+               "retry_errored": args.retry_errored,
+               "dashboard_host": None if args.no_dashboard else args.dashboard_host}
+    if cfg.stages:   # progressive distillation: a chain of searches (stages.py)
+        from tune_kd import stages
+
+        stages.run_stages(cfg, args.config, storage=args.storage, resume=args.resume, **options)
+    else:
+        run_search(cfg, args.config, storage=args.storage, resume=args.resume, export_best=not args.no_export,
+                   **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run("search", __doc__, add_arguments, command, argv)
 
 
 if __name__ == "__main__":

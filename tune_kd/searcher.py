@@ -30,7 +30,7 @@ from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from tune_kd import export, space
+from tune_kd import results, space
 from tune_kd.config import ExperimentConfig
 from tune_kd.errors import UserError
 
@@ -154,7 +154,7 @@ class PruneAwareOptunaSearch(OptunaSearch):
             return TrialState.FAIL, None
         if result.get("diverged") or result.get("epoch", self._max_epochs) < self._max_epochs:
             return TrialState.PRUNED, None
-        return TrialState.COMPLETE, (min if self.mode == "min" else max)(finite)
+        return TrialState.COMPLETE, results.best(finite, self.mode)
 
 
 def startup_trials(num_samples: int, setting: int | str = "auto") -> int:
@@ -271,7 +271,7 @@ def check_resume_config(cfg: ExperimentConfig, experiment_dir: Path) -> None:
     """Refuse, in one line, a resume whose config differs from the first run's (experiment.json):
     Tune resumes the searcher, scheduler and callbacks as first built, so a changed metric, space,
     num_samples or training setting would be half applied."""
-    path = experiment_dir / export.EXPERIMENT_FILE
+    path = experiment_dir / results.EXPERIMENT_FILE
     if not path.is_file():
         return   # nothing to compare: run_search says there is nothing to resume
     first = flat(json.loads(path.read_text())["config"])

@@ -17,13 +17,10 @@ import json
 import logging
 import math
 import os
-import sys
 from pathlib import Path
 
+from tune_kd import cli
 from tune_kd.config import load_config
-from tune_kd.errors import UserError
-
-DEFAULT_CONFIG = "search_spaces/kd.yaml"
 
 # flag -> dotted config key; a flag left out keeps the config's value.
 FLAG_KEYS = {
@@ -37,9 +34,8 @@ FLAG_KEYS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m tune_kd.train", description=__doc__.split("\n")[0])
-    p.add_argument("--config", default=DEFAULT_CONFIG, help="experiment YAML (default: %(default)s)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    cli.add_config_argument(p)
     p.add_argument("--out_dir", help="where checkpoints go (default: results/<name>/train)")
     p.add_argument("--resume", metavar="DIR", help="continue from a checkpoint directory (e.g. OUT_DIR/last)")
     p.add_argument("--epochs", type=int)
@@ -61,14 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="CE weight: 1 = plain SFT, 0 = pure distillation")
     p.add_argument("--temperature", type=float, help="distillation temperature T")
     p.add_argument("--seed", type=int)
-    p.add_argument("--debug", action="store_true", help="show tracebacks for errors")
-    return p
 
 
 def run(args: argparse.Namespace) -> dict:
     overrides = {key: getattr(args, flag) for flag, key in FLAG_KEYS.items() if getattr(args, flag) is not None}
     cfg = load_config(args.config, overrides)
-    rank = int(os.environ.get("RANK", 0)) if args.ddp else 0
     from tune_kd.prepare import build_demo_after_checks
 
     build_demo_after_checks(cfg, args.config)  # file-locked: concurrent ranks wait for one build
@@ -86,34 +79,32 @@ def run(args: argparse.Namespace) -> dict:
             save(out_dir / "best")
 
     result = train(cfg, report=report, resume_from=args.resume, out_dir=out_dir, ddp=args.ddp)
-    if rank == 0:
+    if rank(args) == 0:
         m = result.metrics
         print(f"done: epoch {m['epoch']} val_ce {m['val_ce']:.4f} val_kl {m['val_kl']:.4f} "
               f"val_acc {m['val_acc']:.3f}; best val_ce {best['val_ce']:.4f} -> {out_dir / 'best'}")
     return result.metrics
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    rank = int(os.environ.get("RANK", 0)) if args.ddp else 0
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from tune_kd.models import quiet_progress_bars
+def rank(args: argparse.Namespace) -> int:
+    """This process's rank: RANK under torchrun with --ddp, else 0."""
+    return int(os.environ.get("RANK", 0)) if args.ddp else 0
 
-    quiet_progress_bars()
+
+def command(args: argparse.Namespace) -> None:
     try:
         run(args)
-    except UserError as exc:
-        if args.debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    # only rank 0 logs progress; the other ranks say only what goes wrong
+    return cli.run("train", __doc__, add_arguments, command, argv,
+                   log_level=lambda args: logging.INFO if rank(args) == 0 else logging.WARNING)
 
 
 if __name__ == "__main__":
