@@ -368,7 +368,7 @@ def command(args: argparse.Namespace) -> None:
     if cfg.stages:   # progressive distillation: a chain of searches (stages.py)
         from tune_kd import stages
 
-        stages.run_stages(cfg, args.config, storage=args.storage, resume=args.resume, **options)
+        stages.run_stages(cfg, args.config, run_search, storage=args.storage, resume=args.resume, **options)
     else:
         run_search(cfg, args.config, storage=args.storage, resume=args.resume, export_best=not args.no_export,
                    **options)

@@ -169,8 +169,11 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.TPESampler:
     constant_liar: trials still running count as bad results, so concurrent asks spread out instead of
     piling onto one optimum. ASHA-stopped trials are PRUNED with their epochs' values: TPE ranks them
     after every completed trial, by how far they got and then by their last value (low-fidelity evidence)."""
-    with warnings.catch_warnings():   # `group` is marked experimental; the search log need not say so per run
+    # `group` is marked experimental, and warn_independent_sampling deprecated (Optuna 4.9; its
+    # default True logs a warning per parameter sampled independently): the search log need not say so
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         return optuna.samplers.TPESampler(seed=cfg.search.seed, multivariate=True, group=True, constant_liar=True,
                                           n_startup_trials=startup_trials(cfg.search.num_samples,
                                                                           cfg.search.startup_trials),

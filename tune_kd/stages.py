@@ -22,11 +22,11 @@ from tune_kd.config import ExperimentConfig, load_config
 log = logging.getLogger(__name__)
 
 
-def run_stages(cfg: ExperimentConfig, source: str, storage: str | None = None, resume: bool = False,
+def run_stages(cfg: ExperimentConfig, source: str, run_search, storage: str | None = None, resume: bool = False,
                **search_options) -> list[dict]:
-    """Run every stage of cfg in order; returns one summary row per stage (also in stages.json)."""
-    from tune_kd.search import run_search
-
+    """Run every stage of cfg in order; returns one summary row per stage (also in stages.json).
+    run_search: search.run_search, passed in by the search (which imports this module, not the
+    other way round)."""
     root = Path(storage or "results").resolve() / cfg.name
     rows, teacher = [], None
     for index, raw in enumerate(cfg.stages, start=1):
