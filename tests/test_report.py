@@ -15,7 +15,7 @@ import pytest
 from conftest import PARAMETERS, render_in_chromium, search_raw
 from tune_kd import controls, report
 from tune_kd.config import load_config
-from tune_kd.progress import SearchProgress
+from tune_kd.terminal_progress import SearchProgress
 
 
 # ----------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from conftest import TINY_ARCH, check_study_agrees, render_in_chromium, search_r
 from tune_kd import checkpoint
 from tune_kd.config import load_config
 from tune_kd.errors import UserError
+from tune_kd.fault_drills import FAULT_FILE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 def epochs_by_trial(experiment_dir: Path) -> dict[str, list[int]]:
@@ -163,7 +164,7 @@ def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_se
 
     fault = tmp_path / "fault.json"
     fault.write_text(json.dumps(plans))
-    monkeypatch.setenv("TUNE_KD_FAULT_FILE", str(fault))   # inherited by the Ray workers started below
+    monkeypatch.setenv(FAULT_FILE_ENV, str(fault))   # inherited by the Ray workers started below
     cfg = load_config(raw=search_raw(world, num_samples=4, search=search_section, scheduler={"type": "none"}))
     summary = search.run_search(cfg, "test", storage=str(tmp_path), num_cpus=2)
     assert not ray.is_initialized()
@@ -251,7 +252,7 @@ def test_kill_and_resume_give_the_uninterrupted_search(world, tmp_path):
         if not fault.exists():
             storage.mkdir()
             fault.write_text(json.dumps(plan))
-        env = {**os.environ, "TUNE_KD_FAULT_FILE": str(fault), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, FAULT_FILE_ENV: str(fault), "PYTHONPATH": str(REPO)}
         return subprocess.Popen([sys.executable, "-m", "tune_kd.search", "--space", str(space), "--storage",
                                  str(storage), "--num-cpus", "2", "--no-dashboard", *flags], cwd=REPO, env=env,
                                 text=True, **popen)
@@ -415,7 +416,7 @@ def test_data_parallel_trials_through_ray_train(world, tmp_path, monkeypatch):
 
     fault = tmp_path / "fault.json"
     fault.write_text(json.dumps([{"kind": "error", "epoch": 2, "times": 1}]))
-    monkeypatch.setenv("TUNE_KD_FAULT_FILE", str(fault))
+    monkeypatch.setenv(FAULT_FILE_ENV, str(fault))
     cfg = load_config(raw=search_raw(world, num_samples=2, scheduler={"type": "none"}, train={"epochs": 2},
                                      resources={"cpu_per_trial": 1, "workers_per_trial": 2}))
     # 2 workers x 1 CPU plus the trial's driver actor: Ray gets 3 logical CPUs (the machine has 2 cores)

@@ -11,7 +11,7 @@ import yaml
 from conftest import search_raw
 from tune_kd import space
 from tune_kd.config import load_config
-from tune_kd.progress import SearchProgress
+from tune_kd.terminal_progress import SearchProgress
 from tune_kd.searcher import make_optuna_searcher, make_scheduler
 
 # load_config checks no file: the search objects below never read these paths

@@ -62,7 +62,7 @@ def run_controls(cfg: ExperimentConfig, best: dict, experiment_dir: Path, traina
     (also written to controls.json); None when the config asks for no arm."""
     from ray import tune
 
-    from tune_kd.progress import SearchProgress, trial_log_options
+    from tune_kd.terminal_progress import SearchProgress, trial_log_options
 
     arms = arm_points(cfg, best)
     if not arms:
