@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tune_kd import data, teacher_cache
-from tune_kd.config import parameter_candidates
+from tune_kd.config_checks import parameter_candidates
 from tune_kd.losses import KD_LOSSES
 from tune_kd.teacher_cache import FORMAT, CacheInputs, CachedTeacher, Layout, compress, layout
 
