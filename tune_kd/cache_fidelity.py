@@ -10,7 +10,8 @@ temperature T, on the same student logits:
 and optionally the gradient error w.r.t. the student's parameters. The cached teacher is rebuilt
 exactly as a trial reads it (teacher_cache.compress, then CachedTeacher.from_stored: the stored
 dtype's rounding included), but in memory, without writing a cache. Each error is reported at its
-worst over the temperatures and divergences (teacher_cache.Fidelity).
+worst over the temperatures and divergences (Fidelity); top_k auto's Ladder holds one per k of
+auto_ladder, and cache_plan.decide picks from it.
 
 Both sums decompose over rows, so the sample is processed batch by batch with flat memory. The
 parameter gradient is linear in the logit gradient (g_params = J^T g_logits), so its error needs

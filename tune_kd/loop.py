@@ -7,6 +7,10 @@ train.kd_loss D: T^k*D, losses.kd_scale) divided by the assistant-token count of
 clip, step, zero_grad(set_to_none=True). At each epoch end: evaluate on the validation split and
 call `report(metrics, save)`, where `save(dir)` writes a resumable checkpoint of the student. No Ray
 in here: the loop runs in plain pytest.
+
+What the loop sets up comes from below it: the rank and device (distributed.py), the tokenizer and
+splits (data.load_data), the models on their scored positions (models.SelectedLogits, scoring.py),
+the teacher cache (cache_plan.open_teacher_cache) and the W&B run (tracking.start_wandb).
 """
 
 from __future__ import annotations
