@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.stages:   # progressive distillation: a chain of searches (stages.py)
             from tune_kd import stages
 
-            stages.run_stages(cfg, args.space, storage=args.storage, resume=args.resume, **options)
+            stages.run_stages(cfg, args.space, storage=args.storage, resume=args.resume, run_search=run_search,
+                              **options)
         else:
             run_search(cfg, args.space, storage=args.storage, resume=args.resume, export_best=not args.no_export,
                        **options)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 from tune_kd import export
 from tune_kd.config import ExperimentConfig, load_config
@@ -22,11 +23,10 @@ from tune_kd.config import ExperimentConfig, load_config
 log = logging.getLogger(__name__)
 
 
-def run_stages(cfg: ExperimentConfig, source: str, storage: str | None = None, resume: bool = False,
-               **search_options) -> list[dict]:
-    """Run every stage of cfg in order; returns one summary row per stage (also in stages.json)."""
-    from tune_kd.search import run_search
-
+def run_stages(cfg: ExperimentConfig, source: str, storage: str | None = None, resume: bool = False, *,
+               run_search: Callable[..., dict], **search_options) -> list[dict]:
+    """Run every stage of cfg in order; returns one summary row per stage (also in stages.json).
+    run_search: search.run_search, passed in by search.main (search imports this module)."""
     root = Path(storage or "results").resolve() / cfg.name
     rows, teacher = [], None
     for index, raw in enumerate(cfg.stages, start=1):
