@@ -249,7 +249,7 @@ def test_auto_runs_live_when_the_k_it_needs_exceeds_max_gb(tiny_config, caplog):
     """A max_gb that holds top-16 but not the k auto needs: no cache, and one log line with the figures."""
     budget_gb = 0.0008   # 859 KB: top-16 (82 bytes x ~8,100 positions) fits, top-32 (146 bytes) does not
     cfg = tiny_config(teacher_cache={"max_gb": budget_gb}, parameters=SEARCHED_T)
-    with caplog.at_level(logging.INFO, logger="tune_kd.loop"):
+    with caplog.at_level(logging.INFO, logger="tune_kd.cache_plan"):
         cache, train_data, _ = open_cache(cfg)
     assert cache is None
     lines = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
