@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import compiling, data, loop, models, teacher_cache  # noqa: E402
+from tune_kd import compiling, data, loop, models, scoring, teacher_cache  # noqa: E402
 from tune_kd.config import load_config  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16
@@ -225,7 +225,7 @@ def main() -> int:
     compiled = args.compile == "on"
     if compiled:
         compiling.compile_bodies(lm, teacher_lm)
-    student_fast, teacher_fast = loop.SelectedLogits(lm), loop.SelectedLogits(teacher_lm)
+    student_fast, teacher_fast = models.SelectedLogits(lm), models.SelectedLogits(teacher_lm)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     fast_batches = [data.collate(pool, idx, stub.pad_token_id)
@@ -255,7 +255,7 @@ def main() -> int:
             top_k = 128 if cfg.teacher_cache.top_k == "auto" else cfg.teacher_cache.top_k   # auto would measure first
             cache_layout = teacher_cache.layout(top_k, args.vocab, cfg.teacher_cache.dtype)
             with torch.inference_mode():
-                teacher_cache.build(loop.teacher_rows(teacher_fast, precision, None), pool, stub.pad_token_id,
+                teacher_cache.build(scoring.teacher_rows(teacher_fast, precision, None), pool, stub.pad_token_id,
                                     cache_layout, Path(cache_dir) / "cache", {})
             build_s = time.perf_counter() - started
             cache = teacher_cache.TeacherCache(Path(cache_dir) / "cache")

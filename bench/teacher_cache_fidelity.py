@@ -18,7 +18,7 @@ is compared with the live teacher at every T of --temperatures (cache_fidelity.F
 printing the worst over T (and where) with the teacher's mean tail mass (the probability outside
 its top k) at T = 1 and T = 5. Every k of auto's ladder is measured in float16 (the default
 dtype); --compare-k are measured in float32 and bfloat16 as well. Last, top_k auto's own
-decision for the world's config with T searched over the same range (loop.plan_teacher_cache,
+decision for the world's config with T searched over the same range (cache_plan.plan_teacher_cache,
 against the fresh student).
 """
 
@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import cache_fidelity, demo, loop, models, teacher_cache  # noqa: E402
+from tune_kd import cache_fidelity, cache_plan, data, demo, loop, losses, models, scoring, teacher_cache  # noqa: E402
 from tune_kd.config import load_config  # noqa: E402
 
 TEMPERATURES = (1.0, 2.0, 3.0, 4.0, 5.0)
@@ -83,18 +83,18 @@ def main() -> int:
     cfg, trained_path = load_world(args)
     precision = models.resolve_precision("float32", torch.device("cpu"))
     torch.manual_seed(cfg.train.seed)   # the fresh student as loop.train would build it
-    tokenizer, train_data, _ = loop.load_data(cfg)
+    tokenizer, train_data, _ = data.load_data(cfg)
     students = {"fresh student": models.make_student(cfg.student, tokenizer, precision)}
     if trained_path.is_dir():
         from transformers import AutoModelForCausalLM
 
         students["trained student"] = AutoModelForCausalLM.from_pretrained(trained_path, dtype=torch.float32)
-    teacher = loop.SelectedLogits(models.make_teacher(cfg.teacher, tokenizer, precision))
+    teacher = models.SelectedLogits(models.make_teacher(cfg.teacher, tokenizer, precision))
     vocab = models.vocab_rows(teacher.lm)
-    pad_id = loop.padding_id(tokenizer)
+    pad_id = data.padding_id(tokenizer)
     batches = cache_fidelity.sample_batches(train_data, pad_id, conversations=args.conversations)
-    teacher_rows = loop.teacher_rows(teacher, precision, None)
-    ks = teacher_cache.auto_ladder(vocab)
+    teacher_rows = scoring.teacher_rows(teacher, precision, None)
+    ks = cache_fidelity.auto_ladder(vocab)
     layouts = [teacher_cache.layout(k, vocab, "float16") for k in ks]
     layouts += [teacher_cache.layout(k, vocab, dtype) for k in args.compare_k if k < vocab
                 for dtype in ("float32", "bfloat16")]
@@ -106,8 +106,8 @@ def main() -> int:
     header = (f"{'k':>5} {'dtype':>8} {'bytes/pos':>9} {'loss error':>10} {'at T':>4} {'grad (params)':>13} "
               f"{'at T':>4} {'grad (logits)':>13} {'at T':>4} {'tail T=1':>9} {'T=5':>8}")
     for name, lm in students.items():
-        student = loop.SelectedLogits(lm)
-        meter = cache_fidelity.FidelityMeter(layouts, args.temperatures, {cfg.train.kd_loss: loop.kd_options(cfg.train)},
+        student = models.SelectedLogits(lm)
+        meter = cache_fidelity.FidelityMeter(layouts, args.temperatures, {cfg.train.kd_loss: losses.kd_options(cfg.train)},
                                              list(student.parameters()))
         for batch in batches:
             s_logits, t_logits, *_ = loop.forward_pair(student, teacher, batch, precision, None, True)
@@ -128,8 +128,8 @@ def main() -> int:
     auto_cfg = cfg.replace(parameters={**cfg.parameters, **searched},
                            teacher_cache=dataclasses.replace(cfg.teacher_cache, mode="auto", top_k="auto"))
     torch.manual_seed(cfg.train.seed)
-    fresh = loop.SelectedLogits(models.make_student(cfg.student, tokenizer, precision))
-    plan, _ = loop.plan_teacher_cache(auto_cfg, tokenizer, train_data, teacher, precision, None, pad_id, fresh)
+    fresh = models.SelectedLogits(models.make_student(cfg.student, tokenizer, precision))
+    plan, _ = cache_plan.plan_teacher_cache(auto_cfg, tokenizer, train_data, teacher, precision, None, pad_id, fresh)
     print(f"\ntop_k auto on this world (T searched in [{min(args.temperatures):g}, {max(args.temperatures):g}], "
           f"{len(train_data)} training conversations, {int(train_data.target_counts.sum())} positions): {plan.why}")
     print(f"\nbench wall time {time.perf_counter() - started:.0f} s")

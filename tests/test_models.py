@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tune_kd import models
+from tune_kd import data, models
 from tune_kd.config import ArchSpec, ModelSpec
 from tune_kd.errors import UserError
 
@@ -159,9 +159,9 @@ def test_models_must_share_a_tokenizer(tmp_path, world):
     other.save_pretrained(str(tmp_path / "student"))
     tok = load_tokenizer(world["tokenizer"])
     with pytest.raises(UserError, match="student.path: .* ships a tokenizer different"):
-        models.check_shared_tokenizer(tok, ModelSpec(path=world["teacher"]), ModelSpec(path=str(tmp_path / "student")),
+        data.check_shared_tokenizer(tok, ModelSpec(path=world["teacher"]), ModelSpec(path=str(tmp_path / "student")),
                                       world["teacher"])
-    models.check_shared_tokenizer(tok, ModelSpec(path=world["teacher"]), ModelSpec(path=world["teacher"]),
+    data.check_shared_tokenizer(tok, ModelSpec(path=world["teacher"]), ModelSpec(path=world["teacher"]),
                                   world["tokenizer"])
 
 

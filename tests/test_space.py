@@ -4,7 +4,8 @@ demonstrably changes the run."""
 import pytest
 
 from tune_kd import space
-from tune_kd.config import SEARCHABLE, load_config
+from tune_kd.config import load_config
+from tune_kd.config_checks import SEARCHABLE
 from tune_kd.errors import ConfigError
 from tune_kd.loop import train
 

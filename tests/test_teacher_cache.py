@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tune_kd import cache_fidelity, data, loop, losses, models, teacher_cache
+from tune_kd import cache_fidelity, cache_plan, data, loop, losses, models, teacher_cache
 from tune_kd.config import load_config
 from tune_kd.errors import ConfigError, UserError
 from tune_kd.losses import KD_LOSSES
@@ -157,7 +157,7 @@ def test_the_built_files_take_what_bytes_per_position_says(tiny_config, tmp_path
 # Fidelity against the live teacher
 # ----------------------------------------------------------------------------------------------
 
-def parameter_fidelity(cfg, student_lm, teacher, train_data, lay, temperature) -> teacher_cache.Fidelity:
+def parameter_fidelity(cfg, student_lm, teacher, train_data, lay, temperature) -> cache_fidelity.Fidelity:
     """cache_fidelity's errors at one temperature, w.r.t. the student's logits and parameters, on the
     first 128 training conversations (4 batches of 32)."""
     precision = models.resolve_precision("float32", torch.device("cpu"))
@@ -249,7 +249,7 @@ def test_auto_runs_live_when_the_k_it_needs_exceeds_max_gb(tiny_config, caplog):
     """A max_gb that holds top-16 but not the k auto needs: no cache, and one log line with the figures."""
     budget_gb = 0.0008   # 859 KB: top-16 (82 bytes x ~8,100 positions) fits, top-32 (146 bytes) does not
     cfg = tiny_config(teacher_cache={"max_gb": budget_gb}, parameters=SEARCHED_T)
-    with caplog.at_level(logging.INFO, logger="tune_kd.loop"):
+    with caplog.at_level(logging.INFO, logger="tune_kd.cache_plan"):
         cache, train_data, _ = open_cache(cfg)
     assert cache is None
     lines = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
@@ -404,7 +404,7 @@ def test_training_reads_the_cache_instead_of_running_the_teacher(tiny_config, mo
 
 def test_when_auto_uses_the_cache(tiny_config):
     positions, vocab, free = 10_000, 103, 10 * 2**30
-    decide = lambda cfg, free_bytes=free: teacher_cache.decide(cfg, positions, vocab, free_bytes)  # noqa: E731
+    decide = lambda cfg, free_bytes=free: cache_plan.decide(cfg, positions, vocab, free_bytes)  # noqa: E731
     fixed = {"top_k": 32}                      # a fixed k: decide measures nothing
     plan = decide(tiny_config(teacher_cache=fixed))
     assert plan.use and plan.layout == teacher_cache.layout(32, vocab, "float16") and "146 bytes per position" in plan.why
@@ -423,15 +423,15 @@ def test_when_auto_uses_the_cache(tiny_config):
 def test_auto_takes_the_smallest_k_within_tolerance_from_the_measurement(tiny_config):
     """decide's rule on a given measurement: the first k within 1% on both errors, else the full row."""
     def ladder(errors):
-        fidelities = {k: teacher_cache.Fidelity(loss, grad, 5.0, 5.0) for k, (loss, grad) in errors.items()}
-        return lambda: teacher_cache.Ladder(fidelities, [1.0, 5.0], ["forward_kl"], 128, 900)
+        fidelities = {k: cache_fidelity.Fidelity(loss, grad, 5.0, 5.0) for k, (loss, grad) in errors.items()}
+        return lambda: cache_fidelity.Ladder(fidelities, [1.0, 5.0], ["forward_kl"], 128, 900)
 
     cfg = tiny_config()
-    plan = teacher_cache.decide(cfg, 1000, 103, 2**40, ladder({8: (0.2, 0.3), 16: (0.005, 0.02), 32: (0.004, 0.009),
+    plan = cache_plan.decide(cfg, 1000, 103, 2**40, ladder({8: (0.2, 0.3), 16: (0.005, 0.02), 32: (0.004, 0.009),
                                                               64: (0.001, 0.002)}))
     assert plan.use and plan.layout.k == 32 and plan.auto["chosen_k"] == 32
     assert "top-16: loss error 0.50% (T 5), gradient 2.00% (T 5)" in plan.why
-    plan = teacher_cache.decide(cfg, 1000, 103, 2**40, ladder({8: (0.2, 0.3), 64: (0.001, 0.011)}))
+    plan = cache_plan.decide(cfg, 1000, 103, 2**40, ladder({8: (0.2, 0.3), 64: (0.001, 0.011)}))
     assert plan.use and plan.layout.full and "exact (the full row)" in plan.why
 
 

@@ -10,7 +10,8 @@ temperature T, on the same student logits:
 and optionally the gradient error w.r.t. the student's parameters. The cached teacher is rebuilt
 exactly as a trial reads it (teacher_cache.compress, then CachedTeacher.from_stored: the stored
 dtype's rounding included), but in memory, without writing a cache. Each error is reported at its
-worst over the temperatures and divergences (teacher_cache.Fidelity).
+worst over the temperatures and divergences (Fidelity); top_k auto's Ladder holds one per k of
+auto_ladder, and cache_plan.decide picks from it.
 
 Both sums decompose over rows, so the sample is processed batch by batch with flat memory. The
 parameter gradient is linear in the logit gradient (g_params = J^T g_logits), so its error needs
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -30,10 +31,9 @@ import numpy as np
 import torch
 
 from tune_kd import data, teacher_cache
-from tune_kd.config import parameter_candidates
+from tune_kd.config_checks import parameter_candidates
 from tune_kd.losses import KD_LOSSES
-from tune_kd.teacher_cache import (FORMAT, CacheInputs, CachedTeacher, Fidelity, Ladder, Layout, auto_ladder,
-                                   compress, layout)
+from tune_kd.teacher_cache import FORMAT, CacheInputs, CachedTeacher, Layout, compress, layout
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,69 @@ SAMPLE_SEED = 0              # ... drawn with this seed, the same for every run 
 SAMPLE_BATCH = 32            # conversations per forward while measuring
 TEMPERATURE_POINTS = 5       # temperatures measured across the run's range (both ends included)
 
+
+# ----------------------------------------------------------------------------------------------
+# What is measured: a layout's errors, and the ladder of ks top_k auto chooses from
+# ----------------------------------------------------------------------------------------------
+
+AUTO_SMALLEST_K = 8         # the ladder auto measures: 8, 16, 32, ... below the vocabulary, then all of it
+
+
+def auto_ladder(vocab: int) -> list[int]:
+    """The ks top_k auto considers, ascending; the last is the vocabulary (the full row: exact)."""
+    ladder, k = [], AUTO_SMALLEST_K
+    while k < vocab:
+        ladder.append(k)
+        k *= 2
+    return ladder + [vocab]
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How far a cache layout is from the live teacher on a sample: the worst relative error over
+    the temperatures (and divergences) measured, and the T where each was worst."""
+
+    loss: float                         # |KD_cache - KD_live| / KD_live
+    grad: float                         # ||g_cache - g_live|| / ||g_live||, g w.r.t. the student's logits
+    loss_at: float | None               # None: exact, nothing measured
+    grad_at: float | None
+    param_grad: float | None = None     # the same w.r.t. the student's parameters (the bench measures it)
+    param_grad_at: float | None = None
+
+    def within(self, tolerance: float) -> bool:
+        return self.loss <= tolerance and self.grad <= tolerance
+
+    def describe(self) -> str:
+        if self.loss_at is None:
+            return "exact (the full row)"
+        return f"loss error {100 * self.loss:.2f}% (T {self.loss_at:g}), gradient {100 * self.grad:.2f}% (T {self.grad_at:g})"
+
+
+EXACT = Fidelity(0.0, 0.0, None, None)   # k = vocab: the full row, nothing estimated
+
+
+@dataclass
+class Ladder:
+    """top_k auto's measurement: the Fidelity of each k of auto_ladder below the vocabulary, in
+    the run's value dtype, and what it was measured on."""
+
+    errors: dict[int, Fidelity]
+    temperatures: list[float]
+    kd_losses: list[str]
+    conversations: int
+    positions: int
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "errors": {str(k): asdict(e) for k, e in self.errors.items()}}
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "Ladder":
+        return cls(**{**raw, "errors": {int(k): Fidelity(**e) for k, e in raw["errors"].items()}})
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring
+# ----------------------------------------------------------------------------------------------
 
 def temperatures_to_check(cfg) -> list[float]:
     """The temperatures a run of cfg trains at, as TEMPERATURE_POINTS evenly spaced values over its

@@ -9,6 +9,9 @@ Tokenized data is cached under `<cache_dir>/tokenized/<key>/`, the key hashing t
 bytes, the tokenizer (vocab, merges, chat template) and max_seq_len. Ingestion streams (ingest.py);
 every run and every trial of a search then memory-maps the one copy, and the train/val split and
 subsets are index views into it, never private copies of the tokens.
+
+A run's inputs come from load_data: the tokenizer teacher and student share (shared_tokenizer), its
+train and validation splits, and the id batches are padded with (padding_id).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from tune_kd import ingest
 from tune_kd.chat_formats import DataError, read_conversations, resolve_format  # noqa: F401  (re-exported)
+from tune_kd.config import ExperimentConfig, ModelSpec
 from tune_kd.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -287,3 +291,60 @@ class BatchList(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return collate(self.data, self.batches[i], self.pad_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's tokenizer and splits
+# ----------------------------------------------------------------------------------------------
+
+def tokenizer_dir(teacher: ModelSpec | None, student: ModelSpec, explicit: str | None) -> str:
+    """Which tokenizer to use: explicit, else the teacher's directory, else the student's."""
+    for candidate in (explicit, teacher.path if teacher else None, student.path):
+        if candidate is not None:
+            return candidate
+    raise UserError("tokenizer: required when neither teacher nor student is a model directory "
+                    "(set tokenizer: to a local HF tokenizer dir)")
+
+
+def check_shared_tokenizer(tokenizer, teacher: ModelSpec | None, student: ModelSpec, used: str) -> None:
+    """Every model directory that ships a tokenizer must ship the same vocabulary as the one used."""
+    from transformers import AutoTokenizer
+
+    vocab = tokenizer.get_vocab()
+    for role, spec in (("teacher", teacher), ("student", student)):
+        if spec is None or spec.path is None or Path(spec.path) == Path(used):
+            continue
+        if not any((Path(spec.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            continue
+        other = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=False)
+        if other.get_vocab() != vocab:
+            raise UserError(f"{role}.path: {spec.path} ships a tokenizer different from {used}: teacher and student "
+                            "must share one tokenizer")
+
+
+def shared_tokenizer(cfg: ExperimentConfig):
+    """The tokenizer teacher and student share (explicit, else the teacher's, else the student's)."""
+    tok_dir = tokenizer_dir(cfg.teacher, cfg.student, cfg.tokenizer)
+    tokenizer = load_tokenizer(tok_dir)
+    check_shared_tokenizer(tokenizer, cfg.teacher, cfg.student, tok_dir)
+    return tokenizer
+
+
+def load_data(cfg: ExperimentConfig, tokenizer=None):
+    """(tokenizer, train split, val split), tokenized through the shared on-disk cache; the
+    splits are views into its memory-mapped arrays."""
+    tokenizer = tokenizer or shared_tokenizer(cfg)
+    d = cfg.data
+    train_data = tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers)
+    if d.val_path:
+        val_data = tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers)
+    else:
+        train_data, val_data = train_val_split(train_data, d.val_fraction)
+    if d.max_train_examples is not None and d.max_train_examples < len(train_data):
+        train_data = fixed_subset(train_data, d.max_train_examples)
+    return tokenizer, train_data, val_data
+
+
+def padding_id(tokenizer) -> int:
+    """The id batches are padded with: the pad token, else end-of-sequence (pads carry no label)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

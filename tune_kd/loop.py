@@ -7,17 +7,17 @@ train.kd_loss D: T^k*D, losses.kd_scale) divided by the assistant-token count of
 clip, step, zero_grad(set_to_none=True). At each epoch end: evaluate on the validation split and
 call `report(metrics, save)`, where `save(dir)` writes a resumable checkpoint of the student. No Ray
 in here: the loop runs in plain pytest.
+
+What the loop sets up comes from below it: the rank and device (distributed.py), the tokenizer and
+splits (data.load_data), the models on their scored positions (models.SelectedLogits, scoring.py),
+the teacher cache (cache_plan.open_teacher_cache) and the W&B run (tracking.start_wandb).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,10 +26,17 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tune_kd import cache_fidelity, checkpoint, compiling, data, features, losses, models, on_policy, teacher_cache
+from tune_kd import checkpoint, compiling, data, features, losses, models, on_policy
+from tune_kd.cache_plan import open_teacher_cache, prepare_teacher_cache  # noqa: F401  (prepare_: for prepare.py)
 from tune_kd.checkpoint import Progress
 from tune_kd.config import ExperimentConfig
+from tune_kd.data import load_data, padding_id, shared_tokenizer  # noqa: F401  (shared_tokenizer: for prepare.py)
+from tune_kd.distributed import setup_distributed
 from tune_kd.errors import UserError
+from tune_kd.losses import kd_options
+from tune_kd.models import SelectedLogits
+from tune_kd.scoring import scored_positions, teacher_forward, teacher_rows
+from tune_kd.tracking import start_wandb
 
 log = logging.getLogger(__name__)
 
@@ -53,104 +60,14 @@ def lr_at(step: int, total: int, base_lr: float, warmup: int) -> float:
     return base_lr / 10 + 0.5 * base_lr * (1 + math.cos(math.pi * progress))
 
 
-def temperature_at(step: int, total: int, t) -> float:
+def temperature_at(step: int, total: int, train_cfg) -> float:
     """The KD temperature at optimizer step `step` of `total` (seed 10.2): train.temperature, or with
     a linear / cosine schedule from train.temperature to train.final_temperature over training."""
-    if t.temperature_schedule == "constant" or t.final_temperature is None:
-        return t.temperature
+    if train_cfg.temperature_schedule == "constant" or train_cfg.final_temperature is None:
+        return train_cfg.temperature
     done = min(1.0, step / max(1, total - 1))
-    remaining = 1.0 - done if t.temperature_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
-    return t.final_temperature + (t.temperature - t.final_temperature) * remaining
-
-
-def kd_options(t) -> dict:
-    """The chosen divergence's own settings."""
-    return {"jsd": {"beta": t.jsd_beta}, "skew_kl": {"skew": t.skew}}.get(t.kd_loss, {})
-
-
-class SelectedLogits(torch.nn.Module):
-    """Runs a causal LM but projects only the scored positions through the LM head.
-
-    The head is most of a small model's FLOPs and memory at large vocab; chat data scores only
-    assistant tokens, so only those rows are computed. forward(input_ids (B, T), positions (B, T)
-    bool) -> (logits (N, V), features, router_aux). Models that post-process logits (soft-capping)
-    take the full path. features: with feature_layers (feature distillation) the hidden states
-    (N, H) of those layers, through `projector` when given (the student's side; a submodule, so
-    DDP syncs it), else None. router_aux: a mixture-of-experts model's load-balancing loss (already
-    times its router_aux_loss_coef), else None.
-    """
-
-    def __init__(self, lm: torch.nn.Module, feature_layers: tuple[int, ...] = (), projector=None):
-        super().__init__()
-        self.lm, self.feature_layers, self.projector = lm, tuple(feature_layers), projector
-        self.full_path = getattr(lm.config, "final_logit_softcapping", None) is not None
-        self.moe = models.moe_settings(lm.config)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        wants = {"use_cache": False}   # no KV cache to fill: it costs memory, and recompiles compiled layers
-        if self.feature_layers:
-            wants["output_hidden_states"] = True
-        if self.moe is not None and self.training:
-            wants["output_router_logits"] = True
-        if self.full_path:
-            out = self.lm(input_ids=input_ids, **wants)
-            logits = out.logits[positions]
-        else:
-            out = self.lm.base_model(input_ids=input_ids, **wants)
-            logits = self.lm.get_output_embeddings()(out.last_hidden_state[positions])      # (N, V)
-        features = None
-        if self.feature_layers:
-            features = [out.hidden_states[layer][positions] for layer in self.feature_layers]
-            features = self.projector(features) if self.projector is not None else features
-        router_aux = None
-        if wants.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            experts, top_k, coef = self.moe
-            router_aux = coef * load_balancing_loss_func(out.router_logits, experts, top_k)
-        return logits, features, router_aux
-
-
-def setup_distributed(ddp: bool, requested_device: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); under torchrun with --ddp: NCCL on GPU, gloo on CPU."""
-    if not ddp:
-        return 0, 1, models.resolve_device(requested_device)
-    if "RANK" not in os.environ:
-        raise UserError("--ddp needs to be launched by torchrun (torchrun --nproc_per_node N -m tune_kd.train --ddp)")
-    device = models.resolve_device(requested_device)
-    if device.type == "cuda":
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        # torchrun shows every GPU; a launcher may show each worker only its own
-        device = torch.device("cuda", local_rank if local_rank < torch.cuda.device_count() else 0)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(positions (B, T) bool, targets (N,)): the logit at t is scored against labels[t + 1]."""
-    shifted_mask, targets = losses.target_positions(labels)
-    positions = torch.zeros_like(labels, dtype=torch.bool)
-    positions[:, :-1] = shifted_mask
-    return positions, targets
-
-
-def teacher_forward(teacher, input_ids, positions, precision, teacher_cols):
-    """The teacher's logits (N, V) at the scored positions (its extra vocab columns dropped) and
-    its features, under inference mode."""
-    with torch.inference_mode(), precision.autocast():
-        logits, features, _ = teacher(input_ids, positions)
-    return (logits[:, :teacher_cols] if teacher_cols is not None else logits), features
-
-
-def teacher_rows(teacher, precision, teacher_cols):
-    """batch -> the teacher's logits at its scored positions, what the teacher cache stores."""
-    def rows(batch):
-        labels = batch["labels"].to(precision.device)
-        return teacher_forward(teacher, batch["input_ids"].to(precision.device), scored_positions(labels)[0],
-                               precision, teacher_cols)[0]
-    return rows
+    remaining = 1.0 - done if train_cfg.temperature_schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
+    return train_cfg.final_temperature + (train_cfg.temperature - train_cfg.final_temperature) * remaining
 
 
 def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher: bool, cache=None):
@@ -187,20 +104,20 @@ def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, tea
     own samples (on_policy.py), so the loss is the divergence alone, T^k * D (alpha is CE's weight,
     and a sampled token is no label).
     """
-    t = cfg.train
-    temperature = t.temperature if temperature is None else temperature
+    train_cfg = cfg.train
+    temperature = train_cfg.temperature if temperature is None else temperature
     s_logits, t_logits, targets, _, extras = forward_pair(student, teacher, batch, precision, teacher_cols,
                                                           need_teacher, cache)
-    parts = losses.distillation_loss(s_logits, t_logits, targets, 0.0 if on_policy_batch else t.alpha, temperature,
-                                     normalizer, t.kd_loss, kd_options=kd_options(t))
+    parts = losses.distillation_loss(s_logits, t_logits, targets, 0.0 if on_policy_batch else train_cfg.alpha, temperature,
+                                     normalizer, train_cfg.kd_loss, kd_options=kd_options(train_cfg))
     if extras["features"] is not None:
-        parts.feature = features.feature_loss_sum(*extras["features"], t.feature_loss) / max(float(normalizer), 1.0)
-        parts.loss = parts.loss + t.feature_weight * parts.feature
+        parts.feature = features.feature_loss_sum(*extras["features"], train_cfg.feature_loss) / max(float(normalizer), 1.0)
+        parts.loss = parts.loss + train_cfg.feature_weight * parts.feature
     if extras["router_aux"] is not None:
         # The seed adds the router's load-balancing loss to CE (so it weighs alpha); a per-batch mean,
         # weighted by this micro-batch's share of the window's tokens so accumulation stays exact.
         share = targets.numel() / max(float(normalizer), 1.0)
-        parts.loss = parts.loss + t.alpha * extras["router_aux"] * share
+        parts.loss = parts.loss + train_cfg.alpha * extras["router_aux"] * share
     with (contextlib.nullcontext() if sync or not hasattr(student, "no_sync") else student.no_sync()):
         scaler.scale(parts.loss).backward()
     return parts
@@ -228,11 +145,11 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     eval.generation_samples (and `generation`), val_gen_acc and val_gen_ce from the student's greedy
     replies to that many validation prompts (on_policy.py); NaN otherwise.
     """
-    t = cfg.train
-    temperature = t.temperature if temperature is None else temperature   # val_loss at the current T
+    train_cfg = cfg.train
+    temperature = train_cfg.temperature if temperature is None else temperature   # val_loss at the current T
     student.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=precision.device)  # ce, kl@1, kd@T, tokens, right, rows
-    batches = data.epoch_batches(val_data, t.batch_size, t.seed, epoch=0, shuffle=False)[rank::world]
+    batches = data.epoch_batches(val_data, train_cfg.batch_size, train_cfg.seed, epoch=0, shuffle=False)[rank::world]
     for indices in batches:
         batch = data.collate(val_data, indices, pad_id)
         s_logits, t_logits, targets, positions, _ = forward_pair(student, teacher, batch, precision, teacher_cols,
@@ -243,14 +160,14 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
         sums[0] += losses.ce_sum(s_logits, targets)
         if t_logits is not None:
             sums[1] += losses.forward_kl_sum(s_logits, t_logits, 1.0)
-            sums[2] += losses.KD_LOSSES[t.kd_loss](s_logits, t_logits, temperature, **kd_options(t))
+            sums[2] += losses.KD_LOSSES[train_cfg.kd_loss](s_logits, t_logits, temperature, **kd_options(train_cfg))
         sums[3] += targets.numel()
         sums[4] += ((wrong == 0) & positions.any(1)).sum()
         sums[5] += positions.any(1).sum()
     gen_sums = torch.zeros(4, dtype=torch.float64, device=precision.device)
     if generation is not None and cfg.eval.generation_samples:
         subset = on_policy.generation_subset(val_data, cfg.eval.generation_samples)[rank::world]
-        gen_sums = on_policy.generation_sums(student.lm, generation, val_data, subset, t.batch_size,
+        gen_sums = on_policy.generation_sums(student.lm, generation, val_data, subset, train_cfg.batch_size,
                                              teacher_rows(teacher, precision, teacher_cols) if teacher else None,
                                              precision.autocast, precision.device)
     if world > 1:
@@ -261,123 +178,9 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     tokens = max(tokens, 1.0)
     has_teacher = teacher is not None
     return {"val_ce": ce / tokens, "val_kl": kl / tokens if has_teacher else float("nan"),
-            "val_loss": (t.alpha * ce + (1 - t.alpha) * losses.kd_scale(t.kd_loss, temperature) * kd_t) / tokens,
+            "val_loss": (train_cfg.alpha * ce
+                         + (1 - train_cfg.alpha) * losses.kd_scale(train_cfg.kd_loss, temperature) * kd_t) / tokens,
             "val_acc": right / max(rows, 1.0), **on_policy.generation_metrics(gen_sums, has_teacher)}
-
-
-def shared_tokenizer(cfg: ExperimentConfig):
-    """The tokenizer teacher and student share (explicit, else the teacher's, else the student's)."""
-    tok_dir = models.tokenizer_dir(cfg.teacher, cfg.student, cfg.tokenizer)
-    tokenizer = data.load_tokenizer(tok_dir)
-    models.check_shared_tokenizer(tokenizer, cfg.teacher, cfg.student, tok_dir)
-    return tokenizer
-
-
-def load_data(cfg: ExperimentConfig, tokenizer=None):
-    """(tokenizer, train split, val split), tokenized through the shared on-disk cache; the
-    splits are views into its memory-mapped arrays."""
-    tokenizer = tokenizer or shared_tokenizer(cfg)
-    d = cfg.data
-    train_data = data.tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers)
-    if d.val_path:
-        val_data = data.tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers)
-    else:
-        train_data, val_data = data.train_val_split(train_data, d.val_fraction)
-    if d.max_train_examples is not None and d.max_train_examples < len(train_data):
-        train_data = data.fixed_subset(train_data, d.max_train_examples)
-    return tokenizer, train_data, val_data
-
-
-def padding_id(tokenizer) -> int:
-    """The id batches are padded with: the pad token, else end-of-sequence (pads carry no label)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-
-def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id,
-                       student):
-    """(teacher_cache.decide's plan for this run, inputs() -> the cache's CacheInputs). student: the
-    SelectedLogits the run starts from, before any training or resume; top_k auto measures the
-    cache's error against it."""
-    vocab = teacher_cols if teacher_cols is not None else models.vocab_rows(teacher.lm)
-    Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
-    inputs = functools.cache(lambda: teacher_cache.CacheInputs(   # hashing a big teacher takes a while: once
-        teacher_cache.model_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
-        teacher_cache.data_fingerprint(train_data), cfg.data.max_seq_len, teacher_cols, vocab))
-
-    def measure_auto_k():
-        divergences = {name: kd_options(dataclasses.replace(cfg.train, kd_loss=name))
-                       for name in cache_fidelity.kd_losses_to_check(cfg)}
-        was_training = student.training
-        student.eval()   # the student's logits as a pure function of its weights (no dropout)
-        try:
-            return cache_fidelity.auto_ladder_for_run(
-                cfg, cfg.data.cache_dir, inputs(), teacher_cache.model_fingerprint(student.lm), train_data, pad_id,
-                teacher_rows(teacher, precision, teacher_cols), teacher_rows(student, precision, None), divergences)
-        finally:
-            student.train(was_training)
-
-    plan = teacher_cache.decide(cfg, int(train_data.target_counts.sum()), vocab,
-                                shutil.disk_usage(cfg.data.cache_dir).free, measure_auto_k)
-    return plan, inputs
-
-
-def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id,
-                       student):
-    """(the teacher cache this run reads, built first when missing, or None when it does not
-    apply; why, as plan_teacher_cache says it, also logged)."""
-    plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, student)
-    log.info("teacher cache: %s", plan.why)
-    if not plan.use:
-        return None, plan.why
-    return teacher_cache.open_or_build(cfg.data.cache_dir, inputs(), teacher_rows(teacher, precision, teacher_cols),
-                                       train_data, pad_id, plan.layout, {"auto": plan.auto} if plan.auto else None), \
-        plan.why
-
-
-def prepare_teacher_cache(cfg: ExperimentConfig):
-    """Build the teacher cache before the trials start (the search's driver), on the device the
-    trials will use, so no trial waits for another: (the cache or None, why). The student is built
-    as loop.train builds it (same seed, same order), so top_k auto measures against the trials'
-    starting student and they all reuse this measurement."""
-    if cfg.teacher is None:
-        return None, "not used: no teacher"
-    if cfg.teacher_cache.mode == "off":
-        return None, "off (teacher_cache: off)"
-    precision = models.resolve_precision(cfg.train.dtype, models.resolve_device(cfg.train.device))
-    torch.manual_seed(cfg.train.seed)
-    tokenizer, train_data, _ = load_data(cfg)
-    student_lm = models.make_student(cfg.student, tokenizer, precision)
-    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
-    teacher_cols = models.check_compatibility(teacher_lm, student_lm, tokenizer)
-    pad_id = padding_id(tokenizer)
-    cache, why = open_teacher_cache(cfg, tokenizer, train_data, SelectedLogits(teacher_lm), precision, teacher_cols,
-                                    pad_id, SelectedLogits(student_lm))
-    del teacher_lm, student_lm
-    if precision.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return cache, why
-
-
-def wandb_has_credentials() -> bool:
-    """An API key in the environment or a wandb login in ~/.netrc."""
-    netrc = Path.home() / ".netrc"
-    return bool(os.environ.get("WANDB_API_KEY")) or (netrc.is_file() and "api.wandb.ai" in netrc.read_text())
-
-
-def wandb_mode() -> str:
-    """WANDB_MODE when the user set it, else online with credentials and offline without."""
-    return os.environ.get("WANDB_MODE") or ("online" if wandb_has_credentials() else "offline")
-
-
-def start_wandb(cfg: ExperimentConfig):
-    """wandb run, imported only when asked for; offline (with a sync hint) when no credentials exist."""
-    import wandb
-
-    mode = wandb_mode()
-    run = wandb.init(project=cfg.logging.wandb_project, name=cfg.name, config=cfg.to_dict(), mode=mode)
-    if mode == "offline":
-        log.info("wandb: no credentials configured, logging offline; upload later with: wandb sync %s", run.dir)
-    return run
 
 
 def gpu_peak_gib(device: torch.device) -> float:
@@ -399,18 +202,19 @@ def loss_is_finite(running_loss: torch.Tensor, world: int) -> bool:
     return bool(flag)
 
 
-def divergence_check_due(step: int, device: torch.device, t) -> bool:
+def divergence_check_due(step: int, device: torch.device, train_cfg) -> bool:
     """Whether the loop checks the loss after optimizer step `step`: every step on CPU; on GPU (a
     check is a device sync) every train.log_interval steps and before every train.save_interval
     save, so `last/` never holds a diverged run's weights. Alike on every rank (the check is a
     collective), whether or not this rank saves."""
-    return device.type == "cpu" or step % t.log_interval == 0 or bool(t.save_interval) and step % t.save_interval == 0
+    return device.type == "cpu" or step % train_cfg.log_interval == 0 \
+        or bool(train_cfg.save_interval) and step % train_cfg.save_interval == 0
 
 
 def generation_setting(cfg: ExperimentConfig) -> str:
     """The setting that makes a run generate, named in its log and error lines."""
-    t = cfg.train
-    return ("train.on_policy_fraction" if t.on_policy_fraction > 0 else "train.seq_kd" if t.seq_kd
+    train_cfg = cfg.train
+    return ("train.on_policy_fraction" if train_cfg.on_policy_fraction > 0 else "train.seq_kd" if train_cfg.seq_kd
             else "eval.generation_samples")
 
 
@@ -429,22 +233,22 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     train.log_interval steps and train.save_interval save on GPU (a check is a device sync), and
     before every evaluation.
     """
-    t = cfg.train
+    train_cfg = cfg.train
     # ---- setup: device, precision, data, models, optimizer ----------------------------------
-    rank, world, device = setup_distributed(ddp, t.device)
-    precision = models.resolve_precision(t.dtype, device)
+    rank, world, device = setup_distributed(ddp, train_cfg.device)
+    precision = models.resolve_precision(train_cfg.dtype, device)
     if rank == 0:
         log.info("precision: %s (device %s)", precision.reason, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)   # gpu_peak_gib: this run's own peak
-    torch.manual_seed(t.seed)
+    torch.manual_seed(train_cfg.seed)
     tokenizer, train_data, val_data = load_data(cfg)
     pad_id = padding_id(tokenizer)
     lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
     teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
-    pairs = features.layer_map(t.feature_layers, lm.config.num_hidden_layers, teacher_lm.config.num_hidden_layers) \
-        if t.feature_weight > 0 and teacher_lm is not None else []
+    pairs = features.layer_map(train_cfg.feature_layers, lm.config.num_hidden_layers, teacher_lm.config.num_hidden_layers) \
+        if train_cfg.feature_weight > 0 and teacher_lm is not None else []
     projector = features.FeatureProjector(len(pairs), lm.config.hidden_size, teacher_lm.config.hidden_size).to(device) \
         if pairs else None
     extra_state = {"feature_projector": projector} if projector is not None else {}   # trained, not exported
@@ -452,37 +256,37 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     trained = SelectedLogits(lm, [p[0] for p in pairs], projector)   # every trained parameter
     student = trained if world == 1 else torch.nn.parallel.DistributedDataParallel(
         trained, device_ids=[device] if device.type == "cuda" else None)
-    generates_in_training = t.on_policy_fraction > 0 or t.seq_kd
-    need_teacher = teacher is not None and (t.alpha < 1.0 or bool(pairs) or generates_in_training)
+    generates_in_training = train_cfg.on_policy_fraction > 0 or train_cfg.seq_kd
+    need_teacher = teacher is not None and (train_cfg.alpha < 1.0 or bool(pairs) or generates_in_training)
     generation = on_policy.Generation(cfg, tokenizer, pad_id, [lm, teacher_lm], generation_setting(cfg)) \
         if generates_in_training or cfg.eval.generation_samples else None
     # before any resume: top_k auto measures against the starting student, as every trial does.
     # Evaluation and on-policy batches keep the live teacher (exact val metrics; new sequences);
     # under seq_kd no batch is the data's, so the cache could serve none.
     cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, trained)[0] \
-        if need_teacher and not pairs and not t.seq_kd and t.on_policy_fraction < 1 else None
-    optimizer = torch.optim.AdamW(trained.parameters(), lr=t.learning_rate, weight_decay=t.weight_decay,
+        if need_teacher and not pairs and not train_cfg.seq_kd and train_cfg.on_policy_fraction < 1 else None
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     progress = checkpoint.load_checkpoint(resume_from, lm, optimizer, scaler, extra_state) if resume_from \
         else Progress()
     counts = train_data.target_counts
-    per_rank = len(data.epoch_batches(train_data, t.batch_size, t.seed, 0)) // world
+    per_rank = len(data.epoch_batches(train_data, train_cfg.batch_size, train_cfg.seed, 0)) // world
     if per_rank < 1:
         raise UserError(f"data: {len(train_data)} training conversations make fewer batches than ranks ({world})")
-    steps_per_epoch = math.ceil(per_rank / t.accumulation_steps)
-    total_steps = t.epochs * steps_per_epoch
+    steps_per_epoch = math.ceil(per_rank / train_cfg.accumulation_steps)
+    total_steps = train_cfg.epochs * steps_per_epoch
     save = lambda directory: checkpoint.save_checkpoint(Path(directory), lm, tokenizer, optimizer, scaler,  # noqa: E731
                                                         progress, extra_state)
     wandb_run = start_wandb(cfg) if rank == 0 and (cfg.logging.wandb if use_wandb is None else use_wandb) else None
     if rank == 0:
         log.info("train: %d conversations, %d val; %d epochs x %d steps; student %.2fM params%s", len(train_data),
-                 len(val_data), t.epochs, steps_per_epoch, sum(p.numel() for p in lm.parameters()) / 1e6,
+                 len(val_data), train_cfg.epochs, steps_per_epoch, sum(p.numel() for p in lm.parameters()) / 1e6,
                  f", teacher {sum(p.numel() for p in teacher_lm.parameters()) / 1e6:.2f}M" if teacher_lm else "")
-    if generation is not None and (t.compile == "on" or t.compile == "auto" and device.type == "cuda"):
+    if generation is not None and (train_cfg.compile == "on" or train_cfg.compile == "auto" and device.type == "cuda"):
         # generate()'s cached decoding steps would recompile at every new length
-        log.info("compile: off (train.compile %s): this run generates (%s)", t.compile, generation_setting(cfg))
-    compiler = compiling.TrialCompile("off" if generation is not None else t.compile, device, (lm, teacher_lm),
+        log.info("compile: off (train.compile %s): this run generates (%s)", train_cfg.compile, generation_setting(cfg))
+    compiler = compiling.TrialCompile("off" if generation is not None else train_cfg.compile, device, (lm, teacher_lm),
                                       cfg.data.cache_dir,
                                       compiling.shapes_key(lm, teacher_lm, need_teacher and cache is None, device,
                                                            precision.autocast_dtype),
@@ -494,14 +298,14 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             raise TrainingDiverged(f"loss became {epoch_loss.item()} at epoch {epoch + 1} step {progress.step} "
                                    f"(lr {optimizer.param_groups[0]['lr']:.3g}): lower train.learning_rate, "
                                    "tighten train.grad_clip, or use float32")
-    for epoch in range(progress.epoch, t.epochs):
+    for epoch in range(progress.epoch, train_cfg.epochs):
         # ---- one epoch: this rank's shard of the epoch's batches, in accumulation windows ----
-        all_batches = data.epoch_batches(train_data, t.batch_size, t.seed, epoch)[: per_rank * world]
+        all_batches = data.epoch_batches(train_data, train_cfg.batch_size, train_cfg.seed, epoch)[: per_rank * world]
         shards = [all_batches[r::world] for r in range(world)]
-        window_tokens = [sum(int(counts[b].sum()) for shard in shards for b in shard[w:w + t.accumulation_steps])
-                         for w in range(0, per_rank, t.accumulation_steps)]
+        window_tokens = [sum(int(counts[b].sum()) for shard in shards for b in shard[w:w + train_cfg.accumulation_steps])
+                         for w in range(0, per_rank, train_cfg.accumulation_steps)]
         loader = torch.utils.data.DataLoader(data.BatchList(train_data, shards[rank][progress.batch:], pad_id),
-                                             batch_size=None, num_workers=t.num_workers,
+                                             batch_size=None, num_workers=train_cfg.num_workers,
                                              pin_memory=device.type == "cuda")
         epoch_loss = torch.zeros((), device=device)
         log_sums, log_steps = torch.zeros(3, device=device), 0      # loss, ce, kd since the last log line
@@ -509,21 +313,22 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         epoch_tokens, epoch_steps, epoch_started = 0, 0, time.perf_counter()
         kind_seconds, kind_batches = {"off_policy": 0.0, "on_policy": 0.0}, {"off_policy": 0, "on_policy": 0}
         for micro, batch in enumerate(loader, start=progress.batch):
-            window, last_in_window = micro // t.accumulation_steps, (micro + 1) % t.accumulation_steps == 0 \
+            window, last_in_window = micro // train_cfg.accumulation_steps, (micro + 1) % train_cfg.accumulation_steps == 0 \
                 or micro + 1 == per_rank
-            if micro % t.accumulation_steps == 0:
+            if micro % train_cfg.accumulation_steps == 0:
                 for group in optimizer.param_groups:
-                    group["lr"] = lr_at(progress.step, total_steps, t.learning_rate, t.warmup_iters)
-                temperature = temperature_at(progress.step, total_steps, t)
+                    group["lr"] = lr_at(progress.step, total_steps, train_cfg.learning_rate, train_cfg.warmup_iters)
+                temperature = temperature_at(progress.step, total_steps, train_cfg)
             batch_started = time.perf_counter()
-            kind = "on_policy" if on_policy.is_on_policy(t.on_policy_fraction, t.seed, epoch, micro) else "off_policy"
+            kind = "on_policy" if on_policy.is_on_policy(train_cfg.on_policy_fraction, train_cfg.seed, epoch, micro) \
+                else "off_policy"
             # Each rank's share: DDP averages gradients over ranks, the window count is global.
             normalizer, batch_cache = window_tokens[window] / world, cache
-            if kind == "on_policy" or t.seq_kd:
+            if kind == "on_policy" or train_cfg.seq_kd:
                 data_targets = max(int(counts[batch["indices"]].sum()), 1)
                 if kind == "on_policy":
                     batch, targets = generation.on_policy_batch(
-                        lm, train_data, batch["indices"], on_policy.sampling_seed(t.seed, epoch, micro, rank),
+                        lm, train_data, batch["indices"], on_policy.sampling_seed(train_cfg.seed, epoch, micro, rank),
                         precision.autocast)
                 else:
                     batch, targets = generation.teacher_reply_batch(teacher_lm, train_data, batch["indices"],
@@ -542,7 +347,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             epoch_tokens += batch["num_tokens"]
             if not last_in_window:
                 continue
-            optimizer_step(trained, optimizer, scaler, t.grad_clip)
+            optimizer_step(trained, optimizer, scaler, train_cfg.grad_clip)
             compiler.after_step(epoch)
             progress.step, progress.batch, epoch_steps = progress.step + 1, micro + 1, epoch_steps + 1
             steps_this_run, log_steps = steps_this_run + 1, log_steps + 1
@@ -550,9 +355,9 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             window_loss.zero_()
             if step_hook is not None:
                 step_hook(epoch + 1, epoch_steps, lm)
-            if divergence_check_due(progress.step, device, t):
+            if divergence_check_due(progress.step, device, train_cfg):
                 stop_if_diverged(epoch_loss, epoch)
-            if progress.step % t.log_interval == 0 and rank == 0:
+            if progress.step % train_cfg.log_interval == 0 and rank == 0:
                 loss, ce, kd = (log_sums / log_steps).tolist()
                 elapsed = time.perf_counter() - run_started
                 remaining = elapsed / steps_this_run * (total_steps - progress.step)
@@ -564,7 +369,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                                   step=progress.step)
                 log_sums.zero_()
                 log_steps = 0
-            if t.save_interval and progress.step % t.save_interval == 0 and out_dir and rank == 0:
+            if train_cfg.save_interval and progress.step % train_cfg.save_interval == 0 and out_dir and rank == 0:
                 save(Path(out_dir) / "last")
         # ---- epoch end: evaluate, report, checkpoint --------------------------------------------
         if device.type == "cuda":
@@ -580,7 +385,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                       for kind in kind_seconds}}
         # the unwrapped student: DDP's forward broadcasts buffers, a collective a rank without a batch never joins
         metrics.update(evaluate(trained, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world,
-                                temperature=temperature_at(progress.step, total_steps, t), generation=generation))
+                                temperature=temperature_at(progress.step, total_steps, train_cfg), generation=generation))
         metrics["gpu_peak_gib"] = gpu_peak_gib(device)
         progress.history.append(metrics)
         if rank == 0:

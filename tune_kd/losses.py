@@ -52,9 +52,10 @@ def ce_sum(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def _log_probs(student_logits, teacher, temperature):
     """fp32 log-probabilities of both at temperature T: (log q_student, log p_teacher), over the
-    vocabulary for live teacher logits (N, V) and for a teacher_cache.CachedTeacher, which rebuilds
-    them from its rows (the cache's module imports this one, so it is recognised by its method)."""
-    if hasattr(teacher, "log_probs"):
+    vocabulary for live teacher logits (an (N, V) tensor) and for anything else that rebuilds them
+    itself through log_probs(student_logits, T): a teacher_cache.CachedTeacher (whose module imports
+    this one, so this one never names it)."""
+    if not isinstance(teacher, torch.Tensor):
         return teacher.log_probs(student_logits, temperature)
     return (F.log_softmax(student_logits.float() / temperature, dim=-1),
             F.log_softmax(teacher.float() / temperature, dim=-1))
@@ -120,6 +121,11 @@ def tvd_sum(student_logits, teacher_logits, temperature, **_):
 # teacher's distribution at temperature T, q the student's.
 KD_LOSSES = {"forward_kl": forward_kl_sum, "reverse_kl": reverse_kl_sum, "jsd": jsd_sum, "skew_kl": skew_kl_sum,
              "tvd": tvd_sum}
+
+def kd_options(train) -> dict:
+    """The chosen divergence's own settings (KD_LOSSES' keyword arguments), from a TrainConfig."""
+    return {"jsd": {"beta": train.jsd_beta}, "skew_kl": {"skew": train.skew}}.get(train.kd_loss, {})
+
 
 # name -> k of the objective's T^k factor: the power of 1/T at which the divergence's gradient
 # w.r.t. the student's logits shrinks at large T (the module docstring derives it)

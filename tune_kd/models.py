@@ -1,4 +1,5 @@
-"""Device and precision resolution; loading or building teacher and student; compatibility checks.
+"""Device and precision resolution; loading or building teacher and student; compatibility checks;
+SelectedLogits, the wrapper that runs either model on the scored positions only.
 
 Precision is decided here, once, with the reason logged:
 
@@ -160,6 +161,49 @@ def moe_settings(config) -> tuple[int, int, float] | None:
     if not experts or not hasattr(config, "router_aux_loss_coef"):
         return None
     return int(experts), int(getattr(config, "num_experts_per_tok", 2)), float(config.router_aux_loss_coef)
+
+
+class SelectedLogits(torch.nn.Module):
+    """Runs a causal LM but projects only the scored positions through the LM head.
+
+    The head is most of a small model's FLOPs and memory at large vocab; chat data scores only
+    assistant tokens, so only those rows are computed. forward(input_ids (B, T), positions (B, T)
+    bool) -> (logits (N, V), features, router_aux). Models that post-process logits (soft-capping)
+    take the full path. features: with feature_layers (feature distillation) the hidden states
+    (N, H) of those layers, through `projector` when given (the student's side; a submodule, so
+    DDP syncs it), else None. router_aux: a mixture-of-experts model's load-balancing loss (already
+    times its router_aux_loss_coef), else None.
+    """
+
+    def __init__(self, lm: torch.nn.Module, feature_layers: tuple[int, ...] = (), projector=None):
+        super().__init__()
+        self.lm, self.feature_layers, self.projector = lm, tuple(feature_layers), projector
+        self.full_path = getattr(lm.config, "final_logit_softcapping", None) is not None
+        self.moe = moe_settings(lm.config)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
+        wants = {"use_cache": False}   # no KV cache to fill: it costs memory, and recompiles compiled layers
+        if self.feature_layers:
+            wants["output_hidden_states"] = True
+        if self.moe is not None and self.training:
+            wants["output_router_logits"] = True
+        if self.full_path:
+            out = self.lm(input_ids=input_ids, **wants)
+            logits = out.logits[positions]
+        else:
+            out = self.lm.base_model(input_ids=input_ids, **wants)
+            logits = self.lm.get_output_embeddings()(out.last_hidden_state[positions])      # (N, V)
+        features = None
+        if self.feature_layers:
+            features = [out.hidden_states[layer][positions] for layer in self.feature_layers]
+            features = self.projector(features) if self.projector is not None else features
+        router_aux = None
+        if wants.get("output_router_logits"):
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+
+            experts, top_k, coef = self.moe
+            router_aux = coef * load_balancing_loss_func(out.router_logits, experts, top_k)
+        return logits, features, router_aux
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -355,28 +399,3 @@ def check_vocab(n_tok: int, n_student: int, n_teacher: int | None) -> int | None
                  n_teacher - n_student)
         return n_student
     return None
-
-
-def tokenizer_dir(teacher: ModelSpec | None, student: ModelSpec, explicit: str | None) -> str:
-    """Which tokenizer to use: explicit, else the teacher's directory, else the student's."""
-    for candidate in (explicit, teacher.path if teacher else None, student.path):
-        if candidate is not None:
-            return candidate
-    raise UserError("tokenizer: required when neither teacher nor student is a model directory "
-                    "(set tokenizer: to a local HF tokenizer dir)")
-
-
-def check_shared_tokenizer(tokenizer, teacher: ModelSpec | None, student: ModelSpec, used: str) -> None:
-    """Every model directory that ships a tokenizer must ship the same vocabulary as the one used."""
-    from transformers import AutoTokenizer
-
-    vocab = tokenizer.get_vocab()
-    for role, spec in (("teacher", teacher), ("student", student)):
-        if spec is None or spec.path is None or Path(spec.path) == Path(used):
-            continue
-        if not any((Path(spec.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            continue
-        other = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=False)
-        if other.get_vocab() != vocab:
-            raise UserError(f"{role}.path: {spec.path} ships a tokenizer different from {used}: teacher and student "
-                            "must share one tokenizer")

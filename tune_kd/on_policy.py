@@ -117,7 +117,7 @@ def generate(lm, prompts: list[np.ndarray], *, max_new_tokens: int, temperature:
 
 def reply_batch(prompts: list[np.ndarray], replies: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
     """A right-padded training batch of prompt + reply, labelled on the reply only (as data.collate
-    labels assistant tokens), so loop.scored_positions picks exactly the reply's predictions."""
+    labels assistant tokens), so scoring.scored_positions picks exactly the reply's predictions."""
     width = max(len(p) + len(r) for p, r in zip(prompts, replies))
     input_ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
     labels = np.full((len(prompts), width), IGNORE_INDEX, dtype=np.int64)

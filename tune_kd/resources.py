@@ -40,11 +40,11 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
 
     import torch
 
-    from tune_kd import data, loop, models
+    from tune_kd import cache_plan, data, loop, models
 
     device = torch.device("cuda")
     precision = models.resolve_precision(cfg.train.dtype, device)
-    tokenizer, train_data, _ = loop.load_data(cfg)
+    tokenizer, train_data, _ = data.load_data(cfg)
     gc.collect()
     torch.cuda.empty_cache()
     held = torch.cuda.memory_allocated(device)
@@ -52,11 +52,11 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
     teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
-    student = loop.SelectedLogits(lm)
-    teacher = loop.SelectedLogits(teacher_lm) if teacher_lm is not None else None
-    pad_id = loop.padding_id(tokenizer)
+    student = models.SelectedLogits(lm)
+    teacher = models.SelectedLogits(teacher_lm) if teacher_lm is not None else None
+    pad_id = data.padding_id(tokenizer)
     # alpha may be searched: assume the trial runs (or reads) the teacher whenever there is one
-    cache = loop.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, student)[0] \
+    cache = cache_plan.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, student)[0] \
         if teacher is not None and cfg.train.feature_weight == 0 else None
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler)
@@ -116,11 +116,11 @@ def prepare_where_trials_run(cfg: ExperimentConfig, measure: bool) -> dict:
     """Build (or find) the teacher cache and, when asked, measure one trial's GPU peak, in this
     process: {"teacher_cache": folder or None, "why", "pid", "host", and with measure "peak", "total"
     (bytes)}, or {"error": one line} for a UserError or a missing CUDA device."""
-    from tune_kd import loop
+    from tune_kd import cache_plan
 
     where = {"pid": os.getpid(), "host": socket.gethostname()}
     try:
-        cache, why = loop.prepare_teacher_cache(cfg)
+        cache, why = cache_plan.prepare_teacher_cache(cfg)
         where.update(teacher_cache=str(cache.directory) if cache is not None else None, why=why)
         if measure:
             import torch

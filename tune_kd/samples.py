@@ -1,7 +1,7 @@
 """A few validation prompts answered by the teacher, the best student and the plain-SFT control.
 
 report.build puts them in a table, so a person sees what distillation changed and not only its
-numbers. The prompts are spread over the experiment's validation split (loop.load_data: the split
+numbers. The prompts are spread over the experiment's validation split (data.load_data: the split
 every trial validated on), each example cut before its first assistant token, so a model sees the
 chat exactly as training rendered it (template, system and user turns, assistant header). The
 answers are greedy (do_sample=False), at most MAX_NEW_TOKENS, on the GPU when there is one (a large
@@ -81,9 +81,9 @@ def validation_prompts(cfg, count: int = NUM_PROMPTS):
     """(tokenizer, [(prompt ids, reference ids)]): `count` validation examples spread over the split."""
     import numpy as np
 
-    from tune_kd import loop
+    from tune_kd import data
 
-    tokenizer, _, val = loop.load_data(cfg)
+    tokenizer, _, val = data.load_data(cfg)
     picks = np.unique(np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int))
     pairs = []
     for i in picks:
@@ -119,7 +119,7 @@ def build_samples(experiment_dir: Path, meta: dict, count: int = NUM_PROMPTS) ->
     becomes a note: the report is the last step of a finished search and must not be lost to it."""
     import torch
 
-    from tune_kd import loop, models
+    from tune_kd import data, models
 
     try:
         cfg = experiment_config(meta)
@@ -136,7 +136,7 @@ def build_samples(experiment_dir: Path, meta: dict, count: int = NUM_PROMPTS) ->
     for column, spec in specs.items():
         try:
             model = models.load_model_dir(spec, column, dtype).to(device).eval()
-            samples.answers[column] = greedy_answers(model, tokenizer, prompts, loop.padding_id(tokenizer))
+            samples.answers[column] = greedy_answers(model, tokenizer, prompts, data.padding_id(tokenizer))
         except Exception as exc:   # one broken model costs its column only
             samples.notes.append(f"{column}: {_first_line(exc)}")
     return samples

@@ -9,8 +9,9 @@ The syntax is W&B sweeps': each searched train key maps to one distribution,
     kd_loss:       {values: [forward_kl]}                             # categorical
     warmup_iters:  {value: 20}                                        # constant
 
-Validation (ranges, types, every reachable value being a valid setting) lives in config.py, so a
-bad file fails before Ray starts; this module only translates.
+Validation (ranges, types, every reachable value being a valid setting) lives in config_checks.py,
+with the table of distributions and their keys (DISTRIBUTIONS), so a bad file fails before Ray
+starts; this module only translates.
 """
 
 from __future__ import annotations
@@ -19,28 +20,28 @@ import dataclasses
 from typing import Any
 
 from tune_kd.config import ExperimentConfig
+from tune_kd.config_checks import DISTRIBUTIONS
+
+
+# config_checks.DISTRIBUTIONS' names (the one table of distributions and their keys) -> the Ray Tune
+# domain of a spec with those keys
+_DOMAINS = {
+    "log_uniform_values": lambda tune, spec: tune.loguniform(spec["min"], spec["max"]),
+    "uniform": lambda tune, spec: tune.uniform(spec["min"], spec["max"]),
+    "int_uniform": lambda tune, spec: tune.randint(spec["min"], spec["max"] + 1),   # W&B's max is inclusive, randint's not
+    "q_uniform": lambda tune, spec: tune.quniform(spec["min"], spec["max"], spec["q"]),
+    "values": lambda tune, spec: tune.choice(spec["values"]),
+    "value": lambda tune, spec: spec["value"],
+}
+assert _DOMAINS.keys() == DISTRIBUTIONS.keys(), "space.py translates every distribution config_checks accepts"
 
 
 def tune_domains(cfg: ExperimentConfig) -> dict[str, Any]:
     """param_space for ray.tune.Tuner: name -> domain (or a constant for `value`)."""
     from ray import tune
 
-    domains = {}
-    for name, spec in cfg.parameters.items():
-        dist = spec.get("distribution", "values" if "values" in spec else "value")
-        if dist == "log_uniform_values":
-            domains[name] = tune.loguniform(spec["min"], spec["max"])
-        elif dist == "uniform":
-            domains[name] = tune.uniform(spec["min"], spec["max"])
-        elif dist == "int_uniform":
-            domains[name] = tune.randint(spec["min"], spec["max"] + 1)   # W&B's max is inclusive, randint's is not
-        elif dist == "q_uniform":
-            domains[name] = tune.quniform(spec["min"], spec["max"], spec["q"])
-        elif dist == "values":
-            domains[name] = tune.choice(spec["values"])
-        else:
-            domains[name] = spec["value"]
-    return domains
+    return {name: _DOMAINS[spec.get("distribution", "values" if "values" in spec else "value")](tune, spec)
+            for name, spec in cfg.parameters.items()}
 
 
 def fixed_point(cfg: ExperimentConfig) -> dict[str, Any]:

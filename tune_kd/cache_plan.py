@@ -1,0 +1,179 @@
+"""Whether and how a run reads the teacher cache, and the way to it.
+
+decide() applies the rule (teacher_cache.py's format; cache_fidelity.py's measurement for top_k
+auto): the cache serves runs that need only the teacher's logits, with a fixed k or the smallest k
+of the ladder within AUTO_TOLERANCE, when it fits teacher_cache.max_gb and the disk.
+plan_teacher_cache gathers a run's inputs for it, open_teacher_cache opens the planned cache
+(building it first when missing), and prepare_teacher_cache builds it in the search's driver before
+any trial starts, from the student every trial starts from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from tune_kd import cache_fidelity, data, models, teacher_cache
+from tune_kd.cache_fidelity import EXACT, Ladder
+from tune_kd.config import ExperimentConfig
+from tune_kd.errors import UserError
+from tune_kd.losses import kd_options
+from tune_kd.scoring import teacher_rows
+from tune_kd.teacher_cache import Layout, bytes_per_position, layout
+
+log = logging.getLogger(__name__)
+
+AUTO_TOLERANCE = 0.01       # top_k auto: the largest relative loss and gradient error it accepts
+
+
+@dataclass
+class CachePlan:
+    """decide's answer: whether this run reads a teacher cache, why (one log line), in which layout."""
+
+    use: bool
+    why: str
+    layout: Layout | None = None
+    auto: dict | None = None            # top_k auto: what it measured and chose (recorded in meta.json)
+
+
+def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[], Ladder] | None = None) -> CachePlan:
+    """Whether and how a run of cfg, whose training split has `positions` scored tokens, uses the cache.
+
+    It applies when the run needs the teacher's logits only (not its hidden states: feature
+    distillation runs it live). k is teacher_cache.top_k, or with top_k auto the smallest k of
+    auto_ladder whose measured loss and gradient errors (measure(), called only here) are within
+    AUTO_TOLERANCE; then the cache must fit teacher_cache.max_gb (auto; `on` ignores it) and 90%
+    of the free disk, else the run reads the live teacher (`on`: a UserError). Nothing a trial can
+    vary changes the token sequences (max_seq_len and the data are not searchable), so one cache
+    serves every trial."""
+    c = cfg.teacher_cache
+    if c.mode == "off":
+        return CachePlan(False, "off (teacher_cache: off)")
+    if cfg.teacher is None or (cfg.train.alpha >= 1.0 and "alpha" not in cfg.parameters):
+        return CachePlan(False, "not used: training never runs the teacher (no teacher, or alpha 1)")
+    if cfg.train.feature_weight > 0 or "feature_weight" in cfg.parameters:
+        return CachePlan(False, "not used: feature distillation needs the teacher's hidden states, so the teacher "
+                                "runs live")
+    if c.top_k == "auto":
+        if measure is None:
+            raise ValueError("teacher_cache.top_k auto needs a measure() of the candidate ks")
+        return _auto_plan(cfg, positions, vocab, free_bytes, measure())
+    lay = layout(c.top_k, vocab, c.dtype)
+    too_big = _too_big(cfg, positions * lay.bytes_per_position, free_bytes)
+    if too_big:
+        return CachePlan(False, f"not used: {too_big} (raise it, or set teacher_cache: on)")
+    return CachePlan(True, f"{c.mode}: {lay.describe()}, {positions * lay.bytes_per_position / 2**20:.1f} MB", lay)
+
+
+def _gib(size: float) -> str:
+    return f"{size / 2**30:.3g} GiB"
+
+
+def _too_big(cfg, size: int, free_bytes: int) -> str | None:
+    """Why a cache of `size` bytes cannot be built (None when it can); `on` raises on the disk."""
+    c = cfg.teacher_cache
+    if c.mode == "auto" and size > c.max_gb * 2**30:
+        return f"it would take {_gib(size)}, above teacher_cache.max_gb {c.max_gb:g}"
+    if size > 0.9 * free_bytes:
+        if c.mode == "on":
+            raise UserError(f"teacher_cache: on needs {_gib(size)} but {cfg.data.cache_dir} has {_gib(free_bytes)} "
+                            "free (free space, lower teacher_cache.top_k, or use auto)")
+        return f"it would take {_gib(size)}, more than 90% of the {_gib(free_bytes)} free"
+    return None
+
+
+def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder) -> CachePlan:
+    """top_k auto: the smallest k within AUTO_TOLERANCE, when it fits; else the live teacher, with the figures."""
+    c = cfg.teacher_cache
+    errors = {**ladder.errors, vocab: EXACT}
+    chosen = min(k for k, e in errors.items() if e.within(AUTO_TOLERANCE))   # k = vocab always qualifies
+    lay = layout(chosen, vocab, c.dtype)
+    size = positions * lay.bytes_per_position
+    on_what = (f"worst over T {', '.join(f'{t:g}' for t in ladder.temperatures)} and {', '.join(ladder.kd_losses)} "
+               f"on {ladder.conversations} conversations")
+    record = {"tolerance": AUTO_TOLERANCE, "chosen_k": chosen, "chosen": asdict(errors[chosen]), **ladder.to_json()}
+    too_big = _too_big(cfg, size, free_bytes)
+    if too_big is None:
+        smaller = max((k for k in errors if k < chosen), default=None)
+        beaten = f"; top-{smaller}: {errors[smaller].describe()}" if smaller else ""
+        return CachePlan(True, f"{c.mode}, top_k auto: {lay.describe()}, {size / 2**20:.1f} MB; measured "
+                               f"{errors[chosen].describe()}, {on_what}{beaten}", lay, record)
+    limit = min(0.9 * free_bytes, c.max_gb * 2**30)
+    fitting = max((k for k in errors if positions * bytes_per_position(k, vocab, c.dtype) <= limit), default=None)
+    best_fitting = (f"; the largest k within it, top-{fitting}, measured {errors[fitting].describe()}"
+                    if fitting else "")
+    return CachePlan(False, f"not used: top_k auto needs top-{chosen} to stay within {100 * AUTO_TOLERANCE:g}% "
+                            f"({errors[chosen].describe()}, {on_what}), but {too_big}{best_fitting} (raise "
+                            f"teacher_cache.max_gb, or set teacher_cache.top_k)", None, record)
+
+
+def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id,
+                       student):
+    """(decide's plan for this run, inputs() -> the cache's CacheInputs). student: the
+    SelectedLogits the run starts from, before any training or resume; top_k auto measures the
+    cache's error against it."""
+    vocab = teacher_cols if teacher_cols is not None else models.vocab_rows(teacher.lm)
+    Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
+    inputs = functools.cache(lambda: teacher_cache.CacheInputs(   # hashing a big teacher takes a while: once
+        teacher_cache.model_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
+        teacher_cache.data_fingerprint(train_data), cfg.data.max_seq_len, teacher_cols, vocab))
+
+    def measure_auto_k():
+        divergences = {name: kd_options(dataclasses.replace(cfg.train, kd_loss=name))
+                       for name in cache_fidelity.kd_losses_to_check(cfg)}
+        was_training = student.training
+        student.eval()   # the student's logits as a pure function of its weights (no dropout)
+        try:
+            return cache_fidelity.auto_ladder_for_run(
+                cfg, cfg.data.cache_dir, inputs(), teacher_cache.model_fingerprint(student.lm), train_data, pad_id,
+                teacher_rows(teacher, precision, teacher_cols), teacher_rows(student, precision, None), divergences)
+        finally:
+            student.train(was_training)
+
+    plan = decide(cfg, int(train_data.target_counts.sum()), vocab,
+                                shutil.disk_usage(cfg.data.cache_dir).free, measure_auto_k)
+    return plan, inputs
+
+
+def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id,
+                       student):
+    """(the teacher cache this run reads, built first when missing, or None when it does not
+    apply; why, as plan_teacher_cache says it, also logged)."""
+    plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, student)
+    log.info("teacher cache: %s", plan.why)
+    if not plan.use:
+        return None, plan.why
+    return teacher_cache.open_or_build(cfg.data.cache_dir, inputs(), teacher_rows(teacher, precision, teacher_cols),
+                                       train_data, pad_id, plan.layout, {"auto": plan.auto} if plan.auto else None), \
+        plan.why
+
+
+def prepare_teacher_cache(cfg: ExperimentConfig):
+    """Build the teacher cache before the trials start (the search's driver), on the device the
+    trials will use, so no trial waits for another: (the cache or None, why). The student is built
+    as loop.train builds it (same seed, same order), so top_k auto measures against the trials'
+    starting student and they all reuse this measurement."""
+    if cfg.teacher is None:
+        return None, "not used: no teacher"
+    if cfg.teacher_cache.mode == "off":
+        return None, "off (teacher_cache: off)"
+    precision = models.resolve_precision(cfg.train.dtype, models.resolve_device(cfg.train.device))
+    torch.manual_seed(cfg.train.seed)
+    tokenizer, train_data, _ = data.load_data(cfg)
+    student_lm = models.make_student(cfg.student, tokenizer, precision)
+    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
+    teacher_cols = models.check_compatibility(teacher_lm, student_lm, tokenizer)
+    pad_id = data.padding_id(tokenizer)
+    cache, why = open_teacher_cache(cfg, tokenizer, train_data, models.SelectedLogits(teacher_lm), precision, teacher_cols,
+                                    pad_id, models.SelectedLogits(student_lm))
+    del teacher_lm, student_lm
+    if precision.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return cache, why
