@@ -56,6 +56,7 @@ def test_the_experiment_yaml_is_config_or_space(name, flag, monkeypatch):
     assert seen == ["mine.yaml"]
 
 
+@pytest.mark.slow
 def test_python_m_prints_one_line_and_with_debug_the_traceback(tmp_path):
     run = lambda *args: subprocess.run([sys.executable, "-m", "tune_kd.report", str(tmp_path), *args],  # noqa: E731
                                        cwd=REPO, capture_output=True, text=True, timeout=300)

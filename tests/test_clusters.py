@@ -35,6 +35,7 @@ def test_cache_dir_defaults_under_the_storage_root(world, tmp_path):
     assert load_config(raw=raw, storage=tmp_path / "shared").data.cache_dir == str(tmp_path / "mine")
 
 
+@pytest.mark.slow
 def test_prepare_with_storage_puts_the_caches_where_the_search_looks(world, tmp_path):
     raw = search_raw(world, teacher_cache={"mode": "off"})
     del raw["data"]["cache_dir"]
@@ -112,7 +113,7 @@ def test_a_search_without_address_starts_its_own_ray_beside_a_running_one(world,
     running = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
         cfg = load_config(raw=search_raw(world, num_samples=1, scheduler={"type": "none"}, train={"epochs": 1},
-                                         controls={"plain_sft": False, "seed_defaults": False}))
+                                         controls={"plain_sft": False, "minimind_defaults": False}))
         seen = {}
 
         class WhichRay:

@@ -156,6 +156,7 @@ def test_off_and_cpu_auto_never_compile_or_touch_the_inductor_cache(tmp_path, mo
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
 
 
+@pytest.mark.slow
 def test_compiled_layers_do_not_recompile_for_new_batch_lengths():
     """dynamic=True and no KV cache: one graph for the student's training layers and one for the
     teacher's inference layers, reused by every layer and every batch length (the eager backend

@@ -103,3 +103,9 @@ def test_stage_problems_name_the_stage_key_and_line(tmp_path):
     cfg = load_config(good)
     assert [s["name"] for s in cfg.stages] == ["a", "b"]
     assert cfg.stages[1]["train"]["epochs"] == 3 and cfg.stages[1]["student"] == {"arch": {"hidden_size": 32}}
+
+
+def test_the_old_control_key_seed_defaults_still_reads_as_minimind_defaults():
+    old = load_config(raw={"teacher": {"path": "t"}, "controls": {"seed_defaults": False}})
+    assert old.controls.minimind_defaults is False
+    assert load_config(raw={"teacher": {"path": "t"}}).controls.minimind_defaults is True

@@ -41,6 +41,7 @@ def build(path, tokenizer, target, workers, chunk_size, max_seq_len=48):
     return ingest.build(path, fmt, tokenizer, max_seq_len, target, {}, workers=workers, chunk_size=chunk_size)
 
 
+@pytest.mark.slow
 def test_output_is_byte_identical_whatever_the_chunk_size_and_workers(tmp_path, tokenizer, records):
     path = write_jsonl(tmp_path / "d.jsonl", records)
     runs = [(1, 1000), (1, 7), (2, 13), (3, 50)]

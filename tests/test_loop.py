@@ -240,6 +240,7 @@ def ddp_rank(rank: int, raw: dict, port: int, out: str) -> None:
     Path(out, f"rank{rank}.json").write_text(json.dumps(reports))
 
 
+@pytest.mark.slow
 def test_ddp_evaluation_with_fewer_validation_batches_than_ranks(world, tmp_path):
     val = tmp_path / "val.jsonl"
     demo.write_jsonl(val, demo.make_conversations(10, seed=3))      # one batch of 32: rank 1 gets none

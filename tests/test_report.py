@@ -79,14 +79,14 @@ def test_verdict_says_when_the_seed_noise_cannot_be_estimated(tmp_path):
 
 def test_arm_points_follow_the_controls_section(world):
     best = {"trial_id": "t1", "learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2}
-    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "seed_defaults": True, "seeds_for_best": 2},
+    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "minimind_defaults": True, "seeds_for_best": 2},
                                      train={"seed": 7}))
     arms = controls.arm_points(cfg, best)
     assert arms == {"plain_sft": {"learning_rate": 0.004, "temperature": 3.0, "alpha": 1.0},
-                    "seed_defaults": {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0},
+                    "minimind_defaults": {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0},
                     "best_seed_8": {"learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2, "seed": 8},
                     "best_seed_9": {"learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2, "seed": 9}}
-    off = load_config(raw=search_raw(world, controls={"plain_sft": False, "seed_defaults": False}))
+    off = load_config(raw=search_raw(world, controls={"plain_sft": False, "minimind_defaults": False}))
     assert controls.arm_points(off, best) == {}
 
 
@@ -189,6 +189,7 @@ def write_experiment(directory: Path, curves: dict, finished: bool, with_control
     return directory
 
 
+@pytest.mark.slow
 def test_report_of_an_interrupted_experiment_renders_in_a_browser(tmp_path):
     experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=False)
     page = report.build(experiment)
@@ -202,6 +203,7 @@ def test_report_of_an_interrupted_experiment_renders_in_a_browser(tmp_path):
         assert (experiment / "report" / f"{figure}.png").read_bytes().startswith(b"\x89PNG")
 
 
+@pytest.mark.slow
 def test_report_cli_rebuilds_with_statuses_and_control_arms(tmp_path, capsys):
     experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True, with_controls=True)
     assert report.main([str(experiment)]) == 0
@@ -214,6 +216,7 @@ def test_report_cli_rebuilds_with_statuses_and_control_arms(tmp_path, capsys):
     assert "did distillation help? yes: val_ce 1.2000" in dom and 'id="controls"' in dom
 
 
+@pytest.mark.slow
 def test_a_broken_figure_shows_a_warning_on_the_page(tmp_path):
     experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True)
     page = report.build(experiment)
@@ -259,6 +262,7 @@ def test_figures_compare_every_trial_at_the_epoch_all_reached(tmp_path):
         assert "val_ce at epoch 1, the last epoch every trial reached" in caption
 
 
+@pytest.mark.slow
 def test_report_shows_the_answers_of_teacher_best_student_and_plain_sft(tmp_path, world):
     """The prompts table: validation prompts, the data's answer and three models' greedy answers,
     in a browser; without the plain_sft arm its column is left out with a note."""

@@ -75,7 +75,7 @@ def test_search_end_to_end(world, tmp_path, capsys):
 
     urls = []
     probe = Probe(urls)
-    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "seed_defaults": True, "seeds_for_best": 2}))
+    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "minimind_defaults": True, "seeds_for_best": 2}))
     original_init = ray.init
 
     def init_and_record(*args, **kwargs):
@@ -128,12 +128,12 @@ def test_search_end_to_end(world, tmp_path, capsys):
     captured = capsys.readouterr()
     out = captured.out
     arms = json.loads((experiment / "controls.json").read_text())["arms"]
-    assert list(arms) == ["plain_sft", "seed_defaults", "best_seed_1", "best_seed_2"]
+    assert list(arms) == ["plain_sft", "minimind_defaults", "best_seed_1", "best_seed_2"]
     assert arms["plain_sft"]["settings"] == {"learning_rate": best["learning_rate"],
                                              "temperature": best["temperature"], "alpha": 1.0}
-    assert arms["seed_defaults"]["settings"] == {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
+    assert arms["minimind_defaults"]["settings"] == {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
     assert all(arm["epochs"] == 3 and math.isfinite(arm["value"]) for arm in arms.values())
-    assert arms["seed_defaults"]["value"] > arms["plain_sft"]["value"]   # lr 5e-6 barely moves in 3 tiny epochs
+    assert arms["minimind_defaults"]["value"] > arms["plain_sft"]["value"]   # lr 5e-6 barely moves in 3 tiny epochs
     seeds = [arms["best_seed_1"]["value"], arms["best_seed_2"]["value"]]
     assert seeds[0] != seeds[1]                                           # the seed reaches init and data order
     assert "did distillation help? " in out and "plain SFT, alpha 1" in out
@@ -307,6 +307,7 @@ def test_kill_and_resume_give_the_uninterrupted_search(world, tmp_path):
     check_study_agrees(experiment)
 
 
+@pytest.mark.slow
 def test_bad_space_fails_before_ray_starts(tmp_path, world):
     raw = search_raw(world)
     raw["parameters"]["alpha"]["max"] = 1.5

@@ -356,6 +356,7 @@ def test_the_same_weights_under_another_config_get_another_cache(world, tmp_path
         assert not np.array_equal(cache.values, base.values)        # what a stale cache would have served
 
 
+@pytest.mark.slow
 def test_two_processes_build_once_and_read_the_same_rows(tiny_config, world):
     cfg = tiny_config(teacher_cache={"mode": "on", "top_k": 8}, data={"max_train_examples": 900})
     script = textwrap.dedent(f"""

@@ -25,6 +25,7 @@ def write_yaml(path, raw):
     return path
 
 
+@pytest.mark.slow
 def test_config_error_is_one_line_exit_2(tmp_path):
     bad = write_yaml(tmp_path / "bad.yaml", {"teacher": {"path": "t"}, "train": {"alpha": 3}})
     proc = run_cli("--config", str(bad))
@@ -34,6 +35,7 @@ def test_config_error_is_one_line_exit_2(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_bad_data_line_is_one_line_exit_2(tmp_path, world):
     data = tmp_path / "d.jsonl"
     data.write_text('{"conversations": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}\n'
@@ -77,6 +79,7 @@ def test_torchrun_ddp_on_cpu_trains_and_saves_once(tmp_path, world):
     assert sorted(p.name for p in out.iterdir()) == ["best", "last", "metrics.jsonl"]
 
 
+@pytest.mark.slow
 def test_bad_data_is_reported_before_the_demo_is_built(tmp_path):
     """A fresh checkout (no results/demo) with the demo YAML and the user's own --data_path: the bad
     line is reported at once; the demo teacher (minutes of training) is not built first."""

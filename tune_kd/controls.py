@@ -3,7 +3,7 @@
 After the search, with the same data, epochs and train.seed as its trials:
 
     plain_sft       the best trial's settings with alpha = 1: CE only, the teacher never runs
-    seed_defaults   MiniMind's defaults for the knobs the search tunes: lr 5e-6, alpha 0, T 1
+    minimind_defaults  MiniMind's defaults for the knobs the search tunes: lr 5e-6, alpha 0, T 1
     best_seed_<s>   the best trial's settings re-trained with train.seed s (controls.seeds_for_best)
 
 They run as one more Tune experiment in results/<name>/controls/ (no early stopping: every arm
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 CONTROLS_DIR = "controls"
 CONTROLS_FILE = "controls.json"
 # MiniMind's train_distillation.py: --learning_rate 5e-6, train_epoch(alpha=0.0, temperature=1.0)
-SEED_DEFAULTS = {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
+MINIMIND_DEFAULTS = {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
 NOISE_SIGMAS = 2.0   # a difference within this many seed standard deviations is not called a win
 SUGGESTED_SEEDS = 3
 OFF_POLICY = "best_off_policy"   # the best config trained off-policy only: what on-policy batches added
@@ -48,8 +48,8 @@ def arm_points(cfg: ExperimentConfig, best_params: dict) -> dict[str, dict]:
                              **({"seq_kd": False} if tuned.get("seq_kd", cfg.train.seq_kd) else {})}
     if on_policy and cfg.controls.best_off_policy:
         arms[OFF_POLICY] = {**tuned, "on_policy_fraction": 0.0}
-    if cfg.teacher is not None and cfg.controls.seed_defaults:
-        arms["seed_defaults"] = dict(SEED_DEFAULTS)
+    if cfg.teacher is not None and cfg.controls.minimind_defaults:
+        arms["minimind_defaults"] = dict(MINIMIND_DEFAULTS)
     for offset in range(1, cfg.controls.seeds_for_best + 1):
         seed = cfg.train.seed + offset
         arms[f"best_seed_{seed}"] = {**tuned, "seed": seed}
