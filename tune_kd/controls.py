@@ -139,9 +139,9 @@ def off_policy_best_verdict(metric: str, mode: str, best_value: float, experimen
     the best on-policy trial says by how much it fell short (at its best epoch, however far it got)."""
     on_policy = []
     for _, params, reports in results.trial_folders(experiment_dir) if experiment_dir else []:
-        values = [r[metric] for r in reports if math.isfinite(r.get(metric, math.nan))]
-        if params.get("on_policy_fraction") and values:
-            on_policy.append((results.best(values, mode), params["on_policy_fraction"], len(reports)))
+        at_best = results.best_report(reports, metric, mode)
+        if params.get("on_policy_fraction") and at_best is not None:
+            on_policy.append((at_best[metric], params["on_policy_fraction"], len(reports)))
     line = f"did on-policy help? no: the best trial trained off-policy (on_policy_fraction 0, {metric} {best_value:.4f})"
     if not on_policy:
         return line
@@ -150,15 +150,16 @@ def off_policy_best_verdict(metric: str, mode: str, best_value: float, experimen
             f"{value:.4f} = {value - best_value:+.4f}")
 
 
-def on_policy_verdict(metric: str, mode: str, best_value: float, results: dict[str, dict]) -> str | None:
+def on_policy_verdict(metric: str, mode: str, best_value: float, arm_outcomes: dict[str, dict]) -> str | None:
     """The "did on-policy help" line: the best trial against its own config trained off-policy
-    (same epochs and seed), with each arm's val_gen_acc when measured; None without that arm."""
-    off = results.get(OFF_POLICY, {}).get("value")
+    (same epochs and seed), with each arm's val_gen_acc when measured; None without that arm.
+    arm_outcomes: arm_results' dict (a name that would shadow the results module here)."""
+    off = arm_outcomes.get(OFF_POLICY, {}).get("value")
     if off is None or best_value is None or math.isnan(best_value):
         return None
     diff = best_value - off
     helped = diff < 0 if mode == "min" else diff > 0
-    gen = {name: results.get(name, {}).get("metrics", {}).get("val_gen_acc") for name in (OFF_POLICY, "plain_sft")}
+    gen = {name: arm_outcomes.get(name, {}).get("metrics", {}).get("val_gen_acc") for name in (OFF_POLICY, "plain_sft")}
     shown = ", ".join(f"{name} {value:.3f}" for name, value in gen.items() if value is not None and math.isfinite(value))
     return (f"did on-policy help? {'yes' if helped else 'no'}: {metric} {best_value:.4f} (the best trial) vs "
             f"{off:.4f} (its config off-policy, on_policy_fraction 0) = {diff:+.4f}"

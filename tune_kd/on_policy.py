@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from tune_kd.errors import UserError
+from tune_kd import losses
 from tune_kd.data import IGNORE_INDEX, VAL_SPLIT_SEED, TokenizedData
 
 GENERATION_SUBSET_SEED = VAL_SPLIT_SEED + 2     # which validation prompts val_gen_* uses: the same every epoch and trial
@@ -189,7 +190,7 @@ def generation_sums(student_lm, generation: Generation, val_data: TokenizedData,
         if teacher_rows is not None and scored:
             batch = reply_batch(prompts, replies, generation.pad_id)
             teacher_logits = teacher_rows(batch).float()
-            targets = batch["labels"][:, 1:][batch["labels"][:, 1:] != IGNORE_INDEX].to(teacher_logits.device)
+            targets = losses.target_positions(batch["labels"])[1].to(teacher_logits.device)
             sums[2] += torch.nn.functional.cross_entropy(teacher_logits, targets, reduction="sum").double()
             sums[3] += scored
     return sums
