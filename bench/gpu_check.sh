@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check, one command, at most 9 minutes on one H100/H200, from the repository root:
+# The GPU check, one command, at most 9 min 40 s on one H100/H200, from the repository root:
 #
 #   bash bench/gpu_check.sh              # on the GPU machine (carry .whl/: see shared/device/make-wheels.sh)
 #   bash bench/gpu_check.sh --cpu-smoke  # anywhere: every part at tiny sizes on CPU (the plumbing, not the GPU)
@@ -12,6 +12,7 @@
 #   c  the embedded default's search, gpu_per_trial auto, 4 trials: the share auto picked, trials
 #      at once, each trial's real peak GPU memory against the probe's figure
 #   d  pytest -m gpu
+#   e  the fused output layer against materialised logits at V = 151,936 and 128,256 (bench/vocab_memory.py)
 # Each part runs under its own `timeout` (GPU_CHECK_TIMEOUT_<PART>=seconds overrides it), so a stall
 # costs its own row ("timed out after N s"), never the rest. Every line the parts print goes to the
 # log (under $OUT when set, so a device run brings it back; else results/gpu_check/).
@@ -30,11 +31,13 @@ if $smoke; then   # seconds-long sizes; the compile part still compiles for real
     step_args=(--device cpu --dtype float32 --student 32,1,2,2 --teacher 32,1,2,2 --vocab 100 --batch 8
                --min-len 16 --max-len 48 --steps 3 --warmup 2)
     search_args=(--smoke --num-samples 2 --goal 2)
-    declare -A limit=([setup]=30 [step_eager]=60 [step_compiled]=240 [search]=240 [pytest]=120)
+    vocab_args=(--device cpu --positions 256 --vocab 32000 --steps 1)
+    declare -A limit=([setup]=30 [step_eager]=60 [step_compiled]=240 [search]=240 [pytest]=120 [vocab]=120)
 else              # the seed's sizes are step_throughput.py's defaults
     step_args=()
     search_args=(--num-samples 4 --epochs 1 --goal 4)
-    declare -A limit=([setup]=45 [step_eager]=75 [step_compiled]=150 [search]=150 [pytest]=100)
+    vocab_args=(--device cuda)
+    declare -A limit=([setup]=45 [step_eager]=75 [step_compiled]=150 [search]=150 [pytest]=100 [vocab]=60)
 fi
 
 # part NAME COMMAND...: COMMAND under NAME's timeout; a timeout or a failure becomes a result line.
@@ -73,4 +76,5 @@ export -f install_wheels   # so that `timeout` can run it
         --result-lines
     part search python3 bench/gpu_search.py "${search_args[@]}" --result-lines
     part pytest python3 -m pytest -m gpu -p no:cacheprovider
+    part vocab python3 bench/vocab_memory.py "${vocab_args[@]}" --result-lines
 } 2>&1 | tee "$log" | python3 bench/gpu_check_table.py

@@ -3,6 +3,7 @@
 Input lines it reads (everything else is ignored; gpu_check.sh keeps it in its log):
     @result {"part": "step", ...}     bench/step_throughput.py --result-lines (one per variant)
     @result {"part": "search", ...}   bench/gpu_search.py --result-lines
+    @result {"part": "vocab", ...}    bench/vocab_memory.py --result-lines (one per vocabulary)
     @result {"part": LABEL, "timed_out_s": N} / {"part": LABEL, "exit_code": N} / {"part": "setup", "note": ..}
                                       gpu_check.sh itself
     ===== 3 passed, 1 skipped in 20.1s =====   pytest's closing line (part d)
@@ -19,8 +20,9 @@ import re
 import sys
 
 COLUMNS = (("part", 4), ("check", 34), ("result", 84), ("goal", 27), ("verdict", 0))
-PART_LETTERS = {"setup": "-", "step_eager": "a,b", "step_compiled": "a,b", "search": "c", "pytest": "d"}
+PART_LETTERS = {"setup": "-", "step_eager": "a,b", "step_compiled": "a,b", "search": "c", "pytest": "d", "vocab": "e"}
 STEP_SPEEDUP_GOAL, MFU_GOAL, CACHED_SPEEDUP_GOAL, PROBE_TOLERANCE = 8.0, 0.30, 2.0, 0.25
+FUSED_MEMORY_GOAL, FUSED_TIME_GOAL = 0.25, 1.0     # fused/full peak memory and step time at a real vocabulary
 # pytest's closing line, with or without its rule of "=" (-q drops it)
 PYTEST_SUMMARY = re.compile(r"^=*\s*(?P<summary>\d+ (?:passed|failed|skipped|errors?|deselected|warnings?)\b"
                             r"[\w, ]* in [\d.]+s(?: \([\d:]+\))?)\s*=*$")
@@ -68,6 +70,8 @@ class Table:
             return [self.step_row(record)]
         if record["part"] == "search":
             return self.search_rows(record)
+        if record["part"] == "vocab":
+            return [self.vocab_row(record)]
         return [format_row("?", f"unknown part {record['part']!r}", "", "", "FAILED")]
 
     def step_row(self, r: dict) -> str:
@@ -117,6 +121,15 @@ class Table:
                                    f"probe/real {ratio:.2f}", f"within {PROBE_TOLERANCE:.0%}",
                                    verdict(abs(ratio - 1) <= PROBE_TOLERANCE, on_cpu)))
         return rows
+
+    @staticmethod
+    def vocab_row(r: dict) -> str:
+        ok = r["memory_ratio"] <= FUSED_MEMORY_GOAL and r["time_ratio"] <= FUSED_TIME_GOAL
+        figures = (f"fused/full memory {r['memory_ratio']:.3f} ({r['fused_gib']:.2f} / {r['full_gib']:.2f} GiB), "
+                   f"time {r['time_ratio']:.3f}, loss diff {r['loss_rel_diff']:.1e}")
+        return format_row("e", f"fused head, V={r['vocab']}, {r['positions']} pos", figures,
+                          f"memory<={FUSED_MEMORY_GOAL:g}, time<={FUSED_TIME_GOAL:g}",
+                          verdict(ok, r["device"].startswith("CPU")))
 
     @staticmethod
     def pytest_row(summary: str) -> str:

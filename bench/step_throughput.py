@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tune_kd import compiling, data, loop, models, scoring, teacher_cache  # noqa: E402
 from tune_kd.config import load_config  # noqa: E402
+from tune_kd.scored import ScoredLM  # noqa: E402
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16
 
@@ -225,7 +226,7 @@ def main() -> int:
     compiled = args.compile == "on"
     if compiled:
         compiling.compile_bodies(lm, teacher_lm)
-    student_fast, teacher_fast = models.SelectedLogits(lm), models.SelectedLogits(teacher_lm)
+    student_fast, teacher_fast = ScoredLM(lm), ScoredLM(teacher_lm)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
     fast_batches = [data.collate(pool, idx, stub.pad_token_id)

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tune_kd import cache_fidelity, cache_plan, data, demo, loop, losses, models, scoring, teacher_cache  # noqa: E402
 from tune_kd.config import load_config  # noqa: E402
+from tune_kd.scored import ScoredLM  # noqa: E402
 
 TEMPERATURES = (1.0, 2.0, 3.0, 4.0, 5.0)
 
@@ -89,7 +90,7 @@ def main() -> int:
         from transformers import AutoModelForCausalLM
 
         students["trained student"] = AutoModelForCausalLM.from_pretrained(trained_path, dtype=torch.float32)
-    teacher = models.SelectedLogits(models.make_teacher(cfg.teacher, tokenizer, precision))
+    teacher = ScoredLM(models.make_teacher(cfg.teacher, tokenizer, precision))
     vocab = models.vocab_rows(teacher.lm)
     pad_id = data.padding_id(tokenizer)
     batches = cache_fidelity.sample_batches(train_data, pad_id, conversations=args.conversations)
@@ -106,7 +107,7 @@ def main() -> int:
     header = (f"{'k':>5} {'dtype':>8} {'bytes/pos':>9} {'loss error':>10} {'at T':>4} {'grad (params)':>13} "
               f"{'at T':>4} {'grad (logits)':>13} {'at T':>4} {'tail T=1':>9} {'T=5':>8}")
     for name, lm in students.items():
-        student = models.SelectedLogits(lm)
+        student = ScoredLM(lm)
         meter = cache_fidelity.FidelityMeter(layouts, args.temperatures, {cfg.train.kd_loss: losses.kd_options(cfg.train)},
                                              list(student.parameters()))
         for batch in batches:
@@ -128,7 +129,7 @@ def main() -> int:
     auto_cfg = cfg.replace(parameters={**cfg.parameters, **searched},
                            teacher_cache=dataclasses.replace(cfg.teacher_cache, mode="auto", top_k="auto"))
     torch.manual_seed(cfg.train.seed)
-    fresh = models.SelectedLogits(models.make_student(cfg.student, tokenizer, precision))
+    fresh = ScoredLM(models.make_student(cfg.student, tokenizer, precision))
     plan, _ = cache_plan.plan_teacher_cache(auto_cfg, tokenizer, train_data, teacher, precision, None, pad_id, fresh)
     print(f"\ntop_k auto on this world (T searched in [{min(args.temperatures):g}, {max(args.temperatures):g}], "
           f"{len(train_data)} training conversations, {int(train_data.target_counts.sum())} positions): {plan.why}")

@@ -164,7 +164,7 @@ def test_compiled_layers_do_not_recompile_for_new_batch_lengths():
     from torch._dynamo.utils import counters
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tune_kd.loop import SelectedLogits
+    from tune_kd.scored import ScoredLM
 
     torch._dynamo.reset()
     counters.clear()
@@ -181,9 +181,9 @@ def test_compiled_layers_do_not_recompile_for_new_batch_lengths():
         ids = torch.randint(0, 50, (3, length))
         positions = torch.ones_like(ids, dtype=torch.bool)
         with torch.inference_mode():
-            SelectedLogits(teacher)(ids, positions)
-        logits, _, _ = SelectedLogits(student)(ids, positions)
-        logits.sum().backward()
+            ScoredLM(teacher)(ids, positions)
+        out, _, _ = ScoredLM(student)(ids, positions)
+        out.logits().sum().backward()
     assert counters["stats"]["unique_graphs"] == 2
     assert not counters["graph_break"]
     torch._dynamo.reset()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from test_losses import seed_objective
 from tune_kd import data, loop, models
 from tune_kd.config import ArchSpec, ModelSpec
+from tune_kd.scored import ScoredLM
 
 
 def tiny_models(tokenizer, precision):
@@ -47,7 +48,7 @@ def compare(world, tiny_config, device, dtype, rtol, atol):
 
     # fast: the loop's own step on the tight batch (chunking itself: test_losses)
     scaler = torch.amp.GradScaler(precision.device.type, enabled=False)
-    parts = loop.backward_step(loop.SelectedLogits(student), loop.SelectedLogits(teacher), tight, cfg, precision,
+    parts = loop.backward_step(ScoredLM(student), ScoredLM(teacher), tight, cfg, precision,
                                None, True, n, scaler)
     assert parts.loss.item() == pytest.approx(plain.item(), rel=rtol, abs=atol)
     for p, g in zip(student.parameters(), plain_grads):

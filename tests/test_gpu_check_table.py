@@ -54,3 +54,13 @@ def test_stopped_parts_and_pytest_summaries_become_rows():
     assert out[1].startswith("c ") and out[1].endswith("FAILED")
     assert "4 passed, 1 failed" in out[2] and out[2].endswith("FAILED")
     assert out[3].endswith("n/a (all skipped: no GPU)")
+
+
+def test_vocab_rows_judge_the_fused_heads_memory_and_time():
+    record = {"part": "vocab", "device": "NVIDIA H100", "vocab": 151936, "positions": 4096, "memory_ratio": 0.12,
+              "time_ratio": 0.8, "fused_gib": 0.3, "full_gib": 2.5, "loss_rel_diff": 1e-7}
+    slow = dict(record, time_ratio=1.3)
+    on_cpu = dict(record, device="CPU (2 threads)")
+    out = rows(*("@result " + json.dumps(r) for r in (record, slow, on_cpu)))
+    assert "V=151936" in out[0] and "memory 0.120 (0.30 / 2.50 GiB)" in out[0] and out[0].endswith(" met")
+    assert out[1].endswith("NOT met") and out[2].endswith("n/a (CPU)")

@@ -114,9 +114,9 @@ def test_plain_sft_needs_no_teacher_forward(tiny_config, monkeypatch):
     cfg = tiny_config(train={"epochs": 1, "alpha": 1.0})
     needs = []
     original = loop.forward_pair
-    def recording(student, teacher, batch, precision, teacher_cols, need_teacher, cache=None):
+    def recording(student, teacher, batch, precision, need_teacher, cache=None):
         needs.append((torch.is_grad_enabled(), need_teacher))
-        return original(student, teacher, batch, precision, teacher_cols, need_teacher, cache)
+        return original(student, teacher, batch, precision, need_teacher, cache)
 
     monkeypatch.setattr(loop, "forward_pair", recording)
     result = train(cfg)

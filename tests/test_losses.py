@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tune_kd import losses
+from tune_kd import losses, scored
 from tune_kd.losses import distillation_loss, forward_kl_sum, target_positions
 
 V = 11
@@ -135,14 +135,14 @@ def test_all_masked_batch_gives_zero_and_finite_gradients():
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 5, 1000])
-def test_chunked_loss_matches_one_pass_in_value_and_gradient(chunk_rows):
+def test_chunked_loss_matches_one_pass_in_value_and_gradient(chunk_rows, monkeypatch):
     s, t, labels = random_batch(seed=9, B=4, T=12)
     s_sel, t_sel, targets = selected(s, t, labels)
     results = []
     for rows in (10 ** 9, chunk_rows):
+        monkeypatch.setattr(scored, "CHUNK_ELEMENTS", rows * V)
         leaf = s_sel.clone().requires_grad_(True)
-        parts = distillation_loss(leaf, t_sel, targets, alpha=0.3, temperature=2.5, normalizer=targets.numel(),
-                                  chunk_rows=rows)
+        parts = distillation_loss(leaf, t_sel, targets, alpha=0.3, temperature=2.5, normalizer=targets.numel())
         parts.loss.backward()
         results.append((parts.loss.detach(), parts.ce.detach(), parts.kd.detach(), leaf.grad))
     for one_pass, chunked in zip(*results):
@@ -199,15 +199,15 @@ def test_jsd_ends_are_the_two_kl_directions_and_continuous():
 
 
 @pytest.mark.parametrize("name", sorted(losses.KD_LOSSES))
-def test_each_divergence_works_chunked_like_the_fast_path(name):
+def test_each_divergence_works_chunked_like_the_fast_path(name, monkeypatch):
     s, t = logits_pair(2, rows=13)
     targets = torch.randint(0, 11, (13,))
     options = {"jsd": {"beta": 0.3}, "skew_kl": {"skew": 0.2}}.get(name, {})
     grads = []
     for chunk_rows in (1000, 4):
+        monkeypatch.setattr(scored, "CHUNK_ELEMENTS", chunk_rows * 11)
         student = s.clone().requires_grad_(True)
-        parts = losses.distillation_loss(student, t, targets, 0.5, 2.0, 13, kd_loss=name, chunk_rows=chunk_rows,
-                                         kd_options=options)
+        parts = losses.distillation_loss(student, t, targets, 0.5, 2.0, 13, kd_loss=name, kd_options=options)
         parts.loss.backward()
         grads.append((parts.loss.detach(), student.grad))
     assert torch.allclose(grads[0][0], grads[1][0], rtol=1e-5)

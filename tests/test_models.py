@@ -60,16 +60,21 @@ class FakeTokenizer:
         return self.n
 
 
-def test_teacher_padding_rows_are_dropped_with_a_log_line(caplog):
+def test_rows_past_the_tokenizer_are_left_out_of_the_divergence_with_a_log_line(caplog):
+    """Padding rows (ids the tokenizer never emits) carry no distribution: the divergence compares the
+    tokenizer's ids, whichever model pads and by how much (Qwen2.5: 151,646 ids in 151,936 rows)."""
     with caplog.at_level("INFO"):
         cols = models.check_compatibility(lm(128), lm(100), FakeTokenizer(100))
-    assert cols == 100 and "28 rows are padding" in caplog.text
+    assert cols == 100 and "rows past id 99 are padding" in caplog.text
     assert models.check_compatibility(lm(100), lm(100), FakeTokenizer(100)) is None
+    assert models.check_compatibility(lm(128), lm(128), FakeTokenizer(100)) == 100    # both padded alike
+    assert models.check_compatibility(lm(110), lm(128), FakeTokenizer(100)) == 100    # the teacher pads less
+    assert models.check_compatibility(None, lm(128), FakeTokenizer(100)) is None      # plain SFT: CE over every row
 
 
 def test_vocab_mismatches_are_errors():
-    with pytest.raises(UserError, match="smaller than the student"):
-        models.check_compatibility(lm(90), lm(100), FakeTokenizer(90))
+    with pytest.raises(UserError, match="teacher vocab has 90 rows but the tokenizer emits 100 ids"):
+        models.check_compatibility(lm(90), lm(100), FakeTokenizer(100))
     with pytest.raises(UserError, match="tokenizer emits 120 ids"):
         models.check_compatibility(lm(128), lm(100), FakeTokenizer(120))
 

@@ -16,6 +16,7 @@ import yaml
 from conftest import TINY_ARCH, check_study_agrees, render_in_chromium, search_raw
 from tune_kd import checkpoint
 from tune_kd.config import load_config
+from tune_kd.scored import ScoredLM
 from tune_kd.errors import UserError
 from tune_kd.fault_drills import FAULT_FILE_ENV
 
@@ -120,7 +121,7 @@ def test_search_end_to_end(world, tmp_path, capsys):
     student = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32)
     tokenizer, _, val_data = loop.load_data(cfg)
     precision = models.resolve_precision("float32", torch.device("cpu"))
-    metrics = loop.evaluate(loop.SelectedLogits(student), None, val_data, tokenizer.pad_token_id, cfg, precision, None)
+    metrics = loop.evaluate(ScoredLM(student), None, val_data, tokenizer.pad_token_id, cfg, precision, None)
     assert metrics["val_ce"] == pytest.approx(best["best_val_ce"], rel=1e-5)
     assert list(experiment.glob("trial_*/events.out.tfevents*"))   # TensorBoard logs
 

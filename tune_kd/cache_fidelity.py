@@ -33,13 +33,18 @@ import torch
 from tune_kd import data, teacher_cache
 from tune_kd.config_checks import parameter_candidates
 from tune_kd.losses import KD_LOSSES
+from tune_kd.scored import Scored, row_chunks
 from tune_kd.teacher_cache import FORMAT, CacheInputs, CachedTeacher, Layout, compress, layout
 
 log = logging.getLogger(__name__)
 
-SAMPLE_CONVERSATIONS = 128   # top_k auto measures on this many training conversations ...
+SAMPLE_CONVERSATIONS = 128   # top_k auto measures on at most this many training conversations ...
 SAMPLE_SEED = 0              # ... drawn with this seed, the same for every run on the same data
 SAMPLE_BATCH = 32            # conversations per forward while measuring
+# ... and at most this many scored positions x vocabulary columns: 128 demo conversations at
+# MiniMind's 6,400 ids, ~440 positions at Qwen2.5's 151,646 (what keeps choosing k to seconds there)
+SAMPLE_ELEMENTS = 1 << 26
+MEASURE_CHUNK_ELEMENTS = 1 << 22   # logits per chunk while measuring (it holds ~10 such intermediates)
 TEMPERATURE_POINTS = 5       # temperatures measured across the run's range (both ends included)
 
 
@@ -93,6 +98,7 @@ class Ladder:
     kd_losses: list[str]
     conversations: int
     positions: int
+    seconds: float = 0.0                # how long the measurement took
 
     def to_json(self) -> dict:
         return {**asdict(self), "errors": {str(k): asdict(e) for k, e in self.errors.items()}}
@@ -134,11 +140,17 @@ def _candidates(cfg, name: str, fixed) -> list:
 
 
 def sample_batches(train_data, pad_id: int, conversations: int = SAMPLE_CONVERSATIONS,
-                   batch: int = SAMPLE_BATCH) -> list[dict]:
-    """A fixed, seeded sample of the training conversations, collated in batches (data.collate)."""
+                   batch: int = SAMPLE_BATCH, vocab: int | None = None) -> list[dict]:
+    """A fixed, seeded sample of the training conversations, collated in batches (data.collate):
+    at most `conversations`, and with `vocab`, only as many (drawn first, at least one) as keep the
+    sample's scored positions x vocab within SAMPLE_ELEMENTS."""
     count = min(conversations, len(train_data))
-    chosen = np.sort(np.random.default_rng(SAMPLE_SEED).choice(len(train_data), size=count, replace=False))
-    return [data.collate(train_data, chosen[lo:lo + batch], pad_id) for lo in range(0, count, batch)]
+    chosen = np.random.default_rng(SAMPLE_SEED).choice(len(train_data), size=count, replace=False)
+    if vocab is not None:
+        within = np.cumsum(train_data.target_counts[chosen]) * vocab <= SAMPLE_ELEMENTS
+        chosen = chosen[:max(1, int(within.sum()))]
+    chosen = np.sort(chosen)
+    return [data.collate(train_data, chosen[lo:lo + batch], pad_id) for lo in range(0, len(chosen), batch)]
 
 
 class FidelityMeter:
@@ -224,22 +236,55 @@ def _add_vector(sums: dict, key, vector: torch.Tensor) -> None:
     sums[key] = vector if key not in sums else sums[key] + vector
 
 
-def measure_ladder(batches: list[dict], teacher_logits: Callable[[dict], torch.Tensor],
-                   student_logits: Callable[[dict], torch.Tensor], layouts: list[Layout], temperatures: list[float],
-                   divergences: dict[str, dict]) -> Ladder:
-    """top_k auto's measurement: each layout's Fidelity (w.r.t. the student's logits) on `batches`.
+@dataclass
+class SampleOutputs:
+    """Both models' outputs on one sampled batch: their hidden rows (small), logits made per chunk."""
 
-    teacher_logits(batch), student_logits(batch) -> (N, V) logits at the batch's scored positions."""
+    student: Scored
+    teacher: Scored
+    conversations: int
+
+
+def sample_outputs(batches: list[dict], teacher_outputs: Callable[[dict], Scored],
+                   student_outputs: Callable[[dict], Scored]) -> list[SampleOutputs]:
+    """Run both models once over the sample; every layout measured later reuses these outputs."""
+    return [SampleOutputs(student_outputs(batch), teacher_outputs(batch), len(batch["indices"])) for batch in batches]
+
+
+def measure_layouts(outputs: list[SampleOutputs], layouts: list[Layout], temperatures: list[float],
+                    divergences: dict[str, dict], columns: int | None) -> dict[Layout, Fidelity]:
+    """Each layout's Fidelity against the live teacher on the sampled outputs, w.r.t. the student's
+    logits over the distilled `columns`, a chunk of rows at a time."""
     meter = FidelityMeter(layouts, temperatures, divergences)
-    for batch in batches:
-        meter.add(student_logits(batch), teacher_logits(batch), conversations=len(batch["indices"]))
-    return Ladder({lay.k: fidelity for lay, fidelity in meter.results().items()}, list(temperatures),
-                  list(divergences), meter.conversations, meter.positions)
+    for sample in outputs:
+        vocab = max(sample.student.vocab, sample.teacher.vocab)
+        for lo, hi in row_chunks(sample.student.rows, vocab, MEASURE_CHUNK_ELEMENTS):
+            with torch.no_grad():
+                student, teacher = (s.logits(lo, hi)[:, :columns] for s in (sample.student, sample.teacher))
+            meter.add(student, teacher, conversations=sample.conversations if lo == 0 else 0)
+    return meter.results()
+
+
+def measure_ladder(outputs: list[SampleOutputs], ks: list[int], vocab: int, dtype: str, temperatures: list[float],
+                   divergences: dict[str, dict], columns: int | None, tolerance: float) -> Ladder:
+    """top_k auto's measurement: the smallest k of `ks` (ascending) whose errors are within
+    `tolerance`, by bisection. The error falls as k grows (more of the row is kept exactly, less
+    tail is estimated), so the search measures about log2(len(ks)) layouts, not all of them; the
+    Ladder holds those it measured, the chosen k's lower neighbour among them."""
+    errors, lo, hi = {}, 0, len(ks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lay = layout(ks[mid], vocab, dtype)
+        errors[ks[mid]] = measure_layouts(outputs, [lay], temperatures, divergences, columns)[lay]
+        lo, hi = (lo, mid) if errors[ks[mid]].within(tolerance) else (mid + 1, hi)
+    positions = sum(sample.student.rows for sample in outputs)
+    return Ladder(dict(sorted(errors.items())), list(temperatures), list(divergences),
+                  sum(sample.conversations for sample in outputs), positions)
 
 
 def auto_ladder_for_run(cfg, cache_dir, inputs: CacheInputs, student_hash: str, train_data, pad_id: int,
-                        teacher_logits: Callable[[dict], torch.Tensor], student_logits: Callable[[dict], torch.Tensor],
-                        divergences: dict[str, dict]) -> Ladder:
+                        teacher_outputs: Callable[[dict], Scored], student_outputs: Callable[[dict], Scored],
+                        divergences: dict[str, dict], tolerance: float) -> Ladder:
     """top_k auto's measurement for a run of cfg, against the student the trials start from
     (student_hash: its model_fingerprint), over cfg's temperatures and divergences (name -> options).
 
@@ -247,17 +292,19 @@ def auto_ladder_for_run(cfg, cache_dir, inputs: CacheInputs, student_hash: str, 
     driver measures, every trial (and every rank) reads the same figures, so all pick the same k."""
     temperatures = temperatures_to_check(cfg)
     ks = auto_ladder(inputs.vocab)[:-1]                       # the full row is exact: nothing to measure
-    layouts = [layout(k, inputs.vocab, cfg.teacher_cache.dtype) for k in ks]
     settings = {"format": FORMAT, **asdict(inputs), "student": student_hash, "dtype": cfg.teacher_cache.dtype,
-                "temperatures": temperatures, "divergences": divergences, "ladder": ks,
-                "sample": [SAMPLE_CONVERSATIONS, SAMPLE_SEED]}
+                "temperatures": temperatures, "divergences": divergences, "ladder": ks, "tolerance": tolerance,
+                "sample": [SAMPLE_CONVERSATIONS, SAMPLE_ELEMENTS, SAMPLE_SEED]}
 
     def measure() -> dict:
         started = time.perf_counter()
-        ladder = measure_ladder(sample_batches(train_data, pad_id), teacher_logits, student_logits, layouts,
-                                temperatures, divergences)
-        log.info("teacher cache: top_k auto measured k in %s on %d conversations (%d positions) in %.1f s", ks,
-                 ladder.conversations, ladder.positions, time.perf_counter() - started)
+        outputs = sample_outputs(sample_batches(train_data, pad_id, vocab=inputs.vocab), teacher_outputs,
+                                 student_outputs)
+        ladder = measure_ladder(outputs, ks, inputs.vocab, cfg.teacher_cache.dtype, temperatures, divergences,
+                                inputs.columns, tolerance)
+        ladder.seconds = time.perf_counter() - started
+        log.info("teacher cache: top_k auto measured k in %s on %d conversations (%d positions) in %.1f s",
+                 list(ladder.errors), ladder.conversations, ladder.positions, ladder.seconds)
         return {"settings": settings, **ladder.to_json()}
 
     remembered = teacher_cache.remembered(Path(cache_dir) / "teacher" / f"auto-{teacher_cache.digest(settings)}.json",

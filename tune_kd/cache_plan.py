@@ -25,7 +25,8 @@ from tune_kd.cache_fidelity import EXACT, Ladder
 from tune_kd.config import ExperimentConfig
 from tune_kd.errors import UserError
 from tune_kd.losses import kd_options
-from tune_kd.scoring import teacher_rows
+from tune_kd.scored import ScoredLM
+from tune_kd.scoring import teacher_outputs
 from tune_kd.teacher_cache import Layout, bytes_per_position, layout
 
 log = logging.getLogger(__name__)
@@ -106,24 +107,28 @@ def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder)
         return CachePlan(True, f"{c.mode}, top_k auto: {lay.describe()}, {size / 2**20:.1f} MB; measured "
                                f"{errors[chosen].describe()}, {on_what}{beaten}", lay, record)
     limit = min(0.9 * free_bytes, c.max_gb * 2**30)
-    fitting = max((k for k in errors if positions * bytes_per_position(k, vocab, c.dtype) <= limit), default=None)
-    best_fitting = (f"; the largest k within it, top-{fitting}, measured {errors[fitting].describe()}"
-                    if fitting else "")
+    ladder_ks = cache_fidelity.auto_ladder(vocab)[:-1]
+    fitting = max((k for k in ladder_ks if positions * bytes_per_position(k, vocab, c.dtype) <= limit), default=None)
+    # the bisection measured only some ks: the fitting one's figure when it has it, else the nearest measured above
+    above = min((k for k in errors if fitting is not None and k > fitting), default=None)
+    measured = (f"measured {errors[fitting].describe()}" if fitting in errors else
+                f"not measured (top-{above}: {errors[above].describe()})" if above in ladder.errors else "not measured")
+    best_fitting = f"; the largest k within it, top-{fitting}, {measured}" if fitting else ""
     return CachePlan(False, f"not used: top_k auto needs top-{chosen} to stay within {100 * AUTO_TOLERANCE:g}% "
                             f"({errors[chosen].describe()}, {on_what}), but {too_big}{best_fitting} (raise "
                             f"teacher_cache.max_gb, or set teacher_cache.top_k)", None, record)
 
 
-def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id,
+def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id,
                        student):
     """(decide's plan for this run, inputs() -> the cache's CacheInputs). student: the
-    SelectedLogits the run starts from, before any training or resume; top_k auto measures the
+    ScoredLM the run starts from, before any training or resume; top_k auto measures the
     cache's error against it."""
-    vocab = teacher_cols if teacher_cols is not None else models.vocab_rows(teacher.lm)
+    vocab = columns if columns is not None else models.vocab_rows(teacher.lm)
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
     inputs = functools.cache(lambda: teacher_cache.CacheInputs(   # hashing a big teacher takes a while: once
         teacher_cache.model_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
-        teacher_cache.data_fingerprint(train_data), cfg.data.max_seq_len, teacher_cols, vocab))
+        teacher_cache.data_fingerprint(train_data), cfg.data.max_seq_len, columns, vocab))
 
     def measure_auto_k():
         divergences = {name: kd_options(dataclasses.replace(cfg.train, kd_loss=name))
@@ -133,7 +138,7 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
         try:
             return cache_fidelity.auto_ladder_for_run(
                 cfg, cfg.data.cache_dir, inputs(), teacher_cache.model_fingerprint(student.lm), train_data, pad_id,
-                teacher_rows(teacher, precision, teacher_cols), teacher_rows(student, precision, None), divergences)
+                teacher_outputs(teacher, precision), teacher_outputs(student, precision), divergences, AUTO_TOLERANCE)
         finally:
             student.train(was_training)
 
@@ -142,15 +147,15 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
     return plan, inputs
 
 
-def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, teacher_cols, pad_id,
+def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id,
                        student):
     """(the teacher cache this run reads, built first when missing, or None when it does not
     apply; why, as plan_teacher_cache says it, also logged)."""
-    plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, student)
+    plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)
     log.info("teacher cache: %s", plan.why)
     if not plan.use:
         return None, plan.why
-    return teacher_cache.open_or_build(cfg.data.cache_dir, inputs(), teacher_rows(teacher, precision, teacher_cols),
+    return teacher_cache.open_or_build(cfg.data.cache_dir, inputs(), teacher_outputs(teacher, precision),
                                        train_data, pad_id, plan.layout, {"auto": plan.auto} if plan.auto else None), \
         plan.why
 
@@ -169,10 +174,10 @@ def prepare_teacher_cache(cfg: ExperimentConfig):
     tokenizer, train_data, _ = data.load_data(cfg)
     student_lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
-    teacher_cols = models.check_compatibility(teacher_lm, student_lm, tokenizer)
+    columns = models.check_compatibility(teacher_lm, student_lm, tokenizer)
     pad_id = data.padding_id(tokenizer)
-    cache, why = open_teacher_cache(cfg, tokenizer, train_data, models.SelectedLogits(teacher_lm), precision, teacher_cols,
-                                    pad_id, models.SelectedLogits(student_lm))
+    cache, why = open_teacher_cache(cfg, tokenizer, train_data, ScoredLM(teacher_lm), precision, columns, pad_id,
+                                    ScoredLM(student_lm))
     del teacher_lm, student_lm
     if precision.device.type == "cuda":
         torch.cuda.empty_cache()

@@ -8,6 +8,7 @@ the same everywhere:
     logging         INFO lines with the time on stderr (a command may lower it, e.g. DDP ranks > 0)
     progress bars   transformers' bars off: a log wants one line per event
     UserError       (errors.py) printed as `error: <message>` on stderr, exit code 2
+    Ctrl-C          one line on stderr, exit code 130 (no traceback; --debug shows it)
 
 `add_config_argument` is the experiment-YAML flag of every command that takes one: --config, with
 --space as its alias (the search's documented name).
@@ -23,6 +24,10 @@ from typing import Callable
 from tune_kd.errors import UserError
 
 DEFAULT_CONFIG = "search_spaces/kd.yaml"
+# Every cache (tokenized data, teacher outputs, top_k auto's measurement) is written into a temporary
+# folder or file and renamed into place only when complete, so an interrupted command leaves none half-made.
+INTERRUPTED = ("interrupted: stopped by Ctrl-C; no half-written cache was kept, so the same command picks up "
+               "from what was finished")
 LOG_FORMAT = {"format": "%(asctime)s %(message)s", "datefmt": "%H:%M:%S"}
 
 
@@ -61,4 +66,9 @@ def run(name: str, doc: str, add_arguments: Callable[[argparse.ArgumentParser], 
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(INTERRUPTED, file=sys.stderr)
+        return 130      # the shell's code for a command ended by SIGINT
     return 0 if code is None else code

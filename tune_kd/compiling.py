@@ -5,7 +5,7 @@ layers of one model share their code, so dynamo traces one layer graph per model
 (student training, teacher inference, student evaluation) and reuses it for every layer and every
 batch shape: compile time no longer grows with depth, and bucketed batches of new lengths reuse
 the graph (tests/test_compiling.py counts the graphs). The models run with use_cache=False
-(models.SelectedLogits): Hugging Face's KV cache makes each layer's index a guard, one recompile per
+(scored.ScoredLM): Hugging Face's KV cache makes each layer's index a guard, one recompile per
 layer until dynamo's recompile limit drops back to eager.
 
 Where: TORCHINDUCTOR_CACHE_DIR = <data.cache_dir>/compile/inductor, set in every trial before it

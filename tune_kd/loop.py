@@ -9,7 +9,7 @@ call `report(metrics, save)`, where `save(dir)` writes a resumable checkpoint of
 in here: the loop runs in plain pytest.
 
 What the loop sets up comes from below it: the rank and device (distributed.py), the tokenizer and
-splits (data.load_data), the models on their scored positions (models.SelectedLogits, scoring.py),
+splits (data.load_data), the models on their scored positions (scored.ScoredLM, scoring.py),
 the teacher cache (cache_plan.open_teacher_cache) and the W&B run (tracking.start_wandb).
 """
 
@@ -34,8 +34,8 @@ from tune_kd.data import load_data, padding_id, shared_tokenizer  # noqa: F401  
 from tune_kd.distributed import setup_distributed
 from tune_kd.errors import UserError
 from tune_kd.losses import kd_options
-from tune_kd.models import SelectedLogits
-from tune_kd.scoring import scored_positions, teacher_forward, teacher_rows
+from tune_kd.scored import ScoredLM, row_chunks
+from tune_kd.scoring import scored_positions, teacher_forward, teacher_outputs
 from tune_kd.tracking import start_wandb
 
 log = logging.getLogger(__name__)
@@ -70,46 +70,45 @@ def temperature_at(step: int, total: int, train_cfg) -> float:
     return train_cfg.final_temperature + (train_cfg.temperature - train_cfg.final_temperature) * remaining
 
 
-def forward_pair(student, teacher, batch, precision, teacher_cols, need_teacher: bool, cache=None):
-    """Student logits (with grad) and teacher logits (inference mode, or the rows of the teacher
-    cache when one is given) on the scored positions; plus extras: "features" (student's,
+def forward_pair(student, teacher, batch, precision, need_teacher: bool, cache=None):
+    """The student's output (with grad) and the teacher's (inference mode, or the rows of the teacher
+    cache when one is given) on the scored positions, each a scored.Scored whose logits are made a
+    chunk at a time (the cache's rows: a CachedTeacher); plus extras: "features" (student's,
     teacher's) under feature distillation, "router_aux" for a mixture-of-experts student in
     training (each None otherwise)."""
     input_ids = batch["input_ids"].to(precision.device, non_blocking=True)
     labels = batch["labels"].to(precision.device, non_blocking=True)
     positions, targets = scored_positions(labels)
     with precision.autocast():
-        student_logits, student_features, router_aux = student(input_ids, positions)      # (N, V)
-    teacher_logits = teacher_features = None
+        student_out, student_features, router_aux = student(input_ids, positions)        # N rows
+    teacher_out = teacher_features = None
     if need_teacher and cache is not None:
-        teacher_logits = cache.rows(batch["indices"]).to(precision.device, non_blocking=True)   # CachedTeacher
+        teacher_out = cache.rows(batch["indices"]).to(precision.device, non_blocking=True)   # CachedTeacher
     elif need_teacher:
-        teacher_logits, teacher_features = teacher_forward(teacher, input_ids, positions, precision, teacher_cols)
-        teacher_logits = teacher_logits.clone()  # leave inference mode: autograd may save it
-        teacher_features = [f.clone() for f in teacher_features] if teacher_features else None
+        teacher_out, teacher_features = teacher_forward(teacher, input_ids, positions, precision)
     extras = {"features": (student_features, teacher_features) if student_features and teacher_features else None,
               "router_aux": router_aux}
-    return student_logits, teacher_logits, targets, positions, extras
+    return student_out, teacher_out, targets, positions, extras
 
 
-def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, teacher_cols, need_teacher: bool,
+def backward_step(student, teacher, batch, cfg: ExperimentConfig, precision, columns, need_teacher: bool,
                   normalizer: float, scaler, sync: bool = True, temperature: float | None = None,
                   cache=None, on_policy_batch: bool = False) -> losses.LossParts:
     """One micro-batch: forward both models on the scored positions, the objective, backward.
 
-    normalizer: assistant tokens of the whole accumulation window; sync=False skips DDP's
-    gradient all-reduce (every micro-batch of a window but the last); temperature: this step's
-    (temperature_at), train.temperature when None; cache: a teacher_cache.TeacherCache to read
-    the teacher's outputs from instead of running it; on_policy_batch: the replies are the student's
-    own samples (on_policy.py), so the loss is the divergence alone, T^k * D (alpha is CE's weight,
-    and a sampled token is no label).
+    columns: the vocabulary columns the divergence compares (models.check_vocab); normalizer:
+    assistant tokens of the whole accumulation window; sync=False skips DDP's gradient all-reduce
+    (every micro-batch of a window but the last); temperature: this step's (temperature_at),
+    train.temperature when None; cache: a teacher_cache.TeacherCache to read the teacher's outputs
+    from instead of running it; on_policy_batch: the replies are the student's own samples
+    (on_policy.py), so the loss is the divergence alone, T^k * D (alpha is CE's weight, and a
+    sampled token is no label).
     """
     train_cfg = cfg.train
     temperature = train_cfg.temperature if temperature is None else temperature
-    s_logits, t_logits, targets, _, extras = forward_pair(student, teacher, batch, precision, teacher_cols,
-                                                          need_teacher, cache)
-    parts = losses.distillation_loss(s_logits, t_logits, targets, 0.0 if on_policy_batch else train_cfg.alpha, temperature,
-                                     normalizer, train_cfg.kd_loss, kd_options=kd_options(train_cfg))
+    s_out, t_out, targets, _, extras = forward_pair(student, teacher, batch, precision, need_teacher, cache)
+    parts = losses.distillation_loss(s_out, t_out, targets, 0.0 if on_policy_batch else train_cfg.alpha, temperature,
+                                     normalizer, train_cfg.kd_loss, kd_options(train_cfg), columns)
     if extras["features"] is not None:
         parts.feature = features.feature_loss_sum(*extras["features"], train_cfg.feature_loss) / max(float(normalizer), 1.0)
         parts.loss = parts.loss + train_cfg.feature_weight * parts.feature
@@ -134,7 +133,7 @@ def optimizer_step(lm, optimizer, scaler, grad_clip: float) -> None:
 
 
 @torch.no_grad()
-def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precision, teacher_cols,
+def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precision, columns,
              rank: int = 0, world: int = 1, temperature: float | None = None,
              generation: on_policy.Generation | None = None) -> dict:
     """Validation metrics over the whole split (sharded across ranks and summed).
@@ -143,24 +142,28 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     val_loss is the trial's own objective; val_acc is the share of conversations whose every
     assistant token is the argmax, i.e. what greedy decoding would answer exactly. With
     eval.generation_samples (and `generation`), val_gen_acc and val_gen_ce from the student's greedy
-    replies to that many validation prompts (on_policy.py); NaN otherwise.
+    replies to that many validation prompts (on_policy.py); NaN otherwise. Logits are made a chunk
+    of rows at a time, as in training.
     """
     train_cfg = cfg.train
     temperature = train_cfg.temperature if temperature is None else temperature   # val_loss at the current T
+    divergence, options = losses.KD_LOSSES[train_cfg.kd_loss], kd_options(train_cfg)
     student.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=precision.device)  # ce, kl@1, kd@T, tokens, right, rows
     batches = data.epoch_batches(val_data, train_cfg.batch_size, train_cfg.seed, epoch=0, shuffle=False)[rank::world]
     for indices in batches:
         batch = data.collate(val_data, indices, pad_id)
-        s_logits, t_logits, targets, positions, _ = forward_pair(student, teacher, batch, precision, teacher_cols,
-                                                                teacher is not None)
+        s_out, t_out, targets, positions, _ = forward_pair(student, teacher, batch, precision, teacher is not None)
         rows = positions.nonzero()[:, 0]
-        wrong = torch.zeros(positions.shape[0], device=precision.device).index_add_(
-            0, rows, (s_logits.argmax(-1) != targets).float())
-        sums[0] += losses.ce_sum(s_logits, targets)
-        if t_logits is not None:
-            sums[1] += losses.forward_kl_sum(s_logits, t_logits, 1.0)
-            sums[2] += losses.KD_LOSSES[train_cfg.kd_loss](s_logits, t_logits, temperature, **kd_options(train_cfg))
+        wrong = torch.zeros(positions.shape[0], device=precision.device)
+        for lo, hi in row_chunks(s_out.rows, s_out.vocab):
+            s_logits = s_out.logits(lo, hi)                                                   # (n, V)
+            sums[0] += losses.ce_sum(s_logits, targets[lo:hi])
+            wrong.index_add_(0, rows[lo:hi], (s_logits.argmax(-1) != targets[lo:hi]).float())
+            if t_out is not None:
+                t_logits, s_logits = losses.teacher_chunk(t_out, lo, hi, columns), s_logits[:, :columns]
+                sums[1] += losses.forward_kl_sum(s_logits, t_logits, 1.0)
+                sums[2] += divergence(s_logits, t_logits, temperature, **options)
         sums[3] += targets.numel()
         sums[4] += ((wrong == 0) & positions.any(1)).sum()
         sums[5] += positions.any(1).sum()
@@ -168,7 +171,7 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     if generation is not None and cfg.eval.generation_samples:
         subset = on_policy.generation_subset(val_data, cfg.eval.generation_samples)[rank::world]
         gen_sums = on_policy.generation_sums(student.lm, generation, val_data, subset, train_cfg.batch_size,
-                                             teacher_rows(teacher, precision, teacher_cols) if teacher else None,
+                                             teacher_outputs(teacher, precision) if teacher else None, columns,
                                              precision.autocast, precision.device)
     if world > 1:
         dist.all_reduce(sums)
@@ -246,14 +249,14 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     pad_id = padding_id(tokenizer)
     lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
-    teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
+    columns = models.check_compatibility(teacher_lm, lm, tokenizer)   # the vocabulary the divergence compares
     pairs = features.layer_map(train_cfg.feature_layers, lm.config.num_hidden_layers, teacher_lm.config.num_hidden_layers) \
         if train_cfg.feature_weight > 0 and teacher_lm is not None else []
     projector = features.FeatureProjector(len(pairs), lm.config.hidden_size, teacher_lm.config.hidden_size).to(device) \
         if pairs else None
     extra_state = {"feature_projector": projector} if projector is not None else {}   # trained, not exported
-    teacher = SelectedLogits(teacher_lm, [p[1] for p in pairs]) if teacher_lm is not None else None
-    trained = SelectedLogits(lm, [p[0] for p in pairs], projector)   # every trained parameter
+    teacher = ScoredLM(teacher_lm, [p[1] for p in pairs]) if teacher_lm is not None else None
+    trained = ScoredLM(lm, [p[0] for p in pairs], projector)   # every trained parameter
     student = trained if world == 1 else torch.nn.parallel.DistributedDataParallel(
         trained, device_ids=[device] if device.type == "cuda" else None)
     generates_in_training = train_cfg.on_policy_fraction > 0 or train_cfg.seq_kd
@@ -263,7 +266,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     # before any resume: top_k auto measures against the starting student, as every trial does.
     # Evaluation and on-policy batches keep the live teacher (exact val metrics; new sequences);
     # under seq_kd no batch is the data's, so the cache could serve none.
-    cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, trained)[0] \
+    cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, trained)[0] \
         if need_teacher and not pairs and not train_cfg.seq_kd and train_cfg.on_policy_fraction < 1 else None
     optimizer = torch.optim.AdamW(trained.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                                   fused=device.type == "cuda")
@@ -335,7 +338,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                                                                     precision.autocast)
                 # the batch's mean over its own reply tokens, weighted by its data share of the window
                 normalizer, batch_cache = normalizer * targets / data_targets, None
-            parts = backward_step(student, teacher, batch, cfg, precision, teacher_cols, need_teacher,
+            parts = backward_step(student, teacher, batch, cfg, precision, columns, need_teacher,
                                   normalizer, scaler, sync=last_in_window or world == 1,
                                   temperature=temperature, cache=batch_cache, on_policy_batch=kind == "on_policy")
             if generation is not None and device.type == "cuda":
@@ -384,7 +387,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                    **{f"{kind}_s_per_batch": kind_seconds[kind] / kind_batches[kind] if kind_batches[kind] else math.nan
                       for kind in kind_seconds}}
         # the unwrapped student: DDP's forward broadcasts buffers, a collective a rank without a batch never joins
-        metrics.update(evaluate(trained, teacher, val_data, pad_id, cfg, precision, teacher_cols, rank, world,
+        metrics.update(evaluate(trained, teacher, val_data, pad_id, cfg, precision, columns, rank, world,
                                 temperature=temperature_at(progress.step, total_steps, train_cfg), generation=generation))
         metrics["gpu_peak_gib"] = gpu_peak_gib(device)
         progress.history.append(metrics)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tune_kd.data import IGNORE_INDEX
+from tune_kd.scored import Scored, row_chunks
 
 
 def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,23 +138,100 @@ def kd_scale(kd_loss: str, temperature: float) -> float:
     return temperature ** KD_TEMPERATURE_POWER[kd_loss]
 
 
-# Rows per chunk of the (N, V) loss math: the fp32 log-probabilities of one chunk exist at a time
-# (recomputed in backward), so memory stays flat however many assistant tokens a batch holds.
-CHUNK_ROWS = 2048
+@dataclass(frozen=True)
+class Objective:
+    """What one micro-batch optimises: alpha * CE + (1 - alpha) * T^k * D, D = KD_LOSSES[kd_loss]
+    over the first `columns` vocabulary columns (None: all; models.check_vocab)."""
+
+    alpha: float
+    temperature: float
+    kd_loss: str = "forward_kl"
+    kd_options: dict | None = None
+    columns: int | None = None
+
+    @property
+    def kd_weight(self) -> float:
+        return (1.0 - self.alpha) * kd_scale(self.kd_loss, self.temperature)
+
+    def sums(self, student_logits: torch.Tensor, teacher, targets: torch.Tensor) -> torch.Tensor:
+        """[objective, CE, D] summed over a chunk's rows: student_logits (n, V) fp32, the teacher's
+        rows (live (n, columns) logits or a cached teacher's rows; None: CE only), targets (n,)."""
+        ce = ce_sum(student_logits, targets)
+        if teacher is None:
+            return torch.stack([self.alpha * ce, ce, torch.zeros_like(ce)])
+        kd = KD_LOSSES[self.kd_loss](student_logits[:, :self.columns], teacher, self.temperature,
+                                     **(self.kd_options or {}))
+        return torch.stack([self.alpha * ce + self.kd_weight * kd, ce, kd])
 
 
-def chunked_sum(fn, *rows: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """sum(fn(chunk...)) over row chunks of equally long tensors, checkpointed so the fp32
-    intermediates of a chunk are freed after its forward and recomputed during backward."""
-    n = rows[0].shape[0]
-    if n <= chunk_rows:
-        return fn(*rows)
-    from torch.utils.checkpoint import checkpoint
+def teacher_chunk(teacher, lo: int, hi: int, columns: int | None):
+    """Rows lo:hi of the teacher's side: a live teacher's logits (its first `columns`), no grad, or a
+    cached teacher's rows (a teacher_cache.CachedTeacher, already `columns` wide)."""
+    if isinstance(teacher, Scored):
+        with torch.no_grad():
+            return teacher.logits(lo, hi)[:, :columns]
+    if isinstance(teacher, torch.Tensor):
+        return teacher[lo:hi, :columns].float()
+    return teacher[lo:hi]
 
-    total = torch.zeros((), device=rows[0].device)
-    for lo in range(0, n, chunk_rows):
-        total = total + checkpoint(fn, *(r[lo:lo + chunk_rows] for r in rows), use_reentrant=False)
-    return total
+
+def _sums_and_grads(student: Scored, teacher, targets: torch.Tensor, objective: Objective, need_grad: bool):
+    """Walk the rows in chunks: ([objective, CE, D] sums, and with need_grad the objective's gradients
+    w.r.t. the student's hidden rows, output weight and bias). Each chunk's logits exist only while
+    it is processed; its gradient is taken at once (local autograd from the logits on), so nothing
+    (N, V) is kept for backward and no chunk is recomputed."""
+    hidden = student.hidden.detach()
+    weight = None if student.weight is None else student.weight.detach()
+    bias = None if student.bias is None else student.bias.detach()
+    sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
+    grads = None
+    if need_grad:   # fp32 sums for the output layer: the chunks' contributions add up without rounding drift
+        trained = lambda t: t is not None and t.requires_grad  # noqa: E731
+        grads = [torch.zeros_like(hidden), torch.zeros_like(weight, dtype=torch.float32) if trained(student.weight)
+                 else None, torch.zeros_like(bias, dtype=torch.float32) if trained(student.bias) else None]
+    for lo, hi in row_chunks(student.rows, student.vocab):
+        rows = hidden[lo:hi]
+        raw = student.project(rows, weight, bias)                                          # (n, V)
+        teacher_rows = None if teacher is None else teacher_chunk(teacher, lo, hi, objective.columns)
+        if not need_grad:
+            sums += objective.sums(student.finish(raw), teacher_rows, targets[lo:hi])
+            continue
+        raw = raw.detach().requires_grad_(True)
+        with torch.enable_grad():
+            chunk = objective.sums(student.finish(raw), teacher_rows, targets[lo:hi])
+            (logit_grad,) = torch.autograd.grad(chunk[0], raw)                              # (n, V)
+        sums += chunk.detach()
+        if weight is None:
+            grads[0][lo:hi] = logit_grad
+            continue
+        grads[0][lo:hi] = (logit_grad @ weight.to(logit_grad.dtype)).to(hidden.dtype)      # (n, H)
+        if grads[1] is not None and logit_grad.dtype == torch.float32:
+            grads[1].addmm_(logit_grad.t(), rows.float())
+        elif grads[1] is not None:   # autocast: the matmul in its dtype, as autograd's own backward would
+            grads[1] += (logit_grad.t() @ rows.to(logit_grad.dtype)).float()
+        if grads[2] is not None:
+            grads[2] += logit_grad.float().sum(0)
+    return sums, grads
+
+
+class _FusedObjective(torch.autograd.Function):
+    """[objective, CE, D] sums of a Scored student; backward hands out the gradients the forward
+    already took (scaled by the incoming one). Only the objective is differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, student, teacher, targets, objective):
+        sums, grads = _sums_and_grads(student, teacher, targets, objective, need_grad=True)
+        ctx.grads = grads
+        ctx.dtypes = [None if t is None else t.dtype for t in (hidden, weight, bias)]
+        objective_sum, ce, kd = sums.unbind()
+        ctx.mark_non_differentiable(ce, kd)
+        return objective_sum, ce, kd
+
+    @staticmethod
+    def backward(ctx, grad_objective, _grad_ce, _grad_kd):
+        scaled = [None if g is None else (g * grad_objective).to(dtype) for g, dtype in zip(ctx.grads, ctx.dtypes)]
+        ctx.grads = None
+        return (*scaled, None, None, None, None)
 
 
 @dataclass
@@ -166,25 +244,27 @@ class LossParts:
     feature: torch.Tensor | None = None   # feature distillation's term, when on (loop adds it)
 
 
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, targets: torch.Tensor,
-                      alpha: float, temperature: float, normalizer: float | torch.Tensor,
-                      kd_loss: str = "forward_kl", chunk_rows: int = CHUNK_ROWS,
-                      kd_options: dict | None = None) -> LossParts:
+def distillation_loss(student, teacher, targets: torch.Tensor, alpha: float, temperature: float,
+                      normalizer: float | torch.Tensor, kd_loss: str = "forward_kl", kd_options: dict | None = None,
+                      columns: int | None = None) -> LossParts:
     """alpha * CE + (1 - alpha) * T^k * KD on the selected assistant positions (T^k: kd_scale).
 
-    student_logits: (N, V); teacher_logits: (N, V), or the same rows from the teacher cache (a
-    teacher_cache.CachedTeacher), or None when alpha = 1 (no teacher needed);
+    student: a scored.Scored (hidden rows + output layer: logits made a chunk at a time) or (N, V)
+    logits; teacher: a Scored (live, projected without grad), (N, V) logits, the same rows from the
+    teacher cache (a teacher_cache.CachedTeacher), or None when alpha = 1 (no teacher needed);
     targets: (N,); normalizer: assistant tokens in the whole accumulation window (>= 1 used);
-    chunk_rows: rows per checkpointed chunk of the fp32 math (the result does not depend on it);
-    kd_options: the divergence's own settings (beta for jsd, skew for skew_kl).
+    kd_options: the divergence's own settings (beta for jsd, skew for skew_kl); columns: the
+    vocabulary columns the divergence compares (models.check_vocab), CE keeps every student row.
     """
-    normalizer = torch.clamp(torch.as_tensor(normalizer, dtype=torch.float32, device=student_logits.device), min=1.0)
-    ce = chunked_sum(ce_sum, student_logits, targets, chunk_rows=chunk_rows) / normalizer
-    if teacher_logits is None or alpha == 1.0:
-        kd = torch.zeros((), device=student_logits.device)
-        return LossParts(loss=alpha * ce, ce=ce, kd=kd)
-    divergence = KD_LOSSES[kd_loss]
-    kd = chunked_sum(lambda s, t: divergence(s, t, temperature, **(kd_options or {})), student_logits, teacher_logits,
-                     chunk_rows=chunk_rows) / normalizer
-    loss = alpha * ce + (1.0 - alpha) * kd_scale(kd_loss, temperature) * kd
-    return LossParts(loss=loss, ce=ce, kd=kd)
+    student = student if isinstance(student, Scored) else Scored.of_logits(student)
+    teacher = None if alpha == 1.0 else teacher
+    objective = Objective(alpha, temperature, kd_loss, kd_options, columns)
+    need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                for t in (student.hidden, student.weight, student.bias))
+    if need_grad:
+        total, ce, kd = _FusedObjective.apply(student.hidden, student.weight, student.bias, student, teacher, targets,
+                                              objective)
+    else:
+        total, ce, kd = _sums_and_grads(student, teacher, targets, objective, need_grad=False)[0].unbind()
+    normalizer = torch.clamp(torch.as_tensor(normalizer, dtype=torch.float32, device=total.device), min=1.0)
+    return LossParts(loss=total / normalizer, ce=ce / normalizer, kd=kd / normalizer)

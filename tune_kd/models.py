@@ -1,5 +1,5 @@
-"""Device and precision resolution; loading or building teacher and student; compatibility checks;
-SelectedLogits, the wrapper that runs either model on the scored positions only.
+"""Device and precision resolution; loading or building teacher and student; compatibility checks
+(vocabulary sizes, padded rows). scored.py runs either model on its scored positions.
 
 Precision is decided here, once, with the reason logged:
 
@@ -161,49 +161,6 @@ def moe_settings(config) -> tuple[int, int, float] | None:
     if not experts or not hasattr(config, "router_aux_loss_coef"):
         return None
     return int(experts), int(getattr(config, "num_experts_per_tok", 2)), float(config.router_aux_loss_coef)
-
-
-class SelectedLogits(torch.nn.Module):
-    """Runs a causal LM but projects only the scored positions through the LM head.
-
-    The head is most of a small model's FLOPs and memory at large vocab; chat data scores only
-    assistant tokens, so only those rows are computed. forward(input_ids (B, T), positions (B, T)
-    bool) -> (logits (N, V), features, router_aux). Models that post-process logits (soft-capping)
-    take the full path. features: with feature_layers (feature distillation) the hidden states
-    (N, H) of those layers, through `projector` when given (the student's side; a submodule, so
-    DDP syncs it), else None. router_aux: a mixture-of-experts model's load-balancing loss (already
-    times its router_aux_loss_coef), else None.
-    """
-
-    def __init__(self, lm: torch.nn.Module, feature_layers: tuple[int, ...] = (), projector=None):
-        super().__init__()
-        self.lm, self.feature_layers, self.projector = lm, tuple(feature_layers), projector
-        self.full_path = getattr(lm.config, "final_logit_softcapping", None) is not None
-        self.moe = moe_settings(lm.config)
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
-        wants = {"use_cache": False}   # no KV cache to fill: it costs memory, and recompiles compiled layers
-        if self.feature_layers:
-            wants["output_hidden_states"] = True
-        if self.moe is not None and self.training:
-            wants["output_router_logits"] = True
-        if self.full_path:
-            out = self.lm(input_ids=input_ids, **wants)
-            logits = out.logits[positions]
-        else:
-            out = self.lm.base_model(input_ids=input_ids, **wants)
-            logits = self.lm.get_output_embeddings()(out.last_hidden_state[positions])      # (N, V)
-        features = None
-        if self.feature_layers:
-            features = [out.hidden_states[layer][positions] for layer in self.feature_layers]
-            features = self.projector(features) if self.projector is not None else features
-        router_aux = None
-        if wants.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
-
-            experts, top_k, coef = self.moe
-            router_aux = coef * load_balancing_loss_func(out.router_logits, experts, top_k)
-        return logits, features, router_aux
 
 
 PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -378,24 +335,28 @@ def vocab_rows(model) -> int:
 
 
 def check_compatibility(teacher, student, tokenizer) -> int | None:
-    """Check the two loaded models can be distilled with this tokenizer (see check_vocab)."""
+    """Check the two loaded models can be distilled with this tokenizer; the vocabulary columns the
+    divergence compares (see check_vocab)."""
     return check_vocab(len(tokenizer), vocab_rows(student), vocab_rows(teacher) if teacher is not None else None)
 
 
 def check_vocab(n_tok: int, n_student: int, n_teacher: int | None) -> int | None:
-    """Returns the number of teacher logit columns to keep (None: all), when the teacher has extra
-    vocab rows that are padding the tokenizer never emits; raises UserError otherwise."""
+    """The number of vocabulary columns the divergence (and the teacher cache) compares: None for all
+    of them when both models have exactly the tokenizer's ids, else n_tok. Rows past the tokenizer's
+    last id are padding (Qwen2.5 pads 151,646 ids to 151,936 rows): the tokenizer never emits them, so
+    they carry no distribution to learn. Raises UserError when a model has fewer rows than the
+    tokenizer has ids (it was built for another tokenizer)."""
     if n_student < n_tok:
         raise UserError(f"student vocab has {n_student} rows but the tokenizer emits {n_tok} ids: the student was built "
                         "for another tokenizer (rebuild it from this tokenizer)")
     if n_teacher is None:
         return None
-    if n_teacher < n_student:
-        raise UserError(f"teacher vocab ({n_teacher}) is smaller than the student's ({n_student}): they cannot share a "
-                        "tokenizer (use a student built with this teacher's tokenizer)")
-    if n_teacher > n_student:
-        log.info("teacher has %d vocab rows, student %d: the tokenizer never emits ids >= %d, so the teacher's extra "
-                 "%d rows are padding and are dropped from its logits", n_teacher, n_student, n_tok,
-                 n_teacher - n_student)
-        return n_student
-    return None
+    if n_teacher < n_tok:
+        raise UserError(f"teacher vocab has {n_teacher} rows but the tokenizer emits {n_tok} ids: the teacher was built "
+                        "for another tokenizer (use a student built with this teacher's tokenizer)")
+    if n_teacher == n_student == n_tok:
+        return None
+    log.info("vocab: tokenizer %d ids, student %d rows, teacher %d rows: rows past id %d are padding the tokenizer "
+             "never emits; the divergence compares the first %d columns (the student's CE keeps all its rows)",
+             n_tok, n_student, n_teacher, n_tok - 1, n_tok)
+    return n_tok

@@ -33,6 +33,8 @@ import torch
 from tune_kd.errors import UserError
 from tune_kd import losses
 from tune_kd.data import IGNORE_INDEX, VAL_SPLIT_SEED, TokenizedData
+from tune_kd.scored import Scored
+from tune_kd.scoring import logit_chunks
 
 GENERATION_SUBSET_SEED = VAL_SPLIT_SEED + 2     # which validation prompts val_gen_* uses: the same every epoch and trial
 ON_POLICY_STREAM = 17                           # keeps the on-policy draw apart from other (seed, epoch) streams
@@ -176,10 +178,11 @@ def generation_subset(val_data: TokenizedData, count: int) -> np.ndarray:
 
 
 def generation_sums(student_lm, generation: Generation, val_data: TokenizedData, indices: np.ndarray,
-                    batch_size: int, teacher_rows: Callable[[dict], torch.Tensor] | None, autocast,
-                    device) -> torch.Tensor:
+                    batch_size: int, teacher_outputs: Callable[[dict], Scored] | None, columns: int | None,
+                    autocast, device) -> torch.Tensor:
     """[exact replies, prompts, teacher CE sum, reply tokens] over `indices` (a rank's share):
-    greedy student replies against the data's, and the teacher's CE on each generated token."""
+    greedy student replies against the data's, and the teacher's CE on each generated token (over
+    the first `columns` of its vocabulary, models.check_vocab)."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for lo in range(0, len(indices), batch_size):
         prompts, references = prompts_and_replies(val_data, indices[lo:lo + batch_size])
@@ -187,11 +190,11 @@ def generation_sums(student_lm, generation: Generation, val_data: TokenizedData,
         sums[0] += sum(np.array_equal(r, ref) for r, ref in zip(replies, references))
         sums[1] += len(prompts)
         scored = reply_targets(replies)
-        if teacher_rows is not None and scored:
+        if teacher_outputs is not None and scored:
             batch = reply_batch(prompts, replies, generation.pad_id)
-            teacher_logits = teacher_rows(batch).float()
-            targets = losses.target_positions(batch["labels"])[1].to(teacher_logits.device)
-            sums[2] += torch.nn.functional.cross_entropy(teacher_logits, targets, reduction="sum").double()
+            teacher = teacher_outputs(batch)
+            targets = losses.target_positions(batch["labels"])[1].to(teacher.hidden.device)
+            sums[2] += sum(losses.ce_sum(logits, targets[a:b]) for a, b, logits in logit_chunks(teacher, columns)).double()
             sums[3] += scored
     return sums
 

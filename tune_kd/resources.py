@@ -41,6 +41,7 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     import torch
 
     from tune_kd import cache_plan, data, loop, models
+    from tune_kd.scored import ScoredLM
 
     device = torch.device("cuda")
     precision = models.resolve_precision(cfg.train.dtype, device)
@@ -51,12 +52,12 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     torch.cuda.reset_peak_memory_stats(device)
     lm = models.make_student(cfg.student, tokenizer, precision)
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
-    teacher_cols = models.check_compatibility(teacher_lm, lm, tokenizer)
-    student = models.SelectedLogits(lm)
-    teacher = models.SelectedLogits(teacher_lm) if teacher_lm is not None else None
+    columns = models.check_compatibility(teacher_lm, lm, tokenizer)
+    student = ScoredLM(lm)
+    teacher = ScoredLM(teacher_lm) if teacher_lm is not None else None
     pad_id = data.padding_id(tokenizer)
     # alpha may be searched: assume the trial runs (or reads) the teacher whenever there is one
-    cache = cache_plan.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, teacher_cols, pad_id, student)[0] \
+    cache = cache_plan.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)[0] \
         if teacher is not None and cfg.train.feature_weight == 0 else None
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-6, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=precision.grad_scaler)
@@ -64,7 +65,7 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     batch = data.collate(train_data, longest, pad_id)
     scored = int((batch["labels"][:, 1:] != -100).sum())
     for _ in range(2):
-        loop.backward_step(student, teacher, batch, cfg, precision, teacher_cols, teacher is not None, scored, scaler,
+        loop.backward_step(student, teacher, batch, cfg, precision, columns, teacher is not None, scored, scaler,
                            cache=cache)
         loop.optimizer_step(lm, optimizer, scaler, cfg.train.grad_clip)
     peak = torch.cuda.max_memory_allocated(device) - held

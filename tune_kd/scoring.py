@@ -1,9 +1,10 @@
-"""The scored positions and the frozen teacher's logits there, shared by the training loop, its
+"""The scored positions and the frozen teacher's output there, shared by the training loop, its
 evaluation, the teacher cache's build and top_k auto's measurement.
 
 A causal LM's logit at position t is scored against the label at t + 1, on assistant tokens only
-(losses.target_positions); models.SelectedLogits computes logits at those positions only. The
-teacher runs under inference mode, its extra (padding) vocabulary columns dropped.
+(losses.target_positions); scored.ScoredLM runs a model on those positions only and keeps its
+output before the output layer. The teacher runs under inference mode; its logits are made a chunk
+of rows at a time, its padding columns past the tokenizer's ids dropped (models.check_vocab).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from tune_kd import losses
+from tune_kd.scored import Scored, row_chunks
 
 
 def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -21,18 +23,27 @@ def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return positions, targets
 
 
-def teacher_forward(teacher, input_ids, positions, precision, teacher_cols):
-    """The teacher's logits (N, V) at the scored positions (its extra vocab columns dropped) and
-    its features, under inference mode."""
+def teacher_forward(teacher, input_ids, positions, precision) -> tuple[Scored, list | None]:
+    """The teacher's Scored output at the scored positions and its features, run under inference
+    mode, handed back as ordinary tensors (autograd may save them: they are the loss's constants)."""
     with torch.inference_mode(), precision.autocast():
-        logits, features, _ = teacher(input_ids, positions)
-    return (logits[:, :teacher_cols] if teacher_cols is not None else logits), features
+        scored, features, _ = teacher(input_ids, positions)
+    scored.hidden = scored.hidden.clone()          # (N, H): small, unlike the logits it stands for
+    return scored, [f.clone() for f in features] if features else None
 
 
-def teacher_rows(teacher, precision, teacher_cols):
-    """batch -> the teacher's logits at its scored positions, what the teacher cache stores."""
-    def rows(batch):
+def teacher_outputs(teacher, precision):
+    """batch -> the teacher's Scored output at the batch's scored positions."""
+    def outputs(batch):
         labels = batch["labels"].to(precision.device)
         return teacher_forward(teacher, batch["input_ids"].to(precision.device), scored_positions(labels)[0],
-                               precision, teacher_cols)[0]
-    return rows
+                               precision)[0]
+    return outputs
+
+
+def logit_chunks(scored: Scored, columns: int | None):
+    """(lo, hi, logits (hi - lo, columns) fp32) for successive row chunks of a Scored, without grad:
+    what the teacher cache compresses and top_k auto compares, never the (N, V) whole."""
+    with torch.no_grad():
+        for lo, hi in row_chunks(scored.rows, scored.vocab):
+            yield lo, hi, scored.logits(lo, hi)[:, :columns]

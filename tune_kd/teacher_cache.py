@@ -6,7 +6,7 @@ student differ. The cache stores, for every scored (assistant) position of the t
 in data order (example by example, positions ascending), with k = teacher_cache.top_k < V:
 
     values (P, k) dtype     the teacher's k largest logits z_i minus the row's largest, m (so <= 0)
-    ids    (P, k) uint16    their token ids (int32 when the vocabulary has more than 65,536 ids)
+    ids    (P, k) uint16    their token ids (uint32 when the vocabulary has more than 65,536 ids)
     tail   (P, G) float16   log S(T_g) - m / T_g, S(T) = sum over j not in K of exp(z_j / T), at the
                             G temperatures of TAIL_TEMPERATURES
 
@@ -80,10 +80,12 @@ import torch
 import torch.nn.functional as F
 
 from tune_kd import ingest
+from tune_kd.scored import Scored
+from tune_kd.scoring import logit_chunks
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2                  # 2: shifted values in teacher_cache.dtype, uint16 ids, fp16 tail; full rows fp32
+FORMAT = 3                  # 3: shifted values in teacher_cache.dtype, uint16/uint32 ids, fp16 tail; full rows fp32
 TAIL_TEMPERATURES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0)
 BUILD_BATCH = 64            # conversations per teacher forward while building
 VALUE_DTYPES = ("float16", "bfloat16", "float32")   # teacher_cache.dtype
@@ -92,8 +94,8 @@ UINT16_VOCAB = 2**16        # ids fit uint16 up to this vocabulary size
 # stored dtype name -> (torch dtype, numpy dtype on disk); numpy has no bfloat16, so its 16 bits
 # are written as uint16 and viewed back on read
 _STORAGE = {"float32": (torch.float32, np.float32), "float16": (torch.float16, np.float16),
-            "bfloat16": (torch.bfloat16, np.uint16), "int32": (torch.int32, np.int32),
-            "uint16": (torch.int32, np.uint16)}   # uint16 ids are computed as int32, narrowed on the way to disk
+            "bfloat16": (torch.bfloat16, np.uint16), "uint32": (torch.int64, np.uint32),
+            "uint16": (torch.int32, np.uint16)}   # ids are computed wider, narrowed on the way to disk
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class Layout:
 
     @property
     def id_dtype(self) -> str | None:
-        return None if self.full else "uint16" if self.vocab <= UINT16_VOCAB else "int32"
+        return None if self.full else "uint16" if self.vocab <= UINT16_VOCAB else "uint32"
 
     @property
     def tail_dtype(self) -> str | None:
@@ -275,7 +277,7 @@ class CacheInputs:
     tokenizer: str
     data: str               # data_fingerprint of the training split
     max_seq_len: int
-    teacher_cols: int | None
+    columns: int | None     # the vocabulary columns distilled (models.check_vocab)
     vocab: int
 
 
@@ -330,12 +332,13 @@ def _is_complete(directory: Path, key: str, positions: int) -> bool:
     return meta.get("key") == key and cache.values.shape[0] == positions == int(cache.row_offsets[-1])
 
 
-def build(teacher_rows: Callable[[dict], torch.Tensor], train_data, pad_id: int, lay: Layout, target: Path,
-          meta: dict) -> None:
+def build(teacher_outputs: Callable[[dict], Scored], train_data, pad_id: int, lay: Layout, target: Path,
+          meta: dict, columns: int | None = None) -> None:
     """Run the teacher over train_data once, writing target/ (via a temporary sibling, renamed).
 
-    teacher_rows(batch) -> (N, V) teacher logits at the batch's scored positions, in row-major
-    (example, position) order, the order the loop selects them in."""
+    teacher_outputs(batch) -> the teacher's scored.Scored at the batch's scored positions, in
+    row-major (example, position) order, the order the loop selects them in; its logits are made,
+    compressed and written a chunk of rows at a time (their first `columns`, models.check_vocab)."""
     from tune_kd import data
 
     counts = train_data.target_counts.astype(np.int64)
@@ -351,15 +354,16 @@ def build(teacher_rows: Callable[[dict], torch.Tensor], train_data, pad_id: int,
         started = time.perf_counter()
         for lo in range(0, len(train_data), BUILD_BATCH):
             indices = np.arange(lo, min(lo + BUILD_BATCH, len(train_data)))
-            logits = teacher_rows(data.collate(train_data, indices, pad_id))                # (N, V)
-            a, b = int(row_offsets[indices[0]]), int(row_offsets[indices[-1] + 1])
-            if logits.shape[0] != b - a:
-                raise RuntimeError(f"teacher cache: {logits.shape[0]} scored rows for examples {lo}.., expected {b - a}")
-            stored = compress(logits, lay)
-            files["values"][a:b] = _to_disk(stored.values, lay.value_dtype)
-            if not lay.full:
-                files["ids"][a:b] = _to_disk(stored.ids, lay.id_dtype)
-                files["tail"][a:b] = _to_disk(stored.tail, lay.tail_dtype)
+            scored = teacher_outputs(data.collate(train_data, indices, pad_id))                # N rows
+            first, last = int(row_offsets[indices[0]]), int(row_offsets[indices[-1] + 1])
+            if scored.rows != last - first:
+                raise RuntimeError(f"teacher cache: {scored.rows} scored rows for examples {lo}.., expected {last - first}")
+            for a, b, logits in logit_chunks(scored, columns):                               # (b - a, V)
+                stored = compress(logits, lay)
+                files["values"][first + a:first + b] = _to_disk(stored.values, lay.value_dtype)
+                if not lay.full:
+                    files["ids"][first + a:first + b] = _to_disk(stored.ids, lay.id_dtype)
+                    files["tail"][first + a:first + b] = _to_disk(stored.tail, lay.tail_dtype)
         for array in files.values():
             array.flush()
         np.save(tmp / "row_offsets.npy", row_offsets)
@@ -375,7 +379,7 @@ def build(teacher_rows: Callable[[dict], torch.Tensor], train_data, pad_id: int,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_rows, train_data, pad_id: int, lay: Layout,
+def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_outputs, train_data, pad_id: int, lay: Layout,
                   build_meta: dict | None = None) -> TeacherCache:
     """The cache for these inputs and layout, built first (under a lock) when it is missing or stale.
     build_meta: extra fields for a new build's meta.json (auto's measured fidelity)."""
@@ -386,7 +390,8 @@ def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_rows, trai
         if not _is_complete(target, key, positions):
             log.info("teacher cache: building %s (%d positions, %s)", target, positions, lay.describe())
             with torch.inference_mode():
-                build(teacher_rows, train_data, pad_id, lay, target, {**parts, **(build_meta or {}), "key": key})
+                build(teacher_outputs, train_data, pad_id, lay, target, {**parts, **(build_meta or {}), "key": key},
+                      inputs.columns)
             meta = json.loads((target / "meta.json").read_text())
             log.info("teacher cache: built in %.1f s, %.1f MB (%d bytes per position) -> %s", meta["build_seconds"],
                      meta["bytes"] / 2**20, meta["bytes_per_position"], target)
