@@ -61,9 +61,14 @@ def load_tokenizer(path: str | Path):
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides token ids: vocab/merges/normalizer and the chat template."""
+    """A hash of everything that decides token ids: vocab/merges/normalizer and the chat template.
+    The backend's padding and truncation are left out: ingestion turns them off (ingest.plain_backend),
+    and transformers itself changes them on the loaded tokenizer from call to call."""
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is not None or backend.truncation is not None:
+        backend = ingest.plain_backend(tokenizer)
     h = hashlib.sha256()
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(backend.to_str().encode())
     h.update(str(tokenizer.chat_template).encode())
     return h.hexdigest()
 

@@ -61,11 +61,27 @@ PROBES = [  # shapes of conversation the fast span method must reproduce before 
 ]
 
 
+def plain_backend(tokenizer):
+    """A copy of the tokenizer's backend (a tokenizers.Tokenizer) with padding and truncation off.
+
+    A tokenizer.json saved by `save_pretrained` may carry `padding` and `truncation` sections, which
+    the backend applies to every encode_batch: pad tokens (no character offsets) and a max_length of
+    its own. tune_kd truncates to data.max_seq_len itself (and counts it), so it tokenizes with this
+    copy and leaves the user's tokenizer as it is."""
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
 class ChatRenderer:
     """The tokenizer's chat template, and where the assistant's tokens are in its renderings."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self._backend = None
         self._template = self._compiled(tokenizer)
         self._header = self._footer = None
         probes = [[{"role": r, "content": c} for r, c in turns] for turns in PROBES]
@@ -98,6 +114,13 @@ class ChatRenderer:
             return None
         return lambda turns, gen: template.render(messages=turns, tools=None, documents=None,
                                                   add_generation_prompt=gen, **kwargs)
+
+    @property
+    def backend(self):
+        """The tokenizer's backend without padding and truncation (plain_backend), made on first use."""
+        if self._backend is None:
+            self._backend = plain_backend(self.tokenizer)
+        return self._backend
 
     def render(self, turns: list[dict], generation_prompt: bool = False) -> str:
         if self._template is not None:
@@ -198,7 +221,7 @@ def encode_conversations(renderer: ChatRenderer, conversations: list[list[dict]]
     """Render, tokenize (one batch) and mask `conversations`; truncate to max_seq_len and drop an
     example left without an assistant token past position 0 (position 0 is never predicted)."""
     texts = [renderer.render(turns) for turns in conversations]
-    encodings = renderer.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    encodings = renderer.backend.encode_batch(texts, add_special_tokens=False)
     unk = renderer.tokenizer.unk_token_id
     ids_out, masks_out, stats = [], [], collections.Counter()
     for turns, text, encoding in zip(conversations, texts, encodings):
