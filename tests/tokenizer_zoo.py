@@ -150,11 +150,14 @@ def byte_level_bpe(special_tokens: list[str]):
 
 
 def metaspace_bpe(special_tokens: list[str], prepend_scheme: str):
-    """SentencePiece-like BPE: spaces become '▁' (Metaspace), an unknown token for unseen characters."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """SentencePiece-like BPE: spaces become '▁' (Metaspace), a newline is a token of its own (as
+    SentencePiece's byte fallback <0x0A> is), an unknown token for unseen characters."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     core = Tokenizer(models.BPE(unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
+    core.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("\n"), behavior="isolated"),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)])
     core.decoder = decoders.Metaspace(replacement="▁", prepend_scheme=prepend_scheme)
     core.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=500, special_tokens=special_tokens,
                                                          show_progress=False))
