@@ -140,7 +140,11 @@ class ChatRenderer:
 
     @property
     def backend(self):
-        """The tokenizer's backend without padding and truncation (plain_backend), made on first use."""
+        """The tokenizer's backend without padding and truncation: its own when neither is on (checked
+        at each use: transformers switches them per call), else a copy (plain_backend) made once."""
+        own = self.tokenizer.backend_tokenizer
+        if own.padding is None and own.truncation is None:
+            return own   # no copy: a 150k-token vocabulary takes half a second to copy, per worker
         if self._backend is None:
             self._backend = plain_backend(self.tokenizer)
         return self._backend
