@@ -22,7 +22,7 @@ reply). CONVERSATIONS are the chats every family is checked on.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -182,7 +182,6 @@ class Family:
     end_of_turn: str                     # the text that closes an assistant reply
     refuses_system: bool = False
     bos: str | None = None               # the token every example starts with exactly once
-    extra: dict = field(default_factory=dict)
 
 
 def _chatml():
