@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from tune_kd import data, demo, ingest
+from tune_kd import chat_formats, data, demo, ingest
 from tune_kd.data import DataError, IGNORE_INDEX
 
 
@@ -142,3 +142,20 @@ def test_val_split_is_disjoint_and_fixed(tmp_path, tokenizer):
     # views, not copies: both splits read the one memory-mapped token file
     assert train.tokens is td.tokens and val.mask is td.mask and isinstance(td.tokens, np.memmap)
     assert [x.tolist() for x in val.example(3)] == [x.tolist() for x in td.example(int(np.flatnonzero(td.starts == val.starts[3])[0]))]
+
+
+def test_data_system_turns_fold_into_the_next_user_turn_or_drop(tmp_path, tokenizer):
+    def turns(*pairs):
+        return [{"role": r, "content": c} for r, c in pairs]
+    two = turns(("system", "S"), ("user", "U"), ("assistant", "A"), ("system", "S2"), ("user", "U2"), ("assistant", "A2"))
+    assert chat_formats.system_turns(two, "keep") == (two, None)
+    assert chat_formats.system_turns(two, "fold") == (turns(("user", "S\n\nU"), ("assistant", "A"),
+                                                            ("user", "S2\n\nU2"), ("assistant", "A2")), None)
+    assert chat_formats.system_turns(two, "drop") == (turns(("user", "U"), ("assistant", "A"), ("user", "U2"),
+                                                            ("assistant", "A2")), None)
+    # nothing to fold into: an error naming the line, which data.system_turns: drop avoids
+    path = write_lines(tmp_path / "d.jsonl", [conv(("user", "sort 21"), ("assistant", "12")),
+                                              conv(("system", "Be exact."), ("assistant", "Ask me."))])
+    with pytest.raises(DataError, match=r"d.jsonl:2: turn 0 \(system\) is followed by an assistant turn"):
+        data.tokenize_cached(path, tokenizer, 64, tmp_path / "cache", system_turns="fold")
+    assert len(data.tokenize_cached(path, tokenizer, 64, tmp_path / "cache", system_turns="drop")) == 2

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
+import tokenizer_zoo
 from conftest import tiny_raw
 from tune_kd import chat_formats, data, demo, ingest, loop, prepare
 from tune_kd.chat_formats import DataError
@@ -88,6 +89,28 @@ def test_a_template_that_refuses_a_probe_still_ingests_what_it_accepts(tmp_path)
     turns = [{"role": "user", "content": "sort 21"}, {"role": "assistant", "content": "12"}]
     encoded = ingest.encode_conversations(renderer, [turns], 512, np.int32)
     assert tok.decode(encoded.tokens[encoded.mask].tolist()) == "12<|im_end|>"
+
+
+def test_saved_padding_and_truncation_sections_change_nothing(tmp_path):
+    """Regression: a tokenizer.json with `padding` and `truncation` sections crashed on the pad
+    tokens' missing offsets (max_length 40) or cut conversations below data.max_seq_len (16)."""
+    padded = data.load_tokenizer(tokenizer_zoo.save("padded", tmp_path / "padded"))
+    plain = data.load_tokenizer(tokenizer_zoo.save("padded", tmp_path / "plain"))
+    plain.backend_tokenizer.no_padding()
+    plain.backend_tokenizer.no_truncation()
+    assert padded.backend_tokenizer.padding and padded.backend_tokenizer.truncation["max_length"] == 16
+    conversations = [tokenizer_zoo.conversation(turns) for turns in tokenizer_zoo.CONVERSATIONS]
+    want = ingest.encode_conversations(ingest.ChatRenderer(plain), conversations, 128, np.int32)
+    assert min(want.lengths) < 16 < 40 < max(want.lengths) < 128
+    for max_length in (16, 40):
+        padded.backend_tokenizer.enable_truncation(max_length)
+        got = ingest.encode_conversations(ingest.ChatRenderer(padded), conversations, 128, np.int32)
+        assert got.lengths.tolist() == want.lengths.tolist()
+        assert np.array_equal(got.tokens, want.tokens) and np.array_equal(got.mask, want.mask)
+        assert got.stats["truncated"] == got.stats["dropped_after_truncation"] == 0
+    assert padded.backend_tokenizer.padding is not None, "the user's tokenizer is left as it was"
+    # the sections decide no token id: they do not change the cache key either
+    assert data.tokenizer_fingerprint(padded) == data.tokenizer_fingerprint(plain)
 
 
 def test_a_bad_line_in_a_later_chunk_names_its_line_and_leaves_no_cache(tmp_path, tokenizer, records):

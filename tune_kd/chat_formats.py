@@ -13,7 +13,9 @@ read by row groups (pyarrow); anything else is JSONL. Problems are `DataError`s 
 `file:line` (JSONL) or `file: row N` (Parquet), counted from 1.
 
 Reading is streamed: `read_chunks` yields bounded chunks of raw lines or rows, so a file of any
-size is read in constant memory; `parse_chunk` (run in the ingestion workers) validates them.
+size is read in constant memory; `parse_chunk` (run in the ingestion workers) validates them and
+applies `data.system_turns` (`system_turns`: keep, fold into the next user turn, or drop) for chat
+templates that refuse a system role.
 """
 
 from __future__ import annotations
@@ -166,22 +168,50 @@ def _turns(record: object, fmt: str) -> tuple[list[dict] | None, str | None]:
     return out, None
 
 
-def parse_chunk(chunk: Chunk, fmt: str) -> tuple[list[list[dict]], int]:
-    """(conversations, skipped): the chunk's valid conversations in order, and how many had no
-    assistant turn (nothing to learn from). Raises DataError at the first bad record."""
-    conversations, skipped = [], 0
+def system_turns(turns: list[dict], mode: str) -> tuple[list[dict], str | None]:
+    """(turns, None) with the system turns handled as data.system_turns says, or (turns, what is
+    wrong). keep: as they are; drop: removed; fold: each system turn's content prepended to the next
+    user turn's, separated by a blank line (Gemma 3's own template does this), for templates that
+    refuse a system role."""
+    if mode == "keep" or not any(t["role"] == "system" for t in turns):
+        return turns, None
+    out, pending = [], []
+    for i, turn in enumerate(turns):
+        if turn["role"] != "system":
+            if pending and turn["role"] == "user":
+                turn, pending = {"role": "user", "content": "\n\n".join([*pending, turn["content"]])}, []
+            elif pending:
+                return turns, (f"turn {i - 1} (system) is followed by an assistant turn, not a user turn to fold it "
+                               "into (data.system_turns: fold); set data.system_turns: drop or fix the record")
+            out.append(turn)
+        elif mode == "fold":
+            pending.append(turn["content"])
+    if pending:
+        return turns, ("the last turn is a system turn, with no user turn after it to fold it into "
+                       "(data.system_turns: fold); set data.system_turns: drop or fix the record")
+    return out, None
+
+
+def parse_chunk(chunk: Chunk, fmt: str, system: str = "keep") -> tuple[list[list[dict]], list[str], int]:
+    """(conversations, where, skipped): the chunk's valid conversations in order, each one's
+    file:line, and how many had no assistant turn (nothing to learn from). system: data.system_turns.
+    Raises DataError at the first bad record."""
+    conversations, where, skipped = [], [], 0
     for index in range(len(chunk.items)):
         record = _record(chunk, index)
         if record is None:
             continue
         turns, problem = _turns(record, fmt)
+        if not problem:
+            turns, problem = system_turns(turns, system)
         if problem:
             raise DataError(f"{chunk.where(index)}: {problem}")
         if not any(t["role"] == "assistant" for t in turns):
             skipped += 1
             continue
         conversations.append(turns)
-    return conversations, skipped
+        where.append(chunk.where(index))
+    return conversations, where, skipped
 
 
 def resolve_format(path: str | Path, requested: str) -> str:
@@ -206,7 +236,7 @@ def read_conversations(path: str | Path, fmt: str = "auto") -> tuple[list[list[d
     fmt = resolve_format(path, fmt)
     conversations, skipped = [], 0
     for chunk in read_chunks(path, 4096):
-        got, missed = parse_chunk(chunk, fmt)
+        got, _, missed = parse_chunk(chunk, fmt)
         conversations += got
         skipped += missed
     if not conversations:

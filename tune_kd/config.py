@@ -71,6 +71,8 @@ class DataConfig:
     max_train_examples: Optional[int] = None       # train on a fixed random subset of this size
     format: Literal["auto", "conversations", "messages", "sharegpt"] = "auto"   # record layout (chat_formats.py)
     workers: int = 0                               # ingestion processes; 0: one per CPU core (1 for small files)
+    system_turns: Literal["keep", "fold", "drop"] = "keep"   # fold: into the next user turn (templates without a
+                                                   # system role, Gemma's); drop: removed (chat_formats.system_turns)
 
 
 @dataclass(frozen=True)

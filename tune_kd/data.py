@@ -6,12 +6,16 @@ content and its end-of-turn token, -100 everywhere else (system and user turns, 
 padding), so CE and KD only ever see what the assistant says (ingest.py finds those tokens).
 
 Tokenized data is cached under `<cache_dir>/tokenized/<key>/`, the key hashing the data file's
-bytes, the tokenizer (vocab, merges, chat template) and max_seq_len. Ingestion streams (ingest.py);
-every run and every trial of a search then memory-maps the one copy, and the train/val split and
-subsets are index views into it, never private copies of the tokens.
+bytes, the tokenizer (vocab, merges, chat template; not the padding and truncation sections a saved
+tokenizer.json may carry, which decide no id), max_seq_len and data.system_turns (unless keep).
+Ingestion streams (ingest.py); every run and every trial of a search then memory-maps the one
+copy, and the train/val split and subsets are index views into it, never private copies of the
+tokens.
 
-A run's inputs come from load_data: the tokenizer teacher and student share (shared_tokenizer), its
-train and validation splits, and the id batches are padded with (padding_id).
+A run's inputs come from load_data: the tokenizer teacher and student share (shared_tokenizer: one
+tokenizer, since cross-tokenizer distillation is out of scope, with a chat template whose assistant
+tokens chat_template.py can locate, checked before any work), its train and validation splits, and
+the id batches are padded with (padding_id).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tune_kd import ingest
+from tune_kd import chat_template, ingest
 from tune_kd.chat_formats import DataError, read_conversations, resolve_format  # noqa: F401  (re-exported)
 from tune_kd.config import ExperimentConfig, ModelSpec
 from tune_kd.errors import UserError
@@ -54,16 +58,22 @@ def load_tokenizer(path: str | Path):
     except (OSError, ValueError) as exc:
         raise UserError(f"{path}: cannot load a tokenizer from this directory ({exc})") from None
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{path}: tokenizer has no chat_template (add one to tokenizer_config.json)")
+        raise UserError(f"{path}: tokenizer has no chat template (add a chat_template.jinja, or chat_template in "
+                        "tokenizer_config.json)")
     if not tokenizer.is_fast:
         raise UserError(f"{path}: a fast tokenizer (tokenizer.json) is required to locate assistant tokens")
     return tokenizer
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides token ids: vocab/merges/normalizer and the chat template."""
+    """A hash of everything that decides token ids: vocab/merges/normalizer and the chat template.
+    The backend's padding and truncation are left out: ingestion turns them off (chat_template.plain_backend),
+    and transformers itself changes them on the loaded tokenizer from call to call."""
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is not None or backend.truncation is not None:
+        backend = chat_template.plain_backend(tokenizer)
     h = hashlib.sha256()
-    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(backend.to_str().encode())
     h.update(str(tokenizer.chat_template).encode())
     return h.hexdigest()
 
@@ -146,14 +156,16 @@ def remember_fingerprint(path: Path, cache_dir: Path, fingerprint: str) -> None:
     tmp.replace(memo)
 
 
-def cache_dir_for(path: str | Path, tokenizer, max_seq_len: int, cache_dir: str | Path) -> tuple[Path, str]:
+def cache_dir_for(path: str | Path, tokenizer, max_seq_len: int, cache_dir: str | Path,
+                  system_turns: str = "keep") -> tuple[Path, str]:
     """(where the tokenized copy of `path` lives, whether or not it exists yet; the file's hash)."""
     path, cache_dir = Path(path), Path(cache_dir)
     if not path.is_file():
         raise DataError(f"{path}: data file not found (set data.path or --data_path to a chat JSONL or Parquet file)")
     fingerprint = file_fingerprint(path, cache_dir)
+    system = "" if system_turns == "keep" else f"|system_turns={system_turns}"   # keep: the keys caches had before
     key = hashlib.sha256(f"{CACHE_FORMAT}|{fingerprint}|{tokenizer_fingerprint(tokenizer)}|"
-                         f"{max_seq_len}".encode()).hexdigest()[:24]
+                         f"{max_seq_len}{system}".encode()).hexdigest()[:24]
     return cache_dir / "tokenized" / key, fingerprint
 
 
@@ -192,16 +204,17 @@ def unknown_token_warning(meta: dict) -> str | None:
 
 
 def tokenize_cached(path: str | Path, tokenizer, max_seq_len: int, cache_dir: str | Path, fmt: str = "auto",
-                    workers: int = 0) -> TokenizedData:
+                    workers: int = 0, system_turns: str = "keep") -> TokenizedData:
     """Tokenized `path`, from the on-disk cache when present, else built once (streaming, under a
-    lock so concurrent trials wait for one build) and cached atomically."""
-    target, fingerprint = cache_dir_for(path, tokenizer, max_seq_len, cache_dir)
+    lock so concurrent trials wait for one build) and cached atomically. system_turns: data.system_turns."""
+    target, fingerprint = cache_dir_for(path, tokenizer, max_seq_len, cache_dir, system_turns)
     if not (target / "meta.json").is_file():
         with ingest.file_lock(ingest.build_lock_path(target)):
             if not (target / "meta.json").is_file():
                 path = Path(path)
                 meta = ingest.build(path, resolve_format(path, fmt), tokenizer, max_seq_len, target,
-                                    {"source": str(path), "max_seq_len": max_seq_len}, workers=workers)
+                                    {"source": str(path), "max_seq_len": max_seq_len, "system_turns": system_turns},
+                                    workers=workers, system_turns=system_turns)
                 notes = [f"{meta[k]} {k.replace('_', ' ')}" for k in
                          ("skipped_no_assistant", "truncated", "dropped_after_truncation") if meta[k]]
                 if notes:
@@ -319,14 +332,27 @@ def check_shared_tokenizer(tokenizer, teacher: ModelSpec | None, student: ModelS
         other = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=False)
         if other.get_vocab() != vocab:
             raise UserError(f"{role}.path: {spec.path} ships a tokenizer different from {used}: teacher and student "
-                            "must share one tokenizer")
+                            "must share one tokenizer (cross-tokenizer distillation is out of scope for tune_kd); "
+                            "use a student built with the teacher's tokenizer (student: {arch: ...} builds one, or a "
+                            "checkpoint trained with that tokenizer)")
+
+
+def check_chat_template(tokenizer, tok_dir: str, system_turns: str) -> None:
+    """The chat template must be one tune_kd can locate assistant tokens in (chat_template.ChatRenderer's
+    probes): checked before any work, the error naming the tokenizer directory."""
+    try:
+        chat_template.ChatRenderer(tokenizer, system_turns)
+    except UserError as exc:
+        raise UserError(f"{tok_dir}: {exc}") from None
 
 
 def shared_tokenizer(cfg: ExperimentConfig):
-    """The tokenizer teacher and student share (explicit, else the teacher's, else the student's)."""
+    """The tokenizer teacher and student share (explicit, else the teacher's, else the student's),
+    its chat template checked."""
     tok_dir = tokenizer_dir(cfg.teacher, cfg.student, cfg.tokenizer)
     tokenizer = load_tokenizer(tok_dir)
     check_shared_tokenizer(tokenizer, cfg.teacher, cfg.student, tok_dir)
+    check_chat_template(tokenizer, tok_dir, cfg.data.system_turns)
     return tokenizer
 
 
@@ -335,9 +361,10 @@ def load_data(cfg: ExperimentConfig, tokenizer=None):
     splits are views into its memory-mapped arrays."""
     tokenizer = tokenizer or shared_tokenizer(cfg)
     d = cfg.data
-    train_data = tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers)
+    train_data = tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers, d.system_turns)
     if d.val_path:
-        val_data = tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers)
+        val_data = tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers,
+                                   d.system_turns)
     else:
         train_data, val_data = train_val_split(train_data, d.val_fraction)
     if d.max_train_examples is not None and d.max_train_examples < len(train_data):

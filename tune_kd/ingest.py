@@ -9,13 +9,9 @@ with a bounded number of chunks in flight, so memory stays flat whatever the fil
 output is byte-identical whatever the chunk size and the number of workers. An error (a bad line,
 named file:line) or Ctrl-C leaves no partial cache behind.
 
-Assistant spans. Labels cover each assistant turn's content and its end-of-turn marker. The exact
-method renders the conversation's prefix before and through each assistant turn and takes the
-difference (correct for any template that renders a prefix as a prefix of the whole). The fast
-method renders once and finds each reply as header + content + end-of-turn in the rendered text,
-where header and end-of-turn are learned from the template on probe conversations; it is used only
-when it reproduces the exact method on those probes, and any conversation it cannot place falls
-back to the exact method.
+Rendering and the assistant spans are chat_template.py's (ChatRenderer): a template the renderer
+refuses fails in the parent before any work; a data conversation it cannot render or place is a
+DataError naming its file:line.
 """
 
 from __future__ import annotations
@@ -25,7 +21,6 @@ import contextlib
 import fcntl
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
 import shutil
@@ -38,119 +33,13 @@ from pathlib import Path
 import numpy as np
 
 from tune_kd.chat_formats import Chunk, DataError, parse_chunk, read_chunks
-from tune_kd.errors import UserError
+from tune_kd.chat_template import ChatRenderer
 
-log = logging.getLogger(__name__)
 
 CHUNK_CONVERSATIONS = 1024       # records per chunk: large enough to batch the tokenizer, small in memory
 IN_FLIGHT_PER_WORKER = 2         # chunks queued per worker: keeps workers busy, memory bounded
 SMALL_FILE_BYTES = 8 << 20       # below this, worker start-up costs more than it saves: run in-process
 MAX_WORKERS = 8
-
-
-# ----------------------------------------------------------------------------------------------
-# Rendering and assistant spans
-# ----------------------------------------------------------------------------------------------
-
-PROBES = [  # shapes of conversation the fast span method must reproduce before it is trusted
-    [("user", "probe question one"), ("assistant", "probe answer one")],
-    [("system", "probe system"), ("user", "probe question one"), ("assistant", "probe answer one")],
-    [("user", "probe question one"), ("assistant", "probe answer one"), ("user", "probe question two"),
-     ("assistant", "probe answer two")],
-    [("system", "probe system"), ("user", "q"), ("assistant", "a"), ("user", "q"), ("assistant", "a")],
-]
-
-
-class ChatRenderer:
-    """The tokenizer's chat template, and where the assistant's tokens are in its renderings."""
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self._template = self._compiled(tokenizer)
-        self._header = self._footer = None
-        probes = [[{"role": r, "content": c} for r, c in turns] for turns in PROBES]
-        try:
-            self._header, self._footer = self._learn_markers(probes[0])
-            fast_ok = all(self.spans(p, self.render(p)) == self.exact_spans(p, self.render(p)) for p in probes)
-        except Exception:   # a template that refuses a probe (no system role, say): the exact method decides
-            fast_ok = False
-        if not fast_ok:
-            self._header = self._footer = None
-            log.info("data: the chat template's assistant turns are located by rendering each prefix (exact, slower)")
-
-    @staticmethod
-    def _compiled(tokenizer):
-        """transformers' compiled Jinja template when it renders exactly like apply_chat_template, else None.
-        Calling it directly skips apply_chat_template's per-call overhead (half the render time)."""
-        kwargs = dict(tokenizer.special_tokens_map)
-        try:
-            from transformers.utils.chat_template_utils import _compile_jinja_template
-
-            template = _compile_jinja_template(tokenizer.chat_template)
-            for probe in PROBES[:2]:
-                probe = [{"role": r, "content": c} for r, c in probe]
-                for gen in (False, True):
-                    direct = template.render(messages=probe, tools=None, documents=None, add_generation_prompt=gen,
-                                             **kwargs)
-                    if direct != tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=gen):
-                        return None
-        except Exception:   # a private helper of transformers, or a template that refuses a probe: the public path
-            return None
-        return lambda turns, gen: template.render(messages=turns, tools=None, documents=None,
-                                                  add_generation_prompt=gen, **kwargs)
-
-    def render(self, turns: list[dict], generation_prompt: bool = False) -> str:
-        if self._template is not None:
-            return self._template(turns, generation_prompt)
-        return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
-
-    def reply_markers(self) -> tuple[str, str]:
-        """(header, end-of-turn): the text the template puts before and after an assistant reply
-        (ValueError for a template that does not render a reply that way)."""
-        return self._learn_markers([{"role": r, "content": c} for r, c in PROBES[0]])
-
-    def _learn_markers(self, probe: list[dict]) -> tuple[str, str]:
-        """(header, end-of-turn): the text the template puts before and after an assistant reply."""
-        prompt = self.render(probe[:1])
-        with_header = self.render(probe[:1], generation_prompt=True)
-        through = self.render(probe).rstrip()
-        reply = probe[1]["content"]
-        if not (with_header.startswith(prompt) and through.startswith(with_header + reply)):
-            raise ValueError("template does not render the probe as header + reply + end-of-turn")
-        return with_header[len(prompt):], through[len(with_header) + len(reply):]
-
-    def exact_spans(self, turns: list[dict], full: str) -> list[tuple[int, int]]:
-        """Character spans of each assistant turn's content plus its end-of-turn marker in `full`,
-        by rendering the prefix before and through each assistant turn."""
-        spans = []
-        for i, turn in enumerate(turns):
-            if turn["role"] != "assistant":
-                continue
-            before = self.render(turns[:i], generation_prompt=True)
-            through = self.render(turns[: i + 1])
-            if not (full.startswith(before) and full.startswith(through)):
-                raise UserError("the tokenizer's chat template does not render conversation prefixes as prefixes of "
-                                "the whole; assistant tokens cannot be located (use a prefix-stable template)")
-            # rstrip: the newline a template puts after the end-of-turn token is formatting, not the reply
-            spans.append((len(before), len(through.rstrip())))
-        return spans
-
-    def spans(self, turns: list[dict], full: str) -> list[tuple[int, int]]:
-        """The assistant spans of `full` (the rendering of `turns`): fast where it can place every
-        reply, in order, else exact."""
-        if self._header is None:
-            return self.exact_spans(turns, full)
-        spans, cursor = [], 0
-        for turn in turns:
-            if turn["role"] != "assistant":
-                continue
-            needle = self._header + turn["content"] + self._footer
-            at = full.find(needle, cursor)
-            if at < 0:
-                return self.exact_spans(turns, full)
-            cursor = at + len(needle)
-            spans.append((at + len(self._header), cursor))
-        return spans
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,16 +83,21 @@ def assistant_mask(encoding, spans: list[tuple[int, int]]) -> np.ndarray:
 
 
 def encode_conversations(renderer: ChatRenderer, conversations: list[list[dict]], max_seq_len: int,
-                         token_dtype) -> Encoded:
+                         token_dtype, where: list[str] | None = None) -> Encoded:
     """Render, tokenize (one batch) and mask `conversations`; truncate to max_seq_len and drop an
-    example left without an assistant token past position 0 (position 0 is never predicted)."""
-    texts = [renderer.render(turns) for turns in conversations]
-    encodings = renderer.tokenizer.backend_tokenizer.encode_batch(texts, add_special_tokens=False)
+    example left without an assistant token past position 0 (position 0 is never predicted).
+    where: each conversation's file:line, for the DataError of one the template cannot render."""
+    texts, spans = [], []
+    for i, turns in enumerate(conversations):
+        text, found = renderer.rendered(turns, where[i] if where else f"conversation {i}")
+        texts.append(text)
+        spans.append(found)
+    encodings = renderer.backend.encode_batch(texts, add_special_tokens=False)
     unk = renderer.tokenizer.unk_token_id
     ids_out, masks_out, stats = [], [], collections.Counter()
-    for turns, text, encoding in zip(conversations, texts, encodings):
+    for found, encoding in zip(spans, encodings):
         ids = np.asarray(encoding.ids, dtype=token_dtype)
-        mask = assistant_mask(encoding, renderer.spans(turns, text))
+        mask = assistant_mask(encoding, found)
         if len(ids) > max_seq_len:
             stats["truncated"] += 1
             ids, mask = ids[:max_seq_len], mask[:max_seq_len]
@@ -229,16 +123,20 @@ def encode_conversations(renderer: ChatRenderer, conversations: list[list[dict]]
 _WORKER: dict = {}
 
 
-def _start_worker(tokenizer, fmt: str, max_seq_len: int, token_dtype) -> None:
-    """Per process: one renderer, and Ctrl-C left to the parent (which tears the pool down)."""
+def _start_worker(tokenizer, fmt: str, max_seq_len: int, token_dtype, system_turns: str,
+                  renderer: ChatRenderer | None = None) -> None:
+    """Per process: one renderer (the parent's own when it runs in-process), and Ctrl-C left to the
+    parent (which tears the pool down)."""
     if multiprocessing.parent_process() is not None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _WORKER.update(renderer=ChatRenderer(tokenizer), fmt=fmt, max_seq_len=max_seq_len, token_dtype=token_dtype)
+    _WORKER.update(renderer=renderer or ChatRenderer(tokenizer, system_turns), fmt=fmt, max_seq_len=max_seq_len,
+                   token_dtype=token_dtype, system_turns=system_turns)
 
 
 def _encode_chunk(chunk: Chunk) -> Encoded:
-    conversations, skipped = parse_chunk(chunk, _WORKER["fmt"])
-    encoded = encode_conversations(_WORKER["renderer"], conversations, _WORKER["max_seq_len"], _WORKER["token_dtype"])
+    conversations, where, skipped = parse_chunk(chunk, _WORKER["fmt"], _WORKER["system_turns"])
+    encoded = encode_conversations(_WORKER["renderer"], conversations, _WORKER["max_seq_len"], _WORKER["token_dtype"],
+                                   where)
     encoded.stats.update(conversations=len(conversations), skipped_no_assistant=skipped)
     return encoded
 
@@ -252,16 +150,19 @@ def worker_count(requested: int, path: Path) -> int:
     return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
-def _encoded_chunks(path: Path, fmt: str, tokenizer, max_seq_len: int, token_dtype, workers: int, chunk_size: int):
+def _encoded_chunks(path: Path, fmt: str, tokenizer, max_seq_len: int, token_dtype, workers: int, chunk_size: int,
+                    system_turns: str):
     """Every chunk's Encoded, in file order."""
+    renderer = ChatRenderer(tokenizer, system_turns)   # here first: a template tune_kd cannot use fails at once
     chunks = read_chunks(path, chunk_size)
     if workers <= 1:
-        _start_worker(tokenizer, fmt, max_seq_len, token_dtype)
+        _start_worker(tokenizer, fmt, max_seq_len, token_dtype, system_turns, renderer)
         yield from map(_encode_chunk, chunks)
         return
     # spawn, not fork: the parent may hold threads (tokenizers, torch, Ray) that a fork would break
     context = multiprocessing.get_context("spawn")
-    with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer, fmt, max_seq_len, token_dtype)) as pool:
+    initargs = (tokenizer, fmt, max_seq_len, token_dtype, system_turns)
+    with context.Pool(workers, initializer=_start_worker, initargs=initargs) as pool:
         pending = collections.deque()
         for chunk in chunks:
             pending.append(pool.apply_async(_encode_chunk, (chunk,)))
@@ -280,10 +181,11 @@ def token_dtype_for(vocab_size: int):
 
 
 def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta: dict,
-          workers: int = 0, chunk_size: int | None = None) -> dict:
+          workers: int = 0, chunk_size: int | None = None, system_turns: str = "keep") -> dict:
     """Write the tokenized cache of `path` to `target` (tokens.bin, mask.bin, lengths.npy,
     targets.npy, meta.json) through a temporary sibling folder; returns the meta written.
-    workers: 0 for worker_count's choice; chunk_size: records per chunk (CHUNK_CONVERSATIONS)."""
+    workers: 0 for worker_count's choice; chunk_size: records per chunk (CHUNK_CONVERSATIONS);
+    system_turns: data.system_turns (chat_formats.system_turns)."""
     started = time.perf_counter()
     chunk_size = chunk_size or CHUNK_CONVERSATIONS
     token_dtype = token_dtype_for(len(tokenizer))
@@ -295,7 +197,8 @@ def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta:
     try:
         lengths, targets, stats = [], [], collections.Counter()
         with open(tmp / "tokens.bin", "wb") as tokens_file, open(tmp / "mask.bin", "wb") as mask_file:
-            for encoded in _encoded_chunks(path, fmt, tokenizer, max_seq_len, token_dtype, workers, chunk_size):
+            for encoded in _encoded_chunks(path, fmt, tokenizer, max_seq_len, token_dtype, workers, chunk_size,
+                                           system_turns):
                 tokens_file.write(encoded.tokens.tobytes())
                 mask_file.write(encoded.mask.tobytes())
                 lengths.append(encoded.lengths)

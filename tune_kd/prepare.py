@@ -1,7 +1,8 @@
 """Everything a search does before its first trial: `python -m tune_kd.prepare --config FILE.yaml`.
 
 `prepare_inputs(cfg, source)` validates the inputs (the embedded demo built when asked for, every
-path, both models on the meta device), tokenizes the training and validation data into the shared
+path, one tokenizer shared by teacher and student with a chat template tune_kd can use, both
+models on the meta device), tokenizes the training and validation data into the shared
 cache (streaming, ingest.py) and builds the teacher cache when it applies. The search calls the same
 function, so a search after `prepare` finds every cache built and starts its trials at once; on a
 cluster, prepare once with the search's --storage (data.cache_dir defaults to <storage>/cache, which
@@ -113,7 +114,8 @@ def prepare_inputs(cfg: ExperimentConfig, source: str, teacher_cache: bool = Tru
     for role, path in (("train", cfg.data.path), ("val", cfg.data.val_path)):
         if path is None:
             continue
-        directory, _ = data.cache_dir_for(path, tokenizer, cfg.data.max_seq_len, cfg.data.cache_dir)
+        directory, _ = data.cache_dir_for(path, tokenizer, cfg.data.max_seq_len, cfg.data.cache_dir,
+                                          cfg.data.system_turns)
         out.files[role] = data.cache_meta(directory)
         out.lines.append(describe_file(role, out.files[role], directory))
         warning = data.unknown_token_warning(out.files[role])
