@@ -3,7 +3,8 @@
     python bench/vocab_memory.py                 # CPU: V = 151,936 and 128,256, 4,096 scored positions
     python bench/vocab_memory.py --device cuda   # GPU rows (bench/gpu_check.sh runs this)
 
-Two paths, the same models, batch and objective (forward KL, alpha 0.5, T 2, fp32 math):
+Two paths, the same models, batch and objective (forward KL, alpha 0.5, T 2, fp32 loss math), at
+train.dtype's default (bfloat16: bf16 autocast on CUDA and on a CPU with native bf16, else fp32):
 
     full   tune_kd's step before the fused head: both models' (N, V) logits at the scored positions,
            the loss in checkpointed chunks of 2,048 rows (as it stood at commit f5f04c5)
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import loop, losses, models  # noqa: E402
+from tune_kd import loop, losses, models, scored  # noqa: E402
 from tune_kd.scored import ScoredLM  # noqa: E402
 
 VOCABS = (151_936, 128_256)
@@ -100,10 +101,12 @@ def rss_bytes() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
 
 
-def one(vocab: int, path: str, device: str, positions: int, steps: int) -> dict:
+def one(vocab: int, path: str, device: str, positions: int, steps: int, chunk_elements: int | None) -> dict:
     """One (V, path) in this process: its peak memory above set-up, median step time, loss."""
+    if chunk_elements:
+        scored.CHUNK_ELEMENTS = chunk_elements
     device = torch.device(device)
-    precision = models.resolve_precision("bfloat16" if device.type == "cuda" else "float32", device)
+    precision = models.resolve_precision("bfloat16", device)   # train.dtype's default, as a trial resolves it
     student, teacher, input_ids, labels = build(vocab, device, positions)
     if path == "fused":
         student, teacher = ScoredLM(student), ScoredLM(teacher)
@@ -127,7 +130,7 @@ def one(vocab: int, path: str, device: str, positions: int, steps: int) -> dict:
         peak = torch.cuda.max_memory_allocated(device) - held
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - held
-    return {"vocab": vocab, "path": path, "peak_bytes": peak, "step_seconds": statistics.median(times), "loss": loss,
+    return {"vocab": vocab, "path": path, "chunk_elements": scored.CHUNK_ELEMENTS, "peak_bytes": peak, "step_seconds": statistics.median(times), "loss": loss,
             "positions": int(loop.scored_positions(labels)[1].numel())}
 
 
@@ -137,20 +140,27 @@ def main() -> int:
     parser.add_argument("--positions", type=int, default=4096, help="scored positions per step (multiple of 128)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up step")
     parser.add_argument("--vocab", type=int, nargs="*", default=list(VOCABS))
+    parser.add_argument("--chunk-elements", type=int, help="the fused path's logits per chunk (default: "
+                        "scored.CHUNK_ELEMENTS)")
+    parser.add_argument("--paths", nargs="*", default=["full", "fused"], choices=["full", "fused"])
     parser.add_argument("--result-lines", action="store_true",
                         help="also print one `@result {json}` line per vocabulary (bench/gpu_check.sh's table)")
     parser.add_argument("--one", nargs=2, metavar=("VOCAB", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(int(args.one[0]), args.one[1], args.device, args.positions, args.steps)))
+        print(json.dumps(one(int(args.one[0]), args.one[1], args.device, args.positions, args.steps,
+                             args.chunk_elements)))
         return 0
     rows = {}
-    print(f"device {args.device}, {args.positions} scored positions, student 64x2 / teacher 128x2, forward + backward")
+    precision = models.resolve_precision("bfloat16", torch.device(args.device))
+    print(f"device {device_name(args.device)}, {precision.reason}; {args.positions} scored positions, student 64x2 / "
+          "teacher 128x2, forward + backward")
     print(f"{'V':>8} {'path':>6} {'peak GiB':>9} {'step s':>8} {'loss':>12}")
     for vocab in args.vocab:
-        for path in ("full", "fused"):
+        for path in args.paths:
+            chunk = ["--chunk-elements", str(args.chunk_elements)] if args.chunk_elements else []
             done = subprocess.run([sys.executable, __file__, "--one", str(vocab), path, "--device", args.device,
-                                   "--positions", str(args.positions), "--steps", str(args.steps)],
+                                   "--positions", str(args.positions), "--steps", str(args.steps), *chunk],
                                   capture_output=True, text=True)
             if done.returncode:
                 print(f"{vocab:>8} {path:>6} failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")

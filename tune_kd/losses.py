@@ -21,6 +21,10 @@ Every function here returns a *sum* over the selected positions; the caller divi
 of assistant tokens in the whole gradient-accumulation window. That makes accumulation_steps = k
 with batch B/k produce exactly the gradient of one batch B (the seed divides per micro-batch, which
 weights short micro-batches' tokens more), and a window without assistant tokens gives 0, not NaN.
+
+distillation_loss never holds (N, V) logits: it takes a model's scored.Scored output (hidden rows
+and output layer), makes the logits scored.CHUNK_ELEMENTS at a time, and takes each chunk's
+gradient at once (_FusedObjective), so peak memory follows the chunk, not tokens x vocabulary.
 """
 
 from __future__ import annotations

@@ -49,8 +49,15 @@ class Prepared:
             self.lines.append(f"teacher cache: {why}")
             return
         meta = self.teacher_cache.meta
+        auto = meta.get("auto")
+        chosen = ""
+        if auto and "seconds" in auto:   # what choosing k cost, against the build it chose for
+            share = auto["seconds"] / max(auto["seconds"] + meta["build_seconds"], 1e-9)
+            chosen = (f"; top_k auto measured {len(auto['errors'])} ks in {auto['seconds']:.1f} s, {100 * share:.0f}% "
+                      "of the teacher cache's preparation")
         self.lines.append(f"teacher cache: {why}; {meta['positions']:,} positions, {self.teacher_cache.nbytes / 2**20:.1f} "
-                          f"MB (built in {meta['build_seconds']:.1f} s) -> {self.teacher_cache.directory}")
+                          f"MB ({meta['bytes_per_position']:,} bytes per position), built in {meta['build_seconds']:.1f} s"
+                          f"{chosen} -> {self.teacher_cache.directory}")
 
 
 def describe_file(role: str, meta: dict, directory: Path) -> str:

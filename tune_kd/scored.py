@@ -27,10 +27,11 @@ from tune_kd.models import moe_settings
 
 log = logging.getLogger(__name__)
 
-# Logits per chunk (rows x vocabulary): 16.7M, 64 MB per fp32 intermediate; 110 rows at V = 151,936,
-# 2,621 at MiniMind's 6,400. Measured on CPU at V = 151,936: chunks of ~128 rows were the fastest
-# (smaller ones pay per-matmul overhead, larger ones fall out of cache; bench/vocab_memory.py).
-CHUNK_ELEMENTS = 1 << 24
+# Logits per chunk (rows x vocabulary): 8.4M, 32 MB per fp32 intermediate; 55 rows at V = 151,936,
+# 1,310 at MiniMind's 6,400. bench/vocab_memory.py --chunk-elements on the 2-core CPU at V = 151,936
+# (4,096 positions, bf16): 2^22 10.2 s / 0.56 GiB, 2^23 7.0 s / 0.90 GiB, 2^24 15.4 s / 0.93 GiB,
+# 2^25 16.7 s / 1.38 GiB per step: smaller chunks pay per-matmul overhead, larger fall out of cache.
+CHUNK_ELEMENTS = 1 << 23
 
 
 def chunk_rows(vocab: int, elements: int | None = None) -> int:
