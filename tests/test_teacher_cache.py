@@ -55,7 +55,7 @@ def live_and_cached(cfg, cache, train_data, teacher, indices, temperature, kd_lo
     torch.manual_seed(0)
     student = torch.randn(live.shape) * 2.0
     out = []
-    for teacher_side in (live, cache.rows(batch["indices"])):
+    for teacher_side in (live, cache.rows(batch["indices"])[:]):
         logits = student.clone().requires_grad_(True)
         parts = losses.distillation_loss(logits, teacher_side, torch.zeros(len(logits), dtype=torch.long), 0.0,
                                          temperature, 1.0, kd_loss, kd_options={"beta": 0.3} if kd_loss == "jsd" else {})
@@ -116,7 +116,7 @@ def test_what_is_written_is_read_back(tiny_config, tmp_path, vocab, dtype, id_dt
     assert cache.tail.dtype == (np.float32 if dtype == "float32" else np.float16)
 
     logits = torch.cat(seen)                                                   # (P, V) as the teacher gave them
-    read = cache.rows(np.arange(len(train_data)))
+    read = cache.rows(np.arange(len(train_data)))[:]
     assert read.values.dtype == torch.float32 and read.ids.dtype == torch.int64 and read.tail.dtype == torch.float32
     top = logits.topk(16, dim=1)
     assert torch.equal(read.ids, top.indices) and int(read.ids.max()) >= vocab - 20
@@ -202,7 +202,7 @@ def test_the_tail_term_is_exact_at_its_grid_temperatures(tiny_config):
     precision = models.resolve_precision("float32", torch.device("cpu"))
     batch = data.collate(train_data, np.arange(4), 0)
     logits = scoring.teacher_outputs(teacher, precision)(batch).logits()
-    cached = cache.rows(batch["indices"])
+    cached = cache.rows(batch["indices"])[:]
     row_max = logits.max(1, keepdim=True).values
     rest = logits.scatter(1, cached.ids, float("-inf")) - row_max
     for temperature in (1.0, 3.0):
@@ -370,7 +370,7 @@ def test_two_processes_build_once_and_read_the_same_rows(tiny_config, world):
         from tune_kd.config import load_config
         cache, train_data, _ = open_cache(load_config(raw=json.loads(sys.argv[1])))
         order = np.random.default_rng(int(sys.argv[2])).permutation(len(train_data))
-        total = sum(float(cache.rows(order[i:i + 50]).values.double().sum()) for i in range(0, len(order), 50))
+        total = sum(float(cache.rows(order[i:i + 50])[:].values.double().sum()) for i in range(0, len(order), 50))
         print(json.dumps({{"built": cache.meta["built_by_pid"] == os.getpid(), "sum": total,
                           "dir": str(cache.directory)}}))
     """)

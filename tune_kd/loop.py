@@ -73,7 +73,7 @@ def temperature_at(step: int, total: int, train_cfg) -> float:
 def forward_pair(student, teacher, batch, precision, need_teacher: bool, cache=None):
     """The student's output (with grad) and the teacher's (inference mode, or the rows of the teacher
     cache when one is given) on the scored positions, each a scored.Scored whose logits are made a
-    chunk at a time (the cache's rows: a CachedTeacher); plus extras: "features" (student's,
+    chunk at a time (the cache's rows: a teacher_cache.CacheRows, read per chunk); plus extras: "features" (student's,
     teacher's) under feature distillation, "router_aux" for a mixture-of-experts student in
     training (each None otherwise)."""
     input_ids = batch["input_ids"].to(precision.device, non_blocking=True)
@@ -83,7 +83,7 @@ def forward_pair(student, teacher, batch, precision, need_teacher: bool, cache=N
         student_out, student_features, router_aux = student(input_ids, positions)        # N rows
     teacher_out = teacher_features = None
     if need_teacher and cache is not None:
-        teacher_out = cache.rows(batch["indices"]).to(precision.device, non_blocking=True)   # CachedTeacher
+        teacher_out = cache.rows(batch["indices"]).to(precision.device, non_blocking=True)   # CacheRows, read per chunk
     elif need_teacher:
         teacher_out, teacher_features = teacher_forward(teacher, input_ids, positions, precision)
     extras = {"features": (student_features, teacher_features) if student_features and teacher_features else None,

@@ -170,7 +170,7 @@ class Objective:
 
 def teacher_chunk(teacher, lo: int, hi: int, columns: int | None):
     """Rows lo:hi of the teacher's side: a live teacher's logits (its first `columns`), no grad, or a
-    cached teacher's rows (a teacher_cache.CachedTeacher, already `columns` wide)."""
+    cached teacher's rows (a teacher_cache.CachedTeacher or CacheRows, read here; already `columns` wide)."""
     if isinstance(teacher, Scored):
         with torch.no_grad():
             return teacher.logits(lo, hi)[:, :columns]
@@ -255,7 +255,7 @@ def distillation_loss(student, teacher, targets: torch.Tensor, alpha: float, tem
 
     student: a scored.Scored (hidden rows + output layer: logits made a chunk at a time) or (N, V)
     logits; teacher: a Scored (live, projected without grad), (N, V) logits, the same rows from the
-    teacher cache (a teacher_cache.CachedTeacher), or None when alpha = 1 (no teacher needed);
+    teacher cache (a teacher_cache.CacheRows or CachedTeacher), or None when alpha = 1 (no teacher needed);
     targets: (N,); normalizer: assistant tokens in the whole accumulation window (>= 1 used);
     kd_options: the divergence's own settings (beta for jsd, skew for skew_kl); columns: the
     vocabulary columns the divergence compares (models.check_vocab), CE keeps every student row.

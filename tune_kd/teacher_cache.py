@@ -296,7 +296,7 @@ def cache_key(inputs: CacheInputs, lay: Layout) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------------------------
 
 class TeacherCache:
-    """A built cache folder, memory-mapped. rows(example indices) -> CachedTeacher (CPU, float32)."""
+    """A built cache folder, memory-mapped. rows(example indices) -> CacheRows, read a chunk at a time."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
@@ -307,20 +307,43 @@ class TeacherCache:
         self.ids, self.tail = optional("ids.npy"), optional("tail.npy")
         self.row_offsets = np.load(self.directory / "row_offsets.npy")
 
-    def rows(self, indices) -> CachedTeacher:
+    def rows(self, indices) -> "CacheRows":
         """The rows of these examples, in the order given (each example's positions ascending)."""
-        return self._read([(int(self.row_offsets[i]), int(self.row_offsets[i + 1])) for i in np.asarray(indices)])
+        spans = [np.arange(self.row_offsets[i], self.row_offsets[i + 1]) for i in np.asarray(indices)]
+        return CacheRows(self, np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64))
 
-    def _read(self, spans: list[tuple[int, int]]) -> CachedTeacher:
-        take = lambda array: np.concatenate([array[lo:hi] for lo, hi in spans])  # noqa: E731
+    def read(self, positions: np.ndarray) -> CachedTeacher:
+        """The cache's rows at these positions (ascending within each example), as float32 / int64 tensors."""
         return CachedTeacher.from_stored(StoredRows(
-            _from_disk(take(self.values), self.meta["value_dtype"]),
-            None if self.ids is None else torch.from_numpy(take(self.ids).astype(np.int64)),
-            None if self.tail is None else _from_disk(take(self.tail), self.meta["tail_dtype"])))
+            _from_disk(self.values[positions], self.meta["value_dtype"]),
+            None if self.ids is None else torch.from_numpy(self.ids[positions].astype(np.int64)),
+            None if self.tail is None else _from_disk(self.tail[positions], self.meta["tail_dtype"])))
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.values, self.ids, self.tail, self.row_offsets) if a is not None)
+
+
+@dataclass
+class CacheRows:
+    """A batch's rows of the cache, read from disk only a chunk at a time (rows[lo:hi] -> CachedTeacher
+    on `device`), as the loss walks them: at a full row of a 150k vocabulary a batch's rows are
+    hundreds of MB, a chunk's tens."""
+
+    cache: TeacherCache
+    positions: np.ndarray              # (N,) the batch's rows in the cache's files
+    device: torch.device | None = None
+    non_blocking: bool = False
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def to(self, device, non_blocking: bool = False) -> "CacheRows":
+        return CacheRows(self.cache, self.positions, torch.device(device), non_blocking)
+
+    def __getitem__(self, rows: slice) -> CachedTeacher:
+        read = self.cache.read(self.positions[rows])
+        return read if self.device is None else read.to(self.device, non_blocking=self.non_blocking)
 
 
 def _is_complete(directory: Path, key: str, positions: int) -> bool:
