@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from tune_kd.data import IGNORE_INDEX
-from tune_kd.scored import Scored, row_chunks
+from tune_kd.scored import Scored, chunk_rows, pad_rows, row_chunks
 
 
 def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,11 +208,13 @@ def _sums_and_grads(student: Scored, teacher, targets: torch.Tensor, objective: 
         if weight is None:
             grads[0][lo:hi] = logit_grad
             continue
-        grads[0][lo:hi] = (logit_grad @ weight.to(logit_grad.dtype)).to(hidden.dtype)      # (n, H)
+        height = chunk_rows(student.vocab)     # every chunk's matmuls in one shape (scored.pad_rows)
+        padded = pad_rows(logit_grad, height)
+        grads[0][lo:hi] = (padded @ weight.to(logit_grad.dtype))[:hi - lo].to(hidden.dtype)  # (n, H)
         if grads[1] is not None and logit_grad.dtype == torch.float32:
             grads[1].addmm_(logit_grad.t(), rows.float())
         elif grads[1] is not None:   # autocast: the matmul in its dtype, as autograd's own backward would
-            grads[1] += (logit_grad.t() @ rows.to(logit_grad.dtype)).float()
+            grads[1] += (padded.t() @ pad_rows(rows.to(logit_grad.dtype), height)).float()
         if grads[2] is not None:
             grads[2] += logit_grad.float().sum(0)
     return sums, grads
