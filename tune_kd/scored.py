@@ -45,13 +45,27 @@ def row_chunks(rows: int, vocab: int, elements: int | None = None):
     return [(lo, min(rows, lo + step)) for lo in range(0, rows, step)]
 
 
+# On a CPU in bf16 or fp16, oneDNN prepares (and keeps) its matmul kernels and packed weights for
+# every new shape it sees, so a trial's memory grows with the number of distinct batch shapes: ~10 MB
+# a step at V = 151,936 with length-bucketed batches, until every shape had been seen. There the
+# shapes are kept few: sequences padded on the right to a multiple of SEQUENCE_MULTIPLE (causal
+# attention: the real tokens' outputs do not change), and every chunk's matmuls padded to one height.
+SEQUENCE_MULTIPLE = 16
+
+
+def few_shapes(tensor: torch.Tensor) -> bool:
+    """Whether matmuls on `tensor` go through oneDNN's per-shape kernels: a CPU tensor in bf16/fp16,
+    or any CPU tensor under bf16/fp16 autocast."""
+    if tensor.device.type != "cpu":
+        return False
+    low = (torch.bfloat16, torch.float16)
+    return tensor.dtype in low or torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") in low
+
+
 def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """`tensor` (n, ...) zero-padded to `rows` rows where one matmul shape matters: on a CPU in bf16 or
-    fp16, oneDNN packs the weight operand again for every new shape and keeps each packing. A chunk
-    shorter than the rest (every batch's last) would add one per batch: at V = 151,936 in bf16 a
-    trial's memory grew ~10 MB a step, without bound, until the chunk matmuls were given one shape."""
+    """`tensor` (n, ...) zero-padded to `rows` rows where the matmul shape matters (few_shapes)."""
     n = tensor.shape[0]
-    if n >= rows or tensor.device.type != "cpu" or tensor.dtype not in (torch.bfloat16, torch.float16):
+    if n >= rows or not few_shapes(tensor):
         return tensor
     return F.pad(tensor, (0, 0) * (tensor.dim() - 1) + (0, rows - n))
 
@@ -178,6 +192,9 @@ class ScoredLM(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor):
         if self.full_path is None:
             self.full_path = not self.check_head(input_ids)
+        extra = -input_ids.shape[1] % SEQUENCE_MULTIPLE if few_shapes(input_ids) else 0
+        if extra:   # right padding, never scored: the same rows come out
+            input_ids, positions = F.pad(input_ids, (0, extra)), F.pad(positions, (0, extra))
         wants = {"use_cache": False}   # no KV cache to fill: it costs memory, and recompiles compiled layers
         if self.feature_layers:
             wants["output_hidden_states"] = True
