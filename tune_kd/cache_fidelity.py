@@ -34,7 +34,8 @@ from tune_kd import data, teacher_cache
 from tune_kd.config_checks import parameter_candidates
 from tune_kd.losses import KD_LOSSES
 from tune_kd.scored import Scored, row_chunks
-from tune_kd.teacher_cache import FORMAT, CacheInputs, CachedTeacher, Layout, compress, layout
+from tune_kd.cache_inputs import CacheInputs, digest
+from tune_kd.teacher_cache import FORMAT, CachedTeacher, Layout, compress, layout
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +308,6 @@ def auto_ladder_for_run(cfg, cache_dir, inputs: CacheInputs, student_hash: str, 
                  list(ladder.errors), ladder.conversations, ladder.positions, ladder.seconds)
         return {"settings": settings, **ladder.to_json()}
 
-    remembered = teacher_cache.remembered(Path(cache_dir) / "teacher" / f"auto-{teacher_cache.digest(settings)}.json",
+    remembered = teacher_cache.remembered(Path(cache_dir) / "teacher" / f"auto-{digest(settings)}.json",
                                           measure)
     return Ladder.from_json({k: v for k, v in remembered.items() if k != "settings"})

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from tune_kd import cache_fidelity, data, models, teacher_cache
+from tune_kd import cache_fidelity, cache_inputs, data, models, teacher_cache
 from tune_kd.cache_fidelity import EXACT, Ladder
 from tune_kd.config import ExperimentConfig
 from tune_kd.errors import UserError
@@ -126,9 +126,9 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
     cache's error against it."""
     vocab = columns if columns is not None else models.vocab_rows(teacher.lm)
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
-    inputs = functools.cache(lambda: teacher_cache.CacheInputs(   # hashing a big teacher takes a while: once
-        teacher_cache.model_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
-        teacher_cache.data_fingerprint(train_data), cfg.data.max_seq_len, columns, vocab))
+    inputs = functools.cache(lambda: cache_inputs.CacheInputs(   # hashing a big teacher takes a while: once
+        cache_inputs.model_fingerprint(teacher.lm), data.tokenizer_fingerprint(tokenizer),
+        cache_inputs.data_fingerprint(train_data), cfg.data.max_seq_len, columns, vocab))
 
     def measure_auto_k():
         divergences = {name: kd_options(dataclasses.replace(cfg.train, kd_loss=name))
@@ -137,7 +137,7 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
         student.eval()   # the student's logits as a pure function of its weights (no dropout)
         try:
             return cache_fidelity.auto_ladder_for_run(
-                cfg, cfg.data.cache_dir, inputs(), teacher_cache.model_fingerprint(student.lm), train_data, pad_id,
+                cfg, cfg.data.cache_dir, inputs(), cache_inputs.model_fingerprint(student.lm), train_data, pad_id,
                 teacher_outputs(teacher, precision), teacher_outputs(student, precision), divergences, AUTO_TOLERANCE)
         finally:
             student.train(was_training)

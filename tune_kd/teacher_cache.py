@@ -15,7 +15,8 @@ dtype is teacher_cache.dtype: float16 (default), bfloat16 (stored as its raw 16 
 at k = 128, half of format 1's fp32 values + int32 ids (1,060). With k >= V the row is stored whole,
 float32 logits in token-id order, no ids and no tail: 4 V bytes, what k = V of fp16 values + uint16
 ids would take, and exact (so the k = V loss and gradient are the live ones, whatever the dtype).
-Numpy files that trials memory-map, so concurrent trials on a machine share the page cache.
+Numpy files that trials read by rows (pread, a chunk of the loss at a time), so concurrent trials on a
+machine share the kernel's page cache and none holds the file in its own memory.
 
 Why shift by m. A distribution at any temperature is invariant to adding a constant to every
 logit (p_i = exp(z_i / T) / Z(T)), and log S(T) shifts by the same m / T, so m itself is never
@@ -50,7 +51,7 @@ dtype) and keeps the smallest k of a ladder within 1% (cache_plan.decide, which 
 whether a run reads the cache at all); bench/teacher_cache_fidelity.py measures it by k and dtype.
 
 This module is the format: the layout, compressing rows and reading them back (CachedTeacher), the
-key, and building, opening and memory-mapping a cache folder.
+key (its inputs hashed in cache_inputs.py), and building, opening and reading a cache folder.
 
 The key hashes the teacher's weights (the loaded tensors, so a built or re-saved teacher counts
 too) and its config (rope_theta, rms_norm_eps, ...: the same weights can compute other logits), the
@@ -63,7 +64,6 @@ place); one that does not match its meta is rebuilt.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -80,6 +80,7 @@ import torch
 import torch.nn.functional as F
 
 from tune_kd import ingest
+from tune_kd.cache_inputs import CacheInputs, digest
 from tune_kd.scored import Scored
 from tune_kd.scoring import logit_chunks
 
@@ -243,49 +244,6 @@ class CachedTeacher:
 # The key
 # ----------------------------------------------------------------------------------------------
 
-# config keys that are bookkeeping, not maths: where it was loaded from, which library wrote it, and
-# the dtype (the tensors' own dtype is hashed)
-_UNHASHED_CONFIG = ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype")
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of a model's config (what it computes: rope_theta, rms_norm_eps, ...) and its parameters
-    and persistent buffers, by name, as loaded (dtype included). The config counts because derived
-    tensors such as the rotary frequencies are rebuilt from it, never saved."""
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        settings = {k: v for k, v in config.to_dict().items() if k not in _UNHASHED_CONFIG}
-        h.update(json.dumps(settings, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        flat = tensor.detach().reshape(-1).contiguous().cpu()
-        h.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
-        h.update(flat.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def data_fingerprint(train_data) -> str:
-    """Which examples, in which order: data.TokenizedData keeps that hash (its cache key and subset)."""
-    return train_data.identity
-
-
-@dataclass(frozen=True)
-class CacheInputs:
-    """Everything the teacher's outputs depend on, as hashes and sizes: one cache per (inputs, layout)."""
-
-    teacher: str            # model_fingerprint of the teacher (weights and config)
-    tokenizer: str
-    data: str               # data_fingerprint of the training split
-    max_seq_len: int
-    columns: int | None     # the vocabulary columns distilled (models.check_vocab)
-    vocab: int
-
-
-def digest(parts: dict) -> str:
-    """A short stable hash of a JSON-able dict (cache keys, auto's measurement file)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
-
-
 def cache_key(inputs: CacheInputs, lay: Layout) -> tuple[str, dict]:
     parts = {"format": FORMAT, **asdict(inputs), **lay.meta(), "tail_temperatures": list(TAIL_TEMPERATURES)}
     return digest(parts), parts
@@ -295,16 +253,46 @@ def cache_key(inputs: CacheInputs, lay: Layout) -> tuple[str, dict]:
 # Build and read
 # ----------------------------------------------------------------------------------------------
 
+class RowFile:
+    """A 2-D .npy file read by rows with pread: the file's pages stay in the kernel's page cache, shared
+    by every trial on the machine and reclaimable, instead of being mapped into each trial's memory
+    (a memory map counts every page a trial ever read: a full-row cache at V = 151,936 put 7 GB of
+    file pages into each trial's resident set)."""
+
+    def __init__(self, path: Path):
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            self.shape, _, self.dtype = read_header(handle)
+            self.start = handle.tell()
+        self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at `positions` (runs of consecutive positions read in one call each)."""
+        out = np.empty((len(positions), *self.shape[1:]), dtype=self.dtype)
+        breaks = np.flatnonzero(np.diff(positions) != 1) + 1
+        for lo, hi in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(positions)]])):
+            if hi > lo:
+                os.preadv(self.fd, [memoryview(out[lo:hi]).cast("B")], self.start + int(positions[lo]) * self.row_bytes)
+        return out
+
+
 class TeacherCache:
-    """A built cache folder, memory-mapped. rows(example indices) -> CacheRows, read a chunk at a time."""
+    """A built cache folder: rows(example indices) -> CacheRows, read from disk a chunk at a time. The
+    arrays are also open as read-only memory maps (values, ids, tail) for inspection."""
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.meta = json.loads((self.directory / "meta.json").read_text())
-        optional = lambda name: np.load(self.directory / name, mmap_mode="r") \
-            if (self.directory / name).is_file() else None  # noqa: E731
-        self.values = np.load(self.directory / "values.npy", mmap_mode="r")
-        self.ids, self.tail = optional("ids.npy"), optional("tail.npy")
+        present = [name for name in ("values", "ids", "tail") if (self.directory / f"{name}.npy").is_file()]
+        maps = {name: np.load(self.directory / f"{name}.npy", mmap_mode="r") for name in present}
+        self.values, self.ids, self.tail = (maps.get(name) for name in ("values", "ids", "tail"))
+        self.files = {name: RowFile(self.directory / f"{name}.npy") for name in present}
         self.row_offsets = np.load(self.directory / "row_offsets.npy")
 
     def rows(self, indices) -> "CacheRows":
@@ -314,10 +302,11 @@ class TeacherCache:
 
     def read(self, positions: np.ndarray) -> CachedTeacher:
         """The cache's rows at these positions (ascending within each example), as float32 / int64 tensors."""
+        read = {name: rows.rows(positions) for name, rows in self.files.items()}
         return CachedTeacher.from_stored(StoredRows(
-            _from_disk(self.values[positions], self.meta["value_dtype"]),
-            None if self.ids is None else torch.from_numpy(self.ids[positions].astype(np.int64)),
-            None if self.tail is None else _from_disk(self.tail[positions], self.meta["tail_dtype"])))
+            _from_disk(read["values"], self.meta["value_dtype"]),
+            torch.from_numpy(read["ids"].astype(np.int64)) if "ids" in read else None,
+            _from_disk(read["tail"], self.meta["tail_dtype"]) if "tail" in read else None))
 
     @property
     def nbytes(self) -> int:
