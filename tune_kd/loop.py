@@ -351,6 +351,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
             if not last_in_window:
                 continue
             optimizer_step(trained, optimizer, scaler, train_cfg.grad_clip)
+            if device.type == "cpu":
+                models.release_freed_memory()
             compiler.after_step(epoch)
             progress.step, progress.batch, epoch_steps = progress.step + 1, micro + 1, epoch_steps + 1
             steps_this_run, log_steps = steps_this_run + 1, log_steps + 1

@@ -17,6 +17,7 @@ driver checks both directories on the meta device (preflight) before any trial s
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -39,6 +40,25 @@ PRESETS = {
 }
 DEFAULT_ARCH = {"hidden_size": 512, "num_hidden_layers": 8, "num_attention_heads": 8,
                 "max_position_embeddings": 512, "tie_word_embeddings": True}
+
+
+def release_freed_memory() -> None:
+    """Hand the C heap's free pages back to the OS (glibc's malloc_trim; a no-op elsewhere). CPU
+    training allocates and frees tensors of many sizes each step, and glibc keeps what was freed: a
+    trial at V = 151,936 held 1.96 GB at peak, 1.5 GB when trimmed after every step (at ~10% of the
+    step's time on the 2-core CPU; GPU steps leave the host heap alone and are not trimmed)."""
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
 
 
 def quiet_progress_bars() -> None:

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune_kd import cli, controls, export, prepare, report, resources, results, space
+from tune_kd import cli, controls, export, models, prepare, report, resources, results, space
 from tune_kd.config import ExperimentConfig, absolute_paths, load_config
 from tune_kd.errors import UserError
 from tune_kd.tracking import make_callbacks
@@ -221,6 +221,7 @@ def size_trials(cfg: ExperimentConfig, source: str, address: str | None, experim
         resources.check_node_fit(cfg, ray.nodes(), source)
     per_trial, placed = resources.place_trials(absolute_paths(cfg), int(cluster.get("GPU", 0)), source)
     prepared.add_teacher_cache(placed["teacher_cache"], placed["why"])
+    models.release_freed_memory()   # what building the caches freed: the driver stays up for the whole search
     log.info("%s", prepared.lines[-1])
     parallel = resources.concurrency(cfg, per_trial, cluster.get("CPU", 1), cluster.get("GPU", 0))
     # Without this Ray keeps one pending trial at a time for searchers like Optuna's.
