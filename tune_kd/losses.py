@@ -185,14 +185,17 @@ def _sums_and_grads(student: Scored, teacher, targets: torch.Tensor, objective: 
     it is processed; its gradient is taken at once (local autograd from the logits on), so nothing
     (N, V) is kept for backward and no chunk is recomputed."""
     hidden = student.hidden.detach()
-    weight = None if student.weight is None else student.weight.detach()
-    bias = None if student.bias is None else student.bias.detach()
+    # the output layer in the compute dtype once, not once per chunk (a (V, H) copy each time)
+    cast = (lambda t: t) if student.compute_dtype is None else (lambda t: t.to(student.compute_dtype))  # noqa: E731
+    weight = None if student.weight is None else cast(student.weight.detach())
+    bias = None if student.bias is None else cast(student.bias.detach())
     sums = torch.zeros(3, dtype=torch.float32, device=hidden.device)
     grads = None
     if need_grad:   # fp32 sums for the output layer: the chunks' contributions add up without rounding drift
         trained = lambda t: t is not None and t.requires_grad  # noqa: E731
-        grads = [torch.zeros_like(hidden), torch.zeros_like(weight, dtype=torch.float32) if trained(student.weight)
-                 else None, torch.zeros_like(bias, dtype=torch.float32) if trained(student.bias) else None]
+        grads = [torch.zeros_like(hidden), torch.zeros_like(student.weight, dtype=torch.float32)
+                 if trained(student.weight) else None,
+                 torch.zeros_like(student.bias, dtype=torch.float32) if trained(student.bias) else None]
     for lo, hi in row_chunks(student.rows, student.vocab):
         rows = hidden[lo:hi]
         raw = student.project(rows, weight, bias)                                          # (n, V)
