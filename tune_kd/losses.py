@@ -220,6 +220,7 @@ def _sums_and_grads(student: Scored, teacher, targets: torch.Tensor, objective: 
             grads[1] += (padded.t() @ pad_rows(rows.to(logit_grad.dtype), height)).float()
         if grads[2] is not None:
             grads[2] += logit_grad.float().sum(0)
+        del raw, chunk, logit_grad, padded, teacher_rows   # before the next chunk's are made, not after
     return sums, grads
 
 
