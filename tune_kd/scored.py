@@ -27,11 +27,13 @@ from tune_kd.models import moe_settings
 
 log = logging.getLogger(__name__)
 
-# Logits per chunk (rows x vocabulary): 8.4M, 32 MB per fp32 intermediate; 55 rows at V = 151,936,
-# 1,310 at MiniMind's 6,400. bench/vocab_memory.py --chunk-elements on the 2-core CPU at V = 151,936
+# Logits per chunk (rows x vocabulary): 4.2M, 16 MB per fp32 intermediate; 27 rows at V = 151,936,
+# 655 at MiniMind's 6,400. bench/vocab_memory.py --chunk-elements on the 2-core CPU at V = 151,936
 # (4,096 positions, bf16): 2^22 10.2 s / 0.56 GiB, 2^23 7.0 s / 0.90 GiB, 2^24 15.4 s / 0.93 GiB,
-# 2^25 16.7 s / 1.38 GiB per step: smaller chunks pay per-matmul overhead, larger fall out of cache.
-CHUNK_ELEMENTS = 1 << 23
+# 2^25 16.7 s / 1.38 GiB per step (the full logits: 35.3 s / 8.26 GiB). Memory decides: a search on
+# a 151,936-id world with 2 trials at once peaked at 3.75 GB over all its processes at 2^22, 4.52 GB
+# at 2^23, for 472 s against 409 s of wall time.
+CHUNK_ELEMENTS = 1 << 22
 
 
 def chunk_rows(vocab: int, elements: int | None = None) -> int:
