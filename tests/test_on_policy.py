@@ -46,6 +46,40 @@ def test_the_on_policy_share_is_a_pure_draw_at_the_asked_rate():
     assert all(on_policy.is_on_policy(1.0, 0, 0, m) for m in range(100))
 
 
+def test_the_warm_up_keeps_the_first_share_of_training_off_policy():
+    assert not on_policy.on_policy_started(49, 100, 0.5) and on_policy.on_policy_started(50, 100, 0.5)
+    assert on_policy.on_policy_started(0, 100, 0.0)
+    assert not any(on_policy.is_on_policy(1.0, 0, 0, m, warmed_up=False) for m in range(100))
+
+
+def test_on_policy_start_trains_off_policy_then_on_policy_reading_the_cache_until_then(tiny_config, monkeypatch):
+    """on_policy_fraction 1 with on_policy_start 0.5 over 2 epochs: the first epoch is the data's
+    replies only (read from the teacher cache), the second the student's own; searchable."""
+    from tune_kd import teacher_cache
+    from tune_kd.config_checks import SEARCHABLE
+
+    read = []
+    original_rows = teacher_cache.TeacherCache.rows
+    monkeypatch.setattr(teacher_cache.TeacherCache, "rows", lambda self, idx: read.append(len(idx)) or original_rows(self, idx))
+    kinds = []
+    original_step = loop.backward_step
+    monkeypatch.setattr(loop, "backward_step", lambda *a, **k: kinds.append(k["on_policy_batch"]) or original_step(*a, **k))
+    result = train(tiny_config(train={"epochs": 2, "on_policy_fraction": 1.0, "on_policy_start": 0.5, "max_new_tokens": 8},
+                               teacher_cache={"mode": "on", "top_k": 16}))
+    first, second = kinds[:len(kinds) // 2], kinds[len(kinds) // 2:]
+    assert first and not any(first) and all(second)
+    assert len(read) == len(first)
+    assert math.isnan(result.history[0]["on_policy_s_per_batch"]) and math.isnan(result.history[1]["off_policy_s_per_batch"])
+    assert "on_policy_start" in SEARCHABLE
+
+
+def test_on_policy_start_must_leave_some_training(tiny_config):
+    from tune_kd.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"train.on_policy_start: must be in \[0, 1\)"):
+        tiny_config(train={"on_policy_start": 1.0})
+
+
 def test_generation_stops_at_the_end_of_turn_and_renders_like_the_template(tiny_config, world):
     """The teacher's greedy replies to validation prompts: each ends at its first <|im_end|>, and the
     prompt + reply is exactly the ids the chat template renders for that conversation."""

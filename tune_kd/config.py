@@ -102,6 +102,8 @@ class TrainConfig:
     log_interval: int = 100                        # optimizer steps between log lines
     save_interval: int = 0                         # optimizer steps between resumable checkpoints; 0 = epoch ends only
     on_policy_fraction: float = 0.0                # share of batches the student answers itself (on_policy.py); 0: off
+    on_policy_start: float = 0.0                   # share of training (optimizer steps) before the first on-policy
+                                                   # batch: an off-policy warm-up (0.5: the second half may answer)
     generation_temperature: float = 1.0            # sampling temperature of on-policy replies (0: greedy)
     max_new_tokens: int = 64                       # longest generated reply (on-policy, seq_kd, val_gen_*)
     seq_kd: bool = False                           # off-policy batches learn the teacher's greedy replies, not the data's

@@ -25,7 +25,7 @@ DISTRIBUTIONS = {"log_uniform_values": ("min", "max"), "uniform": ("min", "max")
 # train.* keys a search may vary; the rest fix the budget (epochs) or the machinery
 SEARCHABLE = ("learning_rate", "temperature", "alpha", "weight_decay", "warmup_iters", "batch_size",
               "accumulation_steps", "grad_clip", "kd_loss", "final_temperature", "temperature_schedule",
-              "jsd_beta", "skew", "feature_weight", "on_policy_fraction", "generation_temperature", "seq_kd")
+              "jsd_beta", "skew", "feature_weight", "on_policy_fraction", "on_policy_start", "generation_temperature", "seq_kd")
 
 
 def validate(cfg, problems: Problems) -> None:
@@ -65,6 +65,9 @@ def validate_fields(cfg, problems: Problems) -> None:
     for name in ("jsd_beta", "skew", "on_policy_fraction"):
         if getattr(t, name) is not None and not 0.0 <= getattr(t, name) <= 1.0:
             problems.add(f"train.{name}", f"must be in [0, 1], got {getattr(t, name)}")
+    if t.on_policy_start is not None and not 0.0 <= t.on_policy_start < 1.0:
+        problems.add("train.on_policy_start", f"must be in [0, 1) (the share of training before on-policy batches "
+                     f"begin; 0.5: after half), got {t.on_policy_start}")
     if t.generation_temperature is not None and t.generation_temperature < 0:
         problems.add("train.generation_temperature", f"must be >= 0 (0: greedy), got {t.generation_temperature}")
     if t.max_new_tokens is not None and t.max_new_tokens < 1:

@@ -267,7 +267,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     # Evaluation and on-policy batches keep the live teacher (exact val metrics; new sequences);
     # under seq_kd no batch is the data's, so the cache could serve none.
     cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, trained)[0] \
-        if need_teacher and not pairs and not train_cfg.seq_kd and train_cfg.on_policy_fraction < 1 else None
+        if need_teacher and not pairs and not train_cfg.seq_kd \
+        and (train_cfg.on_policy_fraction < 1 or train_cfg.on_policy_start > 0) else None
     optimizer = torch.optim.AdamW(trained.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
@@ -323,8 +324,9 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                     group["lr"] = lr_at(progress.step, total_steps, train_cfg.learning_rate, train_cfg.warmup_iters)
                 temperature = temperature_at(progress.step, total_steps, train_cfg)
             batch_started = time.perf_counter()
-            kind = "on_policy" if on_policy.is_on_policy(train_cfg.on_policy_fraction, train_cfg.seed, epoch, micro) \
-                else "off_policy"
+            warmed_up = on_policy.on_policy_started(progress.step, total_steps, train_cfg.on_policy_start)
+            kind = "on_policy" if on_policy.is_on_policy(train_cfg.on_policy_fraction, train_cfg.seed, epoch, micro,
+                                                         warmed_up) else "off_policy"
             # Each rank's share: DDP averages gradients over ranks, the window count is global.
             normalizer, batch_cache = window_tokens[window] / world, cache
             if kind == "on_policy" or train_cfg.seq_kd:

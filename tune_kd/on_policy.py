@@ -3,7 +3,8 @@
 Off-policy KD (MiniMind's) trains the student on the data's replies; at inference it conditions on
 its own earlier tokens, which it never trained on. For a share `train.on_policy_fraction` of the
 micro-batches (drawn from (train.seed, epoch, micro-batch), so every rank and every resume agrees)
-the loop instead:
+after the off-policy warm-up (the first `train.on_policy_start` share of the optimizer steps) the
+loop instead:
 
 1. cuts each conversation before its last assistant reply: the prompt is every earlier turn and
    the assistant header, exactly as the chat template rendered them at ingestion;
@@ -58,11 +59,20 @@ def end_of_turn_id(tokenizer, asked_by: str) -> int:
     return ids[0]
 
 
-def is_on_policy(fraction: float, seed: int, epoch: int, micro: int) -> bool:
-    """Whether micro-batch `micro` of `epoch` is on-policy: a pure function, alike on every rank."""
-    if fraction <= 0.0:
+def is_on_policy(fraction: float, seed: int, epoch: int, micro: int, warmed_up: bool = True) -> bool:
+    """Whether micro-batch `micro` of `epoch` is on-policy: a pure function, alike on every rank.
+    warmed_up: training is past train.on_policy_start (on_policy_started); before, every batch is
+    the data's (the off-policy warm-up)."""
+    if fraction <= 0.0 or not warmed_up:
         return False
     return fraction >= 1.0 or bool(np.random.default_rng([seed, epoch, micro, ON_POLICY_STREAM]).random() < fraction)
+
+
+def on_policy_started(step: int, total_steps: int, start: float) -> bool:
+    """Whether optimizer step `step` of `total_steps` is past the off-policy warm-up: the first
+    `start` share of training (train.on_policy_start) learns from the data's replies only, as GKD
+    and MiniLLM start on-policy from a student already fine-tuned on them."""
+    return step >= start * total_steps
 
 
 def sampling_seed(seed: int, epoch: int, micro: int, rank: int) -> int:
