@@ -161,7 +161,7 @@ def test_val_gen_acc_is_the_hand_count_of_exact_replies(tiny_config):
     generation = on_policy.Generation(cfg, tokenizer, pad, [teacher.lm], "test")
     subset = on_policy.generation_subset(val_data, 10)
     assert len(subset) == 10 and np.array_equal(subset, on_policy.generation_subset(val_data, 10))
-    sums = on_policy.generation_sums(teacher.lm, generation, val_data, subset, 4, None, None, precision.autocast, "cpu")
+    sums = on_policy.generation_sums(teacher.lm, generation, val_data, subset, 4, None, precision.autocast, "cpu")
     # by hand: one prompt at a time through Hugging Face's generate, compared as text
     right = 0
     for i in subset:
@@ -178,7 +178,7 @@ def test_val_gen_acc_is_the_hand_count_of_exact_replies(tiny_config):
     references = [on_policy.split_last_reply(*val_data.example(int(i)))[1] for i in subset[:4]]
     generation.answer = lambda lm, prompts, temperature, seed=0, autocast=None: \
         [*references[:3], references[3][:-1]][:len(prompts)]
-    sums = on_policy.generation_sums(teacher.lm, generation, val_data, subset[:4], 4, None, None, precision.autocast, "cpu")
+    sums = on_policy.generation_sums(teacher.lm, generation, val_data, subset[:4], 4, None, precision.autocast, "cpu")
     assert on_policy.generation_metrics(sums, False)["val_gen_acc"] == 0.75
 
 

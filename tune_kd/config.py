@@ -173,6 +173,22 @@ class TeacherCacheConfig:
 
 
 @dataclass(frozen=True)
+class TeacherServerConfig:
+    """One teacher per node served to every trial there (teacher_server.py). In YAML also
+    `teacher_server: auto | on | off`."""
+    mode: Literal["auto", "on", "off"] = "auto"        # auto: when > 1 trial per node would run the teacher live
+    url: Optional[str] = None                          # an OpenAI-compatible completions endpoint with prompt
+                                                       # log-probs (vLLM) serves the teacher instead
+    model: Optional[str] = None                        # url: the served model's name (default: the first listed)
+    top_k: int = 20                                    # url: prompt log-probs asked per position (vLLM --max-logprobs)
+    replicas: int = 1                                  # teacher copies per node (trials spread over them)
+    gpus: float | Literal["auto"] = "auto"             # each copy's GPU share; auto: a whole GPU, 0 without GPUs
+    cpus: float = 0.0                                  # CPUs each copy holds in Ray (its work replaces the trials')
+    max_wait_ms: float = 10.0                          # how long the first request waits for others to batch with
+    max_batch_tokens: int = 65536                      # tokens (padded) in one teacher forward
+
+
+@dataclass(frozen=True)
 class ControlsConfig:
     """Reference runs after the search, same epochs and seed as its trials (controls.py)."""
     plain_sft: bool = True                             # the best trial's settings with alpha = 1: no teacher
@@ -200,6 +216,7 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     controls: ControlsConfig = field(default_factory=ControlsConfig)
     teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
+    teacher_server: TeacherServerConfig = field(default_factory=TeacherServerConfig)
     # Progressive distillation (seed 10.4): each stage is a full experiment (these sections with the
     # stage's own overrides merged in), validated at load; stage k's teacher is stage k-1's export.
     stages: list = field(default_factory=list)

@@ -155,12 +155,46 @@ def validate_search(cfg, problems: Problems) -> None:
     if cache.mode == "on" and (cfg.train.feature_weight or "feature_weight" in cfg.parameters):
         problems.add("teacher_cache.mode", "on cannot serve feature distillation (the cache holds logits, not hidden "
                                            "states): use auto or off, or set train.feature_weight to 0")
+    validate_teacher_server(cfg, problems)
     if cfg.controls.seeds_for_best < 0:
         problems.add("controls.seeds_for_best", f"must be >= 0, got {cfg.controls.seeds_for_best}")
     if cfg.checkpoint.keep_per_trial < 1:
         problems.add("checkpoint.keep_per_trial", f"must be >= 1, got {cfg.checkpoint.keep_per_trial}")
     for name, spec in cfg.parameters.items():
         _check_parameter(cfg, str(name), spec, problems)
+
+
+def local_teacher_reason(cfg) -> str | None:
+    """Why a run needs the teacher in its own process (hidden states, or the teacher generating), so
+    a served teacher cannot stand in for it; None when scored rows are all it needs."""
+    t, searched = cfg.train, cfg.parameters
+    if t.feature_weight or "feature_weight" in searched:
+        return "feature distillation needs the teacher's hidden states (train.feature_weight)"
+    if t.seq_kd or "seq_kd" in searched:
+        return "train.seq_kd has the teacher generate replies"
+    return None
+
+
+def validate_teacher_server(cfg, problems: Problems) -> None:
+    s = cfg.teacher_server
+    local = local_teacher_reason(cfg)
+    if local and (s.mode == "on" or s.url):
+        key = "teacher_server.url" if s.url else "teacher_server.mode"
+        problems.add(key, f"a served teacher answers with scored rows only, but {local}: use teacher_server: off")
+    if s.url is not None and not re.fullmatch(r"https?://[^\s/]+(/\S*)?", s.url):
+        problems.add("teacher_server.url", f"{s.url!r} is not an http(s) URL (e.g. http://127.0.0.1:8000 for "
+                     "`vllm serve MODEL --max-logprobs 64`)")
+    if s.url is not None and cfg.teacher is not None and cfg.teacher.path is None:
+        problems.add("teacher.path", "teacher_server.url needs the teacher's local folder (its tokenizer and config; "
+                     "the weights are not loaded)")
+    for name, low in (("top_k", 1), ("replicas", 1), ("max_batch_tokens", 1)):
+        if getattr(s, name) < low:
+            problems.add(f"teacher_server.{name}", f"must be >= {low}, got {getattr(s, name)}")
+    if s.max_wait_ms < 0 or s.cpus < 0:
+        name = "max_wait_ms" if s.max_wait_ms < 0 else "cpus"
+        problems.add(f"teacher_server.{name}", f"must be >= 0, got {getattr(s, name)}")
+    if s.gpus != "auto" and (isinstance(s.gpus, bool) or not isinstance(s.gpus, (int, float)) or s.gpus < 0):
+        problems.add("teacher_server.gpus", f"must be auto or a number >= 0 (a share of a GPU per copy), got {s.gpus!r}")
 
 
 def parameter_candidates(spec: dict) -> dict[str, Any]:

@@ -18,21 +18,23 @@ from tune_kd.typed_yaml import Problems, build, deep_copy
 
 
 def expand_teacher_cache(raw: dict) -> None:
-    """`teacher_cache: auto | on | off` is short for {mode: ...}; YAML 1.1 reads a bare on/off as a bool.
+    """`teacher_cache: auto | on | off` (and `teacher_server: ...`) is short for {mode: ...}; YAML 1.1 reads a
+    bare on/off as a bool.
     Also reads old key names: `controls.seed_defaults` is `controls.minimind_defaults` (MiniMind's
     defaults arm; "seed" meant MiniMind's script)."""
-    value = raw.get("teacher_cache")
-    if isinstance(value, bool):
-        raw["teacher_cache"] = {"mode": "on" if value else "off"}
-    elif isinstance(value, str):
-        raw["teacher_cache"] = {"mode": value}
+    for section in ("teacher_cache", "teacher_server"):
+        value = raw.get(section)
+        if isinstance(value, bool):
+            raw[section] = {"mode": "on" if value else "off"}
+        elif isinstance(value, str):
+            raw[section] = {"mode": value}
     controls = raw.get("controls")
     if isinstance(controls, dict) and "seed_defaults" in controls and "minimind_defaults" not in controls:
         controls["minimind_defaults"] = controls.pop("seed_defaults")
 
 
 STAGE_MERGED = ("data", "train", "logging", "metric", "search", "scheduler", "resources", "checkpoint", "controls",
-                "teacher_cache")
+                "teacher_cache", "teacher_server")
 STAGE_REPLACED = ("tokenizer", "teacher", "student", "parameters")
 PREVIOUS_STAGE_EXPORT = "<the previous stage's exported best student>"
 

@@ -35,7 +35,9 @@ from tune_kd.distributed import setup_distributed
 from tune_kd.errors import UserError
 from tune_kd.losses import kd_options
 from tune_kd.scored import ScoredLM, row_chunks
-from tune_kd.scoring import scored_positions, teacher_forward, teacher_outputs
+from tune_kd.scoring import scored_positions, teacher_ce, teacher_forward
+from tune_kd.teacher_cache import TeacherCache
+from tune_kd.teacher_server import RemoteTeacher, connect
 from tune_kd.tracking import start_wandb
 
 log = logging.getLogger(__name__)
@@ -71,11 +73,12 @@ def temperature_at(step: int, total: int, train_cfg) -> float:
 
 
 def forward_pair(student, teacher, batch, precision, need_teacher: bool, cache=None):
-    """The student's output (with grad) and the teacher's (inference mode, or the rows of the teacher
-    cache when one is given) on the scored positions, each a scored.Scored whose logits are made a
-    chunk at a time (the cache's rows: a teacher_cache.CacheRows, read per chunk); plus extras: "features" (student's,
-    teacher's) under feature distillation, "router_aux" for a mixture-of-experts student in
-    training (each None otherwise)."""
+    """The student's output (with grad) and the teacher's on the scored positions: the student's a
+    scored.Scored whose logits are made a chunk at a time; the teacher's a Scored too (a local
+    ScoredLM, inference mode), the rows of the teacher cache when one is given (a CacheRows, read
+    per chunk), or a served teacher's rows (teacher a teacher_server.RemoteTeacher); plus extras:
+    "features" (student's, teacher's) under feature distillation, "router_aux" for a
+    mixture-of-experts student in training (each None otherwise)."""
     input_ids = batch["input_ids"].to(precision.device, non_blocking=True)
     labels = batch["labels"].to(precision.device, non_blocking=True)
     positions, targets = scored_positions(labels)
@@ -84,6 +87,8 @@ def forward_pair(student, teacher, batch, precision, need_teacher: bool, cache=N
     teacher_out = teacher_features = None
     if need_teacher and cache is not None:
         teacher_out = cache.rows(batch["indices"]).to(precision.device, non_blocking=True)   # CacheRows, read per chunk
+    elif need_teacher and isinstance(teacher, RemoteTeacher):
+        teacher_out = teacher.rows(batch["input_ids"], positions)[0].to(precision.device)
     elif need_teacher:
         teacher_out, teacher_features = teacher_forward(teacher, input_ids, positions, precision)
     extras = {"features": (student_features, teacher_features) if student_features and teacher_features else None,
@@ -171,8 +176,8 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
     if generation is not None and cfg.eval.generation_samples:
         subset = on_policy.generation_subset(val_data, cfg.eval.generation_samples)[rank::world]
         gen_sums = on_policy.generation_sums(student.lm, generation, val_data, subset, train_cfg.batch_size,
-                                             teacher_outputs(teacher, precision) if teacher else None, columns,
-                                             precision.autocast, precision.device)
+                                             teacher_ce_of(teacher, precision, columns), precision.autocast,
+                                             precision.device)
     if world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(gen_sums)
@@ -184,6 +189,16 @@ def evaluate(student, teacher, val_data, pad_id, cfg: ExperimentConfig, precisio
             "val_loss": (train_cfg.alpha * ce
                          + (1 - train_cfg.alpha) * losses.kd_scale(train_cfg.kd_loss, temperature) * kd_t) / tokens,
             "val_acc": right / max(rows, 1.0), **on_policy.generation_metrics(gen_sums, has_teacher)}
+
+
+def teacher_ce_of(teacher, precision, columns):
+    """batch -> the teacher's CE sum on the batch's labelled tokens (val_gen_ce); None without a
+    teacher. A served teacher answers it exactly (its target log-probs), whatever its top k."""
+    if teacher is None:
+        return None
+    if isinstance(teacher, RemoteTeacher):
+        return lambda batch: -float(teacher.rows(batch["input_ids"], scored_positions(batch["labels"])[0])[1].double().sum())
+    return teacher_ce(teacher, precision, columns)
 
 
 def gpu_peak_gib(device: torch.device) -> float:
@@ -224,7 +239,7 @@ def generation_setting(cfg: ExperimentConfig) -> str:
 def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str | Path | None = None,
           out_dir: str | Path | None = None, ddp: bool = False, use_wandb: bool | None = None,
           step_hook: Callable[[int, int, torch.nn.Module], None] | None = None,
-          report_on_every_rank: bool = False) -> TrainResult:
+          report_on_every_rank: bool = False, trial_key: str = "") -> TrainResult:
     """Distil cfg.teacher into cfg.student on cfg.data; returns the trained student and its metrics.
 
     report(metrics, save) is called once per epoch end with every name in METRICS; save(dir) writes
@@ -232,6 +247,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     receives a resumable `last/` checkpoint every train.save_interval steps (0: never mid-epoch).
     step_hook(epoch, step_in_epoch, student) runs after every optimizer step (fault drills use it).
     report_on_every_rank: call report on every rank (Ray Train's report is a barrier), not rank 0 only.
+    trial_key: picks this run's replica of a served teacher (teacher_server.replicas).
     Raises TrainingDiverged when the loss stops being finite: checked every step on CPU, every
     train.log_interval steps and train.save_interval save on GPU (a check is a device sync), and
     before every evaluation.
@@ -248,27 +264,35 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     tokenizer, train_data, val_data = load_data(cfg)
     pad_id = padding_id(tokenizer)
     lm = models.make_student(cfg.student, tokenizer, precision)
-    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
-    columns = models.check_compatibility(teacher_lm, lm, tokenizer)   # the vocabulary the divergence compares
+    # a served teacher (teacher_server.py: the search's actor on this node, or teacher_server.url)
+    # stands in for a local one: this process never loads the teacher's weights
+    remote = connect(cfg, len(tokenizer), trial_key) if cfg.teacher else None
+    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher and remote is None else None
+    columns = models.check_vocab(len(tokenizer), models.vocab_rows(lm), remote.teacher_rows) if remote is not None \
+        else models.check_compatibility(teacher_lm, lm, tokenizer)   # the vocabulary the divergence compares
     pairs = features.layer_map(train_cfg.feature_layers, lm.config.num_hidden_layers, teacher_lm.config.num_hidden_layers) \
         if train_cfg.feature_weight > 0 and teacher_lm is not None else []
     projector = features.FeatureProjector(len(pairs), lm.config.hidden_size, teacher_lm.config.hidden_size).to(device) \
         if pairs else None
     extra_state = {"feature_projector": projector} if projector is not None else {}   # trained, not exported
-    teacher = ScoredLM(teacher_lm, [p[1] for p in pairs]) if teacher_lm is not None else None
+    teacher = ScoredLM(teacher_lm, [p[1] for p in pairs]) if teacher_lm is not None else remote
     trained = ScoredLM(lm, [p[0] for p in pairs], projector)   # every trained parameter
     student = trained if world == 1 else torch.nn.parallel.DistributedDataParallel(
         trained, device_ids=[device] if device.type == "cuda" else None)
     generates_in_training = train_cfg.on_policy_fraction > 0 or train_cfg.seq_kd
     need_teacher = teacher is not None and (train_cfg.alpha < 1.0 or bool(pairs) or generates_in_training)
-    generation = on_policy.Generation(cfg, tokenizer, pad_id, [lm, teacher_lm], generation_setting(cfg)) \
+    generation = on_policy.Generation(cfg, tokenizer, pad_id, [lm, teacher_lm if teacher_lm is not None else remote], generation_setting(cfg)) \
         if generates_in_training or cfg.eval.generation_samples else None
     # before any resume: top_k auto measures against the starting student, as every trial does.
     # Evaluation and on-policy batches keep the live teacher (exact val metrics; new sequences);
     # under seq_kd no batch is the data's, so the cache could serve none.
-    cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, trained)[0] \
-        if need_teacher and not pairs and not train_cfg.seq_kd \
-        and (train_cfg.on_policy_fraction < 1 or train_cfg.on_policy_start > 0) else None
+    reads_cache = need_teacher and not pairs and not train_cfg.seq_kd \
+        and (train_cfg.on_policy_fraction < 1 or train_cfg.on_policy_start > 0)
+    if remote is not None:   # the cache the search's driver built, if any (the key needs the teacher's weights)
+        cache = TeacherCache(remote.cache_dir) if reads_cache and remote.cache_dir else None
+    else:
+        cache = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, trained)[0] \
+            if reads_cache else None
     optimizer = torch.optim.AdamW(trained.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                                   fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
@@ -286,7 +310,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     if rank == 0:
         log.info("train: %d conversations, %d val; %d epochs x %d steps; student %.2fM params%s", len(train_data),
                  len(val_data), train_cfg.epochs, steps_per_epoch, sum(p.numel() for p in lm.parameters()) / 1e6,
-                 f", teacher {sum(p.numel() for p in teacher_lm.parameters()) / 1e6:.2f}M" if teacher_lm else "")
+                 f", teacher {sum(p.numel() for p in teacher_lm.parameters()) / 1e6:.2f}M" if teacher_lm
+                 else f", teacher served ({type(remote).__name__})" if remote else "")
     if generation is not None and (train_cfg.compile == "on" or train_cfg.compile == "auto" and device.type == "cuda"):
         # generate()'s cached decoding steps would recompile at every new length
         log.info("compile: off (train.compile %s): this run generates (%s)", train_cfg.compile, generation_setting(cfg))

@@ -32,10 +32,7 @@ import numpy as np
 import torch
 
 from tune_kd.errors import UserError
-from tune_kd import losses
 from tune_kd.data import IGNORE_INDEX, VAL_SPLIT_SEED, TokenizedData
-from tune_kd.scored import Scored
-from tune_kd.scoring import logit_chunks
 
 GENERATION_SUBSET_SEED = VAL_SPLIT_SEED + 2     # which validation prompts val_gen_* uses: the same every epoch and trial
 ON_POLICY_STREAM = 17                           # keeps the on-policy draw apart from other (seed, epoch) streams
@@ -188,11 +185,10 @@ def generation_subset(val_data: TokenizedData, count: int) -> np.ndarray:
 
 
 def generation_sums(student_lm, generation: Generation, val_data: TokenizedData, indices: np.ndarray,
-                    batch_size: int, teacher_outputs: Callable[[dict], Scored] | None, columns: int | None,
-                    autocast, device) -> torch.Tensor:
+                    batch_size: int, teacher_ce: Callable[[dict], float] | None, autocast, device) -> torch.Tensor:
     """[exact replies, prompts, teacher CE sum, reply tokens] over `indices` (a rank's share):
-    greedy student replies against the data's, and the teacher's CE on each generated token (over
-    the first `columns` of its vocabulary, models.check_vocab)."""
+    greedy student replies against the data's, and the teacher's CE on each generated token
+    (teacher_ce(batch): the CE sum over the batch's labelled tokens, scoring.teacher_ce)."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for lo in range(0, len(indices), batch_size):
         prompts, references = prompts_and_replies(val_data, indices[lo:lo + batch_size])
@@ -200,11 +196,8 @@ def generation_sums(student_lm, generation: Generation, val_data: TokenizedData,
         sums[0] += sum(np.array_equal(r, ref) for r, ref in zip(replies, references))
         sums[1] += len(prompts)
         scored = reply_targets(replies)
-        if teacher_outputs is not None and scored:
-            batch = reply_batch(prompts, replies, generation.pad_id)
-            teacher = teacher_outputs(batch)
-            targets = losses.target_positions(batch["labels"])[1].to(teacher.hidden.device)
-            sums[2] += sum(losses.ce_sum(logits, targets[a:b]) for a, b, logits in logit_chunks(teacher, columns)).double()
+        if teacher_ce is not None and scored:
+            sums[2] += teacher_ce(reply_batch(prompts, replies, generation.pad_id))
             sums[3] += scored
     return sums
 

@@ -41,6 +41,17 @@ def teacher_outputs(teacher, precision):
     return outputs
 
 
+def teacher_ce(teacher, precision, columns: int | None):
+    """batch -> the live teacher's CE sum over the batch's labelled tokens (its first `columns`)."""
+    outputs = teacher_outputs(teacher, precision)
+
+    def ce(batch) -> float:
+        scored = outputs(batch)
+        targets = losses.target_positions(batch["labels"])[1].to(scored.hidden.device)
+        return float(sum(losses.ce_sum(logits, targets[a:b]) for a, b, logits in logit_chunks(scored, columns)))
+    return ce
+
+
 def logit_chunks(scored: Scored, columns: int | None):
     """(lo, hi, logits (hi - lo, columns) fp32) for successive row chunks of a Scored, without grad:
     what the teacher cache compresses and top_k auto compares, never the (N, V) whole."""

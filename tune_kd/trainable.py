@@ -71,7 +71,8 @@ def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
             run_data_parallel(cfg, node_id, Path(experiment_dir) / f"trial_{tune.get_context().get_trial_id()}")
             return
         try:
-            train_from(tune.get_checkpoint(), cfg, report=report, use_wandb=False, step_hook=fault_step_hook(""))
+            train_from(tune.get_checkpoint(), cfg, report=report, use_wandb=False, step_hook=fault_step_hook(""),
+                       trial_key=tune.get_context().get_trial_id())
         except loop.TrainingDiverged as exc:
             logging.getLogger(__name__).error("trial stopped: %s", exc)
             worst = math.inf if cfg.metric.mode == "min" else -math.inf
