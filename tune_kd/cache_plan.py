@@ -57,6 +57,9 @@ def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[
     c = cfg.teacher_cache
     if c.mode == "off":
         return CachePlan(False, "off (teacher_cache: off)")
+    if cfg.teacher_server.url:
+        return CachePlan(False, "not used: teacher_server.url serves the teacher (its weights are not here to build "
+                                "a cache from)")
     if cfg.teacher is None or (cfg.train.alpha >= 1.0 and "alpha" not in cfg.parameters):
         return CachePlan(False, "not used: training never runs the teacher (no teacher, or alpha 1)")
     if cfg.train.feature_weight > 0 or "feature_weight" in cfg.parameters:
@@ -90,11 +93,18 @@ def _too_big(cfg, size: int, free_bytes: int) -> str | None:
     return None
 
 
+def auto_k(ladder: Ladder, vocab: int) -> int:
+    """top_k auto's choice: the smallest measured k within AUTO_TOLERANCE (k = vocab, the full row,
+    always qualifies)."""
+    errors = {**ladder.errors, vocab: EXACT}
+    return min(k for k, e in errors.items() if e.within(AUTO_TOLERANCE))
+
+
 def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder) -> CachePlan:
     """top_k auto: the smallest k within AUTO_TOLERANCE, when it fits; else the live teacher, with the figures."""
     c = cfg.teacher_cache
     errors = {**ladder.errors, vocab: EXACT}
-    chosen = min(k for k, e in errors.items() if e.within(AUTO_TOLERANCE))   # k = vocab always qualifies
+    chosen = auto_k(ladder, vocab)
     lay = layout(chosen, vocab, c.dtype)
     size = positions * lay.bytes_per_position
     on_what = (f"worst over T {', '.join(f'{t:g}' for t in ladder.temperatures)} and {', '.join(ladder.kd_losses)} "
@@ -124,6 +134,14 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
     """(decide's plan for this run, inputs() -> the cache's CacheInputs). student: the
     ScoredLM the run starts from, before any training or resume; top_k auto measures the
     cache's error against it."""
+    vocab, inputs, measure_auto_k = _measurer(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)
+    plan = decide(cfg, int(train_data.target_counts.sum()), vocab,
+                  shutil.disk_usage(cfg.data.cache_dir).free, measure_auto_k)
+    return plan, inputs
+
+
+def _measurer(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id, student):
+    """(the vocabulary compared, inputs() -> the cache's CacheInputs, measure() -> top_k auto's Ladder)."""
     vocab = columns if columns is not None else models.vocab_rows(teacher.lm)
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
     inputs = functools.cache(lambda: cache_inputs.CacheInputs(   # hashing a big teacher takes a while: once
@@ -141,10 +159,7 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
                 teacher_outputs(teacher, precision), teacher_outputs(student, precision), divergences, AUTO_TOLERANCE)
         finally:
             student.train(was_training)
-
-    plan = decide(cfg, int(train_data.target_counts.sum()), vocab,
-                                shutil.disk_usage(cfg.data.cache_dir).free, measure_auto_k)
-    return plan, inputs
+    return vocab, inputs, measure_auto_k
 
 
 def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id,
@@ -160,15 +175,35 @@ def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
         plan.why
 
 
+def served_layout(cfg: ExperimentConfig, vocab: int, cache, measure: Callable[[], Ladder]) -> Layout:
+    """The rows a served teacher answers in: the teacher cache's when the trials read one (so
+    on-policy and cached batches see the same teacher), else teacher_cache.top_k, or with top_k auto
+    the k the cache's measurement picks (measure(), remembered on disk per inputs)."""
+    c = cfg.teacher_cache
+    if cache is not None:
+        return layout(cache.meta["top_k"], vocab, c.dtype)
+    if c.top_k != "auto":
+        return layout(c.top_k, vocab, c.dtype)
+    return layout(auto_k(measure(), vocab), vocab, c.dtype)
+
+
 def prepare_teacher_cache(cfg: ExperimentConfig):
+    """prepare_teacher_rows without the served layout: (the cache or None, why)."""
+    return prepare_teacher_rows(cfg, serve=False)[:2]
+
+
+def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool):
     """Build the teacher cache before the trials start (the search's driver), on the device the
-    trials will use, so no trial waits for another: (the cache or None, why). The student is built
-    as loop.train builds it (same seed, same order), so top_k auto measures against the trials'
-    starting student and they all reuse this measurement."""
+    trials will use, so no trial waits for another; with serve, also decide the rows a served
+    teacher answers in (served_layout): (the cache or None, why, the layout or None). The student is
+    built as loop.train builds it (same seed, same order), so top_k auto measures against the
+    trials' starting student and they all reuse this measurement."""
     if cfg.teacher is None:
-        return None, "not used: no teacher"
-    if cfg.teacher_cache.mode == "off":
-        return None, "off (teacher_cache: off)"
+        return None, "not used: no teacher", None
+    if cfg.teacher_server.url:
+        return None, decide(cfg, 0, 0, 0).why, None
+    if cfg.teacher_cache.mode == "off" and not serve:
+        return None, "off (teacher_cache: off)", None
     precision = models.resolve_precision(cfg.train.dtype, models.resolve_device(cfg.train.device))
     torch.manual_seed(cfg.train.seed)
     tokenizer, train_data, _ = data.load_data(cfg)
@@ -176,9 +211,13 @@ def prepare_teacher_cache(cfg: ExperimentConfig):
     teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
     columns = models.check_compatibility(teacher_lm, student_lm, tokenizer)
     pad_id = data.padding_id(tokenizer)
-    cache, why = open_teacher_cache(cfg, tokenizer, train_data, ScoredLM(teacher_lm), precision, columns, pad_id,
-                                    ScoredLM(student_lm))
-    del teacher_lm, student_lm
+    teacher, student = ScoredLM(teacher_lm), ScoredLM(student_lm)
+    cache, why = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)
+    lay = None
+    if serve:
+        vocab, _, measure = _measurer(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)
+        lay = served_layout(cfg, vocab, cache, measure)
+    del teacher, student, teacher_lm, student_lm
     if precision.device.type == "cuda":
         torch.cuda.empty_cache()
-    return cache, why
+    return cache, why, lay

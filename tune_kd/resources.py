@@ -115,14 +115,18 @@ def check_node_fit(cfg: ExperimentConfig, nodes: list[dict], source: str) -> Non
 
 def prepare_where_trials_run(cfg: ExperimentConfig, measure: bool) -> dict:
     """Build (or find) the teacher cache and, when asked, measure one trial's GPU peak, in this
-    process: {"teacher_cache": folder or None, "why", "pid", "host", and with measure "peak", "total"
-    (bytes)}, or {"error": one line} for a UserError or a missing CUDA device."""
-    from tune_kd import cache_plan
+    process: {"teacher_cache": folder or None, "why", "served_layout" (the rows a served teacher
+    answers in, when one may serve), "pid", "host", and with measure "peak", "total" (bytes)}, or
+    {"error": one line} for a UserError or a missing CUDA device."""
+    from tune_kd import cache_plan, teacher_server
 
     where = {"pid": os.getpid(), "host": socket.gethostname()}
     try:
-        cache, why = cache_plan.prepare_teacher_cache(cfg)
-        where.update(teacher_cache=str(cache.directory) if cache is not None else None, why=why)
+        # the rows a served teacher would answer in, decided here with the cache (search.py decides to serve)
+        may_serve = teacher_server.decide(cfg, trials_per_node=2, cache_used=False)[0]
+        cache, why, served_layout = cache_plan.prepare_teacher_rows(cfg, serve=may_serve)
+        where.update(teacher_cache=str(cache.directory) if cache is not None else None, why=why,
+                     served_layout=served_layout)
         if measure:
             import torch
 

@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune_kd import cli, controls, export, models, prepare, report, resources, results, space
+from tune_kd import cli, controls, export, models, prepare, report, resources, results, space, teacher_server
 from tune_kd.config import ExperimentConfig, absolute_paths, load_config
 from tune_kd.errors import UserError
 from tune_kd.tracking import make_callbacks
@@ -124,8 +124,9 @@ class Plan:
     per_trial: dict               # resources.trial_resources: cpu, gpu, workers of one trial
     placed: dict                  # resources.place_trials: the teacher cache built, why, by which process
     parallel: int                 # trials at a time
-    trial_cfg: ExperimentConfig   # cfg as a trial runs it: absolute paths, the resolved GPU share
+    trial_cfg: ExperimentConfig   # cfg as a trial runs it: absolute paths, the resolved GPU share and serving
     trainable: type               # the Tune trainable of the search's trials
+    served: teacher_server.Served | None = None   # the teacher actors, when the search serves its teacher
 
 
 def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, address: str | None = None,
@@ -147,11 +148,18 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     prepared = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
     context = start_ray(address, num_cpus, dashboard_host, trial_logs)
     plan = size_trials(cfg, source, address, experiment_dir, prepared)
-    started = time.perf_counter()
-    tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks)
-    errors, trial_ids = fit(tuner)
-    summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
-    run_control_arms(cfg, summary, experiment_dir, plan, resume)
+    try:
+        started = time.perf_counter()
+        tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks)
+        errors, trial_ids = fit(tuner)
+        summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
+        run_control_arms(cfg, summary, experiment_dir, plan, resume)
+        if plan.served is not None:
+            summary["served_teacher"] = served_stats(plan.served.stats())
+            print(summary["served_teacher"])
+    finally:
+        if plan.served is not None:   # the teacher's actors go with the search (also on errors and Ctrl-C)
+            plan.served.stop()
     write_report(summary, experiment_dir)
     if context is not None and address is None:
         import ray
@@ -224,6 +232,9 @@ def size_trials(cfg: ExperimentConfig, source: str, address: str | None, experim
     models.release_freed_memory()   # what building the caches freed: the driver stays up for the whole search
     log.info("%s", prepared.lines[-1])
     parallel = resources.concurrency(cfg, per_trial, cluster.get("CPU", 1), cluster.get("GPU", 0))
+    # trials run in other working directories (absolute paths) and use the resolved GPU share
+    trial_cfg = absolute_paths(cfg).replace(resources=dataclasses.replace(cfg.resources, gpu_per_trial=per_trial["gpu"]))
+    trial_cfg, served, parallel = serve_teacher(trial_cfg, placed, per_trial, parallel, cluster, ray.nodes())
     # Without this Ray keeps one pending trial at a time for searchers like Optuna's.
     os.environ["TUNE_MAX_PENDING_TRIALS_PG"] = str(parallel)
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"   # make_callbacks picks them explicitly
@@ -233,10 +244,44 @@ def size_trials(cfg: ExperimentConfig, source: str, address: str | None, experim
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     log.info("search %s: %d trials, up to %d at a time, %s per trial", cfg.name, cfg.search.num_samples, parallel,
              per_trial)
-    # trials run in other working directories (absolute paths) and use the resolved GPU share
-    trial_cfg = absolute_paths(cfg).replace(resources=dataclasses.replace(cfg.resources, gpu_per_trial=per_trial["gpu"]))
     trainable = trial_class(trial_cfg, experiment_dir, per_trial, f"distill_{cfg.name.replace('-', '_')}")
-    return Plan(per_trial, placed, parallel, trial_cfg, trainable)
+    return Plan(per_trial, placed, parallel, trial_cfg, trainable, served)
+
+
+def serve_teacher(trial_cfg: ExperimentConfig, placed: dict, per_trial: dict, parallel: int, cluster: dict,
+                  nodes: list[dict]):
+    """(trial_cfg with teacher_server.mode resolved to on or off, the started teacher actors or None,
+    trials at a time): teacher_server.decide's rule; the actors started before any trial
+    (teacher_server.start), their CPUs and GPUs taken from what the trials share; a url's engine
+    checked once here, so a wrong one stops the search before its trials."""
+    hosts = teacher_server.trial_nodes(nodes) or [n["NodeID"] for n in nodes if n.get("Alive")]
+    per_node = math.ceil(parallel / max(1, len(hosts)))
+    serve, why = teacher_server.decide(trial_cfg, per_node, placed.get("teacher_cache") is not None)
+    log.info("teacher server: %s", why)
+    if trial_cfg.teacher_server.url and trial_cfg.teacher is not None:
+        from tune_kd import data
+
+        teacher_server.HttpRemote(trial_cfg, len(data.shared_tokenizer(trial_cfg)))   # checks the endpoint
+    resolved = trial_cfg.replace(teacher_server=dataclasses.replace(trial_cfg.teacher_server,
+                                                                    mode="on" if serve else "off"))
+    if not serve:
+        return resolved, None, parallel
+    gpus_per_node = max((n["Resources"].get("GPU", 0) for n in nodes if n.get("Alive")), default=0)
+    gpus = teacher_server.server_gpus(resolved, gpus_per_node, per_trial["gpu"])
+    copies = len(hosts) * resolved.teacher_server.replicas
+    parallel = resources.concurrency(resolved, per_trial, max(cluster.get("CPU", 1) - copies * resolved.teacher_server.cpus,
+                                                              per_trial["cpu"]),
+                                     max(cluster.get("GPU", 0) - copies * gpus, 0.0))
+    served = teacher_server.start(resolved, placed["served_layout"], placed.get("teacher_cache"), hosts, gpus, why)
+    return resolved, served, parallel
+
+
+def served_stats(stats: list[dict]) -> str:
+    """The served teacher's line at the end: forwards, requests, and the batch occupancy."""
+    forwards, requests = sum(s["forwards"] for s in stats), sum(s["requests"] for s in stats)
+    busy = sum(s["busy_s"] for s in stats)
+    return (f"served teacher: {requests} requests in {forwards} teacher forwards ({requests / max(forwards, 1):.2f} "
+            f"requests per forward), busy {busy:.0f} s")
 
 
 def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: Plan, resume: bool,

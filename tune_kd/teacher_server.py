@@ -361,10 +361,16 @@ def trial_nodes(nodes: list[dict]) -> list[str]:
     return [n["NodeID"] for n in nodes if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
 
 
-def server_gpus(cfg: ExperimentConfig, gpus_per_node: float) -> float:
-    """Each replica's GPU share: teacher_server.gpus, or auto: none without GPUs, else a whole one."""
+def server_gpus(cfg: ExperimentConfig, gpus_per_node: float, trial_gpu: float) -> float:
+    """Each replica's GPU share: teacher_server.gpus, or auto: none without GPUs; a whole GPU on nodes
+    with two or more (students packed on the others); on a one-GPU node one trial's share (the
+    teacher takes one trial's place and frees a teacher copy in every other)."""
     g = cfg.teacher_server.gpus
-    return (0.0 if gpus_per_node == 0 else 1.0) if g == "auto" else float(g)
+    if g != "auto":
+        return float(g)
+    if gpus_per_node == 0:
+        return 0.0
+    return 1.0 if gpus_per_node >= 2 else float(trial_gpu or 1.0)
 
 
 def start(cfg: ExperimentConfig, layout: Layout, cache_dir: str | None, nodes: list[str], gpus: float,
