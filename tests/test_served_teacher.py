@@ -242,3 +242,26 @@ def test_ctrl_c_leaves_no_teacher_process(world, tmp_path):
 def teacher_processes() -> list[str]:
     listing = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout.splitlines()
     return [line for line in listing if "TeacherServer" in line]
+
+
+def test_a_run_reads_its_teacher_from_a_vllm_style_endpoint(world, monkeypatch):
+    """teacher_server.url: the loop never loads the teacher's weights and asks the endpoint for every
+    batch (training, on-policy, evaluation, val_gen_ce). With top_k = vocabulary - 1 the one-token
+    tail is exact, so the run's losses are the local teacher's."""
+    from transformers import AutoModelForCausalLM
+
+    from standin_vllm import StandinVLLM
+
+    sections = dict(train={"epochs": 1, "on_policy_fraction": 0.5, "on_policy_start": 0.5, "max_new_tokens": 8},
+                    data={"max_train_examples": 200}, eval={"generation_samples": 8}, teacher_cache={"mode": "off"})
+    local = loop.train(load_config(raw=tiny_raw(world, **sections)))
+    columns = len(data.shared_tokenizer(load_config(raw=tiny_raw(world))))
+    with StandinVLLM(max_logprobs=columns) as server:
+        server.model = AutoModelForCausalLM.from_pretrained(world["teacher"], dtype=torch.float32).eval()
+        server.name = "world/teacher"
+        cfg = load_config(raw=tiny_raw(world, teacher_server={"url": server.url, "top_k": columns - 1}, **sections))
+        monkeypatch.setattr(models, "make_teacher", lambda *a, **k: pytest.fail("the teacher's weights were loaded"))
+        remote = loop.train(cfg)
+        assert len(server.posts) > 10
+    for name in ("train_loss", "val_ce", "val_kl", "val_gen_ce"):
+        assert remote.history[0][name] == pytest.approx(local.history[0][name], rel=2e-3), name

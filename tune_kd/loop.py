@@ -82,13 +82,16 @@ def forward_pair(student, teacher, batch, precision, need_teacher: bool, cache=N
     input_ids = batch["input_ids"].to(precision.device, non_blocking=True)
     labels = batch["labels"].to(precision.device, non_blocking=True)
     positions, targets = scored_positions(labels)
+    # a served teacher works on this batch while the student runs its forward here
+    pending = teacher.request(batch["input_ids"], positions) \
+        if need_teacher and cache is None and isinstance(teacher, RemoteTeacher) else None
     with precision.autocast():
         student_out, student_features, router_aux = student(input_ids, positions)        # N rows
     teacher_out = teacher_features = None
     if need_teacher and cache is not None:
         teacher_out = cache.rows(batch["indices"]).to(precision.device, non_blocking=True)   # CacheRows, read per chunk
-    elif need_teacher and isinstance(teacher, RemoteTeacher):
-        teacher_out = teacher.rows(batch["input_ids"], positions)[0].to(precision.device)
+    elif pending is not None:
+        teacher_out = pending.result()[0].to(precision.device)
     elif need_teacher:
         teacher_out, teacher_features = teacher_forward(teacher, input_ids, positions, precision)
     extras = {"features": (student_features, teacher_features) if student_features and teacher_features else None,

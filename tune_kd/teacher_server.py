@@ -238,19 +238,38 @@ class TeacherServer:
 
 class RemoteTeacher:
     """A teacher that runs elsewhere and answers with cache-format rows: rows(input_ids, positions)
-    -> (CachedTeacher over the scored positions, target log-probs). `config` carries what the loop
+    -> (CachedTeacher over the scored positions, target log-probs); request() asks without waiting,
+    so the loop runs the student's forward while the teacher works. `config` carries what the loop
     reads from a model's config (max_position_embeddings, for generation's position limit)."""
 
     teacher_rows: int
     cache_dir: str | None = None
     config: types.SimpleNamespace
+    _background: concurrent.futures.ThreadPoolExecutor | None = None
 
     def score(self, input_ids: np.ndarray, positions: np.ndarray) -> tuple[StoredRows, np.ndarray]:
         raise NotImplementedError
 
+    def request(self, input_ids: torch.Tensor, positions: torch.Tensor) -> "PendingRows":
+        """Ask for the rows now, take them with .result() (score() in a background thread)."""
+        if self._background is None:
+            self._background = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        future = self._background.submit(self.score, input_ids.cpu().numpy(), positions.cpu().numpy())
+        return PendingRows(future.result)
+
     def rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[CachedTeacher, torch.Tensor]:
-        stored, target_logprobs = self.score(input_ids.cpu().numpy(), positions.cpu().numpy())
-        return CachedTeacher.from_stored(stored), torch.as_tensor(target_logprobs)
+        return self.request(input_ids, positions).result()
+
+
+@dataclass
+class PendingRows:
+    """A teacher's answer on its way: result() waits for it -> (CachedTeacher, target log-probs)."""
+
+    wait: object      # () -> (StoredRows, target log-probs as numpy)
+
+    def result(self) -> tuple[CachedTeacher, torch.Tensor]:
+        stored, target_logprobs = self.wait()
+        return CachedTeacher.from_stored(stored), _tensor(target_logprobs)
 
 
 def _tensor(array: np.ndarray) -> torch.Tensor:
@@ -273,10 +292,19 @@ class ServedTeacher(RemoteTeacher):
         self.teacher_rows, self.cache_dir, self.pid = info["teacher_rows"], info["cache_dir"], info["pid"]
         self.config = types.SimpleNamespace(max_position_embeddings=info["position_limit"])
 
+    def request(self, input_ids: torch.Tensor, positions: torch.Tensor) -> PendingRows:
+        """The actor task is sent at once (Ray calls are asynchronous); result() gets its answer."""
+        import ray
+
+        ref = self.handle.score.remote(input_ids.cpu().numpy(), positions.cpu().numpy())
+        return PendingRows(lambda: self._stored(ray.get(ref)))
+
     def score(self, input_ids: np.ndarray, positions: np.ndarray) -> tuple[StoredRows, np.ndarray]:
         import ray
 
-        answer = ray.get(self.handle.score.remote(input_ids, positions))
+        return self._stored(ray.get(self.handle.score.remote(input_ids, positions)))
+
+    def _stored(self, answer: dict) -> tuple[StoredRows, np.ndarray]:
         lay = self.layout
         return StoredRows(_from_disk(answer["values"], lay.value_dtype) if lay.value_dtype == "bfloat16"
                           else _tensor(answer["values"]),
