@@ -123,7 +123,8 @@ def prepare_where_trials_run(cfg: ExperimentConfig, measure: bool) -> dict:
     where = {"pid": os.getpid(), "host": socket.gethostname()}
     try:
         # the rows a served teacher would answer in, decided here with the cache (search.py decides to serve)
-        may_serve = teacher_server.decide(cfg, trials_per_node=2, cache_used=False)[0]
+        one_at_a_time = cfg.search.max_concurrent == 1 or cfg.search.num_samples == 1
+        may_serve = teacher_server.decide(cfg, 1 if one_at_a_time else 2, cache_used=False)[0]
         cache, why, served_layout = cache_plan.prepare_teacher_rows(cfg, serve=may_serve)
         where.update(teacher_cache=str(cache.directory) if cache is not None else None, why=why,
                      served_layout=served_layout)

@@ -48,7 +48,7 @@ import torch
 from tune_kd.config import ExperimentConfig
 from tune_kd.config_checks import local_teacher_reason
 from tune_kd.errors import UserError
-from tune_kd.teacher_cache import CachedTeacher, Layout, StoredRows, _from_disk, _to_disk, compress
+from tune_kd.teacher_cache import CachedTeacher, Layout, StoredRows, _to_disk, compress
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +306,9 @@ class ServedTeacher(RemoteTeacher):
 
     def _stored(self, answer: dict) -> tuple[StoredRows, np.ndarray]:
         lay = self.layout
-        return StoredRows(_from_disk(answer["values"], lay.value_dtype) if lay.value_dtype == "bfloat16"
-                          else _tensor(answer["values"]),
+        values = answer["values"]
+        return StoredRows(_tensor(values.view(np.int16)).view(torch.bfloat16) if lay.value_dtype == "bfloat16"
+                          else _tensor(values),
                           None if lay.full else _tensor(answer["ids"].astype(np.int32, copy=False)),
                           None if lay.full else _tensor(answer["tail"])), answer["target_logprobs"]
 
