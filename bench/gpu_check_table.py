@@ -4,6 +4,8 @@ Input lines it reads (everything else is ignored; gpu_check.sh keeps it in its l
     @result {"part": "step", ...}     bench/step_throughput.py --result-lines (one per variant)
     @result {"part": "search", ...}   bench/gpu_search.py --result-lines
     @result {"part": "vocab", ...}    bench/vocab_memory.py --result-lines (one per vocabulary)
+    @result {"part": "served", "group": G, ...}   bench/served_teacher.py --result-lines (G: run, memory,
+                                      step, on_policy)
     @result {"part": LABEL, "timed_out_s": N} / {"part": LABEL, "exit_code": N} / {"part": "setup", "note": ..}
                                       gpu_check.sh itself
     ===== 3 passed, 1 skipped in 20.1s =====   pytest's closing line (part d)
@@ -20,9 +22,11 @@ import re
 import sys
 
 COLUMNS = (("part", 4), ("check", 34), ("result", 84), ("goal", 27), ("verdict", 0))
-PART_LETTERS = {"setup": "-", "step_eager": "a,b", "step_compiled": "a,b", "search": "c", "pytest": "d", "vocab": "e"}
+PART_LETTERS = {"setup": "-", "step_eager": "a,b", "step_compiled": "a,b", "search": "c", "pytest": "d", "vocab": "e",
+                "served": "f"}
 STEP_SPEEDUP_GOAL, MFU_GOAL, CACHED_SPEEDUP_GOAL, PROBE_TOLERANCE = 8.0, 0.30, 2.0, 0.25
 FUSED_MEMORY_GOAL, FUSED_TIME_GOAL = 0.25, 1.0     # fused/full peak memory and step time at a real vocabulary
+SERVED_STEP_GOAL = 1.2      # served/own trial step time, judged only where the own-teacher run fits (measurable)
 # pytest's closing line, with or without its rule of "=" (-q drops it)
 PYTEST_SUMMARY = re.compile(r"^=*\s*(?P<summary>\d+ (?:passed|failed|skipped|errors?|deselected|warnings?)\b"
                             r"[\w, ]* in [\d.]+s(?: \([\d:]+\))?)\s*=*$")
@@ -72,6 +76,8 @@ class Table:
             return self.search_rows(record)
         if record["part"] == "vocab":
             return [self.vocab_row(record)]
+        if record["part"] == "served":
+            return [self.served_row(record)]
         return [format_row("?", f"unknown part {record['part']!r}", "", "", "FAILED")]
 
     def step_row(self, r: dict) -> str:
@@ -130,6 +136,39 @@ class Table:
         return format_row("e", f"fused head, V={r['vocab']}, {r['positions']} pos", figures,
                           f"memory<={FUSED_MEMORY_GOAL:g}, time<={FUSED_TIME_GOAL:g}",
                           verdict(ok, r["device"].startswith("CPU")))
+
+    @staticmethod
+    def served_row(r: dict) -> str:
+        on_cpu, group = r["device"].startswith("CPU"), r.get("group")
+        if group == "run":
+            size = f"{r['teacher_gib']:.1f} GiB" if r["teacher_gib"] >= 0.1 else f"{r['teacher_gib'] * 1024:.2f} MiB"
+            return format_row("f", f"served: {r['trials']} trials, teacher {size}",
+                              f"completed in {r['seconds']:.0f} s; step {r['served_step_s']:.3f} s; occupancy "
+                              f"{r['occupancy']:.2f} ({r['requests']} requests / {r['forwards']} forwards)",
+                              "completes; occupancy > 1", verdict(r["occupancy"] > 1, on_cpu))
+        if group == "memory" and r["measure"] == "cuda":
+            server = r["server_peak_gib"]
+            own = f"measured {r['own_measured_gib']:.1f}" if r["own_measured_gib"] is not None else "computed, not run"
+            return format_row("f", "served: peak GPU memory, summed",
+                              f"{r['sum_gib']:.1f} of {r['gpu_total_gib']:.1f} GiB (trials {sum(r['trial_peak_gib']):.2f} + "
+                              f"server {'n/a' if server is None else f'{server:.1f}'}); {len(r['trial_peak_gib'])} own "
+                              f"copies {r['own_copies_gib']:.1f} GiB: {own}", "sum <= the GPU's total",
+                              verdict(server is not None and r["sum_gib"] <= r["gpu_total_gib"], on_cpu))
+        if group == "memory":
+            return format_row("f", "served: teacher memory (PSS)", f"the teacher adds {r['served_gib']:.2f} GiB served, "
+                              f"{r['own_gib']:.2f} GiB own: served/own {r['ratio']:.2f}", "", "n/a (CPU)")
+        if group == "step" and r["ratio"] is None:
+            return format_row("f", "served: step vs own teacher", f"served {r['served_step_s']:.3f} s; own teachers "
+                              "not run (do not fit): not measurable", f"<={SERVED_STEP_GOAL:g}x own, if measurable",
+                              "n/a (not measurable)")
+        if group == "step":
+            return format_row("f", "served: step vs own teacher", f"served/own {r['ratio']:.2f} "
+                              f"({r['served_step_s']:.3f} s vs {r['own_step_s']:.3f} s)", f"<={SERVED_STEP_GOAL:g}x own",
+                              verdict(r["ratio"] <= SERVED_STEP_GOAL, on_cpu))
+        if group == "on_policy":
+            return format_row("f", "served: on-policy / cached batch", f"{r['served']:.2f} served teacher, "
+                              f"{r['own']:.2f} own teacher", "", "n/a (CPU)" if on_cpu else "measured")
+        return format_row("f", f"served: unknown group {group!r}", "", "", "FAILED")
 
     @staticmethod
     def pytest_row(summary: str) -> str:

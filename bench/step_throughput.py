@@ -256,7 +256,7 @@ def main() -> int:
             top_k = 128 if cfg.teacher_cache.top_k == "auto" else cfg.teacher_cache.top_k   # auto would measure first
             cache_layout = teacher_cache.layout(top_k, args.vocab, cfg.teacher_cache.dtype)
             with torch.inference_mode():
-                teacher_cache.build(scoring.teacher_rows(teacher_fast, precision, None), pool, stub.pad_token_id,
+                teacher_cache.build(scoring.teacher_outputs(teacher_fast, precision), pool, stub.pad_token_id,
                                     cache_layout, Path(cache_dir) / "cache", {})
             build_s = time.perf_counter() - started
             cache = teacher_cache.TeacherCache(Path(cache_dir) / "cache")

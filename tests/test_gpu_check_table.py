@@ -64,3 +64,51 @@ def test_vocab_rows_judge_the_fused_heads_memory_and_time():
     out = rows(*("@result " + json.dumps(r) for r in (record, slow, on_cpu)))
     assert "V=151936" in out[0] and "memory 0.120 (0.30 / 2.50 GiB)" in out[0] and out[0].endswith(" met")
     assert out[1].endswith("NOT met") and out[2].endswith("n/a (CPU)")
+
+
+def served(group, device="NVIDIA H100 80GB HBM3", **figures):
+    return "@result " + json.dumps({"part": "served", "device": device, "group": group, **figures})
+
+
+RUN = {"trials": 4, "steps": 3, "teacher": "Llama h5120 x 40", "teacher_gib": 23.4, "served_step_s": 1.25,
+       "occupancy": 3.5, "requests": 14, "forwards": 4, "seconds": 41.0}
+GPU_MEMORY = {"measure": "cuda", "trial_peak_gib": [0.3, 0.3, 0.3, 0.3], "server_peak_gib": 25.0, "sum_gib": 26.2,
+              "reserved_sum_gib": 27.0, "gpu_total_gib": 79.2, "own_copies_gib": 93.6, "own_measured_gib": None}
+
+
+def test_served_rows_on_a_gpu_judge_completion_occupancy_and_the_summed_peak():
+    out = rows(served("run", **RUN), served("memory", **GPU_MEMORY),
+               served("step", served_step_s=1.25, own_step_s=None, ratio=None))
+    assert all(r.startswith("f ") for r in out)
+    assert "4 trials, teacher 23.4 GiB" in out[0] and "occupancy 3.50 (14 requests / 4 forwards)" in out[0]
+    assert out[0].endswith(" met")
+    assert "26.2 of 79.2 GiB (trials 1.20 + server 25.0)" in out[1] and "4 own copies 93.6 GiB: computed, not run" in out[1]
+    assert out[1].endswith(" met")
+    assert "not measurable" in out[2] and out[2].endswith("n/a (not measurable)")
+
+
+def test_served_rows_fail_without_batching_or_past_the_gpu_or_slower_than_own_teachers():
+    out = rows(served("run", **dict(RUN, occupancy=1.0, requests=12, forwards=12)),
+               served("memory", **dict(GPU_MEMORY, sum_gib=80.0)),
+               served("memory", **dict(GPU_MEMORY, server_peak_gib=None)),
+               served("step", served_step_s=1.5, own_step_s=1.0, ratio=1.5),
+               served("step", served_step_s=1.1, own_step_s=1.0, ratio=1.1))
+    assert [r.endswith("NOT met") for r in out] == [True, True, True, True, False]
+    assert "server n/a" in out[2] and "served/own 1.50 (1.500 s vs 1.000 s)" in out[3] and out[4].endswith(" met")
+
+
+def test_served_rows_from_a_cpu_are_not_judged():
+    cpu = "CPU (2 threads)"
+    out = rows(served("run", device=cpu, **dict(RUN, teacher_gib=0.0002)),
+               served("memory", device=cpu, measure="pss", own_gib=0.02, served_gib=0.3, ratio=15.0),
+               served("step", device=cpu, served_step_s=0.7, own_step_s=0.2, ratio=3.5),
+               served("on_policy", device=cpu, served=1.8, own=2.4))
+    assert all(r.endswith("n/a (CPU)") for r in out)
+    assert "teacher 0.20 MiB" in out[0] and "served/own 15.00" in out[1] and "1.80 served teacher" in out[3]
+
+
+def test_a_stopped_served_part_is_row_f():
+    out = rows('@result {"part": "served", "timed_out_s": 90}', '@result {"part": "served", "exit_code": 1}')
+    assert out[0].startswith("f ") and "served: stopped" in out[0] and "timed out after 90 s" in out[0]
+    assert out[0].endswith("TIMEOUT")
+    assert out[1].startswith("f ") and "exit code 1" in out[1] and out[1].endswith("FAILED")

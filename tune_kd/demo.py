@@ -101,6 +101,13 @@ def build_tokenizer(out_dir: Path):
     return tokenizer
 
 
+def write_inputs(root: Path = DEMO_DIR) -> None:
+    """The demo's data and tokenizer (prepare's first steps, without training the teacher)."""
+    write_jsonl(root / "data" / "train.jsonl", make_conversations(TRAIN_CONVERSATIONS, DEMO_SEED))
+    write_jsonl(root / "data" / "val.jsonl", make_conversations(VAL_CONVERSATIONS, DEMO_SEED + 1))
+    build_tokenizer(root / "tokenizer")
+
+
 def demo_config_dict(root: Path = DEMO_DIR) -> dict:
     """The raw config (as a YAML would give it) that trains the demo teacher."""
     return {
@@ -134,13 +141,11 @@ def _prepare_locked(root: Path, force: bool) -> dict:
     from tune_kd.checkpoint import save_student
     from tune_kd.loop import train
 
-    data_dir, tok_dir, teacher_dir = root / "data", root / "tokenizer", root / "teacher"
+    teacher_dir = root / "teacher"
     if not force and is_built(root):
         return json.loads((teacher_dir / "teacher.json").read_text())
     started = time.perf_counter()
-    write_jsonl(data_dir / "train.jsonl", make_conversations(TRAIN_CONVERSATIONS, DEMO_SEED))
-    write_jsonl(data_dir / "val.jsonl", make_conversations(VAL_CONVERSATIONS, DEMO_SEED + 1))
-    build_tokenizer(tok_dir)
+    write_inputs(root)
     log.info("demo: training the teacher (%s) on %d conversations", TEACHER_ARCH, TRAIN_CONVERSATIONS)
     cfg = load_config(raw=demo_config_dict(root))
     result = train(cfg)
