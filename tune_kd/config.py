@@ -58,6 +58,10 @@ class ModelSpec:
     arch: Optional[ArchSpec] = None                # explicit architecture; overrides the preset's keys
     trust_remote_code: bool = False                # never on unless the YAML says so
     allow_pickle_weights: bool = False             # .bin/.pt weights: refused unless the YAML says so
+    init: Optional[Literal["random", "teacher"]] = None   # student only; None/random: random weights; teacher:
+                                                   # copied from the teacher's, narrowed (student_init.py)
+    init_layers: Optional[Literal["every_kth", "first", "last"]] = None   # init teacher: which teacher layers
+                                                   # the student's start from (None: every_kth)
 
 
 @dataclass(frozen=True)

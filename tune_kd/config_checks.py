@@ -102,6 +102,7 @@ def validate_fields(cfg, problems: Problems) -> None:
             problems.add(role, "needs one of path, preset or arch")
         if spec.path is not None and (spec.preset is not None or spec.arch is not None):
             problems.add(f"{role}.path", "a model comes from a path or is built from preset/arch, not both")
+    validate_student_init(cfg, problems)
     if cfg.teacher is None and (t.on_policy_fraction or t.seq_kd):
         problems.add("train.on_policy_fraction" if t.on_policy_fraction else "train.seq_kd",
                      "on-policy and sequence-level distillation need a teacher")
@@ -109,6 +110,33 @@ def validate_fields(cfg, problems: Problems) -> None:
         problems.add("train.feature_weight", "feature distillation needs a teacher")
     if cfg.teacher is None and t.alpha is not None and t.alpha != 1.0:
         problems.add("teacher", f"is required unless train.alpha is 1 (plain SFT); alpha is {t.alpha}")
+
+
+def validate_student_init(cfg, problems: Problems) -> None:
+    """student.init / init_layers: the student's only, and `teacher` only where it can copy."""
+    teacher, student = cfg.teacher, cfg.student
+    for key in ("init", "init_layers"):
+        if teacher is not None and getattr(teacher, key) is not None:
+            problems.add(f"teacher.{key}", "only the student is initialised from another model's weights: move it to "
+                         f"student.{key}, or remove it")
+    if student.init != "teacher":
+        if student.init_layers is not None:
+            problems.add("student.init_layers", "is only used with student.init: teacher (which teacher layers the "
+                         "student's start from)")
+        return
+    if student.path is not None:
+        problems.add("student.init", "teacher builds the student from student.arch/preset and copies the teacher's "
+                     "weights into it, but student.path already has weights: drop student.init or student.path")
+    if teacher is None:
+        problems.add("student.init", "teacher needs a teacher to copy: add a teacher section, or use "
+                     "student.init: random")
+    elif teacher.trust_remote_code:
+        problems.add("student.init", "teacher copies into a Llama-family student, but teacher.trust_remote_code loads "
+                     "custom code whose weights it cannot map: use student.init: random")
+    for role, spec in (("student", student), ("teacher", teacher)):
+        if spec is not None and spec.arch is not None and spec.arch.num_experts is not None:
+            problems.add(f"{role}.arch.num_experts", "student.init: teacher: MoE init is not supported yet (use "
+                         "student.init: random, or dense models)")
 
 
 def validate_search(cfg, problems: Problems) -> None:
