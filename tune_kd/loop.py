@@ -266,11 +266,11 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     torch.manual_seed(train_cfg.seed)
     tokenizer, train_data, val_data = load_data(cfg)
     pad_id = padding_id(tokenizer)
-    lm = models.make_student(cfg.student, tokenizer, precision)
     # a served teacher (teacher_server.py: the search's actor on this node, or teacher_server.url)
-    # stands in for a local one: this process never loads the teacher's weights
+    # stands in for a local one: this process never holds the teacher's weights (student.init: teacher
+    # reads them once from teacher.path, a tensor at a time, to start the student)
     remote = connect(cfg, len(tokenizer), trial_key) if cfg.teacher else None
-    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher and remote is None else None
+    lm, teacher_lm = models.make_models(cfg, tokenizer, precision, teacher_here=remote is None)
     columns = models.check_vocab(len(tokenizer), models.vocab_rows(lm), remote.teacher_rows) if remote is not None \
         else models.check_compatibility(teacher_lm, lm, tokenizer)   # the vocabulary the divergence compares
     pairs = features.layer_map(train_cfg.feature_layers, lm.config.num_hidden_layers, teacher_lm.config.num_hidden_layers) \

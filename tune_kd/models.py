@@ -11,8 +11,9 @@ Precision is decided here, once, with the reason logged:
 
 Models come from a local Hugging Face directory (safetensors by default; pickle-based weights only
 when the YAML allows them, then through torch.load(weights_only=True); trust_remote_code off unless
-the YAML allows it) or are built from a preset / architecture spec as a Llama-family model. The
-driver checks both directories on the meta device (preflight) before any trial starts.
+the YAML allows it) or are built from a preset / architecture spec as a Llama-family model, whose
+weights may start from the teacher's (student.init: teacher, student_init.py). The driver checks
+both directories on the meta device (preflight) before any trial starts.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from tune_kd import student_init
 from tune_kd.config import ModelSpec
 from tune_kd.errors import UserError
 
@@ -160,15 +162,16 @@ def architecture(spec: ModelSpec, role: str) -> dict:
     return arch
 
 
-def build_model(spec: ModelSpec, tokenizer, role: str):
+def build_model(spec: ModelSpec, tokenizer, role: str, settings: dict | None = None):
     """A freshly initialised Llama-family model (fp32) with the tokenizer's vocab and special ids;
-    with arch.num_experts, its mixture-of-experts variant (Mixtral: Llama attention, routed FFNs)."""
+    with arch.num_experts, its mixture-of-experts variant (Mixtral: Llama attention, routed FFNs).
+    settings: further config keys (student_init.inherited_settings), none by default."""
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     arch = architecture(spec, role)
     special = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
-               "attn_implementation": "sdpa"}
+               "attn_implementation": "sdpa", **(settings or {})}
     if arch.get("num_experts") is None:
         return LlamaForCausalLM(LlamaConfig(**special, **arch))
     config = MixtralConfig(**special, num_local_experts=arch.pop("num_experts"), output_router_logits=True, **arch)
@@ -318,26 +321,91 @@ def load_model_dir(spec: ModelSpec, role: str, dtype: torch.dtype):
 
 def preflight(cfg, tokenizer) -> None:
     """The driver's check of both models before any trial starts: directories, weights, remote code,
-    architecture fit and vocab sizes, on the meta device (no weights are loaded)."""
-    rows = {}
+    architecture fit, vocab sizes and (student.init: teacher) that the student can start from the
+    teacher, on the meta device (no weights are loaded)."""
+    skeletons = {}
     for role, spec in (("teacher", cfg.teacher), ("student", cfg.student)):
         if spec is None:
             continue
         if spec.path is not None:
-            rows[role] = vocab_rows(inspect_model_dir(spec, role)[0])
+            skeletons[role] = inspect_model_dir(spec, role)[0]
         else:
             with torch.device("meta"):
-                rows[role] = vocab_rows(build_model(spec, tokenizer, role))
-    check_vocab(len(tokenizer), rows["student"], rows.get("teacher"))
+                skeletons[role] = build_model(spec, tokenizer, role)
+    if cfg.student.init == "teacher" and "teacher" in skeletons:
+        student_init.check_fits(skeletons["student"].config, skeletons["teacher"].config)
+    teacher = skeletons.get("teacher")
+    check_vocab(len(tokenizer), vocab_rows(skeletons["student"]), vocab_rows(teacher) if teacher is not None else None)
 
 
-def make_student(spec: ModelSpec, tokenizer, precision: Precision):
-    """The student: fp32 master weights on the device, in train mode."""
+def make_models(cfg, tokenizer, precision: Precision, teacher_here: bool = True):
+    """(student, teacher or None) as every process that makes a trial's models makes them; the teacher
+    only when teacher_here (else another process serves it). The student comes first, its random init
+    drawing from the seed as it always has, except that a student initialised from the teacher needs
+    the teacher's weights (and then keeps none of what its random init drew)."""
+    teacher_lm = None
+    if teacher_here and cfg.teacher is not None and cfg.student.init == "teacher":
+        teacher_lm = make_teacher(cfg.teacher, tokenizer, precision)
+    lm = make_student(cfg.student, tokenizer, precision, cfg.teacher, teacher_lm)
+    if teacher_here and cfg.teacher is not None and teacher_lm is None:
+        teacher_lm = make_teacher(cfg.teacher, tokenizer, precision)
+    return lm, teacher_lm
+
+
+def make_student(spec: ModelSpec, tokenizer, precision: Precision, teacher_spec: ModelSpec | None = None,
+                 teacher_lm=None):
+    """The student: fp32 master weights on the device, in train mode; with spec.init teacher, started
+    from the teacher's weights (teacher_lm where this process holds it, else teacher_spec.path)."""
     if spec.path is not None:
         model = load_model_dir(spec, "student", torch.float32)
+    elif spec.init == "teacher":
+        model = student_from_teacher(spec, tokenizer, precision, teacher_spec, teacher_lm)
     else:
         model = build_model(spec, tokenizer, "student")
     return model.to(precision.device).train()
+
+
+def student_from_teacher(spec: ModelSpec, tokenizer, precision: Precision, teacher_spec: ModelSpec | None,
+                         teacher_lm=None):
+    """The student built from its arch (with the teacher's activation, norm epsilon and rotary
+    settings), then initialised from the teacher's weights (student_init.py), in fp32 on the CPU.
+    The teacher's tensors are taken as the trial's teacher holds them (precision.teacher_dtype),
+    from teacher_lm or read from teacher_spec.path, so every process makes the same student."""
+    if teacher_lm is not None:
+        config, tensor = teacher_lm.config, teacher_lm.state_dict().get
+    elif teacher_spec is not None and teacher_spec.path is not None:
+        # This process does not hold the teacher (a served one answers for it: teacher_server), yet
+        # its student must be the one a process holding it makes. Read the teacher's tensors from
+        # its directory on the CPU, one at a time as they are copied, each rounded to the dtype the
+        # teacher runs in; they are freed when the copy is done (nothing keeps a second teacher).
+        config, tensor = model_config(teacher_spec, "teacher"), stored_tensors(teacher_spec, precision.teacher_dtype)
+    else:
+        raise UserError("student.init: teacher needs the teacher's weights: this process holds no teacher and "
+                        "teacher.path is not set (give teacher.path, or use student.init: random)")
+    student_init.check_teacher(config)
+    model = build_model(spec, tokenizer, "student", student_init.inherited_settings(config))
+    student_init.initialise(model, config, tensor, spec.init_layers or "every_kth")
+    return model
+
+
+def stored_tensors(spec: ModelSpec, dtype: torch.dtype):
+    """name -> the tensor stored in a model directory (in `dtype`), or None; read one tensor a call."""
+    try:
+        kind, files = weight_files(spec, "teacher")
+    except UserError as exc:   # e.g. teacher_server.url's folder: a config and a tokenizer, no weights
+        raise UserError(f"student.init: teacher reads the teacher's weights here: {exc}") from None
+    if kind == "pickle":
+        state = load_pickled_weights(files, "teacher", mmap=True)
+        return lambda name: state[name].to(dtype) if name in state else None
+    from safetensors import safe_open
+
+    def tensor(name: str) -> torch.Tensor | None:
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                if name in handle.keys():
+                    return handle.get_tensor(name).to(dtype)
+        return None
+    return tensor
 
 
 def make_teacher(spec: ModelSpec, tokenizer, precision: Precision):

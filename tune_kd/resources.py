@@ -50,8 +50,7 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     torch.cuda.empty_cache()
     held = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    lm = models.make_student(cfg.student, tokenizer, precision)
-    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision) if cfg.teacher else None
+    lm, teacher_lm = models.make_models(cfg, tokenizer, precision)
     columns = models.check_compatibility(teacher_lm, lm, tokenizer)
     student = ScoredLM(lm)
     teacher = ScoredLM(teacher_lm) if teacher_lm is not None else None
