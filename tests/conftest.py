@@ -90,7 +90,8 @@ def search_raw(world, num_samples=6, **sections):
 
 
 # trials.csv status -> the state the trial's Optuna trial must end in
-OPTUNA_STATE = {"COMPLETED": "COMPLETE", "STOPPED_EARLY": "PRUNED", "DIVERGED": "PRUNED", "ERROR": "FAIL"}
+OPTUNA_STATE = {"COMPLETED": "COMPLETE", "STOPPED_EARLY": "PRUNED", "DIVERGED": "PRUNED", "REJECTED": "PRUNED",
+                "ERROR": "FAIL"}
 
 
 def check_study_agrees(experiment_dir: Path) -> None:

@@ -5,7 +5,7 @@ import pytest
 
 from tune_kd import space
 from tune_kd.config import load_config
-from tune_kd.config_checks import SEARCHABLE
+from tune_kd.config_checks import SEARCHABLE, STUDENT_SEARCHABLE
 from tune_kd.errors import ConfigError
 from tune_kd.loop import train
 
@@ -15,17 +15,42 @@ KEY_VALUES = {"learning_rate": (1e-3, 8e-3), "temperature": (1.0, 4.0), "alpha":
               "accumulation_steps": (1, 3), "grad_clip": (0.05, 5.0), "kd_loss": ("forward_kl", "reverse_kl"),
               "final_temperature": (1.0, 3.0), "temperature_schedule": ("constant", "cosine"),
               "jsd_beta": (0.1, 0.9), "skew": (0.05, 0.5), "feature_weight": (0.0, 2.0),
-              "on_policy_fraction": (0.0, 1.0), "generation_temperature": (0.5, 2.0), "seq_kd": (False, True)}
+              "on_policy_fraction": (0.0, 1.0), "on_policy_start": (0.0, 0.5), "generation_temperature": (0.5, 2.0),
+              "seq_kd": (False, True)}
 # The train settings under which a key matters (a schedule's end needs a schedule, ...).
 KEY_CONTEXT = {"final_temperature": {"temperature": 4.0, "temperature_schedule": "linear", "final_temperature": 2.0},
                "temperature_schedule": {"temperature": 4.0, "final_temperature": 1.0},
                "jsd_beta": {"kd_loss": "jsd"}, "skew": {"kd_loss": "skew_kl"},
                "on_policy_fraction": {"max_new_tokens": 8}, "seq_kd": {"max_new_tokens": 8},
-               "generation_temperature": {"on_policy_fraction": 1.0, "max_new_tokens": 8}}
+               "generation_temperature": {"on_policy_fraction": 1.0, "max_new_tokens": 8},
+               "on_policy_start": {"on_policy_fraction": 1.0, "max_new_tokens": 8}}
+# The student's shape and start (config_checks.STUDENT_SEARCHABLE), with the arch they vary from;
+# init_layers picks among the teacher's layers, and the tiny world's teacher has one
+# (tests/test_student_init.py checks each rule).
+STUDENT_VALUES = {"student.arch.hidden_size": (32, 48), "student.arch.num_hidden_layers": (1, 2),
+                  "student.arch.intermediate_size": (64, 96), "student.arch.num_attention_heads": (2, 4),
+                  "student.arch.num_key_value_heads": (1, 2), "student.arch.num_experts": (2, 4),
+                  "student.arch.num_experts_per_tok": (1, 2), "student.init": ("random", "teacher")}
+STUDENT_CONTEXT = {"student.arch.num_experts": {"num_experts": 2}, "student.arch.num_experts_per_tok": {"num_experts": 4},
+                   "student.init": {"num_attention_heads": 1}}
 
 
 def test_every_searchable_key_has_a_case():
     assert set(KEY_VALUES) == set(SEARCHABLE)
+    assert set(STUDENT_VALUES) | {"student.init_layers"} == set(STUDENT_SEARCHABLE)
+
+
+@pytest.mark.parametrize("key", sorted(STUDENT_VALUES))
+def test_each_searched_student_key_changes_the_student(tiny_config, key):
+    from conftest import TINY_ARCH
+
+    base = tiny_config(train={"epochs": 1}, data={"max_train_examples": 128},
+                       student={"arch": dict(TINY_ARCH, **STUDENT_CONTEXT.get(key, {}))})
+    low, high = (train(space.apply_point(base, {key: value})) for value in STUDENT_VALUES[key])
+    assert low.metrics["train_loss"] != high.metrics["train_loss"]    # same seed: an ignored key trains bit for bit alike
+    # heads only split q/k/v into more pieces (at kv heads = heads), and routing leaves the experts
+    if key not in ("student.arch.num_attention_heads", "student.arch.num_experts_per_tok", "student.init"):
+        assert low.metrics["student_params"] != high.metrics["student_params"]
 
 
 @pytest.mark.parametrize("key", sorted(KEY_VALUES))
@@ -84,7 +109,7 @@ def test_domains_follow_the_sweep_syntax():
     ({"alpha": {"distribution": "uniform", "min": 0.0, "max": 1.0, "mu": 3}}, "parameters.alpha.mu: is not a key of uniform"),
     ({"batch_size": {"distribution": "uniform", "min": 8, "max": 64}}, "use int_uniform or values"),
     ({"alpha": {"values": []}}, "parameters.alpha.values: must be a non-empty list"),
-    ({"epochs": {"values": [1, 2]}}, "parameters.epochs: is not a searchable train key"),
+    ({"epochs": {"values": [1, 2]}}, "parameters.epochs: is not a searchable key"),
 ])
 def test_bad_parameters_name_the_key(parameters, message):
     with pytest.raises(ConfigError) as err:

@@ -62,6 +62,8 @@ class ModelSpec:
                                                    # copied from the teacher's, narrowed (student_init.py)
     init_layers: Optional[Literal["every_kth", "first", "last"]] = None   # init teacher: which teacher layers
                                                    # the student's start from (None: every_kth)
+    max_params: Optional[int] = None               # student only: a shape with more parameters is rejected before
+                                                   # it trains (a searched shape: the trial reports REJECTED)
 
 
 @dataclass(frozen=True)

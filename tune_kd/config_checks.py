@@ -26,6 +26,10 @@ DISTRIBUTIONS = {"log_uniform_values": ("min", "max"), "uniform": ("min", "max")
 SEARCHABLE = ("learning_rate", "temperature", "alpha", "weight_decay", "warmup_iters", "batch_size",
               "accumulation_steps", "grad_clip", "kd_loss", "final_temperature", "temperature_schedule",
               "jsd_beta", "skew", "feature_weight", "on_policy_fraction", "on_policy_start", "generation_temperature", "seq_kd")
+# the student's shape and start, searchable with the train keys (student_shape.py checks a sampled shape)
+STUDENT_ARCH_SEARCHABLE = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
+                           "num_key_value_heads", "num_experts", "num_experts_per_tok")
+STUDENT_SEARCHABLE = tuple(f"student.arch.{k}" for k in STUDENT_ARCH_SEARCHABLE) + ("student.init", "student.init_layers")
 
 
 def validate(cfg, problems: Problems) -> None:
@@ -102,6 +106,13 @@ def validate_fields(cfg, problems: Problems) -> None:
             problems.add(role, "needs one of path, preset or arch")
         if spec.path is not None and (spec.preset is not None or spec.arch is not None):
             problems.add(f"{role}.path", "a model comes from a path or is built from preset/arch, not both")
+        for field in STUDENT_ARCH_SEARCHABLE:
+            size = getattr(spec.arch, field, None) if spec.arch is not None else None
+            if size is not None and size < 1:
+                problems.add(f"{role}.arch.{field}", f"must be >= 1, got {size}")
+        if spec.max_params is not None and (role == "teacher" or spec.max_params < 1):
+            problems.add(f"{role}.max_params", "is the student's size budget (>= 1 parameters)" if role == "student"
+                         else "is the student's size budget: move it to the student section")
     validate_student_init(cfg, problems)
     if cfg.teacher is None and (t.on_policy_fraction or t.seq_kd):
         problems.add("train.on_policy_fraction" if t.on_policy_fraction else "train.seq_kd",
@@ -234,12 +245,44 @@ def parameter_candidates(spec: dict) -> dict[str, Any]:
     return {"min": spec.get("min"), "max": spec.get("max")}
 
 
+def with_searched(cfg, name: str, value):
+    """cfg with one searched key set: a train key, or a student.* key (STUDENT_SEARCHABLE)."""
+    if not name.startswith("student."):
+        return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{name: value}))
+    field = name.split(".")[-1]
+    student = cfg.student
+    if name.startswith("student.arch."):
+        arch = student.arch if student.arch is not None else _arch_type(cfg)()
+        return dataclasses.replace(cfg, student=dataclasses.replace(student, arch=dataclasses.replace(arch, **{field: value})))
+    return dataclasses.replace(cfg, student=dataclasses.replace(student, **{field: value}))
+
+
+def _arch_type(cfg):
+    return typing.get_type_hints(type(cfg.student))["arch"].__args__[0]
+
+
+def searched_hint(cfg, name: str):
+    """The type a searched key's values must have."""
+    if not name.startswith("student."):
+        return typing.get_type_hints(type(cfg.train))[name]
+    field = name.split(".")[-1]
+    owner = _arch_type(cfg) if name.startswith("student.arch.") else type(cfg.student)
+    hint = typing.get_type_hints(owner)[field]
+    options = [a for a in typing.get_args(hint) if a is not type(None)]   # Optional[X] -> X
+    return options[0] if len(options) == 1 else hint
+
+
 def _check_parameter(cfg, name: str, spec: Any, problems: Problems) -> None:
     key = f"parameters.{name}"
-    if name not in SEARCHABLE:
-        close = difflib.get_close_matches(name, SEARCHABLE, n=1)
+    allowed = SEARCHABLE + STUDENT_SEARCHABLE
+    if name not in allowed:
+        close = difflib.get_close_matches(name, allowed, n=1)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        problems.add(key, f"is not a searchable train key; {hint}(allowed: {', '.join(SEARCHABLE)})")
+        problems.add(key, f"is not a searchable key; {hint}(allowed: {', '.join(allowed)})")
+        return
+    if name.startswith("student.") and cfg.student.path is not None:
+        problems.add(key, "student.path loads a student of a fixed shape and weights: search the student's shape "
+                          "with student.arch (or student.preset) instead")
         return
     if not isinstance(spec, dict):
         problems.add(key, "expected a mapping like {distribution: uniform, min: 0.0, max: 1.0}")
@@ -273,19 +316,19 @@ def _check_parameter(cfg, name: str, spec: Any, problems: Problems) -> None:
             problems.add(key, f"int_uniform needs integer min and max, got {lo!r} and {hi!r}")
         if dist == "q_uniform" and not (isinstance(spec["q"], (int, float)) and spec["q"] > 0):
             problems.add(f"{key}.q", f"must be a number > 0, got {spec['q']!r}")
-    hint = typing.get_type_hints(type(cfg.train))[name]
+    hint = searched_hint(cfg, name)
+    setting = name if name.startswith("student.") else f"train.{name}"
     if hint is int and dist in ("uniform", "log_uniform_values", "q_uniform"):
-        problems.add(f"{key}.distribution", f"train.{name} is an integer: use int_uniform or values, not {dist}")
+        problems.add(f"{key}.distribution", f"{setting} is an integer: use int_uniform or values, not {dist}")
         return
     if len(problems.items) > problems_before:
         return  # the range itself is broken; its end points would only repeat that
     # Every value the search can reach must itself be a valid train setting.
     for where, value in parameter_candidates(spec).items():
         local = Problems(None, {})
-        converted = convert(value, hint, f"train.{name}", local)
+        converted = convert(value, hint, setting, local)
         if not local.items:
-            trial = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{name: converted}))
-            validate_fields(trial, local)
+            validate_fields(with_searched(cfg, name, converted), local)
         for item in local.items:
-            if item.startswith(f"train.{name}:"):
+            if item.startswith(f"{setting}:"):
                 problems.add(f"{key}.{where}", item.split(": ", 1)[1])

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from tune_kd import checkpoint, compiling, data, features, losses, models, on_policy
+from tune_kd import checkpoint, compiling, data, features, losses, models, on_policy, student_shape
 from tune_kd.cache_plan import open_teacher_cache, prepare_teacher_cache  # noqa: F401  (prepare_: for prepare.py)
 from tune_kd.checkpoint import Progress
 from tune_kd.config import ExperimentConfig
@@ -269,8 +269,11 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     # a served teacher (teacher_server.py: the search's actor on this node, or teacher_server.url)
     # stands in for a local one: this process never holds the teacher's weights (student.init: teacher
     # reads them once from teacher.path, a tensor at a time, to start the student)
+    student_shape.check_student(cfg, tokenizer)   # a searched shape that is no model: ShapeRejected, before any work
     remote = connect(cfg, len(tokenizer), trial_key) if cfg.teacher else None
     lm, teacher_lm = models.make_models(cfg, tokenizer, precision, teacher_here=remote is None)
+    student_params, embedding_params = student_shape.parameter_counts(lm)
+    student_shape.check_budget(student_params, cfg.student.max_params)   # a student.path student, as loaded
     columns = models.check_vocab(len(tokenizer), models.vocab_rows(lm), remote.teacher_rows) if remote is not None \
         else models.check_compatibility(teacher_lm, lm, tokenizer)   # the vocabulary the divergence compares
     pairs = features.layer_map(train_cfg.feature_layers, lm.config.num_hidden_layers, teacher_lm.config.num_hidden_layers) \
@@ -324,6 +327,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
                                                            precision.autocast_dtype),
                                       steps_left=total_steps - progress.step, epoch=progress.epoch, record=rank == 0)
     run_started, steps_this_run = time.perf_counter(), 0
+    speed = None                          # gen_tokens_per_s, measured at the first epoch end
 
     def stop_if_diverged(epoch_loss: torch.Tensor, epoch: int) -> None:
         if not loss_is_finite(epoch_loss, world):
@@ -422,6 +426,12 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         metrics.update(evaluate(trained, teacher, val_data, pad_id, cfg, precision, columns, rank, world,
                                 temperature=temperature_at(progress.step, total_steps, train_cfg), generation=generation))
         metrics["gpu_peak_gib"] = gpu_peak_gib(device)
+        if speed is None:   # once per run: the student's shape, not its weights, sets it
+            speed_prompts = on_policy.prompts_and_replies(val_data, on_policy.generation_subset(
+                val_data, student_shape.SPEED_PROMPTS))[0]
+            speed = student_shape.generation_speed(lm, speed_prompts, pad_id, precision.autocast)
+        metrics.update(student_params=student_params, student_embedding_params=embedding_params,
+                       gen_tokens_per_s=speed)
         progress.history.append(metrics)
         if rank == 0:
             log.info("epoch %d: %s", epoch + 1, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))

@@ -47,7 +47,7 @@ REPORT_FILE = "report.html"
 FIGURES_DIR = "report"
 MIN_TRIALS_FOR_IMPORTANCE = 4
 STATUS_STYLE = {"COMPLETED": ("tab:blue", "o"), "STOPPED_EARLY": ("tab:orange", "x"), "DIVERGED": ("tab:red", "v"),
-                "ERROR": ("tab:red", "s"), "INCOMPLETE": ("tab:gray", "x")}
+                "REJECTED": ("tab:purple", "d"), "ERROR": ("tab:red", "s"), "INCOMPLETE": ("tab:gray", "x")}
 
 
 @dataclass

@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 # every metric an epoch end reports (loop.train), in the order the logs show them
 METRICS = ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc", "val_gen_acc", "val_gen_ce", "tokens_per_s",
-           "gpu_peak_gib")
+           "gpu_peak_gib", "student_params", "student_embedding_params", "gen_tokens_per_s")
 EXPERIMENT_FILE = "experiment.json"      # written by the search: resolved config, metric, versions
 SUMMARY_FILE = "trials.csv"              # written at the search's end: one row per trial
 
@@ -80,10 +80,11 @@ def best_report(reports: list[dict], metric: str, mode: str) -> dict | None:
     return best(rows, mode, key=lambda r: r[metric]) if rows else None
 
 
-def trial_status(trial_id: str, errors: dict, diverged, epochs: int, max_epochs: int) -> str:
-    """How a trial ended: ERROR (Tune says it errored), DIVERGED (its last report says so), COMPLETED
-    (it ran every epoch) or STOPPED_EARLY (the scheduler stopped it)."""
-    return ("ERROR" if trial_id in errors else "DIVERGED" if diverged
+def trial_status(trial_id: str, errors: dict, diverged, epochs: int, max_epochs: int, rejected=None) -> str:
+    """How a trial ended: ERROR (Tune says it errored), REJECTED (its student shape was no model or
+    over student.max_params: student_shape.py), DIVERGED (its last report says so), COMPLETED (it ran
+    every epoch) or STOPPED_EARLY (the scheduler stopped it)."""
+    return ("ERROR" if trial_id in errors else "REJECTED" if rejected else "DIVERGED" if diverged
             else "COMPLETED" if epochs >= max_epochs else "STOPPED_EARLY")
 
 
@@ -100,12 +101,12 @@ def trial_rows(experiment_dir: Path, cfg: ExperimentConfig, errors: dict[str, tu
         trial_id = str(reports[0]["trial_id"])
         at_best = best_report(reports, cfg.metric.name, cfg.metric.mode)
         epochs = max(r["epoch"] for r in reports)
-        diverged = reports[-1].get("diverged")
+        diverged, rejected = reports[-1].get("diverged"), reports[-1].get("rejected")
         rows.append({"trial_id": trial_id, **{k: params.get(k) for k in cfg.parameters}, "epochs": epochs,
                      key: at_best[cfg.metric.name] if at_best is not None else math.nan,
                      "val_acc": reports[-1].get("val_acc", math.nan),
-                     "status": trial_status(trial_id, errors, diverged, epochs, cfg.train.epochs),
-                     "error": errors.get(trial_id, ("", {}))[0] or diverged or ""})
+                     "status": trial_status(trial_id, errors, diverged, epochs, cfg.train.epochs, rejected),
+                     "error": errors.get(trial_id, ("", {}))[0] or rejected or diverged or ""})
     reported = {r["trial_id"] for r in rows}
     for trial_id, (message, config) in sorted(errors.items()):
         if trial_id not in reported:

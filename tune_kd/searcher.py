@@ -9,8 +9,8 @@ then reconciles it with the study, which is always newer); Tune drops the schedu
 (TuneController.__getstate__, ray issue 30838), so PersistentASHA keeps its own file.
 check_resume_config refuses a resume whose YAML changed since the first run.
 
-The study and trials.csv agree after any search: a trials.csv row COMPLETED / STOPPED_EARLY or
-DIVERGED / ERROR is an Optuna trial COMPLETE / PRUNED / FAIL (user attr tune_trial_id; a re-run
+The study and trials.csv agree after any search: a trials.csv row COMPLETED / STOPPED_EARLY,
+DIVERGED or REJECTED / ERROR is an Optuna trial COMPLETE / PRUNED / FAIL (user attr tune_trial_id; a re-run
 trial's latest), told the value the search ranks by (the trial's best epoch). Optuna trials that
 never ran under Tune end FAIL.
 """
@@ -148,11 +148,11 @@ class PruneAwareOptunaSearch(OptunaSearch):
 
     def _ending(self, result: dict | None, error: bool, values: dict) -> tuple[TrialState, float | None]:
         """(state, value) to tell: FAIL for an error or a trial that never reported; PRUNED for an early
-        stop or a divergence; else COMPLETE with the best epoch's value, as trials.csv ranks it."""
+        stop, a divergence or a rejected student shape; else COMPLETE with the best epoch's value, as trials.csv ranks it."""
         finite = [v for v in values.values() if not math.isnan(v)]
         if error or not result or not finite:
             return TrialState.FAIL, None
-        if result.get("diverged") or result.get("epoch", self._max_epochs) < self._max_epochs:
+        if result.get("diverged") or result.get("rejected") or result.get("epoch", self._max_epochs) < self._max_epochs:
             return TrialState.PRUNED, None
         return TrialState.COMPLETE, results.best(finite, self.mode)
 

@@ -20,7 +20,7 @@ import dataclasses
 from typing import Any
 
 from tune_kd.config import ExperimentConfig
-from tune_kd.config_checks import DISTRIBUTIONS
+from tune_kd.config_checks import DISTRIBUTIONS, with_searched
 
 
 # config_checks.DISTRIBUTIONS' names (the one table of distributions and their keys) -> the Ray Tune
@@ -48,7 +48,7 @@ def fixed_point(cfg: ExperimentConfig) -> dict[str, Any]:
     """The YAML's own train settings for every searched key (evaluated first, as a baseline)."""
     point = {}
     for name, spec in cfg.parameters.items():
-        value = getattr(cfg.train, name)
+        value = yaml_value(cfg, name)
         if "values" in spec and value not in spec["values"]:
             value = spec["values"][0]
         elif "min" in spec:
@@ -57,6 +57,20 @@ def fixed_point(cfg: ExperimentConfig) -> dict[str, Any]:
             continue
         point[name] = value
     return point
+
+
+def yaml_value(cfg: ExperimentConfig, name: str):
+    """The YAML's own setting of a searchable key: train.<name>, or the student's shape and start
+    (student.arch.<key> as the student is built: its preset's or the default's when left out)."""
+    if not name.startswith("student."):
+        return getattr(cfg.train, name)
+    if name.startswith("student.arch."):
+        from tune_kd.models import architecture
+
+        return architecture(cfg.student, "student")[name.split(".")[-1]] if name.split(".")[-1] in \
+            architecture(cfg.student, "student") else None
+    value = getattr(cfg.student, name.split(".")[-1])
+    return value if value is not None else {"student.init": "random", "student.init_layers": "every_kth"}[name]
 
 
 CONTROL_KEY = "control"   # a control arm's Tune config: {"control": {"arm": name, train key: value, ...}}
@@ -68,9 +82,13 @@ def apply_point(cfg: ExperimentConfig, point: dict[str, Any]) -> ExperimentConfi
     if CONTROL_KEY in point:
         point = {k: v for k, v in point[CONTROL_KEY].items() if k != "arm"}
     train_keys = {f.name for f in dataclasses.fields(cfg.train)}
-    unknown = set(point) - train_keys
+    unknown = {k for k in point if k not in train_keys and not k.startswith("student.")}
     if unknown:
         raise KeyError(f"sampled keys {sorted(unknown)} are not train settings")
     typed = {k: int(v) if isinstance(getattr(cfg.train, k), int) and not isinstance(getattr(cfg.train, k), bool)
-             else v for k, v in point.items()}
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **typed))
+             else v for k, v in point.items() if k in train_keys}
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **typed))
+    for name, value in point.items():   # the student's shape and start (numbers from Tune may be numpy's)
+        if name.startswith("student."):
+            cfg = with_searched(cfg, name, int(value) if name.startswith("student.arch.") else value)
+    return cfg

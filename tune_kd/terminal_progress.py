@@ -98,7 +98,8 @@ class SearchProgress(Callback):
                 self.best = (float(value), who)
         settings = ", ".join(f"{k} {short(v)}" for k, v in config.items())
         shown = f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"
-        note = f"  diverged: {result['diverged']}" if result.get("diverged") else ""
+        note = f"  diverged: {result['diverged']}" if result.get("diverged") else \
+            f"  {result['rejected']}" if result.get("rejected") else ""
         self._print(f"{who} epoch {epoch}/{self.epochs}  {self.metric} {shown}  ({settings}){note}")
         if time.monotonic() - self.last_line >= self.every_s:
             self._print(self.status_line(trials))

@@ -20,6 +20,7 @@ from pathlib import Path
 from tune_kd import loop, space
 from tune_kd.fault_drills import fault_step_hook, fire, take_fault
 from tune_kd.config import ExperimentConfig
+from tune_kd.student_shape import ShapeRejected
 
 
 def report_with_checkpoint(send, checkpoint_cls, row: dict, save, where: str = "") -> None:
@@ -48,7 +49,8 @@ def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
     run in its trial_<id>/train).
 
     A diverged trial (loss NaN/inf) reports once more, with the worst metric value and a `diverged`
-    reason, and ends: ASHA and the searcher see a bad trial, and retrying would only diverge again."""
+    reason, and ends: ASHA and the searcher see a bad trial, and retrying would only diverge again.
+    A sampled student shape that is no model (student_shape.py) reports so, as `rejected`."""
 
     def distill_trial(point: dict) -> None:
         import ray
@@ -73,10 +75,12 @@ def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
         try:
             train_from(tune.get_checkpoint(), cfg, report=report, use_wandb=False, step_hook=fault_step_hook(""),
                        trial_key=tune.get_context().get_trial_id())
-        except loop.TrainingDiverged as exc:
+        except (loop.TrainingDiverged, ShapeRejected) as exc:
+            # the searcher sees a bad trial (the worst value) and learns from it; a retry would end alike
             logging.getLogger(__name__).error("trial stopped: %s", exc)
             worst = math.inf if cfg.metric.mode == "min" else -math.inf
-            tune.report({"epoch": reached["epoch"] + 1, cfg.metric.name: worst, "diverged": str(exc)})
+            why = "rejected" if isinstance(exc, ShapeRejected) else "diverged"
+            tune.report({"epoch": reached["epoch"] + 1, cfg.metric.name: worst, why: str(exc)})
 
     return distill_trial
 
