@@ -128,11 +128,16 @@ def teacher_config(hidden: int, layers: int, tokenizer):
 
 
 def save_big_teacher(hidden: int, layers: int) -> Path:
-    """A random Llama teacher with the demo tokenizer's vocabulary, saved once (safetensors)."""
+    """A random Llama teacher with the demo tokenizer's vocabulary, saved once (safetensors) in float32,
+    so that a trial loading it for bf16 autocast converts it into a copy of its own, as a GPU trial
+    copies it into GPU memory. Saved in bf16, the loaded weights would stay views of the file's pages
+    in the kernel's page cache, shared by every process that maps them, and PSS would split them
+    among the trials: 4 trials holding a 0.4 GB bf16 teacher added 0.21 GB of PSS in all, hiding the
+    copies the GPU case is about."""
     import torch
     from transformers import LlamaForCausalLM
 
-    target = BENCH_DIR / f"teacher-h{hidden}-l{layers}"
+    target = BENCH_DIR / f"teacher-h{hidden}-l{layers}-fp32"
     if (target / "config.json").is_file():
         return target
     from transformers import AutoTokenizer
@@ -140,7 +145,7 @@ def save_big_teacher(hidden: int, layers: int) -> Path:
     demo_tokenizer = AutoTokenizer.from_pretrained(str(REPO / "results" / "demo" / "teacher"))
     torch.manual_seed(0)
     model = LlamaForCausalLM(teacher_config(hidden, layers, demo_tokenizer))
-    model.to(torch.bfloat16).save_pretrained(target)
+    model.save_pretrained(target)                        # float32: see the docstring
     demo_tokenizer.save_pretrained(target)
     return target
 
@@ -425,7 +430,7 @@ def main() -> int:
     if args.teacher_gpu_share:
         args.teacher_layers = layers_for_share(args.teacher_hidden, args.teacher_gpu_share, gpu_total()[1])
     print(f"part 1: {args.trials} concurrent trials, teacher Llama h{args.teacher_hidden} x {args.teacher_layers} layers "
-          f"(bf16), {args.steps} batches of 64 each, teacher live:", flush=True)
+          f"(held in the trials' precision), {args.steps} batches of 64 each, teacher live:", flush=True)
     one = part_one(args)
     two = None
     if args.on_policy_examples:
