@@ -285,7 +285,9 @@ def part_one(args) -> dict:
     base = {"teacher.path": str(teacher), "teacher_cache.mode": "off", "train.epochs": 1,
             "data.max_train_examples": args.steps * 64, "data.val_path": small_val(), "train.log_interval": 10_000,
             "eval.generation_samples": 0, "teacher_server.cpus": 2.0}
-    modes = (("no teacher", {"train.alpha": 1.0}), ("own teacher", {}), ("served teacher", {"teacher_server.mode": "on"}))
+    # no teacher at all (with alpha 1 and a teacher section the trial would still load it, for val_kl)
+    modes = (("no teacher", {"train.alpha": 1.0, "teacher": None, "tokenizer": str(REPO / "results" / "demo" / "teacher")}), ("own teacher", {}),
+             ("served teacher", {"teacher_server.mode": "on"}))
     gpus = None
     if args.device == "cuda":   # memory per process: no teacher-less baseline; own teachers only where they fit
         base["train.device"], gpus = "cuda", (args.trial_gpu, args.server_gpu)
