@@ -202,6 +202,8 @@ def test_a_served_search_runs_on_policy_trials_and_takes_its_teacher_with_it(wor
 
     from tune_kd import search
 
+    if ray.is_initialized():   # the module's local_ray (4 CPUs): this search starts and ends its own Ray
+        ray.shutdown()
     raw = search_raw(world, num_samples=4, train={"epochs": 2, "on_policy_fraction": 0.5, "max_new_tokens": 8},
                      data={"max_train_examples": 400}, eval={"generation_samples": 8})
     raw["parameters"]["on_policy_start"] = {"distribution": "uniform", "min": 0.0, "max": 0.75}
