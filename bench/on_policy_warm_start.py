@@ -4,7 +4,7 @@
                                          [--warm-start 0.5] [--generation-samples 200] [--arms off on0 warm]
                                          [--threads 1]
 
-Measured (bench/on_policy_warm_start.md): the teacher trains once in about 10 minutes, the three
+Measured (docs/methods.md, "The warm-up"): the teacher trains once in about 10 minutes, the three
 arms x three seeds then take 30 minutes on a busy 2-core CPU; --seeds 0 1 2 3 4 adds 20 more.
 
 The world (under --world, default results/minimind-digits-world/, git-ignored), built once and
