@@ -130,11 +130,13 @@ def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder)
 
 
 def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id,
-                       student):
+                       student, measurer=None):
     """(decide's plan for this run, inputs() -> the cache's CacheInputs). student: the
     ScoredLM the run starts from, before any training or resume; top_k auto measures the
-    cache's error against it."""
-    vocab, inputs, measure_auto_k = _measurer(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)
+    cache's error against it. measurer: _measurer's answer for these arguments, when the caller
+    made it already (its inputs() hashes the teacher once)."""
+    vocab, inputs, measure_auto_k = measurer or _measurer(cfg, tokenizer, train_data, teacher, precision, columns,
+                                                          pad_id, student)
     plan = decide(cfg, int(train_data.target_counts.sum()), vocab,
                   shutil.disk_usage(cfg.data.cache_dir).free, measure_auto_k)
     return plan, inputs
@@ -163,10 +165,11 @@ def _measurer(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, 
 
 
 def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id,
-                       student):
+                       student, measurer=None):
     """(the teacher cache this run reads, built first when missing, or None when it does not
-    apply; why, as plan_teacher_cache says it, also logged)."""
-    plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)
+    apply; why, as plan_teacher_cache says it, also logged). measurer: as plan_teacher_cache takes it."""
+    plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student,
+                                      measurer)
     log.info("teacher cache: %s", plan.why)
     if not plan.use:
         return None, plan.why
@@ -211,11 +214,10 @@ def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool):
     columns = models.check_compatibility(teacher_lm, student_lm, tokenizer)
     pad_id = data.padding_id(tokenizer)
     teacher, student = ScoredLM(teacher_lm), ScoredLM(student_lm)
-    cache, why = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)
-    lay = None
-    if serve:
-        vocab, _, measure = _measurer(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)
-        lay = served_layout(cfg, vocab, cache, measure)
+    # one measurer for the cache and the served rows: its inputs() hashes the teacher's weights once
+    measurer = _measurer(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)
+    cache, why = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student, measurer)
+    lay = served_layout(cfg, measurer[0], cache, measurer[2]) if serve else None
     del teacher, student, teacher_lm, student_lm
     if precision.device.type == "cuda":
         torch.cuda.empty_cache()

@@ -67,8 +67,7 @@ def yaml_value(cfg: ExperimentConfig, name: str):
     if name.startswith("student.arch."):
         from tune_kd.models import architecture
 
-        return architecture(cfg.student, "student")[name.split(".")[-1]] if name.split(".")[-1] in \
-            architecture(cfg.student, "student") else None
+        return architecture(cfg.student, "student").get(name.split(".")[-1])
     value = getattr(cfg.student, name.split(".")[-1])
     return value if value is not None else {"student.init": "random", "student.init_layers": "every_kth"}[name]
 

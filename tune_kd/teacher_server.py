@@ -299,11 +299,6 @@ class ServedTeacher(RemoteTeacher):
         ref = self.handle.score.remote(input_ids.cpu().numpy(), positions.cpu().numpy())
         return PendingRows(lambda: self._stored(ray.get(ref)))
 
-    def score(self, input_ids: np.ndarray, positions: np.ndarray) -> tuple[StoredRows, np.ndarray]:
-        import ray
-
-        return self._stored(ray.get(self.handle.score.remote(input_ids, positions)))
-
     def _stored(self, answer: dict) -> tuple[StoredRows, np.ndarray]:
         lay = self.layout
         values = answer["values"]
@@ -316,13 +311,12 @@ class ServedTeacher(RemoteTeacher):
 class HttpRemote(RemoteTeacher):
     """teacher_server.url: an inference engine's completions endpoint (teacher_http.py)."""
 
-    def __init__(self, cfg: ExperimentConfig, columns: int, check: bool = True):
+    def __init__(self, cfg: ExperimentConfig, columns: int):
         from tune_kd.teacher_http import HttpTeacher
 
         s = cfg.teacher_server
         self.client = HttpTeacher(s.url, s.top_k, columns, s.model)
-        if check:
-            self.client.check()
+        self.client.check()
         self.teacher_rows = columns
         self.config = types.SimpleNamespace(max_position_embeddings=None)
 
@@ -366,11 +360,9 @@ def connect(cfg: ExperimentConfig, columns: int, trial_key: str = "") -> RemoteT
 
 @dataclass
 class Served:
-    """The started actors (kept alive by this object's handles) and where they run."""
+    """The started actors, kept alive by this object's handles."""
 
     handles: list
-    nodes: list[str]
-    why: str
 
     def stats(self) -> list[dict]:
         import ray
@@ -419,7 +411,7 @@ def start(cfg: ExperimentConfig, layout: Layout, cache_dir: str | None, nodes: l
                 max_restarts=MAX_RESTARTS, max_task_retries=-1, max_concurrency=1000,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
             ).remote(cfg, layout, cache_dir, max(1, round(s.cpus)) if s.cpus else 1))
-    served = Served(handles, nodes, why)
+    served = Served(handles)
     started = time.perf_counter()
     try:
         infos = ray.get([h.info.remote() for h in handles], timeout=START_TIMEOUT_S)
