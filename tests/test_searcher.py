@@ -296,3 +296,107 @@ def test_concurrent_proposals_spread_once_past_startup(tmp_path):
             for p in proposals]
     closest = min(math.dist(x, y) for i, x in enumerate(unit) for y in unit[i + 1:])
     assert closest > 0.3, proposals
+
+
+# ----------------------------------------------------------------------------------------------
+# Two objectives (search.objectives): the study records both; ASHA stops within size brackets
+# ----------------------------------------------------------------------------------------------
+
+SIZED = {"search": {"objectives": ["val_ce", "student_params"]}}
+
+
+def test_a_two_objective_study_records_the_metric_and_the_size(tmp_path):
+    cfg = config(**SIZED)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = started_searcher(make_optuna_searcher(cfg, url, None), cfg)
+    for name in ("small", "large", "stopped"):
+        searcher.suggest(name)
+    for epoch, value in ((1, 1.2), (2, 1.0), (3, 1.1)):
+        searcher.on_trial_result("small", result(epoch, value, student_params=1000))
+    searcher.on_trial_complete("small", result(3, 1.1, student_params=1000))
+    searcher.on_trial_result("large", result(1, 0.9, student_params=8000))
+    searcher.on_trial_result("large", result(2, 0.7, student_params=8000))
+    searcher.on_trial_complete("large", result(3, 0.8))            # the last result need not carry the size
+    searcher.on_trial_result("stopped", result(1, 1.5, student_params=500))
+    searcher.on_trial_complete("stopped", result(1, 1.5, student_params=500))   # ASHA stopped it at epoch 1
+    study = study_of(url, cfg)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MINIMIZE"]
+    by_id = {t.user_attrs["tune_trial_id"]: t for t in study.trials}
+    assert by_id["small"].values == [1.0, 1000.0]                   # best epoch's metric, the size
+    assert by_id["large"].values == [0.7, 8000.0]
+    assert by_id["stopped"].state.name == "PRUNED"
+    assert by_id["small"].user_attrs["epoch_values"] == {"1": 1.2, "2": 1.0, "3": 1.1}
+    assert {t.user_attrs["tune_trial_id"] for t in study.best_trials} == {"small", "large"}   # neither dominates
+
+
+def test_a_speed_objective_is_maximised(tmp_path):
+    cfg = config(search={"objectives": ["val_ce", "gen_tokens_per_s"]})
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = started_searcher(make_optuna_searcher(cfg, url, None), cfg)
+    searcher.suggest("a")
+    searcher.on_trial_result("a", result(3, 0.5, gen_tokens_per_s=321.0))
+    searcher.on_trial_complete("a", result(3, 0.5, gen_tokens_per_s=321.0))
+    study = study_of(url, cfg)
+    assert [d.name for d in study.directions] == ["MINIMIZE", "MAXIMIZE"]
+    assert study.trials[0].values == [0.5, 321.0]
+
+
+def test_a_retried_trial_of_a_two_objective_study_keeps_its_epochs(tmp_path):
+    cfg = config(**SIZED)
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = started_searcher(make_optuna_searcher(cfg, url, None), cfg, max_concurrent=1)
+    params = searcher.suggest("a")
+    searcher.on_trial_result("a", result(1, 1.0, student_params=64))
+    searcher.on_trial_complete("a", error=True)
+    searcher.on_trial_result("a", result(2, 0.7, student_params=64))
+    searcher.on_trial_complete("a", result(3, 0.75, student_params=64))
+    trials = [t for t in study_of(url, cfg).trials if t.params == params]
+    assert [t.state.name for t in trials] == ["FAIL", "COMPLETE"]
+    assert trials[-1].values == [0.7, 64.0]
+    assert trials[-1].user_attrs["epoch_values"] == {"1": 1.0, "2": 0.7, "3": 0.75}
+
+
+def rung_decisions(cfg, tmp_path, reports):
+    """ASHA's decision for each (trial, epoch, value, size), in order."""
+    scheduler = make_scheduler(cfg)
+    trials = {}
+    decisions = []
+    for name, epoch, value, size in reports:
+        if name not in trials:
+            trials[name] = fake_trial(name, tmp_path)
+            scheduler.on_trial_add(None, trials[name])
+        decisions.append(scheduler.on_trial_result(None, trials[name], result(epoch, value, student_params=size)))
+    return decisions, scheduler, trials
+
+
+# two large students first, then two small ones: worse than the large at epoch 1 as small students are
+SIZES_AT_RUNG_1 = [("big1", 1, 1.0, 80_000), ("big2", 1, 1.1, 90_000), ("small1", 1, 1.6, 10_000),
+                   ("small2", 1, 1.8, 11_000)]
+
+
+def test_asha_compares_a_small_student_only_with_students_of_its_size(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    bracketed, _, _ = rung_decisions(config(**SIZED), tmp_path, SIZES_AT_RUNG_1)
+    # small1 is the first of its bracket (it goes on); small2 loses to small1, within its size
+    assert bracketed == [TrialScheduler.CONTINUE, TrialScheduler.STOP, TrialScheduler.CONTINUE, TrialScheduler.STOP]
+    (tmp_path / "plain").mkdir()
+    plain, _, _ = rung_decisions(config(**SIZED, scheduler={"size_bracket_ratio": 0}), tmp_path / "plain",
+                                 SIZES_AT_RUNG_1)
+    assert plain[2:] == [TrialScheduler.STOP, TrialScheduler.STOP]   # across sizes, every small student stops
+
+
+def test_size_brackets_survive_a_resume(tmp_path):
+    from ray.tune.schedulers import TrialScheduler
+
+    cfg = config(**SIZED)
+    built = as_tuner_pickle(make_scheduler(cfg))
+    rung_decisions(cfg, tmp_path, SIZES_AT_RUNG_1[:3])            # the first run: big1, big2, small1
+    resumed = built
+    for name in ("big1", "big2", "small1", "small2", "big3"):
+        resumed.on_trial_add(None, fake_trial(name, tmp_path))
+    # small2 still meets small1's value in its bracket (read back from scheduler_state.pkl), not the large ones'
+    assert resumed.on_trial_result(None, fake_trial("small2", tmp_path), result(1, 1.5, student_params=11_000)) \
+        == TrialScheduler.CONTINUE
+    assert resumed.on_trial_result(None, fake_trial("big3", tmp_path), result(1, 1.5, student_params=70_000)) \
+        == TrialScheduler.STOP

@@ -29,7 +29,7 @@ KEY_CONTEXT = {"final_temperature": {"temperature": 4.0, "temperature_schedule":
 # (tests/test_student_init.py checks each rule).
 STUDENT_VALUES = {"student.arch.hidden_size": (32, 48), "student.arch.num_hidden_layers": (1, 2),
                   "student.arch.intermediate_size": (64, 96), "student.arch.num_attention_heads": (2, 4),
-                  "student.arch.num_key_value_heads": (1, 2), "student.arch.num_experts": (2, 4),
+                  "student.arch.num_key_value_heads": (1, 2), "student.arch.head_dim": (8, 16), "student.arch.num_experts": (2, 4),
                   "student.arch.num_experts_per_tok": (1, 2), "student.init": ("random", "teacher")}
 STUDENT_CONTEXT = {"student.arch.num_experts": {"num_experts": 2}, "student.arch.num_experts_per_tok": {"num_experts": 4},
                    "student.init": {"num_attention_heads": 1}}

@@ -309,3 +309,22 @@ def test_a_student_started_from_the_teacher_is_ahead_after_one_epoch(tiny_config
     started = train(tiny_config(student={"arch": arch, "init": "teacher"}, **common)).metrics
     fresh = train(tiny_config(student={"arch": arch}, **common)).metrics
     assert started["val_ce"] < fresh["val_ce"] - 0.1, (started["val_ce"], fresh["val_ce"])
+
+
+def test_head_dim_set_apart_lets_width_and_heads_vary_alone():
+    """arch.head_dim (as Gemma and Qwen3 set it): a student half the teacher's width keeps 4 whole heads
+    of the teacher's 8 dims (hidden 16 < 4 x 8 = 32 query channels), built, initialised and runnable; the
+    same teacher's shape with head_dim given reproduces its logits, as without it."""
+    teacher = teacher_model(head_dim=8)
+    assert teacher.config.head_dim == 8 == teacher.config.hidden_size // teacher.config.num_attention_heads
+    student = from_teacher(teacher, hidden_size=16, head_dim=8)
+    attention = student.model.layers[0].self_attn
+    assert (attention.q_proj.weight.shape, attention.o_proj.weight.shape) == ((32, 16), (16, 32))
+    with torch.no_grad():
+        assert torch.isfinite(student(sequences()).logits).all()
+        assert torch.equal(from_teacher(teacher, head_dim=8)(sequences()).logits, teacher(sequences()).logits)
+    from tune_kd.student_shape import shape_problem
+
+    assert shape_problem({"hidden_size": 16, "num_attention_heads": 4, "head_dim": 8}) is None
+    assert shape_problem({"hidden_size": 16, "num_attention_heads": 3, "head_dim": 8}) is None   # 24 query channels
+    assert "head_dim 7 is odd" in shape_problem({"hidden_size": 16, "num_attention_heads": 4, "head_dim": 7})

@@ -55,6 +55,19 @@ def test_a_shape_that_is_no_model_is_rejected_before_anything_is_built(tiny_conf
         loop.train(tiny_config(student={"arch": dict(TINY_ARCH, **arch)}))
 
 
+def test_a_shape_the_teacher_cannot_initialise_is_rejected_not_crashed(tiny_config, monkeypatch):
+    """init: teacher searched with the width: a sampled head_dim unlike the teacher's (64 / 2 heads = 32) is
+    a REJECTED shape (the searcher learns from it), found before any weight is built or read."""
+    from tune_kd import models
+
+    monkeypatch.setattr(models, "make_models", lambda *a, **k: pytest.fail("a model was built"))
+    with pytest.raises(student_shape.ShapeRejected, match="head_dim 16 .* differs from the teacher's 32"):
+        loop.train(tiny_config(student={"arch": TINY_ARCH, "init": "teacher"}))
+    with pytest.raises(student_shape.ShapeRejected, match="hidden_size 128 > the teacher's 64"):
+        loop.train(tiny_config(student={"arch": dict(TINY_ARCH, hidden_size=128, num_attention_heads=4),
+                                        "init": "teacher"}))
+
+
 def test_max_params_rejects_a_shape_by_its_exact_count(tiny_config):
     """The meta-device count is the built model's: a budget of exactly that passes, one less rejects."""
     result = loop.train(tiny_config(train={"epochs": 1}, data={"max_train_examples": 64}))

@@ -41,6 +41,8 @@ class ArchSpec:
     num_hidden_layers: Optional[int] = None
     num_attention_heads: Optional[int] = None
     num_key_value_heads: Optional[int] = None      # None: same as num_attention_heads
+    head_dim: Optional[int] = None                 # per attention head; None: hidden_size / num_attention_heads
+                                                   # (set apart, as Gemma and Qwen3 do, heads and width vary alone)
     intermediate_size: Optional[int] = None        # None: the seed's rule, 8/3 * hidden rounded up to 64
     max_position_embeddings: Optional[int] = None
     tie_word_embeddings: Optional[bool] = None
@@ -146,6 +148,10 @@ class SearchConfig:
     evaluate_train_first: bool = True                  # the YAML's fixed train settings are trial 1
     max_failures: int = 2                              # retries of a crashing trial from its last checkpoint
     startup_trials: int | Literal["auto"] = "auto"     # random proposals before TPE models: auto (from num_samples) or an int
+    objectives: Optional[list] = None                  # [metric, student_params | gen_tokens_per_s]: a size/quality
+                                                       # search (front.py); None: the metric alone
+    within_percent: float = 5.0                        # two objectives: the report names the smallest student within
+                                                       # this many percent of the best metric
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,8 @@ class SchedulerConfig:
     type: Literal["asha", "none"] = "asha"
     grace_period: int = 1                              # epochs every trial gets before it can be stopped
     reduction_factor: int = 2
+    size_bracket_ratio: float = 2.0                    # two objectives: ASHA compares a trial only with trials whose
+                                                       # size is within this factor (0: across all sizes)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,10 @@ SEARCHABLE = ("learning_rate", "temperature", "alpha", "weight_decay", "warmup_i
               "jsd_beta", "skew", "feature_weight", "on_policy_fraction", "on_policy_start", "generation_temperature", "seq_kd")
 # the student's shape and start, searchable with the train keys (student_shape.py checks a sampled shape)
 STUDENT_ARCH_SEARCHABLE = ("hidden_size", "num_hidden_layers", "intermediate_size", "num_attention_heads",
-                           "num_key_value_heads", "num_experts", "num_experts_per_tok")
+                           "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok")
+# a size/quality search's second objective (search.objectives) -> its mode: the student's parameter
+# count (fewer is better) or its measured greedy decoding speed at batch 1 (faster is better)
+SIZE_OBJECTIVES = {"student_params": "min", "gen_tokens_per_s": "max"}
 STUDENT_SEARCHABLE = tuple(f"student.arch.{k}" for k in STUDENT_ARCH_SEARCHABLE) + ("student.init", "student.init_layers")
 
 
@@ -150,6 +153,31 @@ def validate_student_init(cfg, problems: Problems) -> None:
                          "student.init: random, or dense models)")
 
 
+def validate_objectives(cfg, problems: Problems) -> None:
+    """search.objectives: [the metric, one size objective]; within_percent and the size brackets' ratio."""
+    s, sizes = cfg.search, " or ".join(SIZE_OBJECTIVES)
+    if s.objectives is not None:
+        objectives = s.objectives
+        if len(objectives) not in (1, 2) or not all(isinstance(o, str) for o in objectives):
+            problems.add("search.objectives", f"must be [{cfg.metric.name}] or [{cfg.metric.name}, {sizes}], got "
+                                              f"{objectives!r}")
+        elif objectives[0] != cfg.metric.name:
+            problems.add("search.objectives", f"the first objective must be the metric, {cfg.metric.name}, got "
+                                              f"{objectives[0]!r} (set metric.name to change it)")
+        elif len(objectives) == 2 and objectives[1] not in SIZE_OBJECTIVES:
+            problems.add("search.objectives", f"the second objective must be the student's size, {sizes}, got "
+                                              f"{objectives[1]!r}")
+        elif len(objectives) == 2 and s.algorithm != "optuna":
+            problems.add("search.objectives", "two objectives need search.algorithm: optuna (its multi-objective "
+                                              "TPE); random search has no notion of a front")
+    if not 0 < s.within_percent < 100:
+        problems.add("search.within_percent", f"must be in (0, 100), got {s.within_percent}")
+    ratio = cfg.scheduler.size_bracket_ratio
+    if ratio != 0 and ratio <= 1:
+        problems.add("scheduler.size_bracket_ratio", f"must be > 1 (2: a bracket spans a factor of 2 in size), or 0 "
+                                                     f"to compare trials across all sizes, got {ratio}")
+
+
 def validate_search(cfg, problems: Problems) -> None:
     """The search sections: sample counts, scheduler against the epoch budget, resources."""
     s, sch, r = cfg.search, cfg.scheduler, cfg.resources
@@ -163,6 +191,7 @@ def validate_search(cfg, problems: Problems) -> None:
     if s.startup_trials != "auto" and (isinstance(s.startup_trials, bool) or not isinstance(s.startup_trials, int)
                                        or s.startup_trials < 1):
         problems.add("search.startup_trials", f"must be auto or an integer >= 1, got {s.startup_trials!r}")
+    validate_objectives(cfg, problems)
     if sch.type == "asha":
         if sch.grace_period < 1:
             problems.add("scheduler.grace_period", f"must be >= 1 epoch, got {sch.grace_period}")

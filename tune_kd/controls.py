@@ -3,6 +3,8 @@
 After the search, with the same data, epochs and train.seed as its trials:
 
     plain_sft       the best trial's settings with alpha = 1: CE only, the teacher never runs
+    front_sft_<id>  a size/quality search (front.py): each front student's shape and settings with
+                    alpha = 1, so the report can set distillation against plain SFT at every size
     minimind_defaults  MiniMind's defaults for the knobs the search tunes: lr 5e-6, alpha 0, T 1
     best_seed_<s>   the best trial's settings re-trained with train.seed s (controls.seeds_for_best)
 
@@ -36,16 +38,34 @@ MINIMIND_DEFAULTS = {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
 NOISE_SIGMAS = 2.0   # a difference within this many seed standard deviations is not called a win
 SUGGESTED_SEEDS = 3
 OFF_POLICY = "best_off_policy"   # the best config trained off-policy only: what on-policy batches added
+FRONT_SFT = "front_sft_"          # + a front trial's id: its shape and settings trained by plain SFT
+FRONT_SFT_ARMS = 6                # front students (besides the best) given a plain-SFT arm
 
 
-def arm_points(cfg: ExperimentConfig, best_params: dict) -> dict[str, dict]:
-    """arm name -> the train settings it overrides (a point for space.apply_point)."""
-    tuned = {name: best_params[name] for name in cfg.parameters if best_params.get(name) is not None}
+def tuned_values(cfg: ExperimentConfig, params: dict) -> dict:
+    """The searched values a trial ran with (a trials.csv row or params.json)."""
+    return {name: params[name] for name in cfg.parameters if params.get(name) is not None}
+
+
+def sft_point(cfg: ExperimentConfig, tuned: dict) -> dict:
+    """A trial's settings trained without the teacher: alpha 1, nothing on-policy, no teacher replies."""
+    return {**tuned, "alpha": 1.0,
+            **({"on_policy_fraction": 0.0} if tuned.get("on_policy_fraction", cfg.train.on_policy_fraction) > 0 else {}),
+            **({"seq_kd": False} if tuned.get("seq_kd", cfg.train.seq_kd) else {})}
+
+
+def arm_points(cfg: ExperimentConfig, best_params: dict, front: list | None = None) -> dict[str, dict]:
+    """arm name -> the train settings it overrides (a point for space.apply_point). front (a size/quality
+    search's front.Point list): plain SFT of each front student's shape too (front_sft_<trial id>), up to
+    FRONT_SFT_ARMS of them, cheapest first."""
+    tuned = tuned_values(cfg, best_params)
     on_policy = tuned.get("on_policy_fraction", cfg.train.on_policy_fraction) > 0
     arms = {}
     if cfg.teacher is not None and cfg.controls.plain_sft:   # no teacher: nothing on-policy, no teacher replies
-        arms["plain_sft"] = {**tuned, "alpha": 1.0, **({"on_policy_fraction": 0.0} if on_policy else {}),
-                             **({"seq_kd": False} if tuned.get("seq_kd", cfg.train.seq_kd) else {})}
+        arms["plain_sft"] = sft_point(cfg, tuned)
+        others = [p for p in front or [] if p.trial_id != best_params.get("trial_id")]
+        for point in others[:FRONT_SFT_ARMS]:
+            arms[f"{FRONT_SFT}{point.trial_id}"] = sft_point(cfg, tuned_values(cfg, point.params))
     if on_policy and cfg.controls.best_off_policy:
         arms[OFF_POLICY] = {**tuned, "on_policy_fraction": 0.0}
     if cfg.teacher is not None and cfg.controls.minimind_defaults:
@@ -57,14 +77,14 @@ def arm_points(cfg: ExperimentConfig, best_params: dict) -> dict[str, dict]:
 
 
 def run_controls(cfg: ExperimentConfig, best: dict, experiment_dir: Path, trainable, parallel: int,
-                 callbacks: list, resume: bool) -> dict | None:
+                 callbacks: list, resume: bool, front: list | None = None) -> dict | None:
     """Train every control arm (or finish them, with resume) and return the comparison
     (also written to controls.json); None when the config asks for no arm."""
     from ray import tune
 
     from tune_kd.terminal_progress import SearchProgress, trial_log_options
 
-    arms = arm_points(cfg, best)
+    arms = arm_points(cfg, best, front)
     if not arms:
         return None
     started = time.perf_counter()

@@ -1,12 +1,13 @@
 """Best trial -> a Hugging Face model directory, verified by reloading it.
 
-    python -m tune_kd.export results/<name> --out DIR [--trial ID]
+    python -m tune_kd.export results/<name> --out DIR [--trial ID | --front]
 
 Scans every trial's result.json under the experiment folder for epochs that left a checkpoint,
 picks the best by the experiment's metric over all trials and epochs (or the best epoch of
 --trial), and writes model.safetensors, config.json, generation_config.json, tokenizer files,
 tune_kd.json (trial id, config, metrics, versions) and a short model card. It reads only files on
-disk, so it works on a finished experiment and on an interrupted one.
+disk, so it works on a finished experiment and on an interrupted one. --front (a size/quality
+search) exports every student on the front into DIR/<rank>_trial_<id>/, cheapest first.
 """
 
 from __future__ import annotations
@@ -90,11 +91,24 @@ def export_name(cfg) -> str:
     return "best_student_moe" if moe else "best_student"
 
 
-def model_card(candidate: Candidate, experiment: dict) -> str:
+def size_and_speed(metrics: dict) -> str:
+    """The model card's line on the student's size and measured speed ("" when the run did not report them)."""
+    if not isinstance(metrics.get("student_params"), (int, float)):
+        return ""
+    speed = metrics.get("gen_tokens_per_s")
+    measured = f"; greedy decoding {speed:,.1f} tokens/s at batch 1 on the trial's device" \
+        if isinstance(speed, (int, float)) and math.isfinite(speed) else ""
+    return (f"Size: {metrics['student_params']:,.0f} parameters ({metrics.get('student_embedding_params', 0):,.0f} "
+            f"of them embeddings){measured}.\n\n")
+
+
+def model_card(candidate: Candidate, experiment: dict, front_note: str = "") -> str:
     metrics = "\n".join(f"| {k} | {v:.6g} |" for k, v in candidate.metrics.items())
+    chosen = front_note or (f"the best by `{experiment['metric']['name']}` ({experiment['metric']['mode']}) over all "
+                            "trials and epochs")
     return (f"# {experiment['name']}: distilled student\n\n"
-            f"Exported by tune_kd from trial `{candidate.trial_id}` (epoch {candidate.metrics.get('epoch')}), the best "
-            f"by `{experiment['metric']['name']}` ({experiment['metric']['mode']}) over all trials and epochs.\n\n"
+            f"Exported by tune_kd from trial `{candidate.trial_id}` (epoch {candidate.metrics.get('epoch')}), "
+            f"{chosen}.\n\n{size_and_speed(candidate.metrics)}"
             f"Searched values: `{json.dumps(candidate.config)}`. Full configuration in `tune_kd.json`.\n\n"
             f"| metric | value |\n| --- | --- |\n{metrics}\n\n"
             "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
@@ -117,8 +131,9 @@ def verify_reload(exported: Path, source: Path) -> float:
     return diff
 
 
-def export(experiment_dir: str | Path, out: str | Path, trial_id: str | None = None) -> Candidate:
-    """Export the best checkpoint (of `trial_id`, if given) of an experiment to `out`."""
+def export(experiment_dir: str | Path, out: str | Path, trial_id: str | None = None, front_note: str = "") -> Candidate:
+    """Export the best checkpoint (of `trial_id`, if given) of an experiment to `out`; front_note: why
+    this student, for the model card (export_front's place on the front)."""
     experiment_dir, out = Path(experiment_dir), Path(out)
     candidate, experiment = best_candidate(experiment_dir, trial_id)
 
@@ -130,7 +145,7 @@ def export(experiment_dir: str | Path, out: str | Path, trial_id: str | None = N
                 "searched": candidate.config, "config": experiment.get("config"), "source": str(candidate.path),
                 "versions": versions()}
         (tmp / "tune_kd.json").write_text(json.dumps(meta, indent=1, default=str))
-        (tmp / "README.md").write_text(model_card(candidate, experiment))
+        (tmp / "README.md").write_text(model_card(candidate, experiment, front_note))
         verify_reload(tmp, candidate.path)
 
     atomic_directory_write(out, write)
@@ -139,13 +154,41 @@ def export(experiment_dir: str | Path, out: str | Path, trial_id: str | None = N
     return candidate
 
 
+def export_front(experiment_dir: str | Path, out: str | Path) -> list[tuple[Candidate, Path]]:
+    """Every student on a size/quality search's front (front.py), cheapest first, each to
+    out/<rank>_trial_<id>/ with its size, speed and metric in its model card."""
+    from tune_kd import front
+
+    experiment_dir, out = Path(experiment_dir), Path(out)
+    points, size_key, metric, _ = front.experiment_points(experiment_dir)
+    if size_key is None:
+        raise UserError(f"{experiment_dir}: --front needs a size/quality search (search.objectives: [{metric}, "
+                        f"student_params]); export its best with --trial ID or no option")
+    shape_front = front.experiment_front(experiment_dir)
+    exported = []
+    for rank, point in enumerate(shape_front, 1):
+        note = (f"student {rank} of {len(shape_front)} on the search's size/quality front ({size_key} "
+                f"{point.size:,.6g}, {metric} {point.value:.6g}; no other trial is both smaller and better)")
+        target = out / f"{rank:02d}_trial_{point.trial_id}"
+        exported.append((export(experiment_dir, target, point.trial_id, note), target))
+    return exported
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("experiment", help="the experiment folder, results/<name>")
-    parser.add_argument("--out", required=True, help="where to write the Hugging Face model directory")
-    parser.add_argument("--trial", help="export this trial's best epoch instead of the overall best")
+    parser.add_argument("--out", required=True, help="where to write the Hugging Face model directory (with "
+                                                     "--front: a folder of them)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--trial", help="export this trial's best epoch instead of the overall best")
+    which.add_argument("--front", action="store_true",
+                       help="export every student on a size/quality search's front, cheapest first")
 
 
 def command(args: argparse.Namespace) -> None:
+    if args.front:
+        for c, target in export_front(args.experiment, args.out):
+            print(f"exported trial {c.trial_id} epoch {c.metrics.get('epoch')} -> {target} (reload verified)")
+        return
     c = export(args.experiment, args.out, args.trial)
     print(f"exported trial {c.trial_id} epoch {c.metrics.get('epoch')} -> {args.out} (reload verified)")
 

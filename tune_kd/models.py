@@ -153,7 +153,7 @@ def architecture(spec: ModelSpec, role: str) -> dict:
                             f"got {arch['num_experts_per_tok']}")
     elif arch.get("num_experts_per_tok") is not None or arch.get("router_aux_loss_coef") is not None:
         raise UserError(f"{role}.arch: num_experts_per_tok / router_aux_loss_coef need num_experts (an MoE model)")
-    if arch["hidden_size"] % arch["num_attention_heads"]:
+    if arch.get("head_dim") is None and arch["hidden_size"] % arch["num_attention_heads"]:
         raise UserError(f"{role}.arch: hidden_size {arch['hidden_size']} is not divisible by "
                         f"num_attention_heads {arch['num_attention_heads']}")
     if arch["num_attention_heads"] % arch["num_key_value_heads"]:

@@ -13,6 +13,7 @@ tell). Figures, each also saved under results/<name>/report/:
     parallel.png    parallel coordinates of the searched parameters, coloured by the metric (Optuna's)
     importance.png  parameter importances (Optuna's fANOVA, seeded) for the metric at the common epoch
     controls.png    the best trial next to the control arms (controls.py)
+    front.png       a size/quality search only: size against the metric, its front (report_front.py)
 
 Below the figures, a table of a few validation prompts with the teacher's, the best student's and
 the plain-SFT control's greedy answers (samples.py).
@@ -38,7 +39,8 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tune_kd import cli, results
+from tune_kd import cli, report_front, results
+from tune_kd.results import experiment_dirs
 from tune_kd.errors import UserError
 from tune_kd.controls import CONTROLS_DIR, CONTROLS_FILE, arm_results
 from tune_kd.samples import build_samples, samples_html
@@ -341,7 +343,7 @@ def _summary_html(exp: Experiment) -> str:
         rows = [("best trial " + controls["best"]["trial_id"], controls["best"]["value"], controls["best"]["settings"])]
         rows += [(name, arm.get("value"), arm["settings"]) for name, arm in controls["arms"].items()]
         body = "".join(f"<tr><td>{html.escape(name)}</td><td>{'failed' if v is None else f'{v:.4f}'}</td>"
-                       f"<td>{html.escape(', '.join(f'{k} = {_cell(x)}' for k, x in s.items()))}</td></tr>"
+                       f"<td>{html.escape(', '.join(f'{k} = {results.cell(x)}' for k, x in s.items()))}</td></tr>"
                        for name, v, s in rows)
         parts.append(f"<h2>Control arms</h2><table><tr><th>arm</th><th>{exp.metric}</th><th>settings</th></tr>"
                      f"{body}</table>")
@@ -363,14 +365,10 @@ def _table_html(exp: Experiment) -> str:
     for trial in sorted(exp.trials, key=lambda t: (t.best(exp.mode) is None, (t.best(exp.mode) or 0)
                                                    * (1 if exp.mode == "min" else -1))):
         value = trial.best(exp.mode)
-        cells = [trial.trial_id, *(_cell(trial.params.get(n)) for n in names), str(len(trial.curve)),
+        cells = [trial.trial_id, *(results.cell(trial.params.get(n)) for n in names), str(len(trial.curve)),
                  "" if value is None else f"{value:.4f}", trial.status + (f": {trial.error}" if trial.error else "")]
         rows.append("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
-
-
-def _cell(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
 
 
 def build(experiment_dir: str | Path) -> Path:
@@ -399,6 +397,10 @@ def build(experiment_dir: str | Path) -> Path:
                          f"{exp.metric} at epoch {exp.common_epoch}; this experiment has {len(study.trials)}.")
     if exp.controls and any(arm.get("value") is not None for arm in exp.controls["arms"].values()):
         figures.append(("controls.png", "the best trial next to the control arms", plot_controls(exp)))
+    sized = report_front.load_front(exp.directory, exp.controls)   # a size/quality search only
+    if sized is not None and sized.points:
+        figures.insert(0, ("front.png", "size against the metric: the front, the teacher and plain SFT",
+                           report_front.plot_front(sized, _pyplot())))
     plt = _pyplot()
     blocks = []
     for file_name, caption, figure in figures:
@@ -412,24 +414,14 @@ def build(experiment_dir: str | Path) -> Path:
                       f"src='data:image/png;base64,{encoded}'><figcaption>{html.escape(caption)}</figcaption></figure>")
     blocks += [f"<p class='note'>{html.escape(note)}</p>" for note in notes]
     samples = build_samples(exp.directory, results.read_experiment(exp.directory))
-    page = PAGE.format(name=html.escape(exp.name), summary=_summary_html(exp), figures="\n".join(blocks),
+    summary = _summary_html(exp) + (report_front.front_html(sized, exp.searched) if sized is not None else "")
+    page = PAGE.format(name=html.escape(exp.name), summary=summary, figures="\n".join(blocks),
                        samples=samples_html(samples), table=_table_html(exp))
     target = exp.directory / REPORT_FILE
     temporary = target.with_suffix(".html.tmp")
     temporary.write_text(page, encoding="utf-8")
     temporary.replace(target)   # a reader never sees half a report
     return target
-
-
-def experiment_dirs(path: Path) -> list[Path]:
-    """The experiment folders under `path`: itself, or each stage of a progressive chain."""
-    if (path / results.EXPERIMENT_FILE).is_file():
-        return [path]
-    stages = sorted(p.parent for p in path.glob(f"*/{results.EXPERIMENT_FILE}"))
-    if stages:
-        return stages
-    raise UserError(f"{path}: not a tune_kd experiment folder (no {results.EXPERIMENT_FILE}); give results/<name> "
-                    "of a search")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

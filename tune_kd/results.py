@@ -40,6 +40,13 @@ def best(values: Iterable[T], mode: str, key: Callable[[T], float] | None = None
     return pick(values) if key is None else pick(values, key=key)
 
 
+def size_objective(config: dict) -> str | None:
+    """The size objective of a search (experiment.json's config, or cfg.to_dict()): the second of
+    search.objectives, None for a search of the metric alone."""
+    objectives = (config.get("search") or {}).get("objectives") or []
+    return objectives[1] if len(objectives) > 1 else None
+
+
 def read_experiment(experiment_dir: Path) -> dict:
     """experiment.json of an experiment folder; a UserError when the folder is not one."""
     path = Path(experiment_dir) / EXPERIMENT_FILE
@@ -122,3 +129,19 @@ def read_statuses(experiment_dir: Path) -> dict[str, tuple[str, str]] | None:
         return None
     with summary_file.open(newline="") as handle:
         return {row["trial_id"]: (row["status"], row.get("error", "")) for row in csv.DictReader(handle)}
+
+
+def experiment_dirs(path: Path) -> list[Path]:
+    """The experiment folders under `path`: itself, or each stage of a progressive chain."""
+    if (path / EXPERIMENT_FILE).is_file():
+        return [path]
+    stages = sorted(p.parent for p in path.glob(f"*/{EXPERIMENT_FILE}"))
+    if stages:
+        return stages
+    raise UserError(f"{path}: not a tune_kd experiment folder (no {EXPERIMENT_FILE}); give results/<name> "
+                    "of a search")
+
+
+def cell(value) -> str:
+    """A searched value as a table shows it: floats to 4 significant digits, None empty."""
+    return f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)

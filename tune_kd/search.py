@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune_kd import cli, controls, export, models, prepare, report, resources, results, space, teacher_server
+from tune_kd import cli, controls, export, front, models, prepare, report, resources, results, space, teacher_server
 from tune_kd.config import ExperimentConfig, absolute_paths, load_config
 from tune_kd.errors import UserError
 from tune_kd.tracking import make_callbacks
@@ -154,6 +154,10 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         errors, trial_ids = fit(tuner)
         summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
         run_control_arms(cfg, summary, experiment_dir, plan, resume)
+        if cfg.search.objectives and len(cfg.search.objectives) == 2:   # the teacher's point on the front
+            from tune_kd.teacher_point import write_teacher_point
+
+            summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
         if plan.served is not None:
             summary["served_teacher"] = served_stats(plan.served.stats())
             print(summary["served_teacher"])
@@ -305,8 +309,9 @@ def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: P
         param_space=space.tune_domains(cfg),
         tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, experiment_dir), scheduler=make_scheduler(cfg),
                                     num_samples=cfg.search.num_samples, max_concurrent_trials=plan.parallel,
-                                    metric=None if cfg.scheduler.type == "asha" else cfg.metric.name,
-                                    mode=None if cfg.scheduler.type == "asha" else cfg.metric.mode,
+                                    # the searcher and ASHA hold the metric (and a size objective) themselves
+                                    metric=None if cfg.scheduler.type == "asha" or cfg.search.objectives else cfg.metric.name,
+                                    mode=None if cfg.scheduler.type == "asha" or cfg.search.objectives else cfg.metric.mode,
                                     trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=str(root),
@@ -358,11 +363,15 @@ def run_control_arms(cfg: ExperimentConfig, summary: dict, experiment_dir: Path,
         return
     arm_trainable = trial_class(plan.trial_cfg, experiment_dir / controls.CONTROLS_DIR, plan.per_trial,
                                 f"control_{cfg.name.replace('-', '_')}")
+    shape_front = front.experiment_front(experiment_dir)
     arms = controls.run_controls(cfg, summary["best"], experiment_dir, arm_trainable, plan.parallel,
-                                 make_callbacks(cfg), resume)
+                                 make_callbacks(cfg), resume, shape_front)
     if arms is not None:
         summary["controls"] = arms
         print(controls.format_comparison(arms))
+    if shape_front:
+        print(front.summary_lines(shape_front, cfg.name, cfg.search.objectives[1], cfg.metric.name, cfg.metric.mode,
+                                  cfg.search.within_percent))
 
 
 def write_report(summary: dict, experiment_dir: Path) -> None:

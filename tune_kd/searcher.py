@@ -17,6 +17,7 @@ never ran under Tune end FAIL.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -32,9 +33,11 @@ from ray.tune.search.optuna import OptunaSearch
 
 from tune_kd import results, space
 from tune_kd.config import ExperimentConfig
+from tune_kd.config_checks import SIZE_OBJECTIVES
 from tune_kd.errors import UserError
 
 SCHEDULER_STATE_FILE = "scheduler_state.pkl"
+EPOCH_VALUES, SIZE = "epoch_values", "size"   # a two-objective study's per-epoch values and size (user attributes)
 # changes a resume takes as they are: how trials run, not what they compute or how they are ranked
 RESUMABLE_CHANGES = ("resources.", "data.cache_dir")
 
@@ -54,8 +57,13 @@ class PruneAwareOptunaSearch(OptunaSearch):
     finished after it, so reports Tune replays are not told twice. A trial Optuna holds as FAIL
     that runs again (--retry-errored) gets a new Optuna trial, added when it ends."""
 
-    def __init__(self, *args, max_epochs: int, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, metric: str, mode: str, max_epochs: int, size_objective: str | None = None, **kwargs):
+        # two objectives (search.objectives): the study minimises/maximises both; Optuna keeps no
+        # intermediate values for such a study, so a trial's per-epoch values live in a user attribute
+        sized = size_objective is not None
+        super().__init__(metric=[metric, size_objective] if sized else metric,
+                         mode=[mode, SIZE_OBJECTIVES[size_objective]] if sized else mode, **kwargs)
+        self._ranked_by, self._ranked_mode, self._size_objective = metric, mode, size_objective
         self._max_epochs = max_epochs
         self._failed: set[str] = set()          # Tune trial ids whose Optuna trial ended FAIL
         self._retries: dict[str, dict] = {}     # trial id -> its re-run after a FAIL, until it ends
@@ -78,14 +86,15 @@ class PruneAwareOptunaSearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if trial_id in self._failed:
             self._retry(trial_id)
-        value = result.get(self.metric)
+        value = result.get(self._ranked_by)
         if value is None or math.isnan(value):
             return
         if trial_id in self._retries:
             self._retries[trial_id]["values"].setdefault(result["epoch"], value)
+            self._retries[trial_id]["size"] = result.get(self._size_objective)
         elif trial_id in self._ot_trials and trial_id not in self._completed_trials:
             try:
-                self._ot_trials[trial_id].report(value, result["epoch"])
+                self._record(trial_id, value, result)
             except UpdateFinishedTrialError:   # finished behind this object's back (a killed run's last moments)
                 self._adopt(trial_id, self._frozen(trial_id).state)
                 if trial_id in self._failed:
@@ -98,13 +107,17 @@ class PruneAwareOptunaSearch(OptunaSearch):
             self.on_trial_result(trial_id, result)   # ASHA's STOP withholds a trial's last result from on_trial_result
         if trial_id in self._retries:
             retry = self._retries.pop(trial_id)
-            state, value = self._ending(result, error, retry["values"])
+            state, value = self._ending(result, error, retry["values"], retry.get("size"))
+            attrs = {"tune_trial_id": trial_id, "retry_of": retry["retry_of"]}
+            if self._size_objective:
+                attrs.update({EPOCH_VALUES: {str(e): v for e, v in retry["values"].items()}, SIZE: retry.get("size")})
             self._ot_study.add_trial(optuna.trial.create_trial(
-                state=state, value=value, params=retry["params"], distributions=retry["distributions"],
-                intermediate_values=retry["values"], user_attrs={"tune_trial_id": trial_id,
-                                                                  "retry_of": retry["retry_of"]}))
+                state=state, **({"values": value} if self._size_objective else {"value": value}), params=retry["params"],
+                distributions=retry["distributions"], user_attrs=attrs,
+                intermediate_values={} if self._size_objective else retry["values"]))
         elif trial_id in self._ot_trials and trial_id not in self._completed_trials:
-            state, value = self._ending(result, error, self._frozen(trial_id).intermediate_values)
+            frozen = self._frozen(trial_id)
+            state, value = self._ending(result, error, epoch_values(frozen), frozen.user_attrs.get(SIZE))
             self._ot_study.tell(self._ot_trials[trial_id], value, state=state, skip_if_finished=True)
         else:
             return
@@ -135,7 +148,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
         so a kill meanwhile leaves nothing RUNNING."""
         failed = self._frozen(trial_id)
         self._retries[trial_id] = {"params": failed.params, "distributions": failed.distributions,
-                                   "values": dict(failed.intermediate_values), "retry_of": failed.number}
+                                   "values": epoch_values(failed), "size": failed.user_attrs.get(SIZE),
+                                   "retry_of": failed.number}
         self._failed.discard(trial_id)
         self._completed_trials.discard(trial_id)
 
@@ -146,15 +160,40 @@ class PruneAwareOptunaSearch(OptunaSearch):
                 if t.number == number or t.user_attrs.get("tune_trial_id") == trial_id]
         return max(mine, key=lambda t: t.number)
 
-    def _ending(self, result: dict | None, error: bool, values: dict) -> tuple[TrialState, float | None]:
+    def _record(self, trial_id: str, value: float, result: dict) -> None:
+        """An epoch's value into the study: an intermediate value, or with two objectives the
+        EPOCH_VALUES attribute (and the trial's size: ASHA's stop may withhold the last result)."""
+        ot_trial = self._ot_trials[trial_id]
+        if self._size_objective is None:
+            ot_trial.report(value, result["epoch"])
+            return
+        values = epoch_values(self._frozen(trial_id))
+        values.setdefault(result["epoch"], value)
+        ot_trial.set_user_attr(EPOCH_VALUES, {str(e): v for e, v in values.items()})
+        if result.get(self._size_objective) is not None:
+            ot_trial.set_user_attr(SIZE, result[self._size_objective])
+
+    def _ending(self, result: dict | None, error: bool, values: dict,
+                size: float | None = None) -> tuple[TrialState, float | list | None]:
         """(state, value) to tell: FAIL for an error or a trial that never reported; PRUNED for an early
-        stop, a divergence or a rejected student shape; else COMPLETE with the best epoch's value, as trials.csv ranks it."""
+        stop, a divergence or a rejected student shape; else COMPLETE with the best epoch's value, as
+        trials.csv ranks it (and, with two objectives, the student's size)."""
         finite = [v for v in values.values() if not math.isnan(v)]
         if error or not result or not finite:
             return TrialState.FAIL, None
         if result.get("diverged") or result.get("rejected") or result.get("epoch", self._max_epochs) < self._max_epochs:
             return TrialState.PRUNED, None
-        return TrialState.COMPLETE, results.best(finite, self.mode)
+        best = results.best(finite, self._ranked_mode)
+        if self._size_objective is None:
+            return TrialState.COMPLETE, best
+        size = result.get(self._size_objective, size)
+        return (TrialState.COMPLETE, [best, float(size)]) if size is not None else (TrialState.FAIL, None)
+
+
+def epoch_values(frozen: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """epoch -> value of an Optuna trial: its intermediate values, or EPOCH_VALUES with two objectives."""
+    stored = frozen.user_attrs.get(EPOCH_VALUES)
+    return {int(e): v for e, v in stored.items()} if stored is not None else dict(frozen.intermediate_values)
 
 
 def startup_trials(num_samples: int, setting: int | str = "auto") -> int:
@@ -183,8 +222,13 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.TPESampler:
 def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str, points: list[dict] | None) -> PruneAwareOptunaSearch:
     storage = optuna.storages.RDBStorage(storage_url)
     return PruneAwareOptunaSearch(metric=cfg.metric.name, mode=cfg.metric.mode, points_to_evaluate=points,
-                                  sampler=make_sampler(cfg), study_name=cfg.name,
-                                  storage=storage, max_epochs=cfg.train.epochs)
+                                  sampler=make_sampler(cfg), study_name=cfg.name, storage=storage,
+                                  max_epochs=cfg.train.epochs, size_objective=size_objective(cfg))
+
+
+def size_objective(cfg: ExperimentConfig) -> str | None:
+    """search.objectives' second entry, the student's size; None for a search of the metric alone."""
+    return results.size_objective({"search": {"objectives": cfg.search.objectives}})
 
 
 def make_searcher(cfg: ExperimentConfig, experiment_dir: Path):
@@ -205,12 +249,20 @@ class PersistentASHA(AsyncHyperBandScheduler):
     """ASHA that writes its rungs to <experiment>/scheduler_state.pkl after every decision and
     reads them back when a restored run adds its first trial (Tune restores the scheduler as it
     was built, with empty rungs: every decision would be CONTINUE). It also remembers whom it
-    stopped: Tune may resume a trial stopped after its last state save, and it must stop again."""
+    stopped: Tune may resume a trial stopped after its last state save, and it must stop again.
 
-    def __init__(self, *args, **kwargs):
+    size_key (a size/quality search): a trial's rung values are compared only with those of trials
+    in its size bracket, sizes within a factor size_ratio of each other (log-spaced: floor(log(size)
+    / log(ratio))). A small student is slower to learn and worse at every epoch; plain ASHA would stop
+    it against the large ones, and the front's small end would never be trained (docs/search.md,
+    "Searching the student's shape", measures it). Every trial reports its size from its first epoch."""
+
+    def __init__(self, *args, size_key: str | None = None, size_ratio: float = 2.0, **kwargs):
         super().__init__(*args, **kwargs)
         self._stopped: set[str] = set()
         self._loaded = False
+        self._size_key, self._size_ratio = size_key, size_ratio
+        self._by_size: dict[int, object] = {}   # size bracket -> its own rungs (one of Ray's _Bracket)
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._loaded:
@@ -220,9 +272,11 @@ class PersistentASHA(AsyncHyperBandScheduler):
                 with path.open("rb") as handle:
                     state = pickle.load(handle)
                 self._brackets, self._stopped, self._num_stopped = state["brackets"], state["stopped"], state["num_stopped"]
+                self._by_size = state.get("by_size", {})
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        self._place_by_size(trial.trial_id, result)
         decision = super().on_trial_result(tune_controller, trial, result)
         if trial.trial_id in self._stopped:
             decision = TrialScheduler.STOP
@@ -232,16 +286,40 @@ class PersistentASHA(AsyncHyperBandScheduler):
         return decision
 
     def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        self._place_by_size(trial.trial_id, result)
         super().on_trial_complete(tune_controller, trial, result)
         self._save(trial)
+
+    def _place_by_size(self, trial_id: str, result: dict) -> None:
+        """Point the trial at its size bracket's rungs (again after a resume: the rungs persist)."""
+        size = (result or {}).get(self._size_key) if self._size_key else None
+        if not size or trial_id not in self._trial_info or not math.isfinite(size):
+            return
+        bracket = size_bracket(size, self._size_ratio)
+        if bracket not in self._by_size:
+            self._by_size[bracket] = copy.deepcopy(self._fresh)
+        self._trial_info[trial_id] = self._by_size[bracket]
+
+    @property
+    def _fresh(self):
+        """Empty rungs as ASHA builds them (its single bracket, before any trial reported)."""
+        fresh = copy.deepcopy(self._brackets[0])
+        for _, recorded in fresh._rungs:
+            recorded.clear()
+        return fresh
 
     def _save(self, trial) -> None:
         path = state_path(trial)
         staging = path.with_name(f".{path.name}.{os.getpid()}")   # whole or not at all: a kill can come any time
         with staging.open("wb") as handle:
-            pickle.dump({"brackets": self._brackets, "stopped": self._stopped, "num_stopped": self._num_stopped},
-                        handle)
+            pickle.dump({"brackets": self._brackets, "stopped": self._stopped, "num_stopped": self._num_stopped,
+                         "by_size": self._by_size}, handle)
         os.replace(staging, path)
+
+
+def size_bracket(size: float, ratio: float) -> int:
+    """The size bracket of a student: sizes within a factor `ratio` share one (log-spaced)."""
+    return math.floor(math.log(size) / math.log(ratio))
 
 
 def state_path(trial) -> Path:
@@ -253,8 +331,10 @@ def make_scheduler(cfg: ExperimentConfig):
     if cfg.scheduler.type == "none":
         return None
     # time_attr="epoch": our own counter, which survives restores (training_iteration restarts)
+    sized = size_objective(cfg) if cfg.scheduler.size_bracket_ratio else None
     return PersistentASHA(time_attr="epoch", metric=cfg.metric.name, mode=cfg.metric.mode, max_t=cfg.train.epochs,
-                          grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor)
+                          grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor,
+                          size_key=sized, size_ratio=cfg.scheduler.size_bracket_ratio)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -37,13 +37,15 @@ class ShapeRejected(UserError):
 
 def shape_problem(arch: dict) -> str | None:
     """Why these Llama/Mixtral sizes make no model (None when they do); arch: models.architecture's."""
-    hidden, heads = arch["hidden_size"], arch["num_attention_heads"]
+    hidden, heads, head_dim = arch["hidden_size"], arch["num_attention_heads"], arch.get("head_dim")
     kv = arch.get("num_key_value_heads") or heads
-    if hidden % heads:
+    if head_dim is None and hidden % heads:
         return f"hidden_size {hidden} is not divisible by num_attention_heads {heads}"
     if heads % kv:
         return f"num_attention_heads {heads} is not divisible by num_key_value_heads {kv}"
-    if (hidden // heads) % 2:
+    if head_dim is not None and head_dim % 2:
+        return f"head_dim {head_dim} is odd (rotary embeddings turn pairs)"
+    if head_dim is None and (hidden // heads) % 2:
         return f"the head dimension {hidden}/{heads} = {hidden // heads} is odd (rotary embeddings turn pairs)"
     experts = arch.get("num_experts")
     if experts is not None and not 1 <= arch.get("num_experts_per_tok", 2) <= experts:
@@ -60,7 +62,8 @@ def parameter_counts(lm) -> tuple[int, int]:
 
 
 def check_student(cfg, tokenizer) -> None:
-    """Raise ShapeRejected when the student cfg builds is no model, or exceeds student.max_params;
+    """Raise ShapeRejected when the student cfg builds is no model, one student.init: teacher cannot
+    make from the teacher (student_init.check_fits), or one over student.max_params;
     a student loaded from student.path is counted as loaded (loop.train calls check_loaded)."""
     from tune_kd import models
 
@@ -74,10 +77,19 @@ def check_student(cfg, tokenizer) -> None:
     problem = shape_problem(arch)
     if problem:
         raise ShapeRejected(f"student shape rejected: {problem}")
+    if spec.max_params is None and spec.init != "teacher":
+        return
+    with torch.device("meta"):
+        built = models.build_model(spec, tokenizer, "student")
+    if spec.init == "teacher" and cfg.teacher is not None and cfg.teacher.path is not None:
+        from tune_kd import student_init
+
+        try:   # a sampled shape init: teacher cannot make (wider, another head_dim, ...) is a rejection too
+            student_init.check_fits(built.config, models.model_config(cfg.teacher, "teacher"))
+        except UserError as exc:
+            raise ShapeRejected(f"student shape rejected: {exc}") from None
     if spec.max_params is not None:
-        with torch.device("meta"):
-            total = parameter_counts(models.build_model(spec, tokenizer, "student"))[0]
-        check_budget(total, spec.max_params)
+        check_budget(parameter_counts(built)[0], spec.max_params)
 
 
 def check_budget(total: int, max_params: int | None) -> None:

@@ -1,0 +1,63 @@
+"""The teacher's point on a size/quality front: its size, speed and validation metrics, measured as
+a student's are (results/<name>/teacher_point.json; report.py draws it next to the trials).
+
+A search with two objectives (search.objectives) runs measure_teacher once, in a Ray task with one
+trial's resources, after its trials: the teacher is evaluated by the loop's own `evaluate` as if it
+were the student (no teacher beside it), so val_ce, val_acc and val_gen_acc mean what a trial's do;
+val_kl, val_loss and val_gen_ce compare a student with the teacher and are NaN here. Its parameter
+count and greedy decoding speed come from student_shape, as every trial's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from tune_kd import loop, models, on_policy, student_shape
+from tune_kd.config import ExperimentConfig
+from tune_kd.distributed import setup_distributed
+from tune_kd.front import TEACHER_POINT_FILE
+from tune_kd.scored import ScoredLM
+
+
+
+def measure_teacher(cfg: ExperimentConfig) -> dict:
+    """{student_params, student_embedding_params, gen_tokens_per_s, val_ce, val_acc, ...} of cfg's
+    teacher on cfg's validation split, in cfg.train's precision on cfg.train.device."""
+    _, _, device = setup_distributed(False, cfg.train.device)
+    precision = models.resolve_precision(cfg.train.dtype, device)
+    tokenizer, _, val_data = loop.load_data(cfg)
+    pad_id = loop.padding_id(tokenizer)
+    teacher_lm = models.make_teacher(cfg.teacher, tokenizer, precision)
+    as_student = ScoredLM(teacher_lm)
+    alone = cfg.replace(train=dataclasses.replace(cfg.train, alpha=1.0, on_policy_fraction=0.0, seq_kd=False))
+    generation = on_policy.Generation(alone, tokenizer, pad_id, [teacher_lm, None], "eval.generation_samples") \
+        if cfg.eval.generation_samples else None
+    metrics = loop.evaluate(as_student, None, val_data, pad_id, alone, precision, None, generation=generation)
+    params, embedding = student_shape.parameter_counts(teacher_lm)
+    prompts = on_policy.prompts_and_replies(val_data, on_policy.generation_subset(val_data, student_shape.SPEED_PROMPTS))[0]
+    with torch.no_grad():
+        speed = student_shape.generation_speed(teacher_lm, prompts, pad_id, precision.autocast)
+    return {**metrics, "student_params": params, "student_embedding_params": embedding, "gen_tokens_per_s": speed}
+
+
+def write_teacher_point(cfg: ExperimentConfig, experiment_dir: Path, per_trial: dict) -> dict | None:
+    """measure_teacher in a Ray task with one trial's CPUs and GPUs, written to teacher_point.json and
+    its line printed; None (nothing measured) without a teacher directory to load."""
+    import ray
+
+    if cfg.teacher is None or cfg.teacher.path is None:
+        return None
+    task = ray.remote(num_cpus=per_trial["cpu"], num_gpus=per_trial["gpu"])(measure_teacher)
+    point = ray.get(task.remote(cfg))
+    point = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in point.items()}
+    (Path(experiment_dir) / TEACHER_POINT_FILE).write_text(json.dumps(point, indent=1))
+    size_key, metric = cfg.search.objectives[1], cfg.metric.name
+    value = point.get(metric)
+    print(f"teacher (measured as a student): {size_key} {point[size_key]:,.6g}, {metric} "
+          f"{'n/a' if value is None else f'{value:.4f}'}")
+    return point
