@@ -73,6 +73,20 @@ def world_settings(args) -> dict:
             "teacher_batch_size": args.teacher_batch_size, "max_seq_len": MAX_SEQ_LEN}
 
 
+def add_world_flags(parser: argparse.ArgumentParser) -> None:
+    """--world and the flags world_settings reads (bench/student_init_speed.py reuses the world)."""
+    parser.add_argument("--world", default=str(ROOT / "results" / NAME), help="the world's folder (default: %(default)s)")
+    world_flags = parser.add_argument_group("the world (a change rebuilds it)")
+    world_flags.add_argument("--data-seed", type=int, default=2024)
+    world_flags.add_argument("--conversations", type=int, default=16000, help="training conversations")
+    world_flags.add_argument("--val", type=int, default=400, help="validation conversations")
+    world_flags.add_argument("--teacher-hidden", type=int, default=128)
+    world_flags.add_argument("--teacher-layers", type=int, default=4)
+    world_flags.add_argument("--teacher-epochs", type=int, default=8)
+    world_flags.add_argument("--teacher-lr", type=float, default=3e-3)
+    world_flags.add_argument("--teacher-batch-size", type=int, default=64)
+
+
 def longest_reply_tokens(raw: dict) -> int:
     """The longest last assistant reply of the training and validation data in tokens, its
     end-of-turn token included, as ingestion tokenized it (in context, after the template's header)."""
@@ -290,16 +304,7 @@ def report(args, built: dict, runs: dict, wall: float, world: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--world", default=str(ROOT / "results" / NAME), help="the world's folder (default: %(default)s)")
-    world_flags = parser.add_argument_group("the world (a change rebuilds it)")
-    world_flags.add_argument("--data-seed", type=int, default=2024)
-    world_flags.add_argument("--conversations", type=int, default=16000, help="training conversations")
-    world_flags.add_argument("--val", type=int, default=400, help="validation conversations")
-    world_flags.add_argument("--teacher-hidden", type=int, default=128)
-    world_flags.add_argument("--teacher-layers", type=int, default=4)
-    world_flags.add_argument("--teacher-epochs", type=int, default=8)
-    world_flags.add_argument("--teacher-lr", type=float, default=3e-3)
-    world_flags.add_argument("--teacher-batch-size", type=int, default=64)
+    add_world_flags(parser)
     arm_flags = parser.add_argument_group("the arms")
     arm_flags.add_argument("--arms", nargs="+", choices=sorted(ARM_TITLES), default=["off", "on0", "warm"])
     arm_flags.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
