@@ -1,13 +1,15 @@
 """Does one size/quality search find a better front than a grid of shapes? And what should ASHA do
 when trials differ in size?
 
-    python bench/shape_front.py [--seeds 0 1 2] [--num-samples 16] [--num-cpus 2] [--orders 200]
+    python bench/shape_front.py [--seeds 0 1 2] [--num-samples 12] [--max-train-examples 2000]
+                                [--num-cpus 2] [--orders 200]
 
 Per seed (used as search.seed and train.seed):
 
-    search   search_spaces/student_shape.yaml as it ships (shape, init, lr, T, alpha; two objectives,
-             ASHA within size brackets), num_samples trials, control arms off; every epoch report is
-             recorded in arrival order (a trial-epoch each)
+    search   search_spaces/student_shape.yaml (shape, init, lr, T, alpha; two objectives, ASHA within
+             size brackets), num_samples trials, control arms off, --max-train-examples conversations
+             per epoch (the YAML's 6000 would triple the bench's hours); every epoch report is recorded
+             in arrival order (a trial-epoch each)
     grid     GRID's 9 shapes (hidden 32/64/128 x 1/2/4 layers, MLP 3 x hidden, heads of 32), each trained
              once by the loop for the YAML's epochs with its fixed settings (random init, lr 3e-3, T 2,
              alpha 0.5): 27 trial-epochs, two at a time
@@ -63,18 +65,19 @@ class Reports(Callback):
         self.rows.append((trial.trial_id, result["epoch"], result.get("val_ce"), result.get("student_params")))
 
 
-def run_search(seed: int, num_samples: int, num_cpus: int) -> list[tuple]:
+def run_search(seed: int, num_samples: int, num_cpus: int, examples: int) -> list[tuple]:
     from tune_kd.search import run_search as search
 
     cfg = load_config(SPACE, {"search.seed": seed, "train.seed": seed, "search.num_samples": num_samples,
-                              "name": f"shape-search-seed{seed}", "controls.plain_sft": False})
+                              "name": f"shape-search-seed{seed}", "controls.plain_sft": False,
+                              "data.max_train_examples": examples})
     reports = Reports()
     search(cfg, str(SPACE), storage=str(OUT), num_cpus=num_cpus, callbacks=[reports], export_best=False,
            dashboard_host=None)
     return reports.rows
 
 
-def train_grid_shape(seed: int, hidden: int, layers: int) -> dict:
+def train_grid_shape(seed: int, examples: int, hidden: int, layers: int) -> dict:
     """One grid shape trained by the loop with the YAML's fixed settings (in a worker process)."""
     import torch
 
@@ -84,15 +87,16 @@ def train_grid_shape(seed: int, hidden: int, layers: int) -> dict:
     arch = {"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 3 * hidden,
             "num_attention_heads": hidden // 32, "head_dim": 32}
     cfg = load_config(SPACE, {"train.seed": seed, "parameters": {}, "search.objectives": None,
+                              "data.max_train_examples": examples,
                               **{f"student.arch.{k}": v for k, v in arch.items()}})
     curve = []
     loop.train(cfg, report=lambda metrics, save: curve.append((metrics["val_ce"], metrics["student_params"])))
     return {"hidden": hidden, "layers": layers, "val_ce": [v for v, _ in curve], "student_params": curve[0][1]}
 
 
-def run_grid(seed: int) -> list[dict]:
+def run_grid(seed: int, examples: int) -> list[dict]:
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(train_grid_shape, [seed] * len(GRID), *zip(*GRID)))
+        return list(pool.map(train_grid_shape, [seed] * len(GRID), [examples] * len(GRID), *zip(*GRID)))
 
 
 def search_front_at(rows: list[tuple], budget: int) -> list[front.Point]:
@@ -146,15 +150,18 @@ def replay_asha(grid: list[dict], order: list[int], ratio: float, epochs: int) -
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--num-samples", type=int, default=12)
     parser.add_argument("--num-cpus", type=int, default=2)
     parser.add_argument("--orders", type=int, default=200)
+    parser.add_argument("--max-train-examples", type=int, default=2000,
+                        help="training conversations per epoch (the YAML's 6000 cost ~3x the time)")
     args = parser.parse_args()
     os.chdir(ROOT)   # the YAML's paths (results/demo/...) are relative to the repository
     OUT.mkdir(parents=True, exist_ok=True)
     epochs = load_config(SPACE).train.epochs
     budget = len(GRID) * epochs
-    lines, record = [], {"seeds": {}, "grid": GRID, "budget": budget, "num_samples": args.num_samples}
+    lines, record = [], {"seeds": {}, "grid": GRID, "budget": budget, "num_samples": args.num_samples,
+                         "max_train_examples": args.max_train_examples}
 
     def say(line: str) -> None:
         print(line, flush=True)
@@ -167,9 +174,9 @@ def main() -> None:
             run = json.loads(cached.read_text())
         else:
             started = time.monotonic()
-            rows = run_search(seed, args.num_samples, args.num_cpus)
+            rows = run_search(seed, args.num_samples, args.num_cpus, args.max_train_examples)
             searched = time.monotonic() - started
-            grid = run_grid(seed)
+            grid = run_grid(seed, args.max_train_examples)
             run = {"rows": rows, "grid": grid, "search_s": searched, "grid_s": time.monotonic() - started - searched}
             cached.write_text(json.dumps(run))
         rows, grid = [tuple(r) for r in run["rows"]], run["grid"]

@@ -209,3 +209,24 @@ def test_a_size_quality_search_end_to_end(world, tmp_path):
         assert f"on the search's size/quality front (student_params {p.size:,.6g}, val_ce {p.value:.6g}" in card
         assert f"Size: {p.size:,.0f} parameters" in card and "tokens/s at batch 1" in card
         assert json.loads((folder / "tune_kd.json").read_text())["trial_id"] == p.trial_id
+
+
+def test_a_size_quality_search_starts_with_the_yaml_student_then_the_smallest_one(world, tmp_path):
+    from tune_kd import searcher
+
+    raw = search_raw(world, search={"objectives": ["val_ce", "student_params"]})
+    raw["parameters"] = {"student.arch.hidden_size": {"values": [64, 32, 48]},
+                         "student.arch.num_hidden_layers": {"distribution": "int_uniform", "min": 1, "max": 3},
+                         "learning_rate": {"distribution": "log_uniform_values", "min": 1e-4, "max": 1e-2}}
+    built = searcher.make_searcher(load_config(raw=raw), tmp_path)   # the YAML's student is the smallest: once
+    assert built._points_to_evaluate == [
+        {"student.arch.hidden_size": 32, "student.arch.num_hidden_layers": 1, "learning_rate": 3e-3}]
+    raw["student"] = {"arch": {**raw["student"]["arch"], "hidden_size": 64, "num_hidden_layers": 2}}
+    built = searcher.make_searcher(load_config(raw=raw), tmp_path)
+    assert built._points_to_evaluate == [
+        {"student.arch.hidden_size": 64, "student.arch.num_hidden_layers": 2, "learning_rate": 3e-3},
+        {"student.arch.hidden_size": 32, "student.arch.num_hidden_layers": 1, "learning_rate": 3e-3}]
+    raw["search"] = {**raw["search"], "objectives": None}      # the metric alone: the YAML's point only
+    built = searcher.make_searcher(load_config(raw=raw), tmp_path)
+    assert built._points_to_evaluate == [
+        {"student.arch.hidden_size": 64, "student.arch.num_hidden_layers": 2, "learning_rate": 3e-3}]

@@ -99,14 +99,15 @@ def experiment_front(experiment_dir: Path) -> list[Point]:
     return pareto_front(points, mode, SIZE_OBJECTIVES[size_key]) if size_key else []
 
 
-def summary_lines(shape_front: list[Point], name: str, size_key: str, metric: str, mode: str, percent: float) -> str:
+def summary_lines(shape_front: list[Point], experiment_dir: Path, size_key: str, metric: str, mode: str,
+                  percent: float) -> str:
     """The front's lines at the end of a two-objective search."""
     pick = smallest_within(shape_front, percent, mode)
     lines = [f"size/quality front ({len(shape_front)} trials, {size_key} against {metric}):"]
     lines += [f"  trial {p.trial_id}  {size_key} {p.size:,.6g}  {metric} {p.value:.4f}" for p in shape_front]
     lines.append(f"smallest student within {percent:g}% of the best {metric}: trial {pick.trial_id} ({size_key} "
                  f"{pick.size:,.6g}, {metric} {pick.value:.4f}); export the front: python -m tune_kd.export "
-                 f"results/{name} --front --out DIR")
+                 f"{experiment_dir} --front --out DIR")
     return "\n".join(lines)
 
 

@@ -370,7 +370,7 @@ def run_control_arms(cfg: ExperimentConfig, summary: dict, experiment_dir: Path,
         summary["controls"] = arms
         print(controls.format_comparison(arms))
     if shape_front:
-        print(front.summary_lines(shape_front, cfg.name, cfg.search.objectives[1], cfg.metric.name, cfg.metric.mode,
+        print(front.summary_lines(shape_front, experiment_dir, cfg.search.objectives[1], cfg.metric.name, cfg.metric.mode,
                                   cfg.search.within_percent))
 
 

@@ -55,7 +55,10 @@ class PruneAwareOptunaSearch(OptunaSearch):
     everything up to the kill. restore() closes what was asked after that save (FAIL: it never ran;
     left RUNNING, TPE's constant liar would count it in every later proposal) and marks what was
     finished after it, so reports Tune replays are not told twice. A trial Optuna holds as FAIL
-    that runs again (--retry-errored) gets a new Optuna trial, added when it ends."""
+    that runs again (--retry-errored) gets a new Optuna trial, added when it ends.
+
+    With a size objective (search.objectives) the study has two directions: a completed trial is
+    told [its best epoch's value, its size]; the per-epoch values go to the EPOCH_VALUES attribute."""
 
     def __init__(self, *, metric: str, mode: str, max_epochs: int, size_objective: str | None = None, **kwargs):
         # two objectives (search.objectives): the study minimises/maximises both; Optuna keeps no
@@ -232,8 +235,12 @@ def size_objective(cfg: ExperimentConfig) -> str | None:
 
 
 def make_searcher(cfg: ExperimentConfig, experiment_dir: Path):
-    first = space.fixed_point(cfg)
-    points = [first] if cfg.search.evaluate_train_first and first else None
+    """The YAML's settings are the first trial (search.evaluate_train_first); in a size/quality search
+    the smallest student of the space is the second: a dozen TPE trials rarely sample the small corner
+    of a shape space, and the front's small end is half of what the user asked (docs/search.md)."""
+    first, smallest = space.fixed_point(cfg), space.smallest_point(cfg) if size_objective(cfg) else None
+    points = [p for p in (first, smallest) if p] if cfg.search.evaluate_train_first else []
+    points = [p for i, p in enumerate(points) if p not in points[:i]] or None
     if cfg.search.algorithm == "optuna":
         return make_optuna_searcher(cfg, f"sqlite:///{experiment_dir / 'optuna.db'}", points)
     from ray.tune.search.basic_variant import BasicVariantGenerator

@@ -59,6 +59,17 @@ def fixed_point(cfg: ExperimentConfig) -> dict[str, Any]:
     return point
 
 
+def smallest_point(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """fixed_point with every searched student.arch key at its smallest value: the smallest student the
+    space holds, trained with the YAML's settings; None when the shape is not searched."""
+    shape = {name: spec for name, spec in cfg.parameters.items()
+             if name.startswith("student.arch.") and "value" not in spec}
+    if not shape:
+        return None
+    return {**fixed_point(cfg), **{name: min(spec["values"]) if "values" in spec else spec["min"]
+                                   for name, spec in shape.items()}}
+
+
 def yaml_value(cfg: ExperimentConfig, name: str):
     """The YAML's own setting of a searchable key: train.<name>, or the student's shape and start
     (student.arch.<key> as the student is built: its preset's or the default's when left out)."""
