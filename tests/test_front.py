@@ -230,3 +230,32 @@ def test_a_size_quality_search_starts_with_the_yaml_student_then_the_smallest_on
     built = searcher.make_searcher(load_config(raw=raw), tmp_path)
     assert built._points_to_evaluate == [
         {"student.arch.hidden_size": 64, "student.arch.num_hidden_layers": 2, "learning_rate": 3e-3}]
+
+
+def test_a_teacher_that_cannot_be_measured_costs_the_search_nothing(world, tmp_path, caplog):
+    """The teacher's point runs after the trials: a teacher that fails there (here a weights file cut
+    short) leaves its reason in teacher_point.json and a warning, the report says the point is
+    missing, and nothing raises."""
+    import logging
+    import shutil
+
+    import ray
+
+    from tune_kd.teacher_point import write_teacher_point
+
+    broken = tmp_path / "teacher"
+    shutil.copytree(world["teacher"], broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    cfg = load_config(raw=search_raw(dict(world, teacher=str(broken)), search={"objectives": ["val_ce", "student_params"]}))
+    experiment = write_shape_experiment(tmp_path / "shapes", ["val_ce", "student_params"], teacher_point=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        with caplog.at_level(logging.WARNING):
+            assert write_teacher_point(cfg, experiment, {"cpu": 1, "gpu": 0}) is None
+    finally:
+        ray.shutdown()
+    reason = json.loads((experiment / "teacher_point.json").read_text())["error"]
+    assert reason and "the teacher's point on the front was not measured" in caplog.text
+    text = report.build(experiment).read_text()
+    assert "the teacher's point was not measured" in text and "teacher, measured as a student" not in text

@@ -74,7 +74,7 @@ def plot_front(view: FrontView, plt):
     if view.pick is not None:
         ax.scatter([view.pick.size], [view.pick.value], s=180, facecolors="none", edgecolors="tab:green",
                    linewidths=2, label=f"smallest within {view.percent:g}% of the best")
-    teacher_value = (view.teacher or {}).get(view.metric)
+    teacher_value = (view.teacher or {}).get(view.metric)   # None: not measured, or no such metric for a teacher
     if teacher_value is not None:
         ax.scatter([view.teacher[view.size_key]], [teacher_value], marker="*", s=200, color="tab:red", label="teacher")
     ax.set_xscale("log")
@@ -109,4 +109,6 @@ def front_html(view: FrontView, searched: list[str]) -> str:
     if view.teacher is not None and view.teacher.get(view.metric) is not None:
         parts.append(f"<p>teacher, measured as a student: {view.size_key} {view.teacher[view.size_key]:,.6g}, "
                      f"{view.metric} {view.teacher[view.metric]:.4f}</p>")
+    elif view.teacher is not None and view.teacher.get("error"):
+        parts.append(f"<p class='note'>the teacher's point was not measured: {html.escape(view.teacher['error'])}</p>")
     return "\n".join(parts)

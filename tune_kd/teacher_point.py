@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -22,6 +23,8 @@ from tune_kd.config import ExperimentConfig
 from tune_kd.distributed import setup_distributed
 from tune_kd.front import TEACHER_POINT_FILE
 from tune_kd.scored import ScoredLM
+
+log = logging.getLogger(__name__)
 
 
 
@@ -46,14 +49,24 @@ def measure_teacher(cfg: ExperimentConfig) -> dict:
 
 
 def write_teacher_point(cfg: ExperimentConfig, experiment_dir: Path, per_trial: dict) -> dict | None:
-    """measure_teacher in a Ray task with one trial's CPUs and GPUs, written to teacher_point.json and
-    its line printed; None (nothing measured) without a teacher directory to load."""
+    """measure_teacher in a Ray task with one trial's CPUs and at least a whole GPU where trials have
+    GPUs (the trials are over: a fractional share may not hold the teacher), written to
+    teacher_point.json and its line printed; None without a teacher directory to load. A teacher that
+    cannot be measured (out of memory, ...) costs the search nothing: its reason is written instead,
+    logged, and the report says the point is missing."""
     import ray
 
     if cfg.teacher is None or cfg.teacher.path is None:
         return None
-    task = ray.remote(num_cpus=per_trial["cpu"], num_gpus=per_trial["gpu"])(measure_teacher)
-    point = ray.get(task.remote(cfg))
+    gpus = max(1.0, per_trial["gpu"]) if per_trial["gpu"] else 0
+    task = ray.remote(num_cpus=per_trial["cpu"], num_gpus=gpus)(measure_teacher)
+    try:
+        point = ray.get(task.remote(cfg))
+    except Exception as exc:   # noqa: BLE001  (a RayTaskError wraps whatever the task raised)
+        reason = str(exc).strip().splitlines()[-1]
+        log.warning("WARNING: the teacher's point on the front was not measured: %s", reason)
+        (Path(experiment_dir) / TEACHER_POINT_FILE).write_text(json.dumps({"error": reason}))
+        return None
     point = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in point.items()}
     (Path(experiment_dir) / TEACHER_POINT_FILE).write_text(json.dumps(point, indent=1))
     size_key, metric = cfg.search.objectives[1], cfg.metric.name
