@@ -79,6 +79,12 @@ def run(args: argparse.Namespace) -> dict:
             save(out_dir / "best")
 
     result = train(cfg, report=report, resume_from=args.resume, out_dir=out_dir, ddp=args.ddp)
+    if args.ddp:
+        import torch.distributed as dist
+
+        # every rank leaves together: rank 0 still writes its checkpoints after the last collective, and a
+        # rank that tears down its process group meanwhile can abort in gloo's threads
+        dist.barrier()
     if rank(args) == 0:
         m = result.metrics
         print(f"done: epoch {m['epoch']} val_ce {m['val_ce']:.4f} val_kl {m['val_kl']:.4f} "
