@@ -226,6 +226,14 @@ def test_a_size_quality_search_starts_with_the_yaml_student_then_the_smallest_on
     assert built._points_to_evaluate == [
         {"student.arch.hidden_size": 64, "student.arch.num_hidden_layers": 2, "learning_rate": 3e-3},
         {"student.arch.hidden_size": 32, "student.arch.num_hidden_layers": 1, "learning_rate": 3e-3}]
+    raw["parameters"].update({"student.arch.num_attention_heads": {"values": [6, 12]},
+                              "student.arch.num_key_value_heads": {"values": [4, 6]}})
+    raw["student"]["arch"].update(hidden_size=96, num_attention_heads=12, num_key_value_heads=6)
+    built = searcher.make_searcher(load_config(raw=raw), tmp_path)   # 6 heads over 4 kv heads is no model: left out
+    assert len(built._points_to_evaluate) == 1
+    for key in ("student.arch.num_attention_heads", "student.arch.num_key_value_heads"):
+        del raw["parameters"][key]
+    raw["student"]["arch"].update(hidden_size=64, num_attention_heads=2, num_key_value_heads=2)
     raw["search"] = {**raw["search"], "objectives": None}      # the metric alone: the YAML's point only
     built = searcher.make_searcher(load_config(raw=raw), tmp_path)
     assert built._points_to_evaluate == [

@@ -400,3 +400,18 @@ def test_size_brackets_survive_a_resume(tmp_path):
         == TrialScheduler.CONTINUE
     assert resumed.on_trial_result(None, fake_trial("big3", tmp_path), result(1, 1.5, student_params=70_000)) \
         == TrialScheduler.STOP
+
+
+def test_tune_accepts_a_rejected_or_diverged_report_of_a_two_objective_search(tmp_path):
+    """A rejected shape's or a diverged trial's report carries the metric but no size: Tune's strict
+    metric check (which stops the whole search on a miss) asks only for the ranked metric."""
+    from ray.tune.execution.tune_controller import TuneController
+    from ray.tune.search.search_generator import SearchGenerator
+
+    cfg = config(**SIZED)
+    searcher = make_optuna_searcher(cfg, f"sqlite:///{tmp_path / 'optuna.db'}", None)
+    assert searcher.metric == "val_ce"
+    controller = SimpleNamespace(_metric=None, _scheduler_alg=make_scheduler(cfg), _search_alg=SearchGenerator(searcher))
+    for report in ({"epoch": 1, "val_ce": float("inf"), "rejected": "student shape rejected: ..."},
+                   {"epoch": 2, "val_ce": float("nan"), "diverged": "loss became nan"}):
+        TuneController._validate_result_metrics(controller, {**report, "training_iteration": 1, "time_this_iter_s": 0.1})

@@ -159,8 +159,8 @@ class SchedulerConfig:
     type: Literal["asha", "none"] = "asha"
     grace_period: int = 1                              # epochs every trial gets before it can be stopped
     reduction_factor: int = 2
-    size_bracket_ratio: float = 2.0                    # two objectives: ASHA compares a trial only with trials whose
-                                                       # size is within this factor (0: across all sizes)
+    size_bracket_ratio: float = 2.0                    # two objectives: ASHA compares a trial only with trials in its
+                                                       # log-spaced size cell [r^k, r^(k+1)) (0: across all sizes)
 
 
 @dataclass(frozen=True)

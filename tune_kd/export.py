@@ -168,7 +168,7 @@ def export_front(experiment_dir: str | Path, out: str | Path) -> list[tuple[Cand
     exported = []
     for rank, point in enumerate(shape_front, 1):
         note = (f"student {rank} of {len(shape_front)} on the search's size/quality front ({size_key} "
-                f"{point.size:,.6g}, {metric} {point.value:.6g}; no other trial is both smaller and better)")
+                f"{point.size:,.6g}, {metric} {point.value:.6g}; no other trial is both cheaper and better)")
         target = out / f"{rank:02d}_trial_{point.trial_id}"
         exported.append((export(experiment_dir, target, point.trial_id, note), target))
     return exported

@@ -154,16 +154,16 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         errors, trial_ids = fit(tuner)
         summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
         run_control_arms(cfg, summary, experiment_dir, plan, resume)
-        if cfg.search.objectives and len(cfg.search.objectives) == 2:   # the teacher's point on the front
-            from tune_kd.teacher_point import write_teacher_point
-
-            summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
         if plan.served is not None:
             summary["served_teacher"] = served_stats(plan.served.stats())
             print(summary["served_teacher"])
     finally:
         if plan.served is not None:   # the teacher's actors go with the search (also on errors and Ctrl-C)
             plan.served.stop()
+    if cfg.search.objectives and len(cfg.search.objectives) == 2:   # the teacher's point on the front, on the
+        from tune_kd.teacher_point import write_teacher_point     # GPU the served teacher held, if any
+
+        summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
     write_report(summary, experiment_dir)
     if context is not None and address is None:
         import ray

@@ -73,6 +73,17 @@ class PruneAwareOptunaSearch(OptunaSearch):
         self._reported: dict[str, set] = {}     # trial id -> epochs already reported
         self._max_live: int | None = None
 
+    @property
+    def metric(self) -> str:
+        """The metric Tune requires in every result: the ranked one alone. A diverged or rejected trial
+        reports no size, and Tune stops the whole search on a result without a searcher's metric.
+        (The study's two directions come from _mode, which Ray's OptunaSearch reads directly.)"""
+        return self._ranked_by
+
+    @property
+    def mode(self) -> str:
+        return self._ranked_mode
+
     def set_max_concurrency(self, max_concurrent: int) -> bool:
         # limit here, not in Ray's ConcurrencyLimiter: it drops the completion of a trial it does not
         # count as live, and a trial re-run after its error (--retry-errored) never is
@@ -190,7 +201,9 @@ class PruneAwareOptunaSearch(OptunaSearch):
         if self._size_objective is None:
             return TrialState.COMPLETE, best
         size = result.get(self._size_objective, size)
-        return (TrialState.COMPLETE, [best, float(size)]) if size is not None else (TrialState.FAIL, None)
+        if size is None or not math.isfinite(size):   # Optuna refuses a NaN objective
+            return TrialState.FAIL, None
+        return TrialState.COMPLETE, [best, float(size)]
 
 
 def epoch_values(frozen: optuna.trial.FrozenTrial) -> dict[int, float]:
@@ -210,7 +223,9 @@ def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.TPESampler:
     parameters that appear together (lr x T x alpha interact; a kd_loss branch samples its own group).
     constant_liar: trials still running count as bad results, so concurrent asks spread out instead of
     piling onto one optimum. ASHA-stopped trials are PRUNED with their epochs' values: TPE ranks them
-    after every completed trial, by how far they got and then by their last value (low-fidelity evidence)."""
+    after every completed trial, by how far they got and then by their last value (low-fidelity evidence).
+    With two objectives Optuna's TPE reads no epoch values: it ranks the completed trials by Pareto
+    rank, and its pruned trials tie (the earliest first)."""
     # `group` is marked experimental, and warn_independent_sampling deprecated (Optuna 4.9; its
     # default True logs a warning per parameter sampled independently): the search log need not say so
     with warnings.catch_warnings():
@@ -259,8 +274,9 @@ class PersistentASHA(AsyncHyperBandScheduler):
     stopped: Tune may resume a trial stopped after its last state save, and it must stop again.
 
     size_key (a size/quality search): a trial's rung values are compared only with those of trials
-    in its size bracket, sizes within a factor size_ratio of each other (log-spaced: floor(log(size)
-    / log(ratio))). A small student is slower to learn and worse at every epoch; plain ASHA would stop
+    in its size bracket, the log-spaced cell [ratio^k, ratio^(k+1)) its size falls in (k =
+    floor(log(size) / log(ratio)); a trial keeps the bracket of its first reported size, which a
+    re-measured speed after a restart could otherwise move). A small student is slower to learn and worse at every epoch; plain ASHA would stop
     it against the large ones, and the front's small end would never be trained (docs/search.md,
     "Searching the student's shape", measures it). Every trial reports its size from its first epoch."""
 
@@ -270,6 +286,7 @@ class PersistentASHA(AsyncHyperBandScheduler):
         self._loaded = False
         self._size_key, self._size_ratio = size_key, size_ratio
         self._by_size: dict[int, object] = {}   # size bracket -> its own rungs (one of Ray's _Bracket)
+        self._bracket_of: dict[str, int] = {}   # trial id -> its size bracket
 
     def on_trial_add(self, tune_controller, trial) -> None:
         if not self._loaded:
@@ -279,7 +296,7 @@ class PersistentASHA(AsyncHyperBandScheduler):
                 with path.open("rb") as handle:
                     state = pickle.load(handle)
                 self._brackets, self._stopped, self._num_stopped = state["brackets"], state["stopped"], state["num_stopped"]
-                self._by_size = state.get("by_size", {})
+                self._by_size, self._bracket_of = state.get("by_size", {}), state.get("bracket_of", {})
         super().on_trial_add(tune_controller, trial)
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
@@ -302,7 +319,7 @@ class PersistentASHA(AsyncHyperBandScheduler):
         size = (result or {}).get(self._size_key) if self._size_key else None
         if not size or trial_id not in self._trial_info or not math.isfinite(size):
             return
-        bracket = size_bracket(size, self._size_ratio)
+        bracket = self._bracket_of.setdefault(trial_id, size_bracket(size, self._size_ratio))
         if bracket not in self._by_size:
             self._by_size[bracket] = copy.deepcopy(self._fresh)
         self._trial_info[trial_id] = self._by_size[bracket]
@@ -320,12 +337,12 @@ class PersistentASHA(AsyncHyperBandScheduler):
         staging = path.with_name(f".{path.name}.{os.getpid()}")   # whole or not at all: a kill can come any time
         with staging.open("wb") as handle:
             pickle.dump({"brackets": self._brackets, "stopped": self._stopped, "num_stopped": self._num_stopped,
-                         "by_size": self._by_size}, handle)
+                         "by_size": self._by_size, "bracket_of": self._bracket_of}, handle)
         os.replace(staging, path)
 
 
 def size_bracket(size: float, ratio: float) -> int:
-    """The size bracket of a student: sizes within a factor `ratio` share one (log-spaced)."""
+    """The size bracket of a student: k of the log-spaced cell [ratio^k, ratio^(k+1)) its size is in."""
     return math.floor(math.log(size) / math.log(ratio))
 
 

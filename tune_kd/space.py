@@ -66,8 +66,16 @@ def smallest_point(cfg: ExperimentConfig) -> dict[str, Any] | None:
              if name.startswith("student.arch.") and "value" not in spec}
     if not shape:
         return None
-    return {**fixed_point(cfg), **{name: min(spec["values"]) if "values" in spec else spec["min"]
-                                   for name, spec in shape.items()}}
+    point = {**fixed_point(cfg), **{name: min(spec["values"]) if "values" in spec else spec["min"]
+                                    for name, spec in shape.items()}}
+    from tune_kd.errors import UserError
+    from tune_kd.models import architecture
+    from tune_kd.student_shape import shape_problem
+
+    try:   # each key at its minimum need not make a model together (heads 6 over kv heads 4): then none
+        return None if shape_problem(architecture(apply_point(cfg, point).student, "student")) else point
+    except UserError:
+        return None
 
 
 def yaml_value(cfg: ExperimentConfig, name: str):

@@ -3,8 +3,9 @@ a student's are (results/<name>/teacher_point.json; report.py draws it next to t
 
 A search with two objectives (search.objectives) runs measure_teacher once, in a Ray task with one
 trial's resources, after its trials: the teacher is evaluated by the loop's own `evaluate` as if it
-were the student (no teacher beside it), so val_ce, val_acc and val_gen_acc mean what a trial's do;
-val_kl, val_loss and val_gen_ce compare a student with the teacher and are NaN here. Its parameter
+were the student (no teacher beside it), so val_ce, val_acc and val_gen_acc mean what a trial's do
+(val_loss is val_ce at alpha 1); val_kl and val_gen_ce compare a student with the teacher and are
+NaN here. Its parameter
 count and greedy decoding speed come from student_shape, as every trial's.
 """
 
@@ -25,6 +26,7 @@ from tune_kd.front import TEACHER_POINT_FILE
 from tune_kd.scored import ScoredLM
 
 log = logging.getLogger(__name__)
+TIMEOUT_S = 1800   # a task that cannot be placed (no free GPU) must not hold the search's end for ever
 
 
 
@@ -60,9 +62,11 @@ def write_teacher_point(cfg: ExperimentConfig, experiment_dir: Path, per_trial: 
         return None
     gpus = max(1.0, per_trial["gpu"]) if per_trial["gpu"] else 0
     task = ray.remote(num_cpus=per_trial["cpu"], num_gpus=gpus)(measure_teacher)
+    pending = task.remote(cfg)
     try:
-        point = ray.get(task.remote(cfg))
-    except Exception as exc:   # noqa: BLE001  (a RayTaskError wraps whatever the task raised)
+        point = ray.get(pending, timeout=TIMEOUT_S)
+    except Exception as exc:   # noqa: BLE001  (a RayTaskError wraps whatever the task raised; or the timeout)
+        ray.cancel(pending, force=True)
         reason = str(exc).strip().splitlines()[-1]
         log.warning("WARNING: the teacher's point on the front was not measured: %s", reason)
         (Path(experiment_dir) / TEACHER_POINT_FILE).write_text(json.dumps({"error": reason}))
