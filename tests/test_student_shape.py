@@ -110,3 +110,22 @@ def test_a_shape_search_reports_rejected_trials_and_the_study_learns_they_were_b
                for line in path.read_text().splitlines()]
     assert all("not divisible" in r["rejected"] or "odd" in r["rejected"] for r in reports if "rejected" in r)
     assert all(r["student_params"] > 0 for r in reports if "rejected" not in r)
+
+
+def test_a_searched_teacher_init_with_a_teacher_it_cannot_copy_is_one_error_before_the_search(world, tmp_path):
+    """student.init searched over random and teacher, the teacher a mixture of experts: one line at
+    preflight, instead of every init-teacher trial REJECTED for a reason no shape can fix."""
+    from transformers import MixtralConfig
+
+    from tune_kd.errors import UserError
+
+    MixtralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                  num_local_experts=4, vocab_size=64).save_pretrained(tmp_path / "moe")
+    raw = search_raw(dict(world, teacher=str(tmp_path / "moe")))
+    raw["parameters"] = {"student.init": {"values": ["random", "teacher"]}}
+    with pytest.raises(UserError, match="teacher: a mixture-of-experts teacher .4 experts.: student.init: teacher"):
+        student_shape.check_teacher_for_init(load_config(raw=raw))
+    raw["parameters"] = {"student.init": {"values": ["random"]}}
+    student_shape.check_teacher_for_init(load_config(raw=raw))           # never from the teacher: no check
+    student_shape.check_teacher_for_init(load_config(raw=search_raw(world, student={"arch": TINY_ARCH,
+                                                                                    "init": "teacher"})))

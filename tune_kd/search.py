@@ -26,7 +26,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tune_kd import cli, controls, export, front, models, prepare, report, resources, results, space, teacher_server
+from tune_kd import (cli, controls, export, front, models, prepare, report, resources, results, space, student_shape,
+                     teacher_server)
 from tune_kd.config import ExperimentConfig, absolute_paths, load_config
 from tune_kd.errors import UserError
 from tune_kd.tracking import make_callbacks
@@ -190,6 +191,7 @@ def preflight(cfg: ExperimentConfig, source: str, experiment_dir: Path, address:
     if resume:
         check_resume_config(cfg, experiment_dir)
     prepared = prepare.prepare_inputs(cfg, source, teacher_cache=False)
+    student_shape.check_teacher_for_init(cfg)   # searched init: teacher with a teacher it cannot copy
     for line in prepared.lines:
         log.info("%s", line)
     experiment_dir.mkdir(parents=True, exist_ok=True)

@@ -92,6 +92,18 @@ def check_student(cfg, tokenizer) -> None:
         check_budget(parameter_counts(built)[0], spec.max_params)
 
 
+def check_teacher_for_init(cfg) -> None:
+    """A search whose students may start from the teacher (student.init: teacher, fixed or among the
+    searched values) with a teacher student_init cannot copy (MoE, not a Llama, biased projections):
+    one UserError before the search, not every such trial REJECTED by check_student."""
+    from tune_kd import models, student_init
+
+    searched = cfg.parameters.get("student.init", {}).get("values", [])
+    if cfg.teacher is not None and cfg.teacher.path is not None and (cfg.student.init == "teacher"
+                                                                      or "teacher" in searched):
+        student_init.check_teacher(models.model_config(cfg.teacher, "teacher"))
+
+
 def check_budget(total: int, max_params: int | None) -> None:
     if max_params is not None and total > max_params:
         raise ShapeRejected(f"student shape rejected: {total:,} parameters, above student.max_params {max_params:,}")
