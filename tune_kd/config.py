@@ -153,6 +153,11 @@ class SearchConfig:
     within_percent: float = 5.0                        # two objectives: the report names the smallest student within
                                                        # this many percent of the best metric
 
+    @property
+    def size_objective(self) -> str | None:
+        """The second of `objectives`, the student's size; None for a search of the metric alone."""
+        return self.objectives[1] if self.objectives and len(self.objectives) > 1 else None
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:

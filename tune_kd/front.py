@@ -14,6 +14,7 @@ the bench scripts read it.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,5 @@ def summary_lines(shape_front: list[Point], experiment_dir: Path, size_key: str,
 
 def read_teacher_point(experiment_dir: Path) -> dict | None:
     """teacher_point.json of a two-objective search (None before it was measured, or without a teacher)."""
-    import json
-
     path = Path(experiment_dir) / TEACHER_POINT_FILE
     return json.loads(path.read_text()) if path.is_file() else None

@@ -161,7 +161,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     finally:
         if plan.served is not None:   # the teacher's actors go with the search (also on errors and Ctrl-C)
             plan.served.stop()
-    if cfg.search.objectives and len(cfg.search.objectives) == 2:   # the teacher's point on the front, on the
+    if cfg.search.size_objective:   # the teacher's point on the front, on the
         from tune_kd.teacher_point import write_teacher_point     # GPU the served teacher held, if any
 
         summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
@@ -372,7 +372,7 @@ def run_control_arms(cfg: ExperimentConfig, summary: dict, experiment_dir: Path,
         summary["controls"] = arms
         print(controls.format_comparison(arms))
     if shape_front:
-        print(front.summary_lines(shape_front, experiment_dir, cfg.search.objectives[1], cfg.metric.name, cfg.metric.mode,
+        print(front.summary_lines(shape_front, experiment_dir, cfg.search.size_objective, cfg.metric.name, cfg.metric.mode,
                                   cfg.search.within_percent))
 
 

@@ -241,19 +241,14 @@ def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str, points: list[d
     storage = optuna.storages.RDBStorage(storage_url)
     return PruneAwareOptunaSearch(metric=cfg.metric.name, mode=cfg.metric.mode, points_to_evaluate=points,
                                   sampler=make_sampler(cfg), study_name=cfg.name, storage=storage,
-                                  max_epochs=cfg.train.epochs, size_objective=size_objective(cfg))
-
-
-def size_objective(cfg: ExperimentConfig) -> str | None:
-    """search.objectives' second entry, the student's size; None for a search of the metric alone."""
-    return results.size_objective({"search": {"objectives": cfg.search.objectives}})
+                                  max_epochs=cfg.train.epochs, size_objective=cfg.search.size_objective)
 
 
 def make_searcher(cfg: ExperimentConfig, experiment_dir: Path):
     """The YAML's settings are the first trial (search.evaluate_train_first); in a size/quality search
     the smallest student of the space is the second: a dozen TPE trials rarely sample the small corner
     of a shape space, and the front's small end is half of what the user asked (docs/search.md)."""
-    first, smallest = space.fixed_point(cfg), space.smallest_point(cfg) if size_objective(cfg) else None
+    first, smallest = space.fixed_point(cfg), space.smallest_point(cfg) if cfg.search.size_objective else None
     points = [p for p in (first, smallest) if p] if cfg.search.evaluate_train_first else []
     points = [p for i, p in enumerate(points) if p not in points[:i]] or None
     if cfg.search.algorithm == "optuna":
@@ -355,7 +350,7 @@ def make_scheduler(cfg: ExperimentConfig):
     if cfg.scheduler.type == "none":
         return None
     # time_attr="epoch": our own counter, which survives restores (training_iteration restarts)
-    sized = size_objective(cfg) if cfg.scheduler.size_bracket_ratio else None
+    sized = cfg.search.size_objective if cfg.scheduler.size_bracket_ratio else None
     return PersistentASHA(time_attr="epoch", metric=cfg.metric.name, mode=cfg.metric.mode, max_t=cfg.train.epochs,
                           grace_period=cfg.scheduler.grace_period, reduction_factor=cfg.scheduler.reduction_factor,
                           size_key=sized, size_ratio=cfg.scheduler.size_bracket_ratio)

@@ -73,7 +73,7 @@ def write_teacher_point(cfg: ExperimentConfig, experiment_dir: Path, per_trial: 
         return None
     point = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in point.items()}
     (Path(experiment_dir) / TEACHER_POINT_FILE).write_text(json.dumps(point, indent=1))
-    size_key, metric = cfg.search.objectives[1], cfg.metric.name
+    size_key, metric = cfg.search.size_objective, cfg.metric.name
     value = point.get(metric)
     print(f"teacher (measured as a student): {size_key} {point[size_key]:,.6g}, {metric} "
           f"{'n/a' if value is None else f'{value:.4f}'}")
