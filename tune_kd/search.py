@@ -133,9 +133,13 @@ class Plan:
 def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, address: str | None = None,
                resume: bool = False, num_cpus: int | None = None, callbacks: list | None = None,
                export_best: bool = True, dashboard_host: str | None = LOOPBACK, trial_logs: bool = False,
-               retry_errored: bool = False) -> dict:
+               retry_errored: bool = False, grid: list[dict] | None = None) -> dict:
     """Run (or resume) the search described by cfg; returns the summary dict (rows, best, export,
     controls, report). A resume leaves errored trials ERROR unless retry_errored re-runs them.
+
+    grid: instead of searching, train exactly these points (one per trial, in order; each names every
+    key of cfg.parameters, and cfg.search.num_samples is their count): a recorded table of learning
+    curves (bench/curves/record.py) is such a run, resumable like any search.
 
     dashboard_host: where a local Ray's dashboard listens (None: no dashboard); see check_dashboard.
     trial_logs: also stream every trial's log lines to this terminal (they are always written to
@@ -151,7 +155,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     plan = size_trials(cfg, source, address, experiment_dir, prepared)
     try:
         started = time.perf_counter()
-        tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks)
+        tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid)
         errors, trial_ids = fit(tuner)
         summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
         run_control_arms(cfg, summary, experiment_dir, plan, resume)
@@ -291,7 +295,7 @@ def served_stats(stats: list[dict]) -> str:
 
 
 def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: Plan, resume: bool,
-                retry_errored: bool, callbacks: list | None):
+                retry_errored: bool, callbacks: list | None, grid: list[dict] | None = None):
     """The Tune Tuner: a new one (Optuna's searcher, the scheduler, checkpoints, callbacks), or the
     interrupted one restored with resume."""
     from ray import tune
@@ -309,7 +313,7 @@ def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: P
     return tune.Tuner(
         plan.trainable,
         param_space=space.tune_domains(cfg),
-        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, experiment_dir), scheduler=make_scheduler(cfg),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, experiment_dir, grid), scheduler=make_scheduler(cfg),
                                     num_samples=cfg.search.num_samples, max_concurrent_trials=plan.parallel,
                                     # the searcher and ASHA hold the metric (and a size objective) themselves
                                     metric=None if cfg.scheduler.type == "asha" or cfg.search.objectives else cfg.metric.name,

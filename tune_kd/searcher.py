@@ -244,17 +244,23 @@ def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str, points: list[d
                                   max_epochs=cfg.train.epochs, size_objective=cfg.search.size_objective)
 
 
-def make_searcher(cfg: ExperimentConfig, experiment_dir: Path):
+def make_searcher(cfg: ExperimentConfig, experiment_dir: Path, grid: list[dict] | None = None):
     """The YAML's settings are the first trial (search.evaluate_train_first); in a size/quality search
     the smallest student of the space is the second: a dozen TPE trials rarely sample the small corner
-    of a shape space, and the front's small end is half of what the user asked (docs/search.md)."""
+    of a shape space, and the front's small end is half of what the user asked (docs/search.md).
+    grid: these points and nothing else, in order (run_search's grid)."""
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    if grid is not None:
+        if len(grid) != cfg.search.num_samples:
+            raise ValueError(f"a grid of {len(grid)} points needs search.num_samples {len(grid)}, "
+                             f"got {cfg.search.num_samples}")
+        return BasicVariantGenerator(points_to_evaluate=grid)
     first, smallest = space.fixed_point(cfg), space.smallest_point(cfg) if cfg.search.size_objective else None
     points = [p for p in (first, smallest) if p] if cfg.search.evaluate_train_first else []
     points = [p for i, p in enumerate(points) if p not in points[:i]] or None
     if cfg.search.algorithm == "optuna":
         return make_optuna_searcher(cfg, f"sqlite:///{experiment_dir / 'optuna.db'}", points)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.search.seed)
 
 
