@@ -5,6 +5,7 @@
                                                     [--max-train-examples 600] [--resume]
     python bench/curves/record.py --table minimind [...]   # MiniMind's real tokenizer, a trained teacher
     python bench/curves/record.py --table default --collect    # the table from what is recorded so far
+    python bench/curves/record.py --table mine --space my_space.yaml --address auto   # yours, on a cluster
 
 The recorded space is the space YAML's `parameters:` (kd.yaml: learning rate, temperature, alpha) with
 kd_loss (all five divergences) and warmup_iters (0-20) added, each config a point of a scrambled Sobol
@@ -189,7 +190,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     import on_policy_warm_start as world_builder
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--table", choices=list(WORLDS), default="default")
+    parser.add_argument("--table", default="default", help=f"the table's name; {' and '.join(WORLDS)} build their "
+                        "own world (without --space)")
+    parser.add_argument("--space", help="record this search YAML's space on the world it names (yours) instead")
     parser.add_argument("--configs", type=int, default=200)
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per config")
     parser.add_argument("--epochs", type=int, default=4)
@@ -202,15 +205,22 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-cpus", type=int)
     parser.add_argument("--address", help="a running Ray cluster to record on")
     world_builder.add_world_flags(parser)
-    # a smaller world than the on-policy bench's: the teacher trains in minutes on 2 cores
-    parser.set_defaults(world=str(ROOT / "results" / "curves-minimind-world"), conversations=6000, teacher_epochs=4)
+    # the on-policy bench's world (16,000 conversations, a teacher trained 2,000 steps: fewer leave it at
+    # the digit-frequency plateau, val_acc ~0), in its own folder; no generation while the teacher trains
+    parser.set_defaults(world=str(ROOT / "results" / "curves-minimind-world"), generation_samples=0)
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     started, wall = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.monotonic()
-    source, overrides, world = WORLDS[args.table](args)
+    if args.space:
+        source, overrides, world = str(Path(args.space).resolve()), {}, {"world": f"the world {args.space} names"}
+    elif args.table in WORLDS:
+        source, overrides, world = WORLDS[args.table](args)
+    else:
+        print(f"error: --table {args.table}: name a world ({', '.join(WORLDS)}) or give --space FILE", file=sys.stderr)
+        return 2
     cfg, space, points = recording_config(args, source, overrides)
     experiment_dir = Path(args.storage).resolve() / cfg.name
     if not args.collect:
@@ -230,12 +240,17 @@ def main(argv: list[str] | None = None) -> int:
         "configs": args.configs, "seeds": args.seeds, "runs_recorded": runs, "epochs": args.epochs,
         "max_train_examples": args.max_train_examples, "fixed_train_settings": {
             k: v for k, v in dataclasses.asdict(cfg.train).items() if k not in space and k != "seed"},
+        "yaml_point": {key: getattr(cfg.train, key) for key in space},   # the search's first trial
         "student": cfg.to_dict()["student"], "metric": cfg.metric.name, "commit": commit(),
-        "recording_started": started, "this_invocation_s": round(time.monotonic() - wall),
+        "recording_started": started, "recording_wall_s": round(time.monotonic() - wall),
         "run_seconds_total": round(sum(row["seconds"] for row in rows)),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "command": "python bench/curves/record.py " + " ".join(argv if argv is not None else sys.argv[1:])}
+    earlier = out / f"{args.table}.json"
+    if args.collect and earlier.is_file():   # collecting again keeps when and how long the recording ran
+        kept = json.loads(earlier.read_text())
+        provenance.update({k: kept[k] for k in ("recording_started", "recording_wall_s", "commit") if k in kept})
     (out / f"{args.table}.json").write_text(json.dumps(provenance, indent=1, default=str) + "\n")
     print(f"{args.table}: {runs} runs of {args.configs * args.seeds} recorded -> {out / (args.table + '.csv')}")
     return 0

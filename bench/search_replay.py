@@ -1,0 +1,222 @@
+"""Which searcher, pruner and budget reach a good config soonest: every arm replayed over many seeds
+against the recorded learning-curve tables (bench/curves/), in seconds instead of hours.
+
+    python bench/search_replay.py [--tables default minimind] [--seeds 20] [--answers surrogate]
+                                  [--arms ...] [--out results/search-replay] [--processes 2]
+
+Per table: the answers' error on held-out configs against the recorded training noise, then for each
+arm and seed one replayed search (bench/curves/replay.py). Compute is counted in trial-epochs (one
+epoch of one trial), the axis of every figure and ratio:
+
+    regret          (best value so far - the table's best) / (the median config's - the best): 1 is a
+                    median config, 0 the best recorded (a noisy run may go below 0)
+    target          random search's median final best: the `random` arm (RANDOM_TRIALS trials, every
+                    trial to the last epoch), median over the seeds of its best value
+    to target       trial-epochs until a search's best so far first reaches the target; random's own
+                    are measured on a longer random search (the same seed: the same first trials)
+    ratio           an arm's trial-epochs to target at one seed / random's median trial-epochs to target
+
+Prints per table a markdown table (median and interquartile range over seeds), writes the regret
+figure (<out>/search-replay.png) and <out>/search-replay.json, and ends with one line per table:
+
+    default/random trial-epochs to random's final best: X (median of N seeds, IQR A-B), table T
+
+"default" is the arm named DEFAULT_ARM: the settings tune_kd ships (searcher.make_sampler's TPE,
+ASHA as search_spaces/kd.yaml sets it, search.num_samples' default), chosen from this replay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "curves")]
+
+from replay import ANSWERS, Arm, Table, held_out_error, replay  # noqa: E402
+
+RANDOM_TRIALS = 16          # the reference: random search of config.SearchConfig's default trial count
+LONG_RANDOM = 8             # random's own trial-epochs to target: a random search this many times longer
+DEFAULT_ARM = "tpe+asha"
+
+ARMS = [
+    Arm("random", searcher="random", scheduler="none", num_samples=RANDOM_TRIALS),
+    Arm("random+asha", searcher="random", scheduler="asha"),
+    Arm("tpe", scheduler="none"),
+    Arm("tpe+asha"),
+    Arm("tpe+asha, factor 3", reduction=3),
+    Arm("tpe+asha, grace 2", grace=2),
+    Arm("tpe+asha, 3 brackets (hyperband)", brackets=3),
+    Arm("tpe+optuna median", scheduler="median"),
+    Arm("tpe+optuna sha", scheduler="sha"),
+    Arm("tpe+optuna hyperband (bohb-like)", scheduler="hyperband"),
+    Arm("tpe+asha, startup 2", startup=2),
+    Arm("tpe+asha, startup 8", startup=8),
+    Arm("tpe+asha, independent tpe", multivariate=False, group=False),
+    Arm("tpe+asha, multivariate, no group", group=False),
+    Arm("tpe+asha, 8 trials", num_samples=8),
+    Arm("tpe+asha, 24 trials", num_samples=24),
+    Arm("tpe+asha, 32 trials", num_samples=32),
+]
+FIGURE_ARMS = ("random", "random+asha", "tpe", "tpe+asha", "tpe+optuna hyperband (bohb-like)")
+
+_answers: dict = {}   # table name -> its answers, built before the workers fork
+
+
+def one(job: tuple[str, Arm, int]) -> tuple[str, str, int, list[float]]:
+    table, arm, seed = job
+    return table, arm.name, seed, replay(_answers[table], arm, seed)
+
+
+def to_target(values: list[float], target: float) -> float:
+    """Trial-epochs up to the first report at or below target; inf if never."""
+    hit = np.nonzero(np.asarray(values) <= target)[0]
+    return float(hit[0] + 1) if hit.size else float("inf")
+
+
+def best_so_far(values: list[float], length: int) -> np.ndarray:
+    """The running best over `length` trial-epochs (a search that ended keeps its final best)."""
+    running = np.minimum.accumulate(np.asarray(values, dtype=float))
+    return np.concatenate([running, np.full(max(0, length - running.size), running[-1])])[:length]
+
+
+def quartiles(values) -> tuple[float, float, float]:
+    q1, median, q3 = np.percentile(np.asarray(values, dtype=float), [25, 50, 75], method="inverted_cdf")
+    return float(median), float(q1), float(q3)
+
+
+def fmt(value: float, digits: int = 2) -> str:
+    return "not reached" if value == float("inf") else f"{value:.{digits}f}"
+
+
+def summarise(table: Table, runs: dict[str, dict[int, list[float]]], arms: list[Arm]) -> dict:
+    """Per arm: ratio to random's trial-epochs to target, final regret, trial-epochs spent (median, IQR)."""
+    best, spread = table.best_and_spread()
+    budget = RANDOM_TRIALS * table.epochs
+    long_random = runs["random (long)"]
+    random_finals = [min(values[:budget]) for values in long_random.values()]
+    target = float(np.median(random_finals))
+    random_to = float(np.median([to_target(values, target) for values in long_random.values()]))
+    out = {"best": best, "spread": spread, "target": target, "random_trial_epochs_to_target": random_to,
+           "random_budget": budget, "arms": {}}
+    for arm in arms:
+        per_seed = runs[arm.name]
+        values_of = {seed: (values[:budget] if arm.name == "random" else values) for seed, values in per_seed.items()}
+        ratios = [to_target(values, target) / random_to for values in values_of.values()]
+        finals = [(min(values) - best) / spread for values in values_of.values()]
+        spent = [len(values) for values in values_of.values()]
+        out["arms"][arm.name] = {"settings": arm.settings(), "ratio": quartiles(ratios), "final_regret": quartiles(finals),
+                                 "trial_epochs": quartiles(spent), "reached": sum(r != float("inf") for r in ratios),
+                                 "seeds": len(ratios)}
+    return out
+
+
+def markdown(name: str, summary: dict) -> str:
+    lines = [f"**{name}**: target {summary['target']:.4f} (random's median final best after {summary['random_budget']} "
+             f"trial-epochs); random reaches it in {summary['random_trial_epochs_to_target']:.0f} trial-epochs (median)",
+             "", "| arm | settings | trial-epochs to target / random's | final regret | trial-epochs spent | reached |",
+             "|---|---|---|---|---|---|"]
+    for arm, row in summary["arms"].items():
+        (r, r1, r3), (g, g1, g3), (s, s1, s3) = row["ratio"], row["final_regret"], row["trial_epochs"]
+        lines.append(f"| {arm} | {row['settings']} | {fmt(r)} ({fmt(r1)}-{fmt(r3)}) | {g:.3f} ({g1:.3f}-{g3:.3f}) "
+                     f"| {s:.0f} ({s1:.0f}-{s3:.0f}) | {row['reached']}/{row['seeds']} |")
+    return "\n".join(lines)
+
+
+def figure(tables: dict[str, Table], runs: dict, out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(6.5 * len(tables), 4.2), squeeze=False)
+    for ax, (name, table) in zip(axes[0], tables.items()):
+        best, spread = table.best_and_spread()
+        length = RANDOM_TRIALS * table.epochs
+        for arm in FIGURE_ARMS:
+            curves = np.stack([(best_so_far(v, length) - best) / spread for v in runs[name][arm].values()])
+            q1, median, q3 = np.percentile(curves, [25, 50, 75], axis=0)
+            x = np.arange(1, length + 1)
+            ax.plot(x, median, label=arm)
+            ax.fill_between(x, q1, q3, alpha=0.15)
+        ax.set_yscale("symlog", linthresh=0.05)
+        ax.set_xlabel("trial-epochs")
+        ax.set_ylabel("normalised regret (median, IQR)")
+        ax.set_title(f"table {name}: {len(table.configs)} configs x {table.seeds} seeds, {table.epochs} epochs")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "search-replay.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tables", nargs="+", default=["default", "minimind"])
+    parser.add_argument("--curves", default=str(ROOT / "bench" / "curves"), help="where the tables are")
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--answers", choices=list(ANSWERS), default="surrogate")
+    parser.add_argument("--arms", nargs="+", help="arm names (default: all)")
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--no-held-out", action="store_true", help="skip measuring the answers' held-out error")
+    parser.add_argument("--out", default=str(ROOT / "results" / "search-replay"))
+    args = parser.parse_args(argv)
+    started = time.perf_counter()
+    arms = [arm for arm in ARMS if not args.arms or arm.name in args.arms or arm.name in ("random", DEFAULT_ARM)]
+    tables = {}
+    for name in args.tables:
+        path = Path(args.curves) / f"{name}.csv"
+        if not path.is_file():
+            print(f"error: {path} does not exist (record it: python bench/curves/record.py --table {name})", file=sys.stderr)
+            return 2
+        tables[name] = Table.load(path)
+        table = tables[name]
+        print(f"table {name}: {len(table.configs)} configs x {table.seeds} seeds x {table.epochs} epochs ({path})")
+        if not args.no_held_out:
+            for method in ANSWERS:
+                error = held_out_error(table, method)
+                print(f"  {method} answers on held-out configs: median |answer - run| {error['error']:.4f} "
+                      f"(p90 {error['error_p90']:.4f}); training noise, median |seed a - seed b| {error['noise']:.4f} "
+                      f"(p90 {error['noise_p90']:.4f})")
+        _answers[name] = ANSWERS[args.answers](table)
+    long_random = dataclasses.replace(ARMS[0], name="random (long)", num_samples=RANDOM_TRIALS * LONG_RANDOM)
+    jobs = [(name, arm, seed) for name in tables for arm in [long_random, *(a for a in arms if a.name != "random")] for seed in range(args.seeds)]
+    replay_started = time.perf_counter()
+    with multiprocessing.get_context("fork").Pool(args.processes) as pool:
+        done = pool.map(one, jobs, chunksize=4)
+    replay_seconds = time.perf_counter() - replay_started
+    runs: dict = {name: {} for name in tables}
+    for name, arm, seed, values in done:
+        runs[name].setdefault(arm, {})[seed] = values
+    for name, values in runs.items():   # the reference arm is the long run's first RANDOM_TRIALS trials
+        values["random"] = {seed: v[:RANDOM_TRIALS * tables[name].epochs] for seed, v in values["random (long)"].items()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summaries = {name: summarise(table, runs[name], arms) for name, table in tables.items()}
+    for name, summary in summaries.items():
+        print("\n" + markdown(name, summary))
+        ranked = sorted(summary["arms"].items(), key=lambda item: (item[1]["ratio"][0], item[1]["final_regret"][0]))
+        print(f"\n{name}, fastest to random's final best (median ratio, then final regret): "
+              + "; ".join(f"{arm} {fmt(row['ratio'][0])}" for arm, row in ranked[:4]))
+    plot = figure(tables, runs, out)
+    (out / "search-replay.json").write_text(json.dumps({"answers": args.answers, "seeds": args.seeds,
+                                                         "summaries": summaries}, indent=1))
+    print(f"\n{len(jobs)} replayed searches ({args.seeds} seeds) in {replay_seconds:.1f} s, "
+          f"{time.perf_counter() - started:.1f} s in all; figure {plot}")
+    for name, summary in summaries.items():
+        ratio, q1, q3 = summary["arms"][DEFAULT_ARM]["ratio"]
+        print(f"default/random trial-epochs to random's final best: {fmt(ratio)} (median of {args.seeds} seeds, "
+              f"IQR {fmt(q1)}-{fmt(q3)}), table {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
