@@ -2,7 +2,7 @@
 (ASHA against full budget), measured apart on the embedded default's space.
 
     python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--num-samples 10] [--epochs 3]
-                                      [--max-train-examples 600]
+                                      [--max-train-examples 600] [--no-yaml-first]
 
 Four arms per seed, with the same space, trial count and seed (used as both search.seed and
 train.seed, so every arm of a seed shares its training noise):
@@ -63,7 +63,8 @@ def run_one(args, arm: str, seed: int, storage: Path) -> dict:
     overrides = {**ARMS[arm], "search.seed": seed, "train.seed": seed, "search.num_samples": args.num_samples,
                  "train.epochs": args.epochs, "data.max_train_examples": args.max_train_examples,
                  "name": f"efficiency-{arm.replace('+', '-')}-seed{seed}", "controls.plain_sft": False,
-                 "controls.minimind_defaults": False, "controls.seeds_for_best": 0}
+                 "controls.minimind_defaults": False, "controls.seeds_for_best": 0,
+                 "search.evaluate_train_first": not args.no_yaml_first}
     cfg = load_config(args.space, overrides)
     reports = Reports(cfg.metric.name)
     started = time.monotonic()
@@ -179,6 +180,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-train-examples", type=int, default=600)
     parser.add_argument("--num-cpus", type=int)
+    parser.add_argument("--no-yaml-first", action="store_true", help="the searchers alone: the YAML's own settings "
+                        "are not the first trial (as bench/search_replay.py compares them)")
     parser.add_argument("--storage", help="where the searches' folders go (default: a temporary folder)")
     parser.add_argument("--table-from", nargs="+", help="print the table of earlier runs' runs.json files and exit")
     parser.add_argument("--replay-asha", action="store_true", help="with --table-from: replay random+asha from the "

@@ -8,13 +8,17 @@ Per table: the answers' error on held-out configs against the recorded training 
 arm and seed one replayed search (bench/curves/replay.py). Compute is counted in trial-epochs (one
 epoch of one trial), the axis of every figure and ratio:
 
-    regret          (best value so far - the table's best) / (the median config's - the best): 1 is a
-                    median config, 0 the best recorded (a noisy run may go below 0)
+    regret          (best value so far - the table's best) / (the median run's best - the table's best):
+                    1 is a median run, 0 the best value any recorded run reached
     target          random search's median final best: the `random` arm (RANDOM_TRIALS trials, every
                     trial to the last epoch), median over the seeds of its best value
     to target       trial-epochs until a search's best so far first reaches the target; random's own
                     are measured on a longer random search (the same seed: the same first trials)
     ratio           an arm's trial-epochs to target at one seed / random's median trial-epochs to target
+
+Every search starts from its searcher's own proposals (--yaml-first: from the recorded YAML's settings,
+as search.evaluate_train_first does; on the embedded default's table that point alone already reaches
+random search's median final best, so every arm ties there).
 
 Prints per table a markdown table (median and interquartile range over seeds), writes the regret
 figure (<out>/search-replay.png) and <out>/search-replay.json, and ends with one line per table:
@@ -42,28 +46,32 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "curves")]
 
 from replay import ANSWERS, Arm, Table, held_out_error, replay  # noqa: E402
 
-RANDOM_TRIALS = 16          # the reference: random search of config.SearchConfig's default trial count
-LONG_RANDOM = 8             # random's own trial-epochs to target: a random search this many times longer
+from tune_kd.config import SchedulerConfig, SearchConfig  # noqa: E402
+
+# the shipped default: search.num_samples' and the scheduler's defaults, the project's TPE
+DEFAULT_TRIALS = SearchConfig().num_samples
+RANDOM_TRIALS = DEFAULT_TRIALS   # the reference: random search of the same trial count, every trial to the end
+LONG_RANDOM = 4                  # random's own trial-epochs to target: a random search this many times longer
 DEFAULT_ARM = "tpe+asha"
+_default = Arm(DEFAULT_ARM, num_samples=DEFAULT_TRIALS, grace=SchedulerConfig().grace_period,
+               reduction=SchedulerConfig().reduction_factor)
+BUDGETS = (8, 16, 24, 32, 48)    # default search against random search, trial count for trial count
 
 ARMS = [
-    Arm("random", searcher="random", scheduler="none", num_samples=RANDOM_TRIALS),
-    Arm("random+asha", searcher="random", scheduler="asha"),
-    Arm("tpe", scheduler="none"),
-    Arm("tpe+asha"),
-    Arm("tpe+asha, factor 3", reduction=3),
-    Arm("tpe+asha, grace 2", grace=2),
-    Arm("tpe+asha, 3 brackets (hyperband)", brackets=3),
-    Arm("tpe+optuna median", scheduler="median"),
-    Arm("tpe+optuna sha", scheduler="sha"),
-    Arm("tpe+optuna hyperband (bohb-like)", scheduler="hyperband"),
-    Arm("tpe+asha, startup 2", startup=2),
-    Arm("tpe+asha, startup 8", startup=8),
-    Arm("tpe+asha, independent tpe", multivariate=False, group=False),
-    Arm("tpe+asha, multivariate, no group", group=False),
-    Arm("tpe+asha, 8 trials", num_samples=8),
-    Arm("tpe+asha, 24 trials", num_samples=24),
-    Arm("tpe+asha, 32 trials", num_samples=32),
+    dataclasses.replace(_default, name="random", searcher="random", scheduler="none"),
+    dataclasses.replace(_default, name="random+asha", searcher="random"),
+    dataclasses.replace(_default, name="tpe", scheduler="none"),
+    _default,
+    dataclasses.replace(_default, name="tpe+asha, factor 3", reduction=3),
+    dataclasses.replace(_default, name="tpe+asha, grace 2", grace=2),
+    dataclasses.replace(_default, name="tpe+asha, 3 brackets (hyperband)", brackets=3),
+    dataclasses.replace(_default, name="tpe+optuna median", scheduler="median"),
+    dataclasses.replace(_default, name="tpe+optuna sha", scheduler="sha"),
+    dataclasses.replace(_default, name="tpe+optuna hyperband (bohb-like)", scheduler="hyperband"),
+    dataclasses.replace(_default, name="tpe+asha, startup 2", startup=2),
+    dataclasses.replace(_default, name="tpe+asha, startup 10", startup=10),
+    dataclasses.replace(_default, name="tpe+asha, independent tpe", multivariate=False, group=False),
+    dataclasses.replace(_default, name="tpe+asha, multivariate, no group", group=False),
 ]
 FIGURE_ARMS = ("random", "random+asha", "tpe", "tpe+asha", "tpe+optuna hyperband (bohb-like)")
 
@@ -118,6 +126,20 @@ def summarise(table: Table, runs: dict[str, dict[int, list[float]]], arms: list[
     return out
 
 
+def budget_sweep(table: Table, runs: dict[str, dict[int, list[float]]]) -> list[dict]:
+    """The default search against random search of the same trial count, for each of BUDGETS."""
+    out = []
+    for trials in BUDGETS:
+        budget = trials * table.epochs
+        long_random = runs["random (long)"].values()
+        target = float(np.median([min(values[:budget]) for values in long_random]))
+        random_to = float(np.median([to_target(values, target) for values in long_random]))
+        ratios = [to_target(values, target) / random_to for values in runs[f"{DEFAULT_ARM}, {trials} trials"].values()]
+        out.append({"trials": trials, "target": target, "random_trial_epochs_to_target": random_to,
+                    "ratio": quartiles(ratios), "reached": sum(r != float("inf") for r in ratios), "seeds": len(ratios)})
+    return out
+
+
 def markdown(name: str, summary: dict) -> str:
     lines = [f"**{name}**: target {summary['target']:.4f} (random's median final best after {summary['random_budget']} "
              f"trial-epochs); random reaches it in {summary['random_trial_epochs_to_target']:.0f} trial-epochs (median)",
@@ -127,6 +149,13 @@ def markdown(name: str, summary: dict) -> str:
         (r, r1, r3), (g, g1, g3), (s, s1, s3) = row["ratio"], row["final_regret"], row["trial_epochs"]
         lines.append(f"| {arm} | {row['settings']} | {fmt(r)} ({fmt(r1)}-{fmt(r3)}) | {g:.3f} ({g1:.3f}-{g3:.3f}) "
                      f"| {s:.0f} ({s1:.0f}-{s3:.0f}) | {row['reached']}/{row['seeds']} |")
+    lines += ["", f"**{name}**, {DEFAULT_ARM} against random search of as many trials:", "",
+              "| trials | random's median final best | random's trial-epochs to it | default / random | reached |",
+              "|---|---|---|---|---|"]
+    for row in summary["budgets"]:
+        r, r1, r3 = row["ratio"]
+        lines.append(f"| {row['trials']} | {row['target']:.4f} | {row['random_trial_epochs_to_target']:.0f} "
+                     f"| {fmt(r)} ({fmt(r1)}-{fmt(r3)}) | {row['reached']}/{row['seeds']} |")
     return "\n".join(lines)
 
 
@@ -167,10 +196,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arms", nargs="+", help="arm names (default: all)")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--no-held-out", action="store_true", help="skip measuring the answers' held-out error")
+    parser.add_argument("--yaml-first", action="store_true", help="every search's first trial is the recorded YAML's "
+                        "own settings, as search.evaluate_train_first does (default: the searchers alone)")
     parser.add_argument("--out", default=str(ROOT / "results" / "search-replay"))
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    arms = [arm for arm in ARMS if not args.arms or arm.name in args.arms or arm.name in ("random", DEFAULT_ARM)]
+    arms = [dataclasses.replace(arm, evaluate_first=args.yaml_first) for arm in ARMS
+            if not args.arms or arm.name in args.arms or arm.name in ("random", "random+asha", "tpe", DEFAULT_ARM)]
     tables = {}
     for name in args.tables:
         path = Path(args.curves) / f"{name}.csv"
@@ -187,8 +219,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"(p90 {error['error_p90']:.4f}); training noise, median |seed a - seed b| {error['noise']:.4f} "
                       f"(p90 {error['noise_p90']:.4f})")
         _answers[name] = ANSWERS[args.answers](table)
-    long_random = dataclasses.replace(ARMS[0], name="random (long)", num_samples=RANDOM_TRIALS * LONG_RANDOM)
-    jobs = [(name, arm, seed) for name in tables for arm in [long_random, *(a for a in arms if a.name != "random")] for seed in range(args.seeds)]
+    long_random = dataclasses.replace(arms[0], name="random (long)", num_samples=max(BUDGETS) * LONG_RANDOM)
+    default = next(arm for arm in arms if arm.name == DEFAULT_ARM)
+    sweep = [dataclasses.replace(default, name=f"{DEFAULT_ARM}, {trials} trials", num_samples=trials) for trials in BUDGETS]
+    jobs = [(name, arm, seed) for name in tables for arm in [long_random, *(a for a in arms if a.name != "random"), *sweep]
+            for seed in range(args.seeds)]
     replay_started = time.perf_counter()
     with multiprocessing.get_context("fork").Pool(args.processes) as pool:
         done = pool.map(one, jobs, chunksize=4)
@@ -200,7 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         values["random"] = {seed: v[:RANDOM_TRIALS * tables[name].epochs] for seed, v in values["random (long)"].items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    summaries = {name: summarise(table, runs[name], arms) for name, table in tables.items()}
+    summaries = {name: {**summarise(table, runs[name], arms), "budgets": budget_sweep(table, runs[name])}
+                 for name, table in tables.items()}
     for name, summary in summaries.items():
         print("\n" + markdown(name, summary))
         ranked = sorted(summary["arms"].items(), key=lambda item: (item[1]["ratio"][0], item[1]["final_regret"][0]))

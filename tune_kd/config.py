@@ -142,7 +142,7 @@ class MetricConfig:
 @dataclass(frozen=True)
 class SearchConfig:
     algorithm: Literal["optuna", "random"] = "optuna"  # random: Ray's random sampling (a baseline)
-    num_samples: int = 16
+    num_samples: int = 24                              # the replay's choice (docs/search.md, "Does the search search well?")
     max_concurrent: int | Literal["auto"] = "auto"     # auto: as many trials as the resources fit, or an int
     seed: int = 0
     evaluate_train_first: bool = True                  # the YAML's fixed train settings are trial 1

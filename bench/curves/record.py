@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     earlier = out / f"{args.table}.json"
     if args.collect and earlier.is_file():   # collecting again keeps when and how long the recording ran
         kept = json.loads(earlier.read_text())
-        provenance.update({k: kept[k] for k in ("recording_started", "recording_wall_s", "commit") if k in kept})
+        provenance.update({k: kept[k] for k in ("recording_started", "recording_wall_s", "commit", "command") if k in kept})
     (out / f"{args.table}.json").write_text(json.dumps(provenance, indent=1, default=str) + "\n")
     print(f"{args.table}: {runs} runs of {args.configs * args.seeds} recorded -> {out / (args.table + '.csv')}")
     return 0
