@@ -247,11 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "command": "python bench/curves/record.py " + " ".join(argv if argv is not None else sys.argv[1:])}
-    earlier = out / f"{args.table}.json"
-    if args.collect and earlier.is_file():   # collecting again keeps when and how long the recording ran
-        kept = json.loads(earlier.read_text())
+    provenance_file = out / f"{args.table}.json"
+    if args.collect and provenance_file.is_file():   # collecting again keeps when and how long the recording ran
+        kept = json.loads(provenance_file.read_text())
         provenance.update({k: kept[k] for k in ("recording_started", "recording_wall_s", "commit", "command") if k in kept})
-    (out / f"{args.table}.json").write_text(json.dumps(provenance, indent=1, default=str) + "\n")
+    provenance_file.write_text(json.dumps(provenance, indent=1, default=str) + "\n")
     print(f"{args.table}: {runs} runs of {args.configs * args.seeds} recorded -> {out / (args.table + '.csv')}")
     return 0
 

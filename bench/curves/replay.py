@@ -354,16 +354,13 @@ class OptunaDriver:
 
 
 def optuna_distributions(space: dict) -> dict:
-    import optuna.distributions as d
+    """The space as Optuna distributions: the search's own Ray domains (space.tune_domains), converted
+    as Ray's OptunaSearch converts them."""
+    from ray.tune.search.optuna import OptunaSearch
 
-    out = {}
-    for key, spec in space.items():
-        kind = spec.get("distribution", "values" if "values" in spec else "value")
-        out[key] = {"values": lambda s: d.CategoricalDistribution(s["values"]),
-                    "log_uniform_values": lambda s: d.FloatDistribution(s["min"], s["max"], log=True),
-                    "uniform": lambda s: d.FloatDistribution(s["min"], s["max"]),
-                    "int_uniform": lambda s: d.IntDistribution(s["min"], s["max"])}[kind](spec)
-    return out
+    from tune_kd import space as tune_space
+
+    return OptunaSearch.convert_search_space(tune_space.tune_domains(SimpleNamespace(parameters=space)))
 
 
 def make_driver(arm: Arm, table: Table, seed: int):
