@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tune_kd.config import load_config  # noqa: E402
+from tune_kd.config.experiment import load_config
 
 WORLD_DIR = ROOT / "results" / "docstring-world"
 TOKENIZER_DIR = ROOT.parent / "shared" / "tokenizers" / "minimind"
@@ -135,8 +135,8 @@ def raw_config(**sections) -> dict:
 
 
 def _train_and_save(raw: dict, out: Path) -> None:
-    from tune_kd.checkpoint import save_student
-    from tune_kd.loop import train
+    from tune_kd.model.checkpoint import save_student
+    from tune_kd.train.loop import train
 
     started = time.perf_counter()
     result = train(load_config(raw=raw))

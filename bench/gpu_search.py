@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray.tune import Callback  # noqa: E402
 
-from tune_kd import demo  # noqa: E402
-from tune_kd.config import load_config  # noqa: E402
-from tune_kd.search import run_search  # noqa: E402
+from tune_kd.config.experiment import load_config
+from tune_kd.search import demo
+from tune_kd.search.runner import run_search
 
 TINY_ARCH = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 64}

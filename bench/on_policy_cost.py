@@ -20,9 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import demo  # noqa: E402
-from tune_kd.config import load_config  # noqa: E402
-from tune_kd.loop import train  # noqa: E402
+from tune_kd.config.experiment import load_config
+from tune_kd.search import demo
+from tune_kd.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 

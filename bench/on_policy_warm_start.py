@@ -13,7 +13,7 @@ reused while its settings (world.json) stay the same:
     tokenizer/          a copy of MiniMind's tokenizer (../shared/tokenizers/minimind: the real
                         6,400-id byte-level BPE, whose merges make digit strings 1- to 4-digit
                         tokens, and its chat template with an empty <think> block before each reply)
-    data/train.jsonl    tune_kd.demo.make_conversations (the embedded default's task: reverse or
+    data/train.jsonl    tune_kd.search.demo.make_conversations (the embedded default's task: reverse or
     data/val.jsonl      sort 3-7 digits, 15% with a system prompt, 15% with two turns; exact answers)
     teacher/            Llama, hidden 128 x 4 layers, trained on data/train.jsonl by tune_kd's own loop
                         (loop.train with alpha 1, plain SFT, float32 on CPU), saved by checkpoint.save_student
@@ -90,9 +90,9 @@ def add_world_flags(parser: argparse.ArgumentParser) -> None:
 def longest_reply_tokens(raw: dict) -> int:
     """The longest last assistant reply of the training and validation data in tokens, its
     end-of-turn token included, as ingestion tokenized it (in context, after the template's header)."""
-    from tune_kd.config import load_config
-    from tune_kd.data import load_data
-    from tune_kd.on_policy import prompts_and_replies
+    from tune_kd.config.experiment import load_config
+    from tune_kd.data.tokenized import load_data
+    from tune_kd.train.on_policy import prompts_and_replies
 
     _, train_data, val_data = load_data(load_config(raw=raw))
     return max(len(reply) for split in (train_data, val_data)
@@ -114,11 +114,11 @@ def build_world(args, world: Path) -> dict:
         return done
     from transformers import AutoTokenizer
 
-    from tune_kd import demo
-    from tune_kd.checkpoint import save_student
-    from tune_kd.config import load_config
-    from tune_kd.loop import train
-    from tune_kd.models import quiet_progress_bars
+    from tune_kd.config.experiment import load_config
+    from tune_kd.model.checkpoint import save_student
+    from tune_kd.model.hardware import quiet_progress_bars
+    from tune_kd.search import demo
+    from tune_kd.train.loop import train
 
     missing = [name for name in TOKENIZER_FILES if not (TOKENIZER_DIR / name).is_file()]
     if missing:
@@ -196,8 +196,8 @@ def run_config(args, world: Path, built: dict, arm: str, seed: int) -> dict:
 
 def run_arm(args, world: Path, built: dict, arm: str, seed: int) -> dict:
     """One arm and seed, from its cache file when the settings match."""
-    from tune_kd.config import load_config
-    from tune_kd.loop import train
+    from tune_kd.config.experiment import load_config
+    from tune_kd.train.loop import train
 
     raw = run_config(args, world, built, arm, seed)
     path = world / "runs" / f"{arm}-seed{seed}.json"
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("tune_kd.loop").setLevel(logging.INFO)   # the teacher's and every run's epoch lines
+    logging.getLogger("tune_kd.train.loop").setLevel(logging.INFO)   # the teacher's and every run's epoch lines
     world = Path(args.world).resolve()
     started = time.perf_counter()
     built = build_world(args, world)

@@ -234,10 +234,10 @@ def build(args, world: Path) -> dict:
         return json.loads(record.read_text())
     from transformers import AutoTokenizer
 
-    from tune_kd.checkpoint import save_student
-    from tune_kd.config import load_config
-    from tune_kd.loop import train
-    from tune_kd.models import quiet_progress_bars
+    from tune_kd.config.experiment import load_config
+    from tune_kd.model.checkpoint import save_student
+    from tune_kd.model.hardware import quiet_progress_bars
+    from tune_kd.train.loop import train
 
     quiet_progress_bars()
     started = time.perf_counter()
@@ -377,7 +377,7 @@ def generate(model_dir: Path, messages: list[dict], max_new_tokens: int = 48) ->
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tune_kd.models import quiet_progress_bars
+    from tune_kd.model.hardware import quiet_progress_bars
 
     quiet_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray.tune import Callback  # noqa: E402
 
-from tune_kd.config import load_config  # noqa: E402
-from tune_kd.search import run_search  # noqa: E402
+from tune_kd.config.experiment import load_config
+from tune_kd.search.runner import run_search
 
 ARMS = {
     "random": {"search.algorithm": "random", "scheduler.type": "none"},

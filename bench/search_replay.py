@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench" / "curves")]
 
 from replay import ANSWERS, Arm, Table, held_out_error, replay  # noqa: E402
 
-from tune_kd.config import SchedulerConfig, SearchConfig  # noqa: E402
+from tune_kd.config.experiment import SchedulerConfig, SearchConfig
 
 # the shipped default: search.num_samples' and the scheduler's defaults, the project's TPE
 DEFAULT_TRIALS = SearchConfig().num_samples

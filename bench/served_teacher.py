@@ -10,7 +10,7 @@ epoch of --steps batches, teacher live: no teacher cache) with a teacher larger 
 Llama of --teacher-hidden x --teacher-layers, random weights, saved once under
 results/served-bench/), in three runs of --trials Ray tasks each: without a teacher (alpha 1: what a
 trial costs by itself), each trial with its own teacher (today's layout), and every trial served by
-one TeacherServer actor (teacher_server.py; its rows the full distribution of the demo's 103 ids).
+one TeacherServer actor (served.py; its rows the full distribution of the demo's 103 ids).
 Each trial samples its own PSS (/proc/self/smaps_rollup, every 0.2 s) and reports its peak; the
 served run also samples the server's. A teacher's memory is what it adds over the teacher-less
 trials: local = sum(trial peaks) - sum(teacher-less peaks); served = the same plus the server's peak.
@@ -56,8 +56,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tune_kd import demo  # noqa: E402
-from tune_kd.config import absolute_paths, load_config  # noqa: E402
+from tune_kd.config.experiment import absolute_paths, load_config
+from tune_kd.search import demo
 
 BENCH_DIR = REPO / "results" / "served-bench"
 DEMO_DIR = REPO / "results" / "demo"
@@ -108,13 +108,14 @@ def cuda_peaks(_actor=None) -> dict:
 
 def one_trial(cfg, key: str) -> dict:
     """A trial's loop.train in this Ray task, with its peak PSS (and CUDA memory) and per-kind batch times."""
-    from tune_kd import loop
-    from tune_kd.models import quiet_progress_bars
+    from tune_kd.model.hardware import quiet_progress_bars
+    from tune_kd.search import teacher_actor
+    from tune_kd.train import loop
 
     logging.basicConfig(level=logging.WARNING)
     quiet_progress_bars()
     with PeakPss() as peak:
-        metrics = loop.train(cfg, use_wandb=False, trial_key=key).metrics
+        metrics = loop.train(cfg, use_wandb=False, node_teacher=lambda: teacher_actor.node_teacher(cfg, key)).metrics
     return {"peak_pss": peak.peak, "off_policy_s_per_batch": metrics["off_policy_s_per_batch"],
             "on_policy_s_per_batch": metrics["on_policy_s_per_batch"], **cuda_peaks()}
 
@@ -249,14 +250,14 @@ def run_trials(cfgs: list, serve_cfg=None, layout=None, cache_dir=None, server_c
     gpus: (each trial's GPU share, the server's) on a GPU."""
     import ray
 
-    from tune_kd import teacher_server
+    from tune_kd.search import teacher_actor
 
     ray.init(num_cpus=len(cfgs) // 2 + int(server_cpus) + 1, include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=False, **({"num_gpus": 1} if gpus else {}))
     try:
         served, server_peak = None, None
         if serve_cfg is not None:
-            served = teacher_server.start(serve_cfg, layout, cache_dir, [ray.get_runtime_context().get_node_id()],
+            served = teacher_actor.start(serve_cfg, layout, cache_dir, [ray.get_runtime_context().get_node_id()],
                                           gpus[1] if gpus else 0.0, "bench")
             server_peak = PeakPss(str(ray.get(served.handles[0].info.remote())["pid"]))
             server_peak.start()
@@ -279,7 +280,7 @@ def run_trials(cfgs: list, serve_cfg=None, layout=None, cache_dir=None, server_c
 
 
 def part_one(args) -> dict:
-    from tune_kd.teacher_cache import layout
+    from tune_kd.teacher.stored_rows import layout
 
     teacher = bench_teacher(args)
     base = {"teacher.path": str(teacher), "teacher_cache.mode": "off", "train.epochs": 1,
@@ -316,7 +317,7 @@ def part_one(args) -> dict:
 
 
 def part_two(args) -> dict:
-    from tune_kd import cache_plan
+    from tune_kd.teacher import cache_plan
 
     base = {"train.epochs": 1, "train.on_policy_fraction": 0.5, "train.max_new_tokens": 12,
             "data.max_train_examples": args.on_policy_examples, "data.val_path": small_val(),

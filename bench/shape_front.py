@@ -47,8 +47,8 @@ sys.path.insert(0, str(ROOT))
 
 from ray.tune import Callback  # noqa: E402
 
-from tune_kd import front  # noqa: E402
-from tune_kd.config import load_config  # noqa: E402
+from tune_kd.config.experiment import load_config
+from tune_kd.results import front
 
 SPACE = ROOT / "search_spaces" / "student_shape.yaml"
 GRID = [(hidden, layers) for hidden in (32, 64, 128) for layers in (1, 2, 4)]
@@ -66,7 +66,7 @@ class Reports(Callback):
 
 
 def run_search(seed: int, num_samples: int, num_cpus: int, examples: int) -> list[tuple]:
-    from tune_kd.search import run_search as search
+    from tune_kd.search.runner import run_search as search
 
     cfg = load_config(SPACE, {"search.seed": seed, "train.seed": seed, "search.num_samples": num_samples,
                               "name": f"shape-search-seed{seed}", "controls.plain_sft": False,
@@ -81,7 +81,7 @@ def train_grid_shape(seed: int, examples: int, hidden: int, layers: int) -> dict
     """One grid shape trained by the loop with the YAML's fixed settings (in a worker process)."""
     import torch
 
-    from tune_kd import loop
+    from tune_kd.train import loop
 
     torch.set_num_threads(1)
     arch = {"hidden_size": hidden, "num_hidden_layers": layers, "intermediate_size": 3 * hidden,
@@ -118,7 +118,7 @@ def replay_asha(grid: list[dict], order: list[int], ratio: float, epochs: int) -
 
     from ray.tune.schedulers import TrialScheduler
 
-    from tune_kd.searcher import PersistentASHA
+    from tune_kd.search.searcher import PersistentASHA
 
     with tempfile.TemporaryDirectory() as folder:
         asha = PersistentASHA(time_attr="epoch", metric="val_ce", mode="min", max_t=epochs, grace_period=1,

@@ -6,11 +6,11 @@
 (a) seed: a faithful re-implementation of MiniMind's step: every row padded to max_seq_len, the
     teacher in fp32 outside autocast, full (B, T, V) logits for both models, CE and KL on the masked
     rows, torch's default (non-fused) AdamW.
-(b) tune_kd: the real loop.py path (loop.backward_step + loop.optimizer_step) on length-bucketed
+(b) tune_kd: the real loop's path (train/step.py's backward_step + optimizer_step) on length-bucketed
     batches of the same sequences: teacher weights in bf16 under inference_mode (on GPU), LM head
     only on assistant positions, chunked fp32 loss math, fused AdamW on CUDA; with --compile on, each
     decoder layer compiled as a trial compiles it (compiling.compile_bodies).
-(c) cached: (b) reading the teacher's top-k outputs from the teacher cache (teacher_cache.py,
+(c) cached: (b) reading the teacher's top-k outputs from the teacher cache (cache_store.py,
     built once over the same sequences before timing) instead of running the teacher.
 
 Prints, per variant: ms/step, real tokens/s, padded tokens/s, model TFLOP/s (6*P_student +
@@ -24,6 +24,7 @@ own timeout); --result-lines adds one machine-readable '@result {json}' line per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -37,9 +38,14 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import compiling, data, loop, models, scoring, teacher_cache  # noqa: E402
-from tune_kd.config import load_config  # noqa: E402
-from tune_kd.scored import ScoredLM  # noqa: E402
+from tune_kd.config.experiment import load_config
+from tune_kd.data import tokenized
+from tune_kd.kd import scoring
+from tune_kd.kd.scored import ScoredLM
+from tune_kd.model import build, compiling, hardware
+from tune_kd.teacher import cache_store, stored_rows
+from tune_kd.train.run import Run
+from tune_kd.train.step import MicroStep, backward_step, optimizer_step
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16
 
@@ -54,13 +60,13 @@ class VocabStub:
         return self.size
 
 
-def random_data(n: int, vocab: int, min_len: int, max_len: int, assistant_share: float, seed: int) -> data.TokenizedData:
+def random_data(n: int, vocab: int, min_len: int, max_len: int, assistant_share: float, seed: int) -> tokenized.TokenizedData:
     """n sequences with lengths uniform in [min_len, max_len]; the last share of each is the assistant's."""
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_len, max_len + 1, size=n)
     tokens = rng.integers(3, vocab, size=int(lengths.sum())).astype(np.int32)
     mask = np.concatenate([np.arange(length) >= int(length * (1 - assistant_share)) for length in lengths])
-    return data.TokenizedData.from_arrays(tokens, mask, lengths)
+    return tokenized.TokenizedData.from_arrays(tokens, mask, lengths)
 
 
 def sync(device: torch.device) -> None:
@@ -152,8 +158,8 @@ def main() -> int:
     else:
         args.max_len_pad = args.max_len
     torch.manual_seed(0)
-    device = models.resolve_device(args.device)
-    precision = models.resolve_precision(args.dtype, device)
+    device = hardware.resolve_device(args.device)
+    precision = hardware.resolve_precision(args.dtype, device)
     stub = VocabStub(args.vocab)
 
     def arch(spec: str) -> dict:
@@ -169,7 +175,7 @@ def main() -> int:
 
     def param_count(spec) -> int:
         with torch.device("meta"):
-            return sum(x.numel() for x in models.build_model(spec, stub, "bench").parameters())
+            return sum(x.numel() for x in build.build_model(spec, stub, "bench").parameters())
 
     p_student, p_teacher = param_count(cfg.student), param_count(cfg.teacher)
     flops_per_token = 6 * p_student + 2 * p_teacher
@@ -202,13 +208,13 @@ def main() -> int:
         # (a) the seed: rows padded to max_seq_len, in the pool's order, on its own models
         seed_batches = []
         for i in range(n_batches):
-            b = data.collate(pool, np.arange(i * args.batch, (i + 1) * args.batch), stub.pad_token_id)
+            b = tokenized.collate(pool, np.arange(i * args.batch, (i + 1) * args.batch), stub.pad_token_id)
             pad = args.max_len_pad - b["input_ids"].shape[1]
             b["input_ids"] = F.pad(b["input_ids"], (0, pad), value=stub.pad_token_id)
             b["labels"] = F.pad(b["labels"], (0, pad), value=-100)
             seed_batches.append(b)
-        student = models.make_student(cfg.student, stub, precision)
-        teacher = models.make_teacher(cfg.teacher, stub, models.resolve_precision("float32", device))
+        student = build.make_student(cfg.student, stub, precision)
+        teacher = build.make_teacher(cfg.teacher, stub, hardware.resolve_precision("float32", device))
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4)
         scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
         measured["seed"] = measure(lambda b: seed_step(student, teacher, optimizer, scaler, b, precision, 0.5, 2.0, 1.0),
@@ -221,23 +227,27 @@ def main() -> int:
         return 0
 
     # (b) tune_kd: the loop's own step functions on bucketed batches of the same sequences
-    lm = models.make_student(cfg.student, stub, precision)
-    teacher_lm = models.make_teacher(cfg.teacher, stub, precision)
+    lm = build.make_student(cfg.student, stub, precision)
+    teacher_lm = build.make_teacher(cfg.teacher, stub, precision)
     compiled = args.compile == "on"
     if compiled:
         compiling.compile_bodies(lm, teacher_lm)
     student_fast, teacher_fast = ScoredLM(lm), ScoredLM(teacher_lm)
     optimizer = torch.optim.AdamW(lm.parameters(), lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=precision.grad_scaler)
-    fast_batches = [data.collate(pool, idx, stub.pad_token_id)
-                    for idx in data.epoch_batches(pool, args.batch, seed=0, epoch=0)][:n_batches]
+    fast_batches = [tokenized.collate(pool, idx, stub.pad_token_id)
+                    for idx in tokenized.epoch_batches(pool, args.batch, seed=0, epoch=0)][:n_batches]
     if device.type == "cuda":
         fast_batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in fast_batches]
 
+    run = Run(cfg, 0, 1, precision, stub, pool, pool, stub.pad_token_id, lm, teacher_lm, teacher_fast, student_fast,
+              student_fast, None, True, None, None, optimizer, scaler)
+
     def fast_step(b, cache=None):
         normalizer = int((b["labels"][:, 1:] != -100).sum())  # host-side, no device sync
-        loop.backward_step(student_fast, teacher_fast, b, cfg, precision, None, True, normalizer, scaler, cache=cache)
-        loop.optimizer_step(lm, optimizer, scaler, 1.0)
+        backward_step(run if cache is None else dataclasses.replace(run, cache=cache), b,
+                      MicroStep(normalizer, cfg.train.temperature))
+        optimizer_step(lm, optimizer, scaler, 1.0)
 
     if "tune_kd" in variants:
         measured["tune_kd"] = ours = measure(fast_step, fast_batches, args.warmup, args.steps, device)
@@ -254,12 +264,12 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="tune_kd-bench-cache-") as cache_dir:
             started = time.perf_counter()
             top_k = 128 if cfg.teacher_cache.top_k == "auto" else cfg.teacher_cache.top_k   # auto would measure first
-            cache_layout = teacher_cache.layout(top_k, args.vocab, cfg.teacher_cache.dtype)
+            cache_layout = stored_rows.layout(top_k, args.vocab, cfg.teacher_cache.dtype)
             with torch.inference_mode():
-                teacher_cache.build(scoring.teacher_outputs(teacher_fast, precision), pool, stub.pad_token_id,
+                cache_store.build(scoring.teacher_outputs(teacher_fast, precision), pool, stub.pad_token_id,
                                     cache_layout, Path(cache_dir) / "cache", {})
             build_s = time.perf_counter() - started
-            cache = teacher_cache.TeacherCache(Path(cache_dir) / "cache")
+            cache = cache_store.TeacherCache(Path(cache_dir) / "cache")
             cached = measure(lambda b: fast_step(b, cache), fast_batches, args.warmup, args.steps, device)
             row("cached", cached, compiled)
             versus = f"ratio cached/tune_kd (real tokens/s): {cached['real'] / measured['tune_kd']['real']:.2f}x; " \

@@ -18,7 +18,7 @@ embedded demo's digit conversations, a Llama teacher hidden 128 x 4 layers train
 Per --shape (HIDDENxLAYERS; heads hidden / the teacher's head_dim, so 64x2 has 2 heads of 32: 4
 heads of 16, kd.yaml's, cannot start from this teacher, whose heads are 32 wide; intermediate 3 x
 hidden, kd.yaml's 192 at 64; 128x2 is the teacher's width, a plain copy of two of its layers) and
-seed, one student per arm, each trained by tune_kd.loop.train with kd.yaml's settings (lr 3e-3, T 2,
+seed, one student per arm, each trained by tune_kd.train.loop.train with kd.yaml's settings (lr 3e-3, T 2,
 alpha 0.5, batch 64, warmup 10, forward KL, float32 on CPU, the teacher cache at auto as a search
 runs it: on_policy_warm_start.py's off-policy config with student.init set, and no generation) on
 the same --examples conversations for --epochs epochs, val_ce (teacher-forced, T 1, all 400
@@ -30,8 +30,8 @@ validation conversations) recorded after every epoch by the loop's report callba
     last        student.init: teacher, init_layers last      (2, 3; not run unless named in --arms)
 
 Epoch 0 (unless --no-epoch0) is the initial student's val_ce: a copy of the student exactly as the
-loop built it (captured by wrapping models.make_models during the run) evaluated afterwards by
-loop.evaluate without a teacher (val_ce needs only the student); one validation pass, seconds.
+loop built it (captured by wrapping build.make_models during the run) evaluated afterwards by
+train/evaluate.py's evaluate without a teacher (val_ce needs only the student); one validation pass, seconds.
 
 Per shape and seed: B, random init's best val_ce over epochs 1..N, first reached at epoch E_r; E_t,
 the first epoch (0..N) at which a teacher-initialised arm's val_ce <= B (or "not within N"); the ratio
@@ -104,24 +104,25 @@ class Captured(logging.Handler):
 
 
 def initial_val_ce(cfg, student) -> float:
-    """val_ce of a copy of the initial student, by loop.evaluate without a teacher."""
+    """val_ce of a copy of the initial student, by train/evaluate.py's evaluate without a teacher."""
     import torch
 
-    from tune_kd import loop, models
-    from tune_kd.data import load_data, padding_id
-    from tune_kd.scored import ScoredLM
+    from tune_kd.data.tokenized import load_data, padding_id
+    from tune_kd.kd.scored import ScoredLM
+    from tune_kd.model import hardware
+    from tune_kd.train.evaluate import evaluate
 
     tokenizer, _, val_data = load_data(cfg)
-    precision = models.resolve_precision(cfg.train.dtype, torch.device(cfg.train.device))
-    metrics = loop.evaluate(ScoredLM(student), None, val_data, padding_id(tokenizer), cfg, precision, columns=None)
+    precision = hardware.resolve_precision(cfg.train.dtype, torch.device(cfg.train.device))
+    metrics = evaluate(ScoredLM(student), None, val_data, padding_id(tokenizer), cfg, precision, columns=None)
     return metrics["val_ce"]
 
 
 def run_arm(args, world: Path, built: dict, shape: tuple[int, int], arm: str, seed: int) -> dict:
     """One run, from its cache file when its config (and whether epoch 0 is measured) match."""
-    from tune_kd import models
-    from tune_kd.config import load_config
-    from tune_kd.loop import train
+    from tune_kd.config.experiment import load_config
+    from tune_kd.model import build
+    from tune_kd.train.loop import train
 
     raw = run_config(args, world, built, shape, arm, seed)
     key = {"raw": raw, "epoch0": args.epoch0}
@@ -129,7 +130,7 @@ def run_arm(args, world: Path, built: dict, shape: tuple[int, int], arm: str, se
     if (done := world_bench.cached(path, "config", key)) is not None:
         return done
     cfg = load_config(raw=raw)
-    initial, make_models = {}, models.make_models
+    initial, make_models = {}, build.make_models
 
     def capturing(*a, **k):
         lm, teacher_lm = make_models(*a, **k)
@@ -138,14 +139,14 @@ def run_arm(args, world: Path, built: dict, shape: tuple[int, int], arm: str, se
 
     per_epoch: list[float] = []
     handler = Captured()
-    cache_log = logging.getLogger("tune_kd.cache_plan")
+    cache_log = logging.getLogger("tune_kd.teacher.cache_plan")
     cache_log.addHandler(handler)
-    models.make_models = capturing
+    build.make_models = capturing
     started = time.perf_counter()
     try:
         result = train(cfg, report=lambda metrics, save: per_epoch.append(metrics["val_ce"]), use_wandb=False)
     finally:
-        models.make_models = make_models
+        build.make_models = make_models
         cache_log.removeHandler(handler)
     seconds = time.perf_counter() - started
     epoch0 = initial_val_ce(cfg, initial["student"]) if args.epoch0 else None
@@ -266,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("tune_kd.loop").setLevel(logging.INFO)
-    logging.getLogger("tune_kd.cache_plan").setLevel(logging.INFO)
+    logging.getLogger("tune_kd.train.loop").setLevel(logging.INFO)
+    logging.getLogger("tune_kd.teacher.cache_plan").setLevel(logging.INFO)
     world = Path(args.world).resolve()
     started = time.perf_counter()
     built = world_bench.build_world(argparse.Namespace(**vars(args), generation_samples=TEACHER_GENERATION_SAMPLES),

@@ -35,9 +35,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import cache_fidelity, cache_plan, data, demo, loop, losses, models, scoring, teacher_cache  # noqa: E402
-from tune_kd.config import load_config  # noqa: E402
-from tune_kd.scored import ScoredLM  # noqa: E402
+from tune_kd.config.experiment import load_config
+from tune_kd.data import tokenized
+from tune_kd.kd import losses, scoring
+from tune_kd.kd.scored import ScoredLM
+from tune_kd.model import build, hardware
+from tune_kd.search import demo
+from tune_kd.teacher import cache_fidelity, cache_plan, stored_rows
+from tune_kd.train import step
 
 TEMPERATURES = (1.0, 2.0, 3.0, 4.0, 5.0)
 
@@ -82,22 +87,22 @@ def main() -> int:
     started = time.perf_counter()
     torch.manual_seed(0)
     cfg, trained_path = load_world(args)
-    precision = models.resolve_precision("float32", torch.device("cpu"))
+    precision = hardware.resolve_precision("float32", torch.device("cpu"))
     torch.manual_seed(cfg.train.seed)   # the fresh student as loop.train would build it
-    tokenizer, train_data, _ = data.load_data(cfg)
-    students = {"fresh student": models.make_student(cfg.student, tokenizer, precision)}
+    tokenizer, train_data, _ = tokenized.load_data(cfg)
+    students = {"fresh student": build.make_student(cfg.student, tokenizer, precision)}
     if trained_path.is_dir():
         from transformers import AutoModelForCausalLM
 
         students["trained student"] = AutoModelForCausalLM.from_pretrained(trained_path, dtype=torch.float32)
-    teacher = ScoredLM(models.make_teacher(cfg.teacher, tokenizer, precision))
-    vocab = models.vocab_rows(teacher.lm)
-    pad_id = data.padding_id(tokenizer)
+    teacher = ScoredLM(build.make_teacher(cfg.teacher, tokenizer, precision))
+    vocab = build.vocab_rows(teacher.lm)
+    pad_id = tokenized.padding_id(tokenizer)
     batches = cache_fidelity.sample_batches(train_data, pad_id, conversations=args.conversations)
     teacher_rows = scoring.teacher_rows(teacher, precision, None)
     ks = cache_fidelity.auto_ladder(vocab)
-    layouts = [teacher_cache.layout(k, vocab, "float16") for k in ks]
-    layouts += [teacher_cache.layout(k, vocab, dtype) for k in args.compare_k if k < vocab
+    layouts = [stored_rows.layout(k, vocab, "float16") for k in ks]
+    layouts += [stored_rows.layout(k, vocab, dtype) for k in args.compare_k if k < vocab
                 for dtype in ("float32", "bfloat16")]
     layouts.sort(key=lambda lay: (lay.k, lay.dtype != "float32", lay.dtype))
     teacher_logits = torch.cat([teacher_rows(b) for b in batches])
@@ -111,7 +116,7 @@ def main() -> int:
         meter = cache_fidelity.FidelityMeter(layouts, args.temperatures, {cfg.train.kd_loss: losses.kd_options(cfg.train)},
                                              list(student.parameters()))
         for batch in batches:
-            s_logits, t_logits, *_ = loop.forward_pair(student, teacher, batch, precision, None, True)
+            s_logits, t_logits, *_ = step.forward_pair(student, teacher, batch, precision, None, True)
             meter.add(s_logits, t_logits, conversations=len(batch["indices"]))
         print(f"\n{name}: worst relative error over T (and where), by k and stored dtype")
         print(header)
@@ -129,7 +134,7 @@ def main() -> int:
     auto_cfg = cfg.replace(parameters={**cfg.parameters, **searched},
                            teacher_cache=dataclasses.replace(cfg.teacher_cache, mode="auto", top_k="auto"))
     torch.manual_seed(cfg.train.seed)
-    fresh = ScoredLM(models.make_student(cfg.student, tokenizer, precision))
+    fresh = ScoredLM(build.make_student(cfg.student, tokenizer, precision))
     plan, _ = cache_plan.plan_teacher_cache(auto_cfg, tokenizer, train_data, teacher, precision, None, pad_id, fresh)
     print(f"\ntop_k auto on this world (T searched in [{min(args.temperatures):g}, {max(args.temperatures):g}], "
           f"{len(train_data)} training conversations, {int(train_data.target_counts.sum())} positions): {plan.why}")

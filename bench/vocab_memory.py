@@ -37,8 +37,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tune_kd import loop, losses, models, scored  # noqa: E402
-from tune_kd.scored import ScoredLM  # noqa: E402
+from tune_kd.kd import losses, scored, scoring
+from tune_kd.kd.scored import ScoredLM
+from tune_kd.model import hardware
+from tune_kd.train import step
 
 VOCABS = (151_936, 128_256)
 ALPHA, TEMPERATURE = 0.5, 2.0
@@ -73,7 +75,7 @@ def old_chunked_sum(fn, *rows):
 
 def full_step(student, teacher, input_ids, labels, precision) -> float:
     """The step as it stood before the fused head: (N, V) logits of both models, chunked loss."""
-    positions, targets = loop.scored_positions(labels)
+    positions, targets = scoring.scored_positions(labels)
     with precision.autocast():
         hidden = student.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[positions]
         s_logits = student.get_output_embeddings()(hidden)                                  # (N, V)
@@ -90,7 +92,7 @@ def full_step(student, teacher, input_ids, labels, precision) -> float:
 
 
 def fused_step(student, teacher, input_ids, labels, precision) -> float:
-    s_out, t_out, targets, _, _ = loop.forward_pair(student, teacher, {"input_ids": input_ids, "labels": labels},
+    s_out, t_out, targets, _, _ = step.forward_pair(student, teacher, {"input_ids": input_ids, "labels": labels},
                                                     precision, True)
     parts = losses.distillation_loss(s_out, t_out, targets, ALPHA, TEMPERATURE, targets.numel())
     parts.loss.backward()
@@ -106,7 +108,7 @@ def one(vocab: int, path: str, device: str, positions: int, steps: int, chunk_el
     if chunk_elements:
         scored.CHUNK_ELEMENTS = chunk_elements
     device = torch.device(device)
-    precision = models.resolve_precision("bfloat16", device)   # train.dtype's default, as a trial resolves it
+    precision = hardware.resolve_precision("bfloat16", device)   # train.dtype's default, as a trial resolves it
     student, teacher, input_ids, labels = build(vocab, device, positions)
     if path == "fused":
         student, teacher = ScoredLM(student), ScoredLM(teacher)
@@ -131,7 +133,7 @@ def one(vocab: int, path: str, device: str, positions: int, steps: int, chunk_el
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - held
     return {"vocab": vocab, "path": path, "chunk_elements": scored.CHUNK_ELEMENTS, "peak_bytes": peak, "step_seconds": statistics.median(times), "loss": loss,
-            "positions": int(loop.scored_positions(labels)[1].numel())}
+            "positions": int(scoring.scored_positions(labels)[1].numel())}
 
 
 def main() -> int:
@@ -152,7 +154,7 @@ def main() -> int:
                              args.chunk_elements)))
         return 0
     rows = {}
-    precision = models.resolve_precision("bfloat16", torch.device(args.device))
+    precision = hardware.resolve_precision("bfloat16", torch.device(args.device))
     print(f"device {device_name(args.device)}, {precision.reason}; {args.positions} scored positions, student 64x2 / "
           "teacher 128x2, forward + backward")
     print(f"{'V':>8} {'path':>6} {'peak GiB':>9} {'step s':>8} {'loss':>12}")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tune_kd import demo
-from tune_kd.config import load_config
+from tune_kd.config.experiment import load_config
+from tune_kd.search import demo
 
 TINY_ARCH = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 64}
@@ -36,8 +36,8 @@ def world(tmp_path_factory) -> dict:
     demo.write_jsonl(root / "val.jsonl", demo.make_conversations(120, seed=2))
     paths = {"root": root, "tokenizer": str(root / "tokenizer"), "train": str(root / "train.jsonl"),
              "val": str(root / "val.jsonl"), "cache": str(root / "cache")}
-    from tune_kd.checkpoint import save_student
-    from tune_kd.loop import train
+    from tune_kd.model.checkpoint import save_student
+    from tune_kd.train.loop import train
 
     teacher_cfg = tiny_raw(paths, teacher=None, student={"arch": dict(TINY_ARCH, hidden_size=64)},
                            train={"alpha": 1.0, "epochs": 2, "learning_rate": 5e-3})
@@ -102,7 +102,7 @@ def check_study_agrees(experiment_dir: Path) -> None:
     completed."""
     import optuna
 
-    from tune_kd.searcher import epoch_values
+    from tune_kd.search.searcher import epoch_values
 
     experiment = json.loads((experiment_dir / "experiment.json").read_text())
     metric, mode = experiment["metric"]["name"], experiment["metric"]["mode"]
@@ -151,3 +151,16 @@ def render_in_chromium(page: Path) -> str:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def step_run(cfg, student, teacher, precision, columns=None, cache=None):
+    """A Run around a test's own models, for train/step.backward_step: cfg's run (train/run.build_run)
+    with them swapped in, the teacher cache given or none, and no loss scaling."""
+    import dataclasses
+
+    from tune_kd.train.run import build_run
+
+    run = build_run(cfg, cache=False)
+    return dataclasses.replace(run, student=student, trained=student, teacher=teacher, precision=precision,
+                               columns=columns, need_teacher=teacher is not None, cache=cache,
+                               scaler=torch.amp.GradScaler(precision.device.type, enabled=False))

@@ -124,7 +124,7 @@ WORLDS = {"default": default_world, "minimind": minimind_world}
 
 def recording_config(args, source: str, overrides: dict):
     """(config, recorded space, grid points): the YAML with the bench's sizes and a grid searcher."""
-    from tune_kd.config import load_config
+    from tune_kd.config.experiment import load_config
 
     cfg = load_config(source, {**overrides, "name": f"curves-{args.table}", "train.epochs": args.epochs,
                                "data.max_train_examples": args.max_train_examples, "search.algorithm": "random",
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, space, points = recording_config(args, source, overrides)
     experiment_dir = Path(args.storage).resolve() / cfg.name
     if not args.collect:
-        from tune_kd.search import run_search
+        from tune_kd.search.runner import run_search
 
         run_search(cfg, source, storage=args.storage, address=args.address, resume=args.resume,
                    num_cpus=args.num_cpus, export_best=False, dashboard_host=None, grid=points)

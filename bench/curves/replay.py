@@ -2,7 +2,7 @@
 
 A table (bench/curves/<name>.csv with its <name>.json, written by record.py) holds every epoch's
 metric of a Sobol sample of configs, each trained with a few seeds. A replayed search runs the
-project's own searchers and schedulers (tune_kd.searcher.make_sampler's TPE inside
+project's own searchers and schedulers (tune_kd.search.searcher.make_sampler's TPE inside
 PruneAwareOptunaSearch, Ray's AsyncHyperBandScheduler, Ray's random sampling of the same domains,
 Optuna's pruners) in a simulated clock where one epoch of one trial is one time unit and `parallel`
 trials run at once, as a search with max_concurrent trials does. A proposed config is answered with
@@ -234,7 +234,7 @@ def tpe_sampler(arm: Arm, seed: int):
     only in the arm's settings."""
     import optuna
 
-    from tune_kd.searcher import make_sampler, startup_trials
+    from tune_kd.search.searcher import make_sampler, startup_trials
 
     if arm.multivariate and arm.group:
         search = SimpleNamespace(seed=seed, num_samples=arm.num_samples, startup_trials=arm.startup)
@@ -272,8 +272,8 @@ class RayDriver:
     def __init__(self, arm: Arm, space: dict, metric: str, epochs: int, seed: int, first: dict | None = None):
         from ray.tune.schedulers import AsyncHyperBandScheduler
 
-        from tune_kd import space as tune_space
-        from tune_kd.searcher import PruneAwareOptunaSearch
+        from tune_kd.search import space as tune_space
+        from tune_kd.search.searcher import PruneAwareOptunaSearch
 
         domains = tune_space.tune_domains(SimpleNamespace(parameters=space))
         self.metric = metric
@@ -358,7 +358,7 @@ def optuna_distributions(space: dict) -> dict:
     as Ray's OptunaSearch converts them."""
     from ray.tune.search.optuna import OptunaSearch
 
-    from tune_kd import space as tune_space
+    from tune_kd.search import space as tune_space
 
     return OptunaSearch.convert_search_space(tune_space.tune_domains(SimpleNamespace(parameters=space)))
 

@@ -1,0 +1,301 @@
+"""The end of a search a person reads: control-arm verdicts, progress lines, report.html.
+
+The report tests build experiment folders by hand (the files a search leaves), so they run in
+seconds; test_search.py::test_search_end_to_end checks the same on a real search."""
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from tune_kd.cli import main as cli
+from tune_kd.config.experiment import load_config
+from tune_kd.results import arms, figures, report
+from tune_kd.search import controls
+from tune_kd.search.progress import SearchProgress
+
+from conftest import PARAMETERS, render_in_chromium, search_raw
+
+# ----------------------------------------------------------------------------------------------
+# Control arms
+# ----------------------------------------------------------------------------------------------
+
+def test_verdict_compares_the_best_distilled_student_with_plain_sft():
+    line = arms.verdict("val_ce", "min", 1.0, 1.1, None)
+    assert line.startswith("did distillation help? yes: val_ce 1.0000 (the best distilled student) vs 1.1000")
+    assert "-0.1000, -9.1%" in line
+    assert arms.verdict("val_ce", "min", 1.2, 1.1, None).startswith("did distillation help? no:")
+    assert arms.verdict("val_acc", "max", 0.9, 0.8, None).startswith("did distillation help? yes:")
+    assert arms.verdict("val_ce", "min", 1.0, None, None) is None     # no plain-SFT arm ran
+
+
+def test_verdict_uses_the_seed_mean_and_calls_a_gap_inside_the_noise_inconclusive():
+    noisy = {"n": 3, "mean": 1.05, "std": 0.05, "min": 1.0, "max": 1.1}
+    line = arms.verdict("val_ce", "min", 0.9, 1.1, noisy)
+    assert "inconclusive" in line and "1.0500 (the best config's mean over 3 seeds)" in line
+    tight = dict(noisy, std=0.01)
+    assert arms.verdict("val_ce", "min", 0.9, 1.1, tight).startswith("did distillation help? yes:")
+
+
+def write_trial(directory: Path, trial_id: str, params: dict, values: list[float]) -> None:
+    trial = directory / f"trial_{trial_id}"
+    trial.mkdir(parents=True)
+    (trial / "params.json").write_text(json.dumps(params))
+    (trial / "result.json").write_text("".join(json.dumps({"trial_id": trial_id, "epoch": e, "val_ce": v}) + "\n"
+                                               for e, v in enumerate(values, 1)))
+
+
+def test_verdict_without_seed_arms_weighs_the_gap_against_the_noise_of_repeated_trials(tmp_path):
+    same = {"learning_rate": 3e-3, "alpha": 0.5}
+    write_trial(tmp_path, "a", same, [1.5, 1.10])
+    write_trial(tmp_path, "b", same, [1.5, 1.14])
+    write_trial(tmp_path, "c", same, [1.6])                                # stopped early: not a repeat
+    write_trial(tmp_path, "d", {"learning_rate": 1e-3, "alpha": 0.5}, [1.4, 1.3])   # alone
+    noise = arms.repeat_noise(tmp_path, "val_ce", "min", epochs=2)
+    assert noise["trials"] == 2 and math.isclose(noise["std"], 0.04 / math.sqrt(2))
+    bound = f"±{2 * 0.04 / math.sqrt(2):.4f}"
+    within = arms.verdict("val_ce", "min", 1.10, 1.14, None, noise)
+    assert within.startswith("did distillation help? inconclusive: val_ce 1.1000 (the best distilled student)")
+    assert within.endswith(f"; within the seed noise as far as the trials show it ({bound}: 2 x the std of 2 "
+                           "full-length trials repeating a config, same seed; a lower bound: "
+                           "controls.seeds_for_best: 3 measures it)")
+    beyond = arms.verdict("val_ce", "min", 1.00, 1.14, None, noise)
+    assert beyond.startswith("did distillation help? yes:") and f"; beyond the seed noise as far as the trials " \
+        f"show it ({bound}" in beyond
+
+
+def test_verdict_says_when_the_seed_noise_cannot_be_estimated(tmp_path):
+    write_trial(tmp_path, "a", {"learning_rate": 3e-3}, [1.2])
+    write_trial(tmp_path, "b", {"learning_rate": 3e-3}, [1.2])   # a bit-identical repeat: deterministic
+    write_trial(tmp_path, "c", {"learning_rate": 1e-3}, [1.3])
+    assert arms.repeat_noise(tmp_path, "val_ce", "min", epochs=1) is None
+    line = arms.verdict("val_ce", "min", 1.0, 1.1, None, None)
+    assert line.startswith("did distillation help? yes:")
+    assert line.endswith("; the seed noise is unknown (no full-length trials repeat a config): "
+                         "set controls.seeds_for_best: 3 to measure it")
+
+
+def test_arm_points_follow_the_controls_section(world):
+    best = {"trial_id": "t1", "learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2}
+    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "minimind_defaults": True, "seeds_for_best": 2},
+                                     train={"seed": 7}))
+    arms = controls.arm_points(cfg, best)
+    assert arms == {"plain_sft": {"learning_rate": 0.004, "temperature": 3.0, "alpha": 1.0},
+                    "minimind_defaults": {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0},
+                    "best_seed_8": {"learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2, "seed": 8},
+                    "best_seed_9": {"learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2, "seed": 9}}
+    off = load_config(raw=search_raw(world, controls={"plain_sft": False, "minimind_defaults": False}))
+    assert controls.arm_points(off, best) == {}
+
+
+def test_a_control_arm_point_reaches_the_trial_config(world):
+    from tune_kd.search import space
+
+    cfg = load_config(raw=search_raw(world))
+    arm = space.apply_point(cfg, {"control": {"arm": "best_seed_3", "alpha": 1.0, "seed": 3}})
+    assert (arm.train.alpha, arm.train.seed) == (1.0, 3)
+
+
+def test_negative_seeds_for_best_is_a_config_error(world):
+    from tune_kd.config.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="controls.seeds_for_best: must be >= 0"):
+        load_config(raw=search_raw(world, controls={"seeds_for_best": -1}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Progress lines
+# ----------------------------------------------------------------------------------------------
+
+def test_progress_lines_and_time_left(capsys):
+    progress = SearchProgress("val_ce", "min", num_trials=4, epochs=3, parallel=2, every_s=3600)
+    a = SimpleNamespace(trial_id="a", status="RUNNING", config={"alpha": 0.25})
+    b = SimpleNamespace(trial_id="b", status="RUNNING", config={"alpha": 0.75})
+    progress.on_trial_result(0, [a, b], a, {"epoch": 1, "val_ce": 1.5, "time_this_iter_s": 10.0})
+    progress.on_trial_result(0, [a, b], b, {"epoch": 1, "val_ce": 1.25, "time_this_iter_s": 10.0})
+    a.status = "TERMINATED"
+    progress.on_trial_complete(0, [a, b], a)   # stopped after 1 of 3 epochs
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "trial a epoch 1/3  val_ce 1.5000  (alpha 0.25)"
+    # 2 trials not created yet, each expected to run 1 epoch as `a` did, 10 s an epoch, 2 at a time
+    assert lines[2].startswith("search: 1/4 trials done (1 stopped early), 1 running | best val_ce 1.2500 (trial b) | ")
+    assert lines[2].endswith(", ~10s left")
+    assert len(lines) == 3   # no periodic line within every_s
+
+
+def test_progress_counts_failures_and_long_durations(capsys, tmp_path):
+    progress = SearchProgress("val_acc", "max", num_trials=2, epochs=2, parallel=1, label="controls")
+    error_file = tmp_path / "error.txt"
+    error_file.write_text("Traceback (most recent call last):\n  ...\nRuntimeError: boom\n\n")
+    a = SimpleNamespace(trial_id="a", status="ERROR", config={"control": {"arm": "plain_sft", "alpha": 1.0}},
+                        error_file=str(error_file))
+    progress.on_trial_result(0, [a], a, {"epoch": 1, "val_acc": 0.5, "time_this_iter_s": 4000.0})
+    progress.on_trial_error(0, [a], a)
+    out = capsys.readouterr().out
+    assert "arm plain_sft epoch 1/2  val_acc 0.5000  (alpha 1)" in out   # a control arm goes by its name
+    assert f"trial a failed: RuntimeError: boom (full error: {error_file})" in out
+    assert "controls: 1/2 trials done (1 failed), 0 running | best val_acc 0.5000 (arm plain_sft)" in out
+    assert out.rstrip().endswith("~2h13m left")   # the other arm: 2 epochs x 4000 s
+
+
+# ----------------------------------------------------------------------------------------------
+# The report, from the files a search leaves
+# ----------------------------------------------------------------------------------------------
+
+CURVES = {  # trial -> (learning_rate, temperature, alpha), val_ce per epoch
+    "t1": ((3e-3, 2.0, 0.5), [2.0, 1.6, 1.3]),
+    "t2": ((1e-3, 4.0, 0.1), [2.4]),
+    "t3": ((8e-3, 1.5, 0.9), [1.9, 1.5, 1.2]),
+    "t4": ((2e-4, 3.0, 0.3), [2.6]),
+    "t5": ((5e-3, 2.5, 0.6), [1.95, 1.7]),
+    "t6": ((6e-4, 1.2, 0.8), [2.3]),
+}
+
+
+def write_experiment(directory: Path, curves: dict, finished: bool, with_controls: bool = False) -> Path:
+    directory.mkdir(parents=True)
+    config = {"train": {"epochs": 3}, "parameters": copy.deepcopy(PARAMETERS)}
+    (directory / "experiment.json").write_text(json.dumps(
+        {"name": "hand-made", "metric": {"name": "val_ce", "mode": "min"}, "config": config}))
+    rows = []
+    for trial_id, ((lr, temperature, alpha), values) in curves.items():
+        trial = directory / f"trial_{trial_id}"
+        trial.mkdir()
+        params = {"learning_rate": lr, "temperature": temperature, "alpha": alpha}
+        (trial / "params.json").write_text(json.dumps(params))
+        (trial / "result.json").write_text("".join(
+            json.dumps({"trial_id": trial_id, "epoch": epoch, "val_ce": value, "val_acc": 0.1}) + "\n"
+            for epoch, value in enumerate(values, 1)))
+        rows.append({"trial_id": trial_id, **params, "epochs": len(values), "best_val_ce": min(values),
+                     "status": "COMPLETED" if len(values) == 3 else "STOPPED_EARLY", "error": ""})
+    if finished:
+        with (directory / "trials.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    if with_controls:
+        arm = directory / "controls" / "plain_sft_c1"
+        arm.mkdir(parents=True)
+        (arm / "params.json").write_text(json.dumps({"control": {"arm": "plain_sft", "alpha": 1.0}}))
+        (arm / "result.json").write_text("".join(
+            json.dumps({"trial_id": "c1", "epoch": e, "val_ce": v}) + "\n" for e, v in ((1, 2.1), (2, 1.7), (3, 1.4))))
+        (directory / "controls.json").write_text(json.dumps({
+            "metric": "val_ce", "mode": "min", "epochs": 3, "seed": 0,
+            "best": {"trial_id": "t3", "value": 1.2, "settings": {"alpha": 0.9}},
+            "arms": {"plain_sft": {"settings": {"alpha": 1.0}, "value": 1.4}},
+            "seeds_for_best": None, "verdict": arms.verdict("val_ce", "min", 1.2, 1.4, None)}))
+    return directory
+
+
+@pytest.mark.slow
+def test_report_of_an_interrupted_experiment_renders_in_a_browser(tmp_path):
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=False)
+    page = report.build(experiment)
+    assert page == experiment / "report.html"
+    text = page.read_text()
+    assert "has not finished" in text and "INCOMPLETE" in text and "STOPPED_EARLY" not in text
+    dom = render_in_chromium(page)
+    assert 'data-figures="4" data-rendered="4"' in dom and "failed to render" not in dom.split("<script")[0]
+    for figure in ("curves", "params", "parallel", "importance"):
+        assert f'id="{figure}"' in dom
+        assert (experiment / "report" / f"{figure}.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.slow
+def test_report_cli_rebuilds_with_statuses_and_control_arms(tmp_path, capsys):
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True, with_controls=True)
+    assert cli.main(["report", str(experiment)]) == 0
+    assert capsys.readouterr().out.strip() == f"report: {experiment / 'report.html'}"
+    loaded = report.load(experiment)
+    assert {t.trial_id: t.status for t in loaded.trials}["t2"] == "STOPPED_EARLY"
+    assert loaded.best_trial().trial_id == "t3" and loaded.control_curves == {"plain_sft": [[1, 2.1], [2, 1.7], [3, 1.4]]}
+    dom = render_in_chromium(experiment / "report.html")
+    assert 'data-figures="5" data-rendered="5"' in dom
+    assert "did distillation help? yes: val_ce 1.2000" in dom and 'id="controls"' in dom
+
+
+@pytest.mark.slow
+def test_a_broken_figure_shows_a_warning_on_the_page(tmp_path):
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True)
+    page = report.build(experiment)
+    page.write_text(page.read_text().replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1))
+    dom = render_in_chromium(page)
+    assert 'data-figures="4" data-rendered="3"' in dom and "1 of 4 figures failed to render" in dom
+
+
+def test_too_few_trials_leave_importances_out_and_say_so(tmp_path):
+    few = {k: CURVES[k] for k in ("t1", "t3")}
+    page = report.build(write_experiment(tmp_path / "hand-made", few, finished=True))
+    text = page.read_text()
+    assert "id='importance'" not in text and "Parameter importances need at least 4 trials" in text
+    assert "id='parallel'" in text
+
+
+def test_report_of_a_folder_that_is_no_experiment_is_one_line(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path}: not a tune_kd experiment folder")
+
+
+def test_figures_compare_every_trial_at_the_epoch_all_reached(tmp_path):
+    """ASHA stopped t2, t4, t6 after epoch 1; t1, t3 ran 3 epochs: params, parallel and importance
+    all take epoch 1's values, and say so."""
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True)
+    exp = report.load(experiment)
+    first = sorted(values[0] for _, values in CURVES.values())
+    study = figures.optuna_study(exp)
+    assert sorted(t.value for t in study.trials) == first     # not each trial's best: 1.3, 1.2, 1.7
+    assert exp.common_epoch == 1
+    assert study.best_trial.params["learning_rate"] == 8e-3 and math.isclose(study.best_value, 1.9)
+    params = figures.plot_params(exp)
+    for ax in params.axes:
+        assert sorted(float(y) for c in ax.collections for _, y in c.get_offsets()) == first
+        assert ax.get_ylabel() == "val_ce at epoch 1"
+    assert params._suptitle.get_text().startswith("val_ce at epoch 1 (reached by every trial)")
+    assert "at epoch 1" in figures.plot_importance(exp, study).axes[0].get_title()
+    assert "at epoch 1" in figures.plot_parallel(exp, study).axes[0].get_title()
+    text = report.build(experiment).read_text()
+    for figure in ("params", "parallel", "importance"):
+        caption = text.split(f"<figure id='{figure}'>")[1].split("<figcaption>")[1].split("</figcaption>")[0]
+        assert "val_ce at epoch 1, the last epoch every trial reached" in caption
+
+
+@pytest.mark.slow
+def test_report_shows_the_answers_of_teacher_best_student_and_plain_sft(tmp_path, world):
+    """The prompts table: validation prompts, the data's answer and three models' greedy answers,
+    in a browser; without the plain_sft arm its column is left out with a note."""
+    import shutil
+
+    from tune_kd.data.tokenized import load_tokenizer
+    from tune_kd.model.build import build_model
+    from tune_kd.model.checkpoint import save_student
+
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True, with_controls=True)
+    meta = json.loads((experiment / "experiment.json").read_text())
+    meta["config"] = json.loads(json.dumps(load_config(raw=search_raw(world)).to_dict(), default=str))
+    (experiment / "experiment.json").write_text(json.dumps(meta))
+    shutil.copytree(world["teacher"], experiment / "best_student")
+    arm = experiment / "controls" / "plain_sft_c1"
+    cfg = load_config(raw=search_raw(world))
+    save_student(build_model(cfg.student, load_tokenizer(world["tokenizer"]), "student"),
+                 load_tokenizer(world["tokenizer"]), arm / "checkpoint_000000")
+    (arm / "result.json").write_text(json.dumps({"trial_id": "c1", "epoch": 1, "val_ce": 2.1,
+                                                 "checkpoint_dir_name": "checkpoint_000000"}) + "\n")
+    dom = render_in_chromium(report.build(experiment))
+    table = dom.split('<table id="samples">')[1].split("</table>")[0]
+    assert [h.split("</th>")[0] for h in table.split("<th>")[1:]] == \
+        ["prompt", "reference (data)", "teacher", "best student", "plain SFT"]
+    rows = table.split("<tr>")[2:]
+    questions = [t["content"] for c in map(json.loads, Path(world["val"]).read_text().splitlines())
+                 for t in c["conversations"] if t["role"] == "user"]
+    assert len(rows) == 4 and all(any(q in row for q in questions) for row in rows)
+    assert "left out" not in dom
+
+    shutil.rmtree(arm)
+    text = report.build(experiment).read_text()
+    assert "<th>plain SFT</th>" not in text and "<th>teacher</th>" in text
+    assert "left out: plain SFT: no checkpoint of the plain_sft control arm" in text

@@ -1,0 +1,251 @@
+"""Streaming ingestion: a chat file of any size -> token ids + assistant mask, on disk, in flat memory.
+
+`build(path, fmt, tokenizer, max_seq_len, target)` reads the file in chunks (chat_formats), and for
+each chunk validates the records, renders every conversation once with the tokenizer's chat
+template, tokenizes the chunk in one batch and marks the assistant tokens; the chunks' arrays are
+appended to files in a temporary folder next to `target`, renamed into place at the end. Worker
+processes do the per-chunk work; the parent only reads lines and appends results, in file order,
+with a bounded number of chunks in flight, so memory stays flat whatever the file size and the
+output is byte-identical whatever the chunk size and the number of workers. An error (a bad line,
+named file:line) or Ctrl-C leaves no partial cache behind.
+
+Rendering and the assistant spans are chat_template.py's (ChatRenderer): a template the renderer
+refuses fails in the parent before any work; a data conversation it cannot render or place is a
+DataError naming its file:line.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import fcntl
+import hashlib
+import json
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tune_kd.data.chat_formats import Chunk, DataError, parse_chunk, read_chunks
+from tune_kd.data.chat_template import ChatRenderer
+
+CHUNK_CONVERSATIONS = 1024       # records per chunk: large enough to batch the tokenizer, small in memory
+IN_FLIGHT_PER_WORKER = 2         # chunks queued per worker: keeps workers busy, memory bounded
+SMALL_FILE_BYTES = 8 << 20       # below this, worker start-up costs more than it saves: run in-process
+MAX_WORKERS = 8
+
+
+# ----------------------------------------------------------------------------------------------
+# One chunk: conversations -> arrays
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Encoded:
+    """A chunk's kept examples back to back, and what happened to the rest."""
+
+    tokens: np.ndarray                  # (total,) token dtype
+    mask: np.ndarray                    # (total,) bool, True on assistant tokens
+    lengths: np.ndarray                 # (n,) int64
+    targets: np.ndarray                 # (n,) int64: scored positions (assistant tokens past position 0)
+    stats: collections.Counter = field(default_factory=collections.Counter)
+
+
+def _first_token_from(encoding, count: int, char: int, use_end: bool) -> int:
+    """The first token whose start (use_end: end) is >= char (else > char for use_end), by binary
+    search: token offsets are non-decreasing, so one bisection finds a span's edge."""
+    lo, hi = 0, count
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start, end = encoding.token_to_chars(mid)
+        if (end > char) if use_end else (start >= char):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def assistant_mask(encoding, spans: list[tuple[int, int]]) -> np.ndarray:
+    """(T,) bool: True on the tokens whose characters lie inside one of `spans`."""
+    count = len(encoding.ids)
+    mask = np.zeros(count, dtype=bool)
+    for lo, hi in spans:
+        first = _first_token_from(encoding, count, lo, use_end=False)     # start >= lo
+        stop = _first_token_from(encoding, count, hi, use_end=True)       # tokens before it end <= hi
+        mask[first:stop] = True
+    return mask
+
+
+def encode_conversations(renderer: ChatRenderer, conversations: list[list[dict]], max_seq_len: int,
+                         token_dtype, where: list[str] | None = None) -> Encoded:
+    """Render, tokenize (one batch) and mask `conversations`; truncate to max_seq_len and drop an
+    example left without an assistant token past position 0 (position 0 is never predicted).
+    where: each conversation's file:line, for the DataError of one the template cannot render."""
+    texts, spans = [], []
+    for i, turns in enumerate(conversations):
+        text, found = renderer.rendered(turns, where[i] if where else f"conversation {i}")
+        texts.append(text)
+        spans.append(found)
+    encodings = renderer.backend.encode_batch(texts, add_special_tokens=False)
+    unk = renderer.tokenizer.unk_token_id
+    ids_out, masks_out, stats = [], [], collections.Counter()
+    for found, encoding in zip(spans, encodings):
+        ids = np.asarray(encoding.ids, dtype=token_dtype)
+        mask = assistant_mask(encoding, found)
+        if len(ids) > max_seq_len:
+            stats["truncated"] += 1
+            ids, mask = ids[:max_seq_len], mask[:max_seq_len]
+        if not mask[1:].any():
+            stats["dropped_after_truncation"] += 1
+            continue
+        stats["assistant_tokens"] += int(mask.sum())
+        if unk is not None:
+            stats["unknown_assistant_tokens"] += int((ids[mask] == unk).sum())
+        ids_out.append(ids)
+        masks_out.append(mask)
+    lengths = np.array([len(x) for x in ids_out], dtype=np.int64)
+    targets = np.array([int(m[1:].sum()) for m in masks_out], dtype=np.int64)
+    empty = lambda dtype: np.zeros(0, dtype)  # noqa: E731
+    return Encoded(np.concatenate(ids_out) if ids_out else empty(token_dtype),
+                   np.concatenate(masks_out) if masks_out else empty(bool), lengths, targets, stats)
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker processes
+# ----------------------------------------------------------------------------------------------
+
+_WORKER: dict = {}
+
+
+def _start_worker(tokenizer, fmt: str, max_seq_len: int, token_dtype, system_turns: str,
+                  renderer: ChatRenderer | None = None) -> None:
+    """Per process: one renderer (the parent's own when it runs in-process), and Ctrl-C left to the
+    parent (which tears the pool down)."""
+    if multiprocessing.parent_process() is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _WORKER.update(renderer=renderer or ChatRenderer(tokenizer, system_turns), fmt=fmt, max_seq_len=max_seq_len,
+                   token_dtype=token_dtype, system_turns=system_turns)
+
+
+def _encode_chunk(chunk: Chunk) -> Encoded:
+    conversations, where, skipped = parse_chunk(chunk, _WORKER["fmt"], _WORKER["system_turns"])
+    encoded = encode_conversations(_WORKER["renderer"], conversations, _WORKER["max_seq_len"], _WORKER["token_dtype"],
+                                   where)
+    encoded.stats.update(conversations=len(conversations), skipped_no_assistant=skipped)
+    return encoded
+
+
+def worker_count(requested: int, path: Path) -> int:
+    """requested > 0 as given; 0 (auto): one per CPU core (at most MAX_WORKERS), 1 for small files."""
+    if requested > 0:
+        return requested
+    if path.stat().st_size < SMALL_FILE_BYTES:
+        return 1
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _encoded_chunks(path: Path, fmt: str, tokenizer, max_seq_len: int, token_dtype, workers: int, chunk_size: int,
+                    system_turns: str):
+    """Every chunk's Encoded, in file order."""
+    renderer = ChatRenderer(tokenizer, system_turns)   # here first: a template tune_kd cannot use fails at once
+    chunks = read_chunks(path, chunk_size)
+    if workers <= 1:
+        _start_worker(tokenizer, fmt, max_seq_len, token_dtype, system_turns, renderer)
+        yield from map(_encode_chunk, chunks)
+        return
+    # spawn, not fork: the parent may hold threads (tokenizers, torch, Ray) that a fork would break
+    context = multiprocessing.get_context("spawn")
+    initargs = (tokenizer, fmt, max_seq_len, token_dtype, system_turns)
+    with context.Pool(workers, initializer=_start_worker, initargs=initargs) as pool:
+        pending = collections.deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache folder
+# ----------------------------------------------------------------------------------------------
+
+def token_dtype_for(vocab_size: int):
+    return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
+
+
+def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta: dict,
+          workers: int = 0, chunk_size: int | None = None, system_turns: str = "keep") -> dict:
+    """Write the tokenized cache of `path` to `target` (tokens.bin, mask.bin, lengths.npy,
+    targets.npy, meta.json) through a temporary sibling folder; returns the meta written.
+    workers: 0 for worker_count's choice; chunk_size: records per chunk (CHUNK_CONVERSATIONS);
+    system_turns: data.system_turns (chat_formats.system_turns)."""
+    started = time.perf_counter()
+    chunk_size = chunk_size or CHUNK_CONVERSATIONS
+    token_dtype = token_dtype_for(len(tokenizer))
+    workers = worker_count(workers, path)
+    created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]   # removed again on failure
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    finished = False
+    try:
+        lengths, targets, stats = [], [], collections.Counter()
+        with open(tmp / "tokens.bin", "wb") as tokens_file, open(tmp / "mask.bin", "wb") as mask_file:
+            for encoded in _encoded_chunks(path, fmt, tokenizer, max_seq_len, token_dtype, workers, chunk_size,
+                                           system_turns):
+                tokens_file.write(encoded.tokens.tobytes())
+                mask_file.write(encoded.mask.tobytes())
+                lengths.append(encoded.lengths)
+                targets.append(encoded.targets)
+                stats.update(encoded.stats)
+        lengths, targets = np.concatenate(lengths), np.concatenate(targets)
+        if not stats["conversations"]:
+            raise DataError(f"{path}: no usable conversation (the file is empty or no record has an assistant turn)")
+        if not len(lengths):
+            raise DataError(f"{path}: no conversation keeps an assistant token within max_seq_len={max_seq_len} "
+                            "(raise data.max_seq_len, or check the file has assistant turns)")
+        np.save(tmp / "lengths.npy", lengths)
+        np.save(tmp / "targets.npy", targets)
+        meta = {**meta, "format": fmt, "token_dtype": np.dtype(token_dtype).name, "examples": len(lengths),
+                "tokens": int(lengths.sum()), "conversations": stats["conversations"],
+                **{key: stats[key] for key in ("skipped_no_assistant", "truncated", "dropped_after_truncation",
+                                               "assistant_tokens", "unknown_assistant_tokens")},
+                "unk_token": tokenizer.unk_token, "workers": workers, "seconds": round(time.perf_counter() - started, 3)}
+        meta["bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        if target.exists() and not (target / "meta.json").is_file():   # a broken copy: replaced, never read
+            shutil.rmtree(target)
+        if not target.exists():   # else another node built the same key meanwhile: theirs is identical
+            tmp.rename(target)
+        finished = True
+        return meta
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for directory in [] if finished else created:   # leaf first: nothing of a failed build stays
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+
+
+def build_lock_path(target: Path) -> Path:
+    """Where the lock on building `target` lives: in the temporary directory, so a build that fails
+    on bad input leaves nothing in the cache folder (one machine's processes share it)."""
+    name = hashlib.sha256(str(target.resolve()).encode()).hexdigest()[:32]
+    return Path(tempfile.gettempdir()) / "tune_kd-locks" / name
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive lock on the file `path` across processes: the first builds, the others wait
+    and then read what it built."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,381 @@
+"""Chat data -> token ids + assistant-only labels, cached on disk once; length-bucketed batches.
+
+Files in any of chat_formats' layouts (the seed's `conversations`, `messages`, ShareGPT; JSONL or
+Parquet) are rendered with the tokenizer's chat template. Labels equal the token ids on assistant
+content and its end-of-turn token, -100 everywhere else (system and user turns, role headers,
+padding), so CE and KD only ever see what the assistant says (ingest.py finds those tokens).
+
+Tokenized data is cached under `<cache_dir>/tokenized/<key>/`, the key hashing the data file's
+bytes, the tokenizer (vocab, merges, chat template; not the padding and truncation sections a saved
+tokenizer.json may carry, which decide no id), max_seq_len and data.system_turns (unless keep).
+Ingestion streams (ingest.py); every run and every trial of a search then memory-maps the one
+copy, and the train/val split and subsets are index views into it, never private copies of the
+tokens.
+
+A run's inputs come from load_data: the tokenizer teacher and student share (shared_tokenizer: one
+tokenizer, since cross-tokenizer distillation is out of scope, with a chat template whose assistant
+tokens chat_template.py can locate, checked before any work), its train and validation splits, and
+the id batches are padded with (padding_id).
+"""
+
+from __future__ import annotations
+
+import filecmp
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tune_kd.config.errors import UserError
+from tune_kd.config.experiment import ExperimentConfig, ModelSpec
+from tune_kd.data import chat_template, ingest
+from tune_kd.data.chat_formats import DataError, resolve_format
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+CACHE_FORMAT = 2                          # bump when the cached arrays change meaning
+VAL_SPLIT_SEED = 1234                     # fixed: every trial must validate on the same examples
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer
+# ----------------------------------------------------------------------------------------------
+
+def load_tokenizer(path: str | Path):
+    """Load a Hugging Face tokenizer from a local directory; it must have a chat template."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path}: tokenizer directory not found (set tokenizer: to a local HF tokenizer dir)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path}: cannot load a tokenizer from this directory ({exc})") from None
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError(f"{path}: tokenizer has no chat template (add a chat_template.jinja, or chat_template in "
+                        "tokenizer_config.json)")
+    if not tokenizer.is_fast:
+        raise UserError(f"{path}: a fast tokenizer (tokenizer.json) is required to locate assistant tokens")
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides token ids: vocab/merges/normalizer and the chat template.
+    The backend's padding and truncation are left out: ingestion turns them off (chat_template.plain_backend),
+    and transformers itself changes them on the loaded tokenizer from call to call."""
+    backend = tokenizer.backend_tokenizer
+    if backend.padding is not None or backend.truncation is not None:
+        backend = chat_template.plain_backend(tokenizer)
+    h = hashlib.sha256()
+    h.update(backend.to_str().encode())
+    h.update(str(tokenizer.chat_template).encode())
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenized examples: views into one memory-mapped copy
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TokenizedData:
+    """Variable-length examples: example i is tokens[starts[i] : starts[i] + lengths[i]].
+
+    tokens and mask are usually memory-mapped cache files shared by every trial; a subset shares
+    them and holds only its own (small) index arrays."""
+
+    tokens: np.ndarray          # (total,) uint16 or int32
+    mask: np.ndarray            # (total,) bool, True on assistant tokens
+    starts: np.ndarray          # (N,) int64
+    lengths: np.ndarray         # (N,) int64
+    target_counts: np.ndarray   # (N,) int64: positions with a label the model predicts (position 0 never is)
+    identity: str               # a hash of which examples these are (the teacher cache's key uses it)
+
+    @classmethod
+    def from_arrays(cls, tokens: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> "TokenizedData":
+        """In-memory examples (benchmarks, tests): back-to-back tokens and masks with their lengths."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        running = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
+        targets = running[starts + lengths] - running[starts] - np.asarray(mask)[starts]   # examples are non-empty
+        h = hashlib.sha256()
+        for array in (tokens, mask, lengths):
+            h.update(np.ascontiguousarray(array).tobytes())
+        return cls(tokens, mask, starts, lengths, targets, h.hexdigest())
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = self.starts[i]
+        hi = lo + self.lengths[i]
+        return self.tokens[lo:hi], self.mask[lo:hi]
+
+    def subset(self, indices: np.ndarray) -> "TokenizedData":
+        """The examples at `indices`, in that order, sharing this data's token arrays."""
+        indices = np.asarray(indices, dtype=np.int64)
+        identity = hashlib.sha256(self.identity.encode() + indices.tobytes()).hexdigest()
+        return TokenizedData(self.tokens, self.mask, self.starts[indices], self.lengths[indices],
+                             self.target_counts[indices], identity)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenization cache
+# ----------------------------------------------------------------------------------------------
+
+def _fingerprint_memo(path: Path, cache_dir: Path) -> Path:
+    """Where the content hash of `path` is remembered, per (path, size, mtime, inode)."""
+    stat = path.stat()
+    ident = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}".encode()).hexdigest()
+    return cache_dir / "fingerprints" / ident[:32]
+
+
+def file_fingerprint(path: Path, cache_dir: Path) -> str:
+    """sha256 of the file's bytes; remembered (remember_fingerprint) once its cache is built, so
+    that every trial does not re-read a gigabyte file to find its cache."""
+    memo = _fingerprint_memo(path, cache_dir)
+    if memo.is_file():
+        return memo.read_text().strip()
+    h = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def remember_fingerprint(path: Path, cache_dir: Path, fingerprint: str) -> None:
+    memo = _fingerprint_memo(path, cache_dir)
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}")
+    tmp.write_text(fingerprint)
+    tmp.replace(memo)
+
+
+def cache_dir_for(path: str | Path, tokenizer, max_seq_len: int, cache_dir: str | Path,
+                  system_turns: str = "keep") -> tuple[Path, str]:
+    """(where the tokenized copy of `path` lives, whether or not it exists yet; the file's hash)."""
+    path, cache_dir = Path(path), Path(cache_dir)
+    if not path.is_file():
+        raise DataError(f"{path}: data file not found (set data.path or --data_path to a chat JSONL or Parquet file)")
+    fingerprint = file_fingerprint(path, cache_dir)
+    system = "" if system_turns == "keep" else f"|system_turns={system_turns}"   # keep: the keys caches had before
+    key = hashlib.sha256(f"{CACHE_FORMAT}|{fingerprint}|{tokenizer_fingerprint(tokenizer)}|"
+                         f"{max_seq_len}{system}".encode()).hexdigest()[:24]
+    return cache_dir / "tokenized" / key, fingerprint
+
+
+def open_tokenized(directory: Path) -> TokenizedData:
+    """A built cache folder as TokenizedData, its token arrays memory-mapped read-only."""
+    meta = json.loads((directory / "meta.json").read_text())
+    lengths = np.load(directory / "lengths.npy")
+    total = int(lengths.sum())
+    return TokenizedData(
+        tokens=np.memmap(directory / "tokens.bin", dtype=np.dtype(meta["token_dtype"]), mode="r", shape=(total,)),
+        mask=np.memmap(directory / "mask.bin", dtype=bool, mode="r", shape=(total,)),
+        starts=np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64),
+        lengths=lengths, target_counts=np.load(directory / "targets.npy"), identity=directory.name)
+
+
+def cache_meta(directory: Path) -> dict:
+    return json.loads((directory / "meta.json").read_text())
+
+
+UNKNOWN_WARN_SHARE = 0.01     # above this share of assistant tokens being <unk>, the tokenizer cannot spell the data
+
+
+def unknown_share(meta: dict) -> float:
+    """The share of a cache's assistant tokens that are the tokenizer's unknown token."""
+    return meta["unknown_assistant_tokens"] / max(meta["assistant_tokens"], 1)
+
+
+def unknown_token_warning(meta: dict) -> str | None:
+    """The warning line for a cache whose assistant tokens are too often the unknown token, else None."""
+    share = unknown_share(meta)
+    if share <= UNKNOWN_WARN_SHARE:
+        return None
+    return (f"WARNING: {100 * share:.1f}% of the assistant tokens of {meta['source']} are the tokenizer's unknown "
+            f"token {meta['unk_token']!r}: this tokenizer cannot spell the data, and the models would learn to emit "
+            "it; use a tokenizer that covers the data's characters (a byte-level BPE never has unknowns)")
+
+
+def tokenize_cached(path: str | Path, tokenizer, max_seq_len: int, cache_dir: str | Path, fmt: str = "auto",
+                    workers: int = 0, system_turns: str = "keep") -> TokenizedData:
+    """Tokenized `path`, from the on-disk cache when present, else built once (streaming, under a
+    lock so concurrent trials wait for one build) and cached atomically. system_turns: data.system_turns."""
+    target, fingerprint = cache_dir_for(path, tokenizer, max_seq_len, cache_dir, system_turns)
+    if not (target / "meta.json").is_file():
+        with ingest.file_lock(ingest.build_lock_path(target)):
+            if not (target / "meta.json").is_file():
+                path = Path(path)
+                meta = ingest.build(path, resolve_format(path, fmt), tokenizer, max_seq_len, target,
+                                    {"source": str(path), "max_seq_len": max_seq_len, "system_turns": system_turns},
+                                    workers=workers, system_turns=system_turns)
+                notes = [f"{meta[k]} {k.replace('_', ' ')}" for k in
+                         ("skipped_no_assistant", "truncated", "dropped_after_truncation") if meta[k]]
+                if notes:
+                    log.warning("data %s: %s (max_seq_len=%d; raise data.max_seq_len to keep long conversations whole)",
+                                path, ", ".join(notes), max_seq_len)
+                log.info("data %s: tokenized %d conversations, %d tokens in %.1f s -> %s", path, meta["examples"],
+                         meta["tokens"], meta["seconds"], target)
+                if unknown_token_warning(meta):
+                    log.warning("%s", unknown_token_warning(meta))
+    remember_fingerprint(Path(path), Path(cache_dir), fingerprint)
+    return open_tokenized(target)
+
+
+def train_val_split(data: TokenizedData, val_fraction: float) -> tuple[TokenizedData, TokenizedData]:
+    """Deterministic split (fixed seed) so every run and trial validates on the same examples."""
+    n = len(data)
+    n_val = max(1, int(round(n * val_fraction)))
+    if n - n_val < 1:
+        raise DataError(f"only {n} usable conversation(s): too few to hold out data.val_fraction={val_fraction} "
+                        "(add data or set data.val_path)")
+    order = np.random.default_rng(VAL_SPLIT_SEED).permutation(n)
+    return data.subset(np.sort(order[n_val:])), data.subset(np.sort(order[:n_val]))
+
+
+def fixed_subset(data: TokenizedData, size: int) -> TokenizedData:
+    """A random subset of `size` examples, the same in every run and trial (fixed seed)."""
+    order = np.random.default_rng(VAL_SPLIT_SEED + 1).permutation(len(data))
+    return data.subset(np.sort(order[:size]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Batching
+# ----------------------------------------------------------------------------------------------
+
+BUCKET_BATCHES = 32     # sort by length within windows of this many batches: little padding, still random
+
+
+def epoch_batches(data: TokenizedData, batch_size: int, seed: int, epoch: int,
+                  shuffle: bool = True) -> list[np.ndarray]:
+    """The epoch's batches as index arrays, a pure function of (seed, epoch) so resume is exact.
+
+    Length bucketing: shuffle, then sort by length inside windows of BUCKET_BATCHES batches, cut
+    into batches and shuffle the batch order. Padding waste falls to a few percent while batches
+    stay random.
+    """
+    lengths = data.lengths
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(data)) if shuffle else np.arange(len(data))
+    window = batch_size * BUCKET_BATCHES
+    batches = []
+    for lo in range(0, len(order), window):
+        block = order[lo:lo + window]
+        block = block[np.argsort(lengths[block], kind="stable")]
+        batches.extend(block[i:i + batch_size] for i in range(0, len(block), batch_size))
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches
+
+
+def collate(data: TokenizedData, indices: np.ndarray, pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch: input_ids (B, T), labels (B, T) with -100 off assistant tokens,
+    num_tokens, the real (unpadded) token count, and indices, the examples' positions in `data`.
+
+    No attention mask: with right padding and causal attention no real token attends to a pad,
+    and pads carry no label, so the model can use its fast causal-attention path.
+    """
+    examples = [data.example(int(i)) for i in indices]
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = np.full((len(examples), width), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), width), IGNORE_INDEX, dtype=np.int64)
+    for row, (ids, mask) in enumerate(examples):
+        input_ids[row, :len(ids)] = ids
+        labels[row, :len(ids)] = np.where(mask, ids.astype(np.int64), IGNORE_INDEX)
+    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+            "num_tokens": int(sum(len(ids) for ids, _ in examples)),
+            "indices": np.asarray(indices, dtype=np.int64)}   # which examples: the teacher cache's rows
+
+
+class BatchList(torch.utils.data.Dataset):
+    """A fixed list of batches for a DataLoader (batch_size=None): workers collate in parallel."""
+
+    def __init__(self, data: TokenizedData, batches: list[np.ndarray], pad_id: int):
+        self.data, self.batches, self.pad_id = data, batches, pad_id
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return collate(self.data, self.batches[i], self.pad_id)
+
+
+# ----------------------------------------------------------------------------------------------
+# A run's tokenizer and splits
+# ----------------------------------------------------------------------------------------------
+
+def tokenizer_dir(teacher: ModelSpec | None, student: ModelSpec, explicit: str | None) -> str:
+    """Which tokenizer to use: explicit, else the teacher's directory, else the student's."""
+    for candidate in (explicit, teacher.path if teacher else None, student.path):
+        if candidate is not None:
+            return candidate
+    raise UserError("tokenizer: required when neither teacher nor student is a model directory "
+                    "(set tokenizer: to a local HF tokenizer dir)")
+
+
+def check_shared_tokenizer(tokenizer, teacher: ModelSpec | None, student: ModelSpec, used: str) -> None:
+    """Every model directory that ships a tokenizer must ship the same vocabulary as the one used."""
+    from transformers import AutoTokenizer
+
+    vocab = tokenizer.get_vocab()
+    for role, spec in (("teacher", teacher), ("student", student)):
+        if spec is None or spec.path is None or Path(spec.path) == Path(used):
+            continue
+        if not any((Path(spec.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            continue
+        same = [Path(d) / "tokenizer.json" for d in (spec.path, used)]
+        if all(f.is_file() for f in same) and filecmp.cmp(*same, shallow=False):
+            continue   # the same vocabulary, without loading a second copy (~160 MB at Qwen2.5's)
+        other = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=False)
+        if other.get_vocab() != vocab:
+            raise UserError(f"{role}.path: {spec.path} ships a tokenizer different from {used}: teacher and student "
+                            "must share one tokenizer (cross-tokenizer distillation is out of scope for tune_kd); "
+                            "use a student built with the teacher's tokenizer (student: {arch: ...} builds one, or a "
+                            "checkpoint trained with that tokenizer)")
+
+
+def check_chat_template(tokenizer, tok_dir: str, system_turns: str) -> None:
+    """The chat template must be one tune_kd can locate assistant tokens in (chat_template.ChatRenderer's
+    probes): checked before any work, the error naming the tokenizer directory."""
+    try:
+        chat_template.ChatRenderer(tokenizer, system_turns)
+    except UserError as exc:
+        raise UserError(f"{tok_dir}: {exc}") from None
+
+
+def shared_tokenizer(cfg: ExperimentConfig):
+    """The tokenizer teacher and student share (explicit, else the teacher's, else the student's),
+    its chat template checked."""
+    tok_dir = tokenizer_dir(cfg.teacher, cfg.student, cfg.tokenizer)
+    tokenizer = load_tokenizer(tok_dir)
+    check_shared_tokenizer(tokenizer, cfg.teacher, cfg.student, tok_dir)
+    check_chat_template(tokenizer, tok_dir, cfg.data.system_turns)
+    return tokenizer
+
+
+def load_data(cfg: ExperimentConfig, tokenizer=None):
+    """(tokenizer, train split, val split), tokenized through the shared on-disk cache; the
+    splits are views into its memory-mapped arrays."""
+    tokenizer = tokenizer or shared_tokenizer(cfg)
+    d = cfg.data
+    train_data = tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers, d.system_turns)
+    if d.val_path:
+        val_data = tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers,
+                                   d.system_turns)
+    else:
+        train_data, val_data = train_val_split(train_data, d.val_fraction)
+    if d.max_train_examples is not None and d.max_train_examples < len(train_data):
+        train_data = fixed_subset(train_data, d.max_train_examples)
+    return tokenizer, train_data, val_data
+
+
+def padding_id(tokenizer) -> int:
+    """The id batches are padded with: the pad token, else end-of-sequence (pads carry no label)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -1,0 +1,156 @@
+"""The embedded default: a task, a tokenizer and a teacher, all built offline and cached.
+
+`prepare()` writes, under `results/demo/` (each step skipped when its output is already there):
+
+    data/train.jsonl, data/val.jsonl   arithmetic conversations in the seed's chat JSONL format
+    tokenizer/                         a character-level Hugging Face tokenizer with a chat template
+    teacher/                           a small Llama trained on the task with tune_kd's own loop
+                                       (alpha = 1: plain SFT), plus teacher.json with its accuracy
+
+The task has checkable answers (reverse or sort a string of digits; some conversations are
+multi-turn or carry a system prompt), so `val_acc`, exact match of every assistant turn, shows
+what a student really learned. `python -m tune_kd.demo` prepares it and prints the figures.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import random
+import string
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEMO_DIR = Path("results/demo")
+TRAIN_CONVERSATIONS = 16000
+VAL_CONVERSATIONS = 1000
+DEMO_SEED = 2024
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+ROLE_TOKENS = ["system", "user", "assistant"]
+# ChatML-style; the same template every conversation of the demo is rendered with.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SYSTEM_PROMPTS = ["Be exact.", "Digits only."]
+TASKS = {  # name -> (question forms, answer function)
+    "reverse": (["reverse {s}", "{s} reversed?"], lambda s: s[::-1]),
+    "sort": (["sort {s}", "{s} sorted?"], lambda s: "".join(sorted(s))),
+}
+
+# The demo teacher: large enough to learn the task well in a few CPU minutes.
+TEACHER_ARCH = {"hidden_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                "intermediate_size": 384, "max_position_embeddings": 128}
+TEACHER_TRAIN = {"epochs": 4, "batch_size": 128, "learning_rate": 3e-3, "warmup_iters": 50,
+                 "alpha": 1.0, "dtype": "float32", "log_interval": 50, "seed": 0}
+MAX_SEQ_LEN = 128
+
+
+def _question(rng: random.Random) -> tuple[str, str]:
+    """One question (reverse or sort a string of 3-7 digits) and its exact answer."""
+    forms, answer = TASKS[rng.choice(sorted(TASKS))]
+    digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 7)))
+    return rng.choice(forms).format(s=digits), answer(digits)
+
+
+def make_conversations(count: int, seed: int) -> list[dict]:
+    """`count` deterministic conversations: 1-2 question/answer turns, sometimes a system prompt."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        turns = []
+        if rng.random() < 0.15:
+            turns.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
+        for _ in range(2 if rng.random() < 0.15 else 1):
+            question, answer = _question(rng)
+            turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        out.append({"conversations": turns})
+    return out
+
+
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    tmp.replace(path)
+
+
+def build_tokenizer(out_dir: Path):
+    """A character-level fast tokenizer (printable ASCII + newline, one token per role name) with a
+    ChatML chat template."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(set(string.printable) - set("\t\r\x0b\x0c"))
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS + alphabet)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("(?m)."), behavior="isolated")
+    core.decoder = decoders.Fuse()
+    core.add_special_tokens(SPECIAL_TOKENS)
+    core.add_tokens(ROLE_TOKENS)  # one token per role header keeps the chat wrapping short
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(out_dir))
+    return tokenizer
+
+
+def write_inputs(root: Path = DEMO_DIR) -> None:
+    """The demo's data and tokenizer (prepare's first steps, without training the teacher)."""
+    write_jsonl(root / "data" / "train.jsonl", make_conversations(TRAIN_CONVERSATIONS, DEMO_SEED))
+    write_jsonl(root / "data" / "val.jsonl", make_conversations(VAL_CONVERSATIONS, DEMO_SEED + 1))
+    build_tokenizer(root / "tokenizer")
+
+
+def demo_config_dict(root: Path = DEMO_DIR) -> dict:
+    """The raw config (as a YAML would give it) that trains the demo teacher."""
+    return {
+        "name": "demo-teacher",
+        "tokenizer": str(root / "tokenizer"),
+        "teacher": None,
+        "student": {"arch": TEACHER_ARCH},
+        "data": {"path": str(root / "data/train.jsonl"), "val_path": str(root / "data/val.jsonl"),
+                 "max_seq_len": MAX_SEQ_LEN, "cache_dir": str(root.parent / "cache")},
+        "train": dict(TEACHER_TRAIN, device="cpu"),
+        "logging": {"tensorboard": False},
+    }
+
+
+def is_built(root: Path = DEMO_DIR) -> bool:
+    """The demo's teacher (its last product) is on disk."""
+    return (Path(root) / "teacher" / "teacher.json").is_file()
+
+
+def prepare(root: Path = DEMO_DIR, force: bool = False) -> dict:
+    """Build the demo under `root` unless its teacher is already cached; return the teacher's figures."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".prepare.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent callers (DDP ranks, trials) wait for one build
+        return _prepare_locked(root, force)
+
+
+def _prepare_locked(root: Path, force: bool) -> dict:
+    from tune_kd.config.experiment import load_config
+    from tune_kd.model.checkpoint import save_student
+    from tune_kd.train.loop import train
+
+    teacher_dir = root / "teacher"
+    if not force and is_built(root):
+        return json.loads((teacher_dir / "teacher.json").read_text())
+    started = time.perf_counter()
+    write_inputs(root)
+    log.info("demo: training the teacher (%s) on %d conversations", TEACHER_ARCH, TRAIN_CONVERSATIONS)
+    cfg = load_config(raw=demo_config_dict(root))
+    result = train(cfg)
+    save_student(result.student, result.tokenizer, teacher_dir)
+    figures = {"val_acc": result.metrics["val_acc"], "val_ce": result.metrics["val_ce"],
+               "prepare_seconds": round(time.perf_counter() - started, 1),
+               "arch": TEACHER_ARCH, "train": TEACHER_TRAIN,
+               "conversations": {"train": TRAIN_CONVERSATIONS, "val": VAL_CONVERSATIONS}}
+    (teacher_dir / "teacher.json").write_text(json.dumps(figures, indent=1))
+    log.info("demo: teacher val_acc %.3f, prepared in %.0f s", figures["val_acc"], figures["prepare_seconds"])
+    return figures

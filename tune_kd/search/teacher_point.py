@@ -1,0 +1,83 @@
+"""The teacher's point on a size/quality front: its size, speed and validation metrics, measured as
+a student's are (results/<name>/teacher_point.json; report.py draws it next to the trials).
+
+A search with two objectives (search.objectives) runs measure_teacher once, in a Ray task with one
+trial's resources, after its trials: the teacher is evaluated by the loop's own `evaluate` as if it
+were the student (no teacher beside it), so val_ce, val_acc and val_gen_acc mean what a trial's do
+(val_loss is val_ce at alpha 1); val_kl and val_gen_ce compare a student with the teacher and are
+NaN here. Its parameter
+count and greedy decoding speed come from student_shape, as every trial's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+
+import torch
+
+from tune_kd.config.experiment import ExperimentConfig
+from tune_kd.data import tokenized
+from tune_kd.kd.scored import ScoredLM
+from tune_kd.model import build, hardware, student_shape
+from tune_kd.model.distributed import setup_distributed
+from tune_kd.results.front import TEACHER_POINT_FILE
+from tune_kd.train import on_policy
+from tune_kd.train.evaluate import evaluate
+
+log = logging.getLogger(__name__)
+TIMEOUT_S = 1800   # a task that cannot be placed (no free GPU) must not hold the search's end for ever
+
+
+
+def measure_teacher(cfg: ExperimentConfig) -> dict:
+    """{student_params, student_embedding_params, gen_tokens_per_s, val_ce, val_acc, ...} of cfg's
+    teacher on cfg's validation split, in cfg.train's precision on cfg.train.device."""
+    _, _, device = setup_distributed(False, cfg.train.device)
+    precision = hardware.resolve_precision(cfg.train.dtype, device)
+    tokenizer, _, val_data = tokenized.load_data(cfg)
+    pad_id = tokenized.padding_id(tokenizer)
+    teacher_lm = build.make_teacher(cfg.teacher, tokenizer, precision)
+    as_student = ScoredLM(teacher_lm)
+    alone = cfg.replace(train=dataclasses.replace(cfg.train, alpha=1.0, on_policy_fraction=0.0, seq_kd=False))
+    generation = on_policy.Generation(alone, tokenizer, pad_id, [teacher_lm, None], "eval.generation_samples") \
+        if cfg.eval.generation_samples else None
+    metrics = evaluate(as_student, None, val_data, pad_id, alone, precision, None, generation=generation)
+    params, embedding = student_shape.parameter_counts(teacher_lm)
+    prompts = on_policy.prompts_and_replies(val_data, on_policy.generation_subset(val_data, student_shape.SPEED_PROMPTS))[0]
+    with torch.no_grad():
+        speed = student_shape.generation_speed(teacher_lm, prompts, pad_id, precision.autocast)
+    return {**metrics, "student_params": params, "student_embedding_params": embedding, "gen_tokens_per_s": speed}
+
+
+def write_teacher_point(cfg: ExperimentConfig, experiment_dir: Path, per_trial: dict) -> dict | None:
+    """measure_teacher in a Ray task with one trial's CPUs and at least a whole GPU where trials have
+    GPUs (the trials are over: a fractional share may not hold the teacher), written to
+    teacher_point.json and its line printed; None without a teacher directory to load. A teacher that
+    cannot be measured (out of memory, ...) costs the search nothing: its reason is written instead,
+    logged, and the report says the point is missing."""
+    import ray
+
+    if cfg.teacher is None or cfg.teacher.path is None:
+        return None
+    gpus = max(1.0, per_trial["gpu"]) if per_trial["gpu"] else 0
+    task = ray.remote(num_cpus=per_trial["cpu"], num_gpus=gpus)(measure_teacher)
+    pending = task.remote(cfg)
+    try:
+        point = ray.get(pending, timeout=TIMEOUT_S)
+    except Exception as exc:   # noqa: BLE001  (a RayTaskError wraps whatever the task raised; or the timeout)
+        ray.cancel(pending, force=True)
+        reason = str(exc).strip().splitlines()[-1]
+        log.warning("WARNING: the teacher's point on the front was not measured: %s", reason)
+        (Path(experiment_dir) / TEACHER_POINT_FILE).write_text(json.dumps({"error": reason}))
+        return None
+    point = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in point.items()}
+    (Path(experiment_dir) / TEACHER_POINT_FILE).write_text(json.dumps(point, indent=1))
+    size_key, metric = cfg.search.size_objective, cfg.metric.name
+    value = point.get(metric)
+    print(f"teacher (measured as a student): {size_key} {point[size_key]:,.6g}, {metric} "
+          f"{'n/a' if value is None else f'{value:.4f}'}")
+    return point

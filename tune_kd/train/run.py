@@ -1,0 +1,149 @@
+"""build_run(cfg) -> Run: everything one distillation run needs, built once, in dependency order.
+
+The loop (train/loop.py), the search's preparation (search/prepare.py: the teacher cache and the
+served teacher's rows), the GPU memory probe (search/resources.py) and the tests all build their
+run here, so each sees the same student: same seed, same order.
+
+    place       rank, world size and device (model/distributed.py)
+    precision   autocast dtype, the teacher's dtype, loss scaling, and why (model/hardware.py)
+    data        the shared tokenizer and the tokenized splits (data/tokenized.py)
+    teacher     a served one (teacher/served.py) or the local model, and the vocabulary columns
+                the divergence compares
+    student     built or loaded, checked against the size budget; feature projector; DDP wrapper
+    cache       the teacher cache the run reads, built first when missing (teacher/cache_plan.py)
+    optimizer   AdamW and the gradient scaler
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tune_kd.config.experiment import ExperimentConfig
+from tune_kd.data.tokenized import TokenizedData, load_data, padding_id
+from tune_kd.kd import features
+from tune_kd.kd.scored import ScoredLM
+from tune_kd.model import build, student_shape
+from tune_kd.model.distributed import setup_distributed
+from tune_kd.model.hardware import Precision, resolve_precision
+from tune_kd.teacher.cache_plan import open_teacher_cache
+from tune_kd.teacher.cache_store import TeacherCache
+from tune_kd.teacher.served import RemoteTeacher, connect
+from tune_kd.train.on_policy import Generation
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run's parts (the models and optimizer are mutable; which ones the run uses is not)."""
+
+    cfg: ExperimentConfig
+    rank: int
+    world: int
+    precision: Precision                  # .device: where this rank trains
+    tokenizer: object
+    train_data: TokenizedData
+    val_data: TokenizedData
+    pad_id: int
+    lm: torch.nn.Module                   # the student as exported (a Hugging Face causal LM)
+    teacher_lm: torch.nn.Module | None    # the local teacher; None when served or absent
+    teacher: ScoredLM | RemoteTeacher | None   # what the step asks for the teacher's rows
+    student: ScoredLM                     # every trained parameter: lm and the feature projector
+    trained: torch.nn.Module              # student, wrapped by DDP when world > 1
+    columns: int | None                   # the vocabulary columns the divergence compares
+    need_teacher: bool                    # whether training ever asks the teacher
+    cache: TeacherCache | None            # the teacher's rows for the data's batches, when read
+    generation: Generation | None         # on-policy / seq_kd batches and val_gen_* metrics
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    extra_state: dict = field(default_factory=dict)   # checkpointed, never exported (the projector)
+    student_params: int = 0
+    embedding_params: int = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
+
+    @property
+    def remote(self) -> RemoteTeacher | None:
+        return self.teacher if isinstance(self.teacher, RemoteTeacher) else None
+
+
+def generation_setting(cfg: ExperimentConfig) -> str:
+    """The setting that makes a run generate, named in its log and error lines."""
+    train_cfg = cfg.train
+    return ("train.on_policy_fraction" if train_cfg.on_policy_fraction > 0 else "train.seq_kd" if train_cfg.seq_kd
+            else "eval.generation_samples")
+
+
+def generates_in_training(cfg: ExperimentConfig) -> bool:
+    return cfg.train.on_policy_fraction > 0 or cfg.train.seq_kd
+
+
+def reads_cache(cfg: ExperimentConfig, need_teacher: bool, feature_pairs: list) -> bool:
+    """Whether training reads the teacher cache: evaluation and on-policy batches keep the live
+    teacher (exact val metrics; new sequences), feature distillation needs its hidden states, and
+    under seq_kd no batch is the data's, so the cache could serve none."""
+    train_cfg = cfg.train
+    return need_teacher and not feature_pairs and not train_cfg.seq_kd \
+        and (train_cfg.on_policy_fraction < 1 or train_cfg.on_policy_start > 0)
+
+
+def build_run(cfg: ExperimentConfig, ddp: bool = False, node_teacher: Callable[[], RemoteTeacher] | None = None,
+              cache: bool | None = None) -> Run:
+    """Everything cfg's run needs, in dependency order (the module docstring lists it).
+
+    ddp: join the torchrun process group (model/distributed.py); node_teacher: this node's served
+    teacher, which only the search can reach (teacher/served.connect); cache: None opens the teacher
+    cache when this run reads it, True whenever a local teacher's cache applies (the search's
+    driver builds it before the trials; the memory probe reads it), False never.
+    Raises ShapeRejected for a student shape that is no model, before anything is built."""
+    train_cfg = cfg.train
+    rank, world, device = setup_distributed(ddp, train_cfg.device)
+    precision = resolve_precision(train_cfg.dtype, device)
+    if rank == 0:
+        log.info("precision: %s (device %s)", precision.reason, device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)   # gpu_peak_gib: this run's own peak
+    torch.manual_seed(train_cfg.seed)
+    tokenizer, train_data, val_data = load_data(cfg)
+    pad_id = padding_id(tokenizer)
+    student_shape.check_student(cfg, tokenizer)   # a searched shape that is no model: before any work
+    # a served teacher stands in for a local one: this process never holds the teacher's weights
+    # (student.init: teacher reads them once from teacher.path, a tensor at a time)
+    remote = connect(cfg, len(tokenizer), node_teacher) if cfg.teacher else None
+    lm, teacher_lm = build.make_models(cfg, tokenizer, precision, teacher_here=remote is None)
+    student_params, embedding_params = student_shape.parameter_counts(lm)
+    student_shape.check_budget(student_params, cfg.student.max_params)   # a student.path student, as loaded
+    columns = build.check_vocab(len(tokenizer), build.vocab_rows(lm), remote.teacher_rows) if remote is not None \
+        else build.check_compatibility(teacher_lm, lm, tokenizer)
+    pairs = features.layer_map(train_cfg.feature_layers, lm.config.num_hidden_layers,
+                               teacher_lm.config.num_hidden_layers) \
+        if train_cfg.feature_weight > 0 and teacher_lm is not None else []
+    projector = features.FeatureProjector(len(pairs), lm.config.hidden_size, teacher_lm.config.hidden_size).to(device) \
+        if pairs else None
+    teacher = ScoredLM(teacher_lm, [p[1] for p in pairs]) if teacher_lm is not None else remote
+    student = ScoredLM(lm, [p[0] for p in pairs], projector)
+    trained = student if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        student, device_ids=[device] if device.type == "cuda" else None)
+    need_teacher = teacher is not None and (train_cfg.alpha < 1.0 or bool(pairs) or generates_in_training(cfg))
+    generation = Generation(cfg, tokenizer, pad_id, [lm, teacher_lm if teacher_lm is not None else remote],
+                            generation_setting(cfg)) \
+        if generates_in_training(cfg) or cfg.eval.generation_samples else None
+    # opened before any resume: top_k auto measures against the starting student, as every trial does
+    wanted = reads_cache(cfg, need_teacher, pairs) if cache is None else cache and teacher is not None and not pairs
+    if remote is not None:   # the cache the search's driver built, if any (the key needs the teacher's weights)
+        rows = TeacherCache(remote.cache_dir) if wanted and remote.cache_dir else None
+    else:
+        rows = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)[0] \
+            if wanted else None
+    optimizer = torch.optim.AdamW(student.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
+                                  fused=device.type == "cuda")
+    return Run(cfg, rank, world, precision, tokenizer, train_data, val_data, pad_id, lm, teacher_lm, teacher, student,
+               trained, columns, need_teacher, rows, generation, optimizer,
+               torch.amp.GradScaler(device.type, enabled=precision.grad_scaler),
+               {"feature_projector": projector} if projector is not None else {}, student_params, embedding_params)
