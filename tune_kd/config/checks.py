@@ -6,7 +6,7 @@ validate(cfg, problems) adds every range and combination problem the types alone
 sections (validate_search). DISTRIBUTIONS (W&B sweep syntax) and SEARCHABLE say what a
 `parameters:` entry may be; space.py translates them into Ray Tune domains.
 
-cfg is a config.ExperimentConfig; this module reads it without importing config.py, which imports it.
+cfg is an ExperimentConfig; this module reads it without importing config/experiment.py, which imports it.
 """
 
 from __future__ import annotations

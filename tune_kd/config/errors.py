@@ -1,4 +1,4 @@
-"""The errors a user can cause and fix: each is printed as one line with exit code 2 (cli.py).
+"""The errors a user can cause and fix: each is printed as one line with exit code 2 (cli/entry.py).
 
 `UserError` is the root (bad YAML, a bad data line, a missing file); `ConfigError` carries one
 line per problem of an experiment config, all found at once.

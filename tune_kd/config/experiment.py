@@ -5,7 +5,7 @@ in the file is collected and reported at once as a `ConfigError` whose lines rea
 ``file:line: dotted.key: what is wrong (allowed: ...)``, so a user fixes the whole file in one go.
 
 The machinery lives beside it: typed_yaml.py (YAML -> the dataclasses below, by their types),
-config_checks.py (checks across fields, the `parameters:` rules), config_stages.py (merging
+config/checks.py (checks across fields, the `parameters:` rules), config/stages.py (merging
 `stages:`); the errors themselves in errors.py.
 """
 
@@ -188,7 +188,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class TeacherCacheConfig:
-    """The teacher-output cache (teacher_cache.py). In YAML also `teacher_cache: auto | on | off`."""
+    """The teacher-output cache (teacher/cache_store.py). In YAML also `teacher_cache: auto | on | off`."""
     mode: Literal["auto", "on", "off"] = "auto"        # auto: on when it can serve the run and fits max_gb
     top_k: int | Literal["auto"] = "auto"              # teacher logits kept per position (plus the tail's mass):
                                                        # an int, or auto: the smallest k measured within 1%
@@ -198,7 +198,7 @@ class TeacherCacheConfig:
 
 @dataclass(frozen=True)
 class TeacherServerConfig:
-    """One teacher per node served to every trial there (teacher_server.py). In YAML also
+    """One teacher per node served to every trial there (teacher/served.py). In YAML also
     `teacher_server: auto | on | off`."""
     mode: Literal["auto", "on", "off"] = "auto"        # auto: when > 1 trial per node would run the teacher live
     url: Optional[str] = None                          # an OpenAI-compatible completions endpoint with prompt

@@ -1,6 +1,6 @@
 """YAML -> typed, frozen dataclasses, collecting every problem instead of stopping at the first.
 
-Knows nothing of the experiment schema (config.py): a YAML loader that reads 5e-4 as a float and
+Knows nothing of the experiment schema (config/experiment.py): a YAML loader that reads 5e-4 as a float and
 the line of every dotted key (key_lines), Problems (each located as file:line: dotted.key), and
 build/convert, which check a mapping against a dataclass's type hints (int, float, bool, str,
 Literal, Optional, unions tried member by member, nested dataclasses, dict) and name unknown keys

@@ -114,7 +114,7 @@ def prepare_where_trials_run(cfg: ExperimentConfig, measure: bool) -> dict:
 
     where = {"pid": os.getpid(), "host": socket.gethostname()}
     try:
-        # the rows a served teacher would answer in, decided here with the cache (search.py decides to serve)
+        # the rows a served teacher would answer in, decided here with the cache (search/runner.py decides to serve)
         one_at_a_time = cfg.search.max_concurrent == 1 or cfg.search.num_samples == 1
         may_serve = served.decide(cfg, 1 if one_at_a_time else 2, cache_used=False)[0]
         cache, why, served_layout = prepare_teacher_rows(cfg, serve=may_serve)

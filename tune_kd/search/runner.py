@@ -141,7 +141,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
 
     dashboard_host: where a local Ray's dashboard listens (None: no dashboard); see check_dashboard.
     trial_logs: also stream every trial's log lines to this terminal (they are always written to
-    stdout.log / stderr.log in the trial's folder; the terminal gets terminal_progress.py's lines).
+    stdout.log / stderr.log in the trial's folder; the terminal gets search/progress.py's lines).
 
     The steps, in order: preflight (before Ray starts) -> start_ray -> size_trials -> build_tuner -> fit ->
     summarize_and_export -> run_control_arms -> write_report.
@@ -254,7 +254,7 @@ def size_trials(cfg: ExperimentConfig, source: str, address: str | None, experim
     os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"   # make_callbacks picks them explicitly
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")  # per-epoch checkpoints are the design
     # Ray's new output engine prints its own experiment box and a TensorBoard hint into its staging
-    # folder under /tmp; terminal_progress.py's lines and the hint in build_tuner replace both
+    # folder under /tmp; search/progress.py's lines and the hint in build_tuner replace both
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     log.info("search %s: %d trials, up to %d at a time, %s per trial", cfg.name, cfg.search.num_samples, parallel,
              per_trial)

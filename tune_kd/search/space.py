@@ -9,7 +9,7 @@ The syntax is W&B sweeps': each searched train key maps to one distribution,
     kd_loss:       {values: [forward_kl]}                             # categorical
     warmup_iters:  {value: 20}                                        # constant
 
-Validation (ranges, types, every reachable value being a valid setting) lives in config_checks.py,
+Validation (ranges, types, every reachable value being a valid setting) lives in config/checks.py,
 with the table of distributions and their keys (DISTRIBUTIONS), so a bad file fails before Ray
 starts; this module only translates.
 """

@@ -62,7 +62,7 @@ class _Request:
 
 
 class TeacherServer:
-    """The actor's body (search.py wraps it with ray.remote): the teacher on this node's device, and
+    """The actor's body (search/runner.py wraps it with ray.remote): the teacher on this node's device, and
     score(), which batches concurrent requests into one forward."""
 
     def __init__(self, cfg: ExperimentConfig, layout: Layout, cache_dir: str | None, threads: int):

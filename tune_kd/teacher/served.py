@@ -3,7 +3,7 @@
 Without it every trial process loads the teacher (4 trials packed on a GPU hold 4 copies of a 7B
 teacher), and on-policy batches, which the teacher cache cannot answer (the student's samples are
 new sequences), run the teacher alone at each trial's batch size. With `teacher_server: on` (or
-`auto`, search.py's rule in `decide`) the search starts a TeacherServer actor group on every node
+`auto`, search/runner.py's rule in `decide`) the search starts a TeacherServer actor group on every node
 before the first trial; a trial sends (token ids, scored positions) and gets back the teacher's
 rows in the teacher cache's format (teacher_cache.StoredRows: top-k shifted logits, ids and the
 tail's mass, or the full row where the vocabulary is small enough that top_k auto keeps it) plus
@@ -14,7 +14,7 @@ what a trial holds, and it never imports Ray.
 
 A teacher too large for one process is served by an inference engine instead:
 `teacher_server.url` names an OpenAI-compatible completions endpoint that returns prompt log-probs
-(vLLM); teacher_http.py speaks it and RemoteTeacher gives both the same face.
+(vLLM); teacher/http.py speaks it and RemoteTeacher gives both the same face.
 """
 
 from __future__ import annotations
@@ -128,7 +128,7 @@ def shared_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 class HttpRemote(RemoteTeacher):
-    """teacher_server.url: an inference engine's completions endpoint (teacher_http.py)."""
+    """teacher_server.url: an inference engine's completions endpoint (teacher/http.py)."""
 
     def __init__(self, cfg: ExperimentConfig, columns: int):
         from tune_kd.teacher.http import HttpTeacher
