@@ -190,3 +190,14 @@ def test_nothing_scored_sends_nothing(server, sequences):
     posts = len(server.posts)
     rows, targets = teacher(server, model=server.name).score(sequences[:2], [np.array([], dtype=np.int64)] * 2)
     assert len(server.posts) == posts and rows.values.shape == (0, K) and rows.tail.shape[0] == targets.size == 0
+
+
+def test_a_url_teacher_gets_no_cache_from_the_search_and_the_plan_says_why(tiny_config):
+    """The search's driver builds no teacher cache for a teacher served at a url (its weights are not
+    here) and says so in the teacher cache's words; nothing is loaded to decide it."""
+    from tune_kd.search.prepare import prepare_teacher_rows
+
+    cfg = tiny_config(teacher_server={"url": "http://127.0.0.1:9", "top_k": 8})
+    assert prepare_teacher_rows(cfg, serve=False) == (
+        None, "not used: teacher_server.url serves the teacher (its weights are not here to build a cache from)", None)
+    assert prepare_teacher_rows(cfg, serve=True)[1].startswith("not used: teacher_server.url serves the teacher")

@@ -150,20 +150,19 @@ def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool):
     import torch
 
     from tune_kd.teacher import cache_plan
-    from tune_kd.teacher.served import decide
     from tune_kd.train.run import build_run
 
     if cfg.teacher is None:
         return None, "not used: no teacher", None
     if cfg.teacher_server.url:
-        return None, decide(cfg, 0, False)[1], None
+        return None, cache_plan.decide(cfg, 0, 0, 0).why, None
     if cfg.teacher_cache.mode == "off" and not serve:
         return None, "off (teacher_cache: off)", None
     # the driver holds the teacher itself (no served one runs yet), with the cache left to the plan below
     run = build_run(cfg.replace(teacher_server=dataclasses.replace(cfg.teacher_server, mode="off")), cache=False)
     # one measurer for the cache and the served rows: its inputs() hashes the teacher's weights once
     measure = cache_plan.make_measurer(cfg, run.tokenizer, run.train_data, run.teacher, run.precision, run.columns,
-                                  run.pad_id, run.student)
+                                       run.pad_id, run.student)
     cache, why = cache_plan.open_teacher_cache(cfg, run.tokenizer, run.train_data, run.teacher, run.precision,
                                                run.columns, run.pad_id, run.student, measure)
     layout = cache_plan.served_layout(cfg, measure[0], cache, measure[2]) if serve else None
