@@ -50,9 +50,9 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     torch.cuda.empty_cache()
     held = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    # alpha may be searched: the run reads (or runs) the teacher whenever there is one
-    run = build_run(cfg.replace(train=dataclasses.replace(cfg.train, device="cuda", alpha=min(cfg.train.alpha, 0.5))),
-                    cache=True)
+    run = build_run(cfg.replace(train=dataclasses.replace(cfg.train, device="cuda")), cache=True)
+    # alpha may be searched: the step reads (or runs) the teacher whenever there is one
+    run = dataclasses.replace(run, need_teacher=run.teacher is not None)
     longest = run.train_data.lengths.argsort()[-cfg.train.batch_size:]
     batch = tokenized.collate(run.train_data, longest, run.pad_id)
     scored = int((batch["labels"][:, 1:] != -100).sum())

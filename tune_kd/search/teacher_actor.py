@@ -34,7 +34,7 @@ import torch
 
 from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import ExperimentConfig
-from tune_kd.teacher.served import PendingRows, RemoteTeacher, shared_tensor
+from tune_kd.teacher.served import NOT_IN_A_SEARCH, PendingRows, RemoteTeacher, shared_tensor
 from tune_kd.teacher.stored_rows import Layout, StoredRows, compress, to_disk
 
 log = logging.getLogger(__name__)
@@ -292,8 +292,7 @@ def node_teacher(cfg: ExperimentConfig, trial_key: str) -> ServedTeacher:
     import ray
 
     if not ray.is_initialized():
-        raise UserError("teacher_server: on, but this run is not part of a search (the search starts the served "
-                        "teacher): set teacher_server: off for a single run, which holds its own teacher")
+        raise UserError(NOT_IN_A_SEARCH)
     node = ray.get_runtime_context().get_node_id()
     replica = sum(trial_key.encode()) % cfg.teacher_server.replicas
     try:

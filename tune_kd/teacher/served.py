@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def uses_teacher(cfg: ExperimentConfig) -> bool:
     return cfg.teacher is not None and (cfg.train.alpha < 1.0 or "alpha" in cfg.parameters
-                                        or cfg.train.on_policy_fraction > 0 or "on_policy_fraction" in cfg.parameters)
+                                        or on_policy_searched_or_set(cfg))
 
 
 def on_policy_searched_or_set(cfg: ExperimentConfig) -> bool:
@@ -146,6 +146,10 @@ class HttpRemote(RemoteTeacher):
         return self.client.score(sequences, scored)
 
 
+NOT_IN_A_SEARCH = ("teacher_server: on, but this run is not part of a search (the search starts the served "
+                   "teacher): set teacher_server: off for a single run, which holds its own teacher")
+
+
 def connect(cfg: ExperimentConfig, columns: int,
             node_teacher: Callable[[], RemoteTeacher] | None = None) -> RemoteTeacher | None:
     """The remote teacher this run reads, or None when it holds its own: the url's engine, or (with
@@ -156,8 +160,7 @@ def connect(cfg: ExperimentConfig, columns: int,
     if cfg.teacher_server.mode != "on":
         return None
     if node_teacher is None:
-        raise UserError("teacher_server: on, but this run is not part of a search (the search starts the served "
-                        "teacher): set teacher_server: off for a single run, which holds its own teacher")
+        raise UserError(NOT_IN_A_SEARCH)
     return node_teacher()
 
 
