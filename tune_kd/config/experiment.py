@@ -21,14 +21,7 @@ import yaml
 from tune_kd.config.checks import validate
 from tune_kd.config.errors import ConfigError
 from tune_kd.config.stages import expand_teacher_cache, stage_raws
-from tune_kd.config.typed_yaml import (
-    Loader,
-    Problems,
-    build,
-    deep_copy,
-    key_lines,
-    set_dotted,
-)
+from tune_kd.config.typed_yaml import Loader, Problems, build, deep_copy, key_lines, set_dotted
 
 # ----------------------------------------------------------------------------------------------
 # The schema. Field defaults are the defaults a YAML gets when it leaves a key out.

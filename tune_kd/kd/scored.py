@@ -216,9 +216,7 @@ class ScoredLM(torch.nn.Module):
             features = self.projector(features) if self.projector is not None else features
         router_aux = None
         if wants.get("output_router_logits"):
-            from transformers.models.mixtral.modeling_mixtral import (
-                load_balancing_loss_func,
-            )
+            from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
             experts, top_k, coef = self.moe
             router_aux = coef * load_balancing_loss_func(out.router_logits, experts, top_k)

@@ -91,12 +91,7 @@ def build_model(spec: ModelSpec, tokenizer, role: str, settings: dict | None = N
     """A freshly initialised Llama-family model (fp32) with the tokenizer's vocab and special ids;
     with arch.num_experts, its mixture-of-experts variant (Mixtral: Llama attention, routed FFNs).
     settings: further config keys (student_init.inherited_settings), none by default."""
-    from transformers import (
-        LlamaConfig,
-        LlamaForCausalLM,
-        MixtralConfig,
-        MixtralForCausalLM,
-    )
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     arch = architecture(spec, role)
     special = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,

@@ -20,12 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tune_kd.config.errors import UserError
-from tune_kd.model.checkpoint import (
-    MANIFEST,
-    TRAINER_STATE,
-    atomic_directory_write,
-    is_complete,
-)
+from tune_kd.model.checkpoint import MANIFEST, TRAINER_STATE, atomic_directory_write, is_complete
 from tune_kd.results.reading import METRICS, best, read_experiment, trial_folders
 
 log = logging.getLogger(__name__)

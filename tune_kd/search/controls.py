@@ -24,15 +24,7 @@ import time
 from pathlib import Path
 
 from tune_kd.config.experiment import ExperimentConfig
-from tune_kd.results.arms import (
-    CONTROL_KEY,
-    CONTROLS_DIR,
-    CONTROLS_FILE,
-    FRONT_SFT,
-    OFF_POLICY,
-    arm_results,
-    compare,
-)
+from tune_kd.results.arms import CONTROL_KEY, CONTROLS_DIR, CONTROLS_FILE, FRONT_SFT, OFF_POLICY, arm_results, compare
 
 log = logging.getLogger(__name__)
 

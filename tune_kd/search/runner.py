@@ -180,11 +180,7 @@ def preflight(cfg: ExperimentConfig, source: str, experiment_dir: Path, address:
     """Everything checkable before Ray starts (dashboard exposure, GPUs of this machine, an experiment
     already there, a resume's changed config), then the inputs validated and tokenized once
     (prepare.py: data errors name file:line; trials read the cache) and experiment.json written."""
-    from tune_kd.search.resume_checks import (
-        SEARCH_FORMAT,
-        check_resume_config,
-        check_resume_format,
-    )
+    from tune_kd.search.resume_checks import SEARCH_FORMAT, check_resume_config, check_resume_format
 
     check_dashboard(dashboard_host if address is None else None)
     if address is None:

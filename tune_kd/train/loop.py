@@ -29,13 +29,7 @@ from tune_kd.teacher.served import RemoteTeacher
 from tune_kd.train import on_policy
 from tune_kd.train.evaluate import evaluate
 from tune_kd.train.run import Run, build_run, generation_setting
-from tune_kd.train.step import (
-    MicroStep,
-    backward_step,
-    lr_at,
-    optimizer_step,
-    temperature_at,
-)
+from tune_kd.train.step import MicroStep, backward_step, lr_at, optimizer_step, temperature_at
 from tune_kd.train.tracking import start_wandb
 
 log = logging.getLogger(__name__)
