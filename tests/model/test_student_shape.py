@@ -131,3 +131,17 @@ def test_a_searched_teacher_init_with_a_teacher_it_cannot_copy_is_one_error_befo
     student_shape.check_teacher_for_init(load_config(raw=raw))           # never from the teacher: no check
     student_shape.check_teacher_for_init(load_config(raw=search_raw(world, student={"arch": TINY_ARCH,
                                                                                     "init": "teacher"})))
+
+
+def test_the_search_builds_its_teacher_cache_whatever_the_yamls_own_student_weighs(tiny_config):
+    """The driver's run is no trial: a YAML whose own student is over student.max_params (the search
+    samples smaller ones) still gets its teacher cache; only a trial of that shape is rejected."""
+    from tune_kd.search.prepare import prepare_teacher_rows
+
+    cfg = tiny_config(student={"arch": TINY_ARCH, "max_params": 1000}, teacher_cache={"mode": "on", "top_k": 8})
+    cache, why, _ = prepare_teacher_rows(cfg, serve=False)
+    assert cache is not None and why.startswith("on")
+    with pytest.raises(student_shape.ShapeRejected, match="above student.max_params 1,000"):
+        loop.train(cfg)
+    served = tiny_config(teacher_server="on", teacher_cache={"mode": "on", "top_k": 8})   # no served teacher runs yet
+    assert prepare_teacher_rows(served, serve=True)[0].directory == cache.directory

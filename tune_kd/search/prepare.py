@@ -141,6 +141,14 @@ def prepare_inputs(cfg: ExperimentConfig, source: str, teacher_cache: bool = Tru
     return out
 
 
+def driver_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """cfg for a run the search's driver builds itself (the teacher cache here, the GPU memory probe),
+    which is no trial: it holds the teacher itself (no served one runs yet), and a size budget
+    (student.max_params) rejects trials, not the search."""
+    return cfg.replace(teacher_server=dataclasses.replace(cfg.teacher_server, mode="off"),
+                       student=dataclasses.replace(cfg.student, max_params=None))
+
+
 def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool):
     """Build the teacher cache before the trials start (the search's driver), on the device the
     trials will use, so no trial waits for another; with serve, also decide the rows a served
@@ -158,8 +166,7 @@ def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool):
         return None, cache_plan.decide(cfg, 0, 0, 0).why, None
     if cfg.teacher_cache.mode == "off" and not serve:
         return None, "off (teacher_cache: off)", None
-    # the driver holds the teacher itself (no served one runs yet), with the cache left to the plan below
-    run = build_run(cfg.replace(teacher_server=dataclasses.replace(cfg.teacher_server, mode="off")), cache=False)
+    run = build_run(driver_config(cfg), cache=False)   # the cache is left to the plan below
     # one measurer for the cache and the served rows: its inputs() hashes the teacher's weights once
     measure = cache_plan.make_measurer(cfg, run.tokenizer, run.train_data, run.teacher, run.precision, run.columns,
                                        run.pad_id, run.student)

@@ -42,6 +42,7 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     import torch
 
     from tune_kd.data import tokenized
+    from tune_kd.search.prepare import driver_config
     from tune_kd.train.run import build_run
     from tune_kd.train.step import MicroStep, backward_step, optimizer_step
 
@@ -50,7 +51,7 @@ def measure_trial_gpu_memory(cfg: ExperimentConfig) -> int:
     torch.cuda.empty_cache()
     held = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    run = build_run(cfg.replace(train=dataclasses.replace(cfg.train, device="cuda")), cache=True)
+    run = build_run(driver_config(cfg.replace(train=dataclasses.replace(cfg.train, device="cuda"))), cache=True)
     # alpha may be searched: the step reads (or runs) the teacher whenever there is one
     run = dataclasses.replace(run, need_teacher=run.teacher is not None)
     longest = run.train_data.lengths.argsort()[-cfg.train.batch_size:]
