@@ -83,7 +83,7 @@ def search_raw(world, num_samples=6, **sections):
                    search={"num_samples": num_samples, "seed": 0, "max_failures": 1},
                    scheduler={"grace_period": 1, "reduction_factor": 2}, resources={"cpu_per_trial": 1},
                    logging={"tensorboard": True},
-                   controls={"plain_sft": False, "minimind_defaults": False})   # test_search_end_to_end turns them on
+                   controls={"plain_sft": False, "minimind_defaults": False, "seeds": 0})   # test_search_end_to_end turns them on
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value}
     return raw

@@ -57,6 +57,10 @@ def test_all_problems_reported_at_once_with_lines(tmp_path):
     ({"student": {"path": "x", "preset": "minimind-student"}}, "student.path: a model comes from a path"),
     ({"train": {"device": "tpu"}}, "train.device: 'tpu' is not a device"),
     ({"train": {"accumulation_steps": 0}}, "train.accumulation_steps: must be >= 1"),
+    ({"teacher": {"path": "t"}, "controls": {"seeds": -1}}, "controls.seeds: must be an integer from 0 (no noise measured) to 10, got -1"),
+    ({"teacher": {"path": "t"}, "controls": {"seeds": 50}}, "controls.seeds: must be an integer from 0 (no noise measured) to 10, got 50"),
+    ({"teacher": {"path": "t"}, "controls": {"seeds": 1.5}}, "controls.seeds: expected an integer"),
+    ({"teacher": {"path": "t"}, "controls": {"seeds_for_best": -2}}, "controls.seeds: must be an integer from 0"),
 ])
 def test_bad_values_name_the_key(raw, message):
     with pytest.raises(ConfigError, match=None) as err:
@@ -104,6 +108,11 @@ def test_stage_problems_name_the_stage_key_and_line(tmp_path):
     cfg = load_config(good)
     assert [s["name"] for s in cfg.stages] == ["a", "b"]
     assert cfg.stages[1]["train"]["epochs"] == 3 and cfg.stages[1]["student"] == {"arch": {"hidden_size": 32}}
+
+
+def test_the_old_control_key_seeds_for_best_reads_as_seeds():
+    assert load_config(raw={"teacher": {"path": "t"}, "controls": {"seeds_for_best": 3}}).controls.seeds == 3
+    assert load_config(raw={"teacher": {"path": "t"}}).controls.seeds == 2   # the verdict's noise, by default
 
 
 def test_the_old_control_key_seed_defaults_still_reads_as_minimind_defaults():

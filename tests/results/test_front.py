@@ -267,6 +267,6 @@ def test_a_teacher_that_cannot_be_measured_costs_the_search_nothing(world, tmp_p
     finally:
         ray.shutdown()
     reason = json.loads((experiment / "teacher_point.json").read_text())["error"]
-    assert reason and "the teacher's point on the front was not measured" in caplog.text
+    assert reason and "the teacher's own point was not measured" in caplog.text
     text = report.build(experiment).read_text()
-    assert "the teacher's point was not measured" in text and "teacher, measured as a student" not in text
+    assert "The teacher's own point was not measured" in text and "teacher, measured as a student" not in text

@@ -5,6 +5,7 @@ seconds; test_search.py::test_search_end_to_end checks the same on a real search
 
 import copy
 import csv
+import html
 import json
 import math
 from pathlib import Path
@@ -36,7 +37,7 @@ def test_verdict_compares_the_best_distilled_student_with_plain_sft():
 def test_verdict_uses_the_seed_mean_and_calls_a_gap_inside_the_noise_inconclusive():
     noisy = {"n": 3, "mean": 1.05, "std": 0.05, "min": 1.0, "max": 1.1}
     line = arms.verdict("val_ce", "min", 0.9, 1.1, noisy)
-    assert "inconclusive" in line and "1.0500 (the best config's mean over 3 seeds)" in line
+    assert "within noise" in line and "1.0500 (the best config's mean over 3 seeds)" in line
     tight = dict(noisy, std=0.01)
     assert arms.verdict("val_ce", "min", 0.9, 1.1, tight).startswith("did distillation help? yes:")
 
@@ -59,10 +60,10 @@ def test_verdict_without_seed_arms_weighs_the_gap_against_the_noise_of_repeated_
     assert noise["trials"] == 2 and math.isclose(noise["std"], 0.04 / math.sqrt(2))
     bound = f"±{2 * 0.04 / math.sqrt(2):.4f}"
     within = arms.verdict("val_ce", "min", 1.10, 1.14, None, noise)
-    assert within.startswith("did distillation help? inconclusive: val_ce 1.1000 (the best distilled student)")
+    assert within.startswith("did distillation help? within noise: val_ce 1.1000 (the best distilled student)")
     assert within.endswith(f"; within the seed noise as far as the trials show it ({bound}: 2 x the std of 2 "
                            "full-length trials repeating a config, same seed; a lower bound: "
-                           "controls.seeds_for_best: 3 measures it)")
+                           "controls.seeds: 2 measures it)")
     beyond = arms.verdict("val_ce", "min", 1.00, 1.14, None, noise)
     assert beyond.startswith("did distillation help? yes:") and f"; beyond the seed noise as far as the trials " \
         f"show it ({bound}" in beyond
@@ -76,20 +77,85 @@ def test_verdict_says_when_the_seed_noise_cannot_be_estimated(tmp_path):
     line = arms.verdict("val_ce", "min", 1.0, 1.1, None, None)
     assert line.startswith("did distillation help? yes:")
     assert line.endswith("; the seed noise is unknown (no full-length trials repeat a config): "
-                         "set controls.seeds_for_best: 3 to measure it")
+                         "set controls.seeds: 2 to measure it")
 
 
 def test_arm_points_follow_the_controls_section(world):
     best = {"trial_id": "t1", "learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2}
-    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "minimind_defaults": True, "seeds_for_best": 2},
+    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "minimind_defaults": True, "seeds": 2},
                                      train={"seed": 7}))
     arms = controls.arm_points(cfg, best)
-    assert arms == {"plain_sft": {"learning_rate": 0.004, "temperature": 3.0, "alpha": 1.0},
-                    "minimind_defaults": {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0},
-                    "best_seed_8": {"learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2, "seed": 8},
-                    "best_seed_9": {"learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2, "seed": 9}}
+    sft = {"learning_rate": 0.004, "temperature": 3.0, "alpha": 1.0}
+    distilled = {"learning_rate": 0.004, "temperature": 3.0, "alpha": 0.2}
+    assert arms == {"plain_sft": sft, "minimind_defaults": {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0},
+                    "best_seed_8": {**distilled, "seed": 8}, "plain_sft_seed_8": {**sft, "seed": 8},
+                    "best_seed_9": {**distilled, "seed": 9}, "plain_sft_seed_9": {**sft, "seed": 9}}
+    # each seed's pair is adjacent: two arms at a time train them together
+    assert list(arms)[2:] == ["best_seed_8", "plain_sft_seed_8", "best_seed_9", "plain_sft_seed_9"]
     off = load_config(raw=search_raw(world, controls={"plain_sft": False, "minimind_defaults": False}))
     assert controls.arm_points(off, best) == {}
+    no_sft = load_config(raw=search_raw(world, controls={"plain_sft": False, "seeds": 1}))
+    assert controls.arm_points(no_sft, best) == {"best_seed_1": {**distilled, "seed": 1}}   # the spread alone
+
+
+def seed_document(distilled: list, plain: list, metric="val_ce", mode="min", best_value=0.9) -> dict:
+    """A controls.json document before judging: arms with (ranked value, val_acc) per run; plain[0]
+    is the plain_sft arm itself (train.seed 0), the rest its re-trained seeds."""
+    arms_ = {"plain_sft": {"settings": {}, "value": plain[0][0], "metrics": {"val_acc": plain[0][1]}}}
+    for seed, (value, acc) in enumerate(distilled, 1):
+        arms_[f"best_seed_{seed}"] = {"settings": {}, "value": value, "metrics": {"val_acc": acc}}
+    for seed, (value, acc) in enumerate(plain[1:], 1):
+        arms_[f"plain_sft_seed_{seed}"] = {"settings": {}, "value": value, "metrics": {"val_acc": acc}}
+    return {"metric": metric, "mode": mode, "epochs": 3, "seed": 0, "arms": arms_,
+            "best": {"trial_id": "t1", "value": best_value, "settings": {}}, "seeds_for_best": None, "repeat_noise": None}
+
+
+def test_seed_gap_is_a_t_interval_on_the_pooled_seed_noise():
+    from scipy import stats
+
+    distilled, plain = [1.00, 1.02], [1.10, 1.11, 1.12]
+    gap = arms.seed_gap(distilled, plain, "min")
+    pooled = math.sqrt((2 * 0.01 ** 2 + 2 * 0.01 ** 2) / 3)
+    assert gap["df"] == 3 and gap["pooled_std"] == pytest.approx(pooled)
+    assert gap["gap"] == pytest.approx(1.01 - 1.11)
+    assert gap["half_width"] == pytest.approx(stats.t.ppf(0.975, 3) * pooled * math.sqrt(1 / 2 + 1 / 3))
+    assert gap["answer"] == "yes"                                               # -0.10, interval ±0.029
+    assert arms.seed_gap(plain, distilled, "min")["answer"] == "no"
+    assert arms.seed_gap([1.00, 1.10], [1.05, 1.00, 1.10], "min")["answer"] == "within noise"
+    assert arms.seed_gap([0.5, 0.52], [0.4, 0.41, 0.42], "max")["answer"] == "yes"   # higher is better
+    assert arms.seed_gap([1.0], [1.1], "min") is None                            # 2 runs: no noise to estimate
+
+
+def test_the_verdict_carries_its_noise_and_the_task_metric_when_they_disagree():
+    # val_ce says no (distilled 1.20 vs 1.10, tight), val_acc says yes (0.30 vs 0.20, tight)
+    document = seed_document([(1.20, 0.30), (1.21, 0.31)], [(1.10, 0.20), (1.11, 0.21), (1.09, 0.19)])
+    arms.judge(document)
+    line = document["verdict"]
+    assert line.startswith("did distillation help? no: val_ce 1.2050 ± 0.0071 (the best config re-trained, 2 seeds) "
+                           "vs 1.1000 ± 0.0100 (plain SFT, 3 seeds) = +0.1050 (+9.5%); 95% interval of the gap ±")
+    assert "(seed std " in line and ", 3 df)" in line
+    assert document["task_verdict"].startswith("on val_acc (the task's exact answers) the answer differs: yes: "
+                                               "val_acc 0.3050")
+    agreeing = seed_document([(1.20, 0.10), (1.21, 0.11)], [(1.10, 0.20), (1.11, 0.21), (1.09, 0.19)])
+    assert arms.judge(agreeing)["task_verdict"] is None and agreeing["task_gaps"]["val_acc"]["answer"] == "no"
+    # the search's own best (0.9: the winner's curse) is not one of the distilled runs
+    assert document["seed_gap"]["distilled"]["n"] == 2
+
+
+def test_a_teacher_no_better_than_plain_sft_is_named_as_the_reason():
+    document = seed_document([(1.20, 0.30), (1.21, 0.31)], [(1.10, 0.20), (1.11, 0.21), (1.09, 0.19)])
+    weak = {"val_ce": 1.35, "val_acc": 0.05, "val_kl": None, "student_params": 1000}
+    line = arms.judge(document, weak)["verdict"]
+    assert line.endswith("; the teacher itself reaches only val_ce 1.3500, no better than plain SFT's 1.1000: it has "
+                         "little to transfer (use a stronger or longer-trained teacher, or a smaller student)")
+    assert document["teacher"] == {"val_ce": 1.35, "val_acc": 0.05}
+    strong = arms.judge(document, {"val_ce": 0.60, "val_acc": 0.9})["verdict"]
+    assert strong.endswith("; the teacher itself: val_ce 0.6000") and "little to transfer" not in strong
+    assert arms.judge(document, {"error": "out of memory"})["teacher"] is None   # a point not measured: no claim
+    # without re-trained seeds the old line gets the same note
+    single = seed_document([], [(1.10, 0.2)])
+    assert "little to transfer" in arms.judge(single, weak)["verdict"]
+    assert single["seed_gap"] is None and single["verdict"].startswith("did distillation help? yes: val_ce 0.9000")
 
 
 def test_a_control_arm_point_reaches_the_trial_config(world):
@@ -100,11 +166,7 @@ def test_a_control_arm_point_reaches_the_trial_config(world):
     assert (arm.train.alpha, arm.train.seed) == (1.0, 3)
 
 
-def test_negative_seeds_for_best_is_a_config_error(world):
-    from tune_kd.config.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="controls.seeds_for_best: must be >= 0"):
-        load_config(raw=search_raw(world, controls={"seeds_for_best": -1}))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +297,28 @@ def test_too_few_trials_leave_importances_out_and_say_so(tmp_path):
     assert "id='parallel'" in text
 
 
+def test_the_report_shows_the_teacher_and_the_seed_noise(tmp_path):
+    """controls.png: the seed means with their std as error bars and the teacher's own bar; curves.png:
+    the teacher's value as a line; the page: the teacher's row and every verdict line."""
+    experiment = write_experiment(tmp_path / "hand-made", CURVES, finished=True, with_controls=True)
+    document = seed_document([(1.20, 0.30), (1.23, 0.31)], [(1.10, 0.20), (1.14, 0.21), (1.09, 0.19)])
+    arms.judge(document, {"val_ce": 0.95, "val_acc": 0.9})
+    (experiment / "controls.json").write_text(json.dumps(document))
+    (experiment / "teacher_point.json").write_text(json.dumps({"val_ce": 0.95, "val_acc": 0.9}))
+    exp = report.load(experiment)
+    rows = {label: (value, error) for label, value, error, _ in figures.control_rows(exp)}
+    assert rows["best config: mean of 2 seeds"] == pytest.approx((1.215, math.sqrt(0.00045)))
+    assert rows["plain SFT: mean of 3 seeds"][1] == pytest.approx(document["seed_gap"]["plain"]["std"])
+    assert rows["teacher itself"] == (0.95, None) and rows["best_seed_2"] == (1.23, None)
+    bars = figures.plot_controls(exp).axes[0]
+    assert "did distillation help? no" in bars.get_title()
+    assert [line.get_ydata()[0] for line in figures.plot_curves(exp).axes[0].lines
+            if line.get_label().startswith("teacher itself")] == [0.95]
+    text = report.build(experiment).read_text()
+    assert "<td>teacher itself</td><td>0.9500</td>" in text
+    assert html.escape(document["verdict"]) in text and html.escape(document["task_verdict"]) in text
+
+
 def test_report_of_a_folder_that_is_no_experiment_is_one_line(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -256,7 +340,8 @@ def test_figures_compare_every_trial_at_the_epoch_all_reached(tmp_path):
         assert sorted(float(y) for c in ax.collections for _, y in c.get_offsets()) == first
         assert ax.get_ylabel() == "val_ce at epoch 1"
     assert params._suptitle.get_text().startswith("val_ce at epoch 1 (reached by every trial)")
-    assert "at epoch 1" in figures.plot_importance(exp, study).axes[0].get_title()
+    importance = figures.plot_importance(exp, study).axes[0]
+    assert "at epoch 1" in importance.get_title() and importance.get_title(loc="left") == ""   # one title, not two
     assert "at epoch 1" in figures.plot_parallel(exp, study).axes[0].get_title()
     text = report.build(experiment).read_text()
     for figure in ("params", "parallel", "importance"):

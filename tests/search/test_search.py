@@ -80,7 +80,7 @@ def test_search_end_to_end(world, tmp_path, capsys):
 
     urls = []
     probe = Probe(urls)
-    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "minimind_defaults": True, "seeds_for_best": 2}))
+    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "minimind_defaults": True, "seeds": 2}))
     original_init = ray.init
 
     def init_and_record(*args, **kwargs):
@@ -133,7 +133,8 @@ def test_search_end_to_end(world, tmp_path, capsys):
     captured = capsys.readouterr()
     out = captured.out
     arms = json.loads((experiment / "controls.json").read_text())["arms"]
-    assert list(arms) == ["plain_sft", "minimind_defaults", "best_seed_1", "best_seed_2"]
+    assert list(arms) == ["plain_sft", "minimind_defaults", "best_seed_1", "plain_sft_seed_1", "best_seed_2",
+                          "plain_sft_seed_2"]
     assert arms["plain_sft"]["settings"] == {"learning_rate": best["learning_rate"],
                                              "temperature": best["temperature"], "alpha": 1.0}
     assert arms["minimind_defaults"]["settings"] == {"learning_rate": 5e-6, "alpha": 0.0, "temperature": 1.0}
@@ -141,10 +142,19 @@ def test_search_end_to_end(world, tmp_path, capsys):
     assert arms["minimind_defaults"]["value"] > arms["plain_sft"]["value"]   # lr 5e-6 barely moves in 3 tiny epochs
     seeds = [arms["best_seed_1"]["value"], arms["best_seed_2"]["value"]]
     assert seeds[0] != seeds[1]                                           # the seed reaches init and data order
-    assert "did distillation help? " in out and "plain SFT, alpha 1" in out
-    assert "best config over 2 more seed(s)" in out
+    assert seeds[0] != arms["plain_sft_seed_1"]["value"]                  # plain SFT is re-trained, not copied
+    # the verdict with its measured noise, and the teacher's own point, by default
+    document = json.loads((experiment / "controls.json").read_text())
+    verdict = next(line for line in out.splitlines() if line.startswith("did distillation help? "))
+    assert verdict.split(": ")[0].split("? ")[1] in ("yes", "no", "within noise"), verdict
+    assert "(the best config re-trained, 2 seeds) vs " in verdict and "(plain SFT, 3 seeds)" in verdict
+    assert f"95% interval of the gap ±{document['seed_gap']['half_width']:.4f}" in verdict
+    teacher = json.loads((experiment / "teacher_point.json").read_text())
+    assert "teacher (evaluated on the validation set as a student is, " in out
+    assert f"val_ce {teacher['val_ce']:.4f}" in out and f"the teacher itself" in verdict
+    assert "the verdict's noise: 4 of the 6 arms re-train the best config and plain SFT on 2 more seed(s)" in out
     # progress: a line per trial epoch and the search's own line, for the search and the controls
-    assert "search: 6/6 trials done" in out and "controls: 4/4 trials done" in out
+    assert "search: 6/6 trials done" in out and "controls: 6/6 trials done" in out
     assert out.count("trial ") >= 6 and " epoch 1/3  val_ce " in out and "arm plain_sft epoch 3/3" in out
     # each trial's own log lines go to its folder, not to the terminal
     logs = "".join(p.read_text() for p in experiment.glob("trial_*/stderr.log"))
@@ -156,9 +166,39 @@ def test_search_end_to_end(world, tmp_path, capsys):
     assert 'data-figures="5"' in dom and 'data-rendered="5"' in dom, dom[:500]
     for figure in ("curves", "params", "parallel", "importance", "controls"):
         assert f'id="{figure}"' in dom and (experiment / "report" / f"{figure}.png").is_file()
-    assert "did distillation help?" in dom
+    assert "did distillation help?" in dom and "<td>teacher itself</td>" in dom
     samples = dom.split('<table id="samples">')[1].split("</table>")[0]   # the real arm and export are found
     assert all(f"<th>{column}</th>" in samples for column in ("teacher", "best student", "plain SFT"))
+
+
+@pytest.mark.slow
+def test_a_teacher_no_better_than_plain_sft_is_the_verdicts_reason(world, tmp_path, capsys):
+    """A deliberately weak teacher (random weights, never trained): the search measures it on the
+    validation set, and the verdict names it as the reason distillation has nothing to give."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from tune_kd.search import runner
+
+    tokenizer = AutoTokenizer.from_pretrained(world["tokenizer"])
+    torch.manual_seed(0)
+    weak = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), **dict(TINY_ARCH, hidden_size=64),
+                                        pad_token_id=tokenizer.pad_token_id))
+    checkpoint.save_student(weak, tokenizer, tmp_path / "weak_teacher")
+    cfg = load_config(raw=search_raw(dict(world, teacher=str(tmp_path / "weak_teacher")), num_samples=2,
+                                     train={"epochs": 1}, scheduler={"type": "none"},
+                                     controls={"plain_sft": True, "seeds": 1}))
+    summary = runner.run_search(cfg, "test", storage=str(tmp_path), num_cpus=2, dashboard_host=None)
+    out = capsys.readouterr().out
+    teacher = json.loads((tmp_path / "tiny-search" / "teacher_point.json").read_text())
+    plain = summary["controls"]["seed_gap"]["plain"]["mean"]
+    assert teacher["val_ce"] > plain                   # random weights: about log(vocabulary) nats
+    verdict = next(line for line in out.splitlines() if line.startswith("did distillation help? "))
+    assert verdict.endswith(f"; the teacher itself reaches only val_ce {teacher['val_ce']:.4f}, no better than plain "
+                            f"SFT's {plain:.4f}: it has little to transfer (use a stronger or longer-trained teacher, "
+                            "or a smaller student)")
+    assert "(plain SFT, 2 seeds)" in verdict and "95% interval of the gap" in verdict
+    assert "little to transfer" in (tmp_path / "tiny-search" / "report.html").read_text()
 
 
 def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_section) -> tuple[dict, list[dict]]:

@@ -31,6 +31,7 @@ STUDENT_ARCH_SEARCHABLE = ("hidden_size", "num_hidden_layers", "intermediate_siz
                            "num_key_value_heads", "head_dim", "num_experts", "num_experts_per_tok")
 # a size/quality search's second objective (search.objectives) -> its mode: the student's parameter
 # count (fewer is better) or its measured greedy decoding speed at batch 1 (faster is better)
+MAX_CONTROL_SEEDS = 10   # controls.seeds: 2 x 10 more full-length arms is already more than most searches cost
 SIZE_OBJECTIVES = {"student_params": "min", "gen_tokens_per_s": "max"}
 STUDENT_SEARCHABLE = tuple(f"student.arch.{k}" for k in STUDENT_ARCH_SEARCHABLE) + ("student.init", "student.init_layers")
 
@@ -224,8 +225,9 @@ def validate_search(cfg, problems: Problems) -> None:
         problems.add("teacher_cache.mode", "on cannot serve feature distillation (the cache holds logits, not hidden "
                                            "states): use auto or off, or set train.feature_weight to 0")
     validate_teacher_server(cfg, problems)
-    if cfg.controls.seeds_for_best < 0:
-        problems.add("controls.seeds_for_best", f"must be >= 0, got {cfg.controls.seeds_for_best}")
+    if not 0 <= cfg.controls.seeds <= MAX_CONTROL_SEEDS:
+        problems.add("controls.seeds", f"must be an integer from 0 (no noise measured) to {MAX_CONTROL_SEEDS}, got "
+                                       f"{cfg.controls.seeds}: each seed trains two more full-length arms")
     if cfg.checkpoint.keep_per_trial < 1:
         problems.add("checkpoint.keep_per_trial", f"must be >= 1, got {cfg.checkpoint.keep_per_trial}")
     for name, spec in cfg.parameters.items():

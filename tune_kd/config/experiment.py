@@ -210,7 +210,8 @@ class ControlsConfig:
     """Reference runs after the search, same epochs and seed as its trials (controls.py)."""
     plain_sft: bool = True                             # the best trial's settings with alpha = 1: no teacher
     minimind_defaults: bool = True                     # MiniMind's defaults: lr 5e-6, alpha 0, T 1 (old key: seed_defaults)
-    seeds_for_best: int = 0                            # re-train the best config with N more seeds
+    seeds: int = 2                                     # the verdict's noise: the best config and plain SFT each
+                                                       # re-trained on N more train.seeds (old key: seeds_for_best)
     best_off_policy: bool = True                       # the best config with on_policy_fraction 0 (when it used on-policy)
 
 

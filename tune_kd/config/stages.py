@@ -21,7 +21,8 @@ def expand_teacher_cache(raw: dict) -> None:
     """`teacher_cache: auto | on | off` (and `teacher_server: ...`) is short for {mode: ...}; YAML 1.1 reads a
     bare on/off as a bool.
     Also reads old key names: `controls.seed_defaults` is `controls.minimind_defaults` (MiniMind's
-    defaults arm; "seed" meant MiniMind's script)."""
+    defaults arm; "seed" meant MiniMind's script), `controls.seeds_for_best` is `controls.seeds` (it
+    re-trained the best config alone; plain SFT is re-trained on the same seeds now)."""
     for section in ("teacher_cache", "teacher_server"):
         value = raw.get(section)
         if isinstance(value, bool):
@@ -31,6 +32,8 @@ def expand_teacher_cache(raw: dict) -> None:
     controls = raw.get("controls")
     if isinstance(controls, dict) and "seed_defaults" in controls and "minimind_defaults" not in controls:
         controls["minimind_defaults"] = controls.pop("seed_defaults")
+    if isinstance(controls, dict) and "seeds_for_best" in controls and "seeds" not in controls:
+        controls["seeds"] = controls.pop("seeds_for_best")
 
 
 STAGE_MERGED = ("data", "train", "logging", "metric", "search", "scheduler", "resources", "checkpoint", "controls",

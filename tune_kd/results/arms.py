@@ -24,7 +24,7 @@ CONTROLS_FILE = "controls.json"
 NOISE_SIGMAS = 2.0   # a difference within this many seed standard deviations is not called a win
 
 
-SUGGESTED_SEEDS = 3
+SUGGESTED_SEEDS = 2
 
 
 OFF_POLICY = "best_off_policy"   # the best config trained off-policy only: what on-policy batches added
@@ -47,29 +47,145 @@ def arm_results(controls_dir: Path, metric: str, mode: str) -> dict[str, dict]:
     return out
 
 
+BEST_SEED = "best_seed_"          # + a train.seed: the best config re-trained on it (controls.seeds)
+SFT_SEED = "plain_sft_seed_"      # + a train.seed: plain SFT re-trained on it (controls.seeds)
+CONFIDENCE = 0.95                 # the gap's interval: inside it, "within noise"
+TASK_METRICS = {"val_acc": "the task's exact answers", "val_gen_acc": "exact answers of generated replies"}
+
+
 def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: dict[str, dict],
-            experiment_dir: Path | None = None) -> dict:
-    """The controls.json document: every arm next to the best trial, the verdict line, seed spread
-    (from the best_seed_* arms, else what repeated trials in experiment_dir tell: repeat_noise)."""
+            experiment_dir: Path | None = None, teacher: dict | None = None) -> dict:
+    """The controls.json document: every arm next to the best trial, the seed spread of the best
+    config and of plain SFT (controls.seeds), and the verdict lines (judge; with the teacher's point
+    when given; else what repeated trials in experiment_dir tell: repeat_noise)."""
     metric, mode = cfg.metric.name, cfg.metric.mode
     best_value = best[f"best_{metric}"]
-    seeds = [results[name]["value"] for name in arms if name.startswith("best_seed_") and name in results]
-    spread = None
-    if seeds:
-        spread = {"n": len(seeds), "mean": statistics.fmean(seeds), "min": min(seeds), "max": max(seeds),
-                  "std": statistics.stdev(seeds) if len(seeds) > 1 else None}
     document = {"metric": metric, "mode": mode, "epochs": cfg.train.epochs, "seed": cfg.train.seed,
                 "best": {"trial_id": best["trial_id"], "value": best_value,
                          "settings": {k: best.get(k) for k in cfg.parameters}},
-                "arms": {name: {"settings": point, **results.get(name, {"value": None})} for name, point in arms.items()},
-                "seeds_for_best": spread}
-    document["repeat_noise"] = None if spread else repeat_noise(experiment_dir, metric, mode, cfg.train.epochs)
-    document["verdict"] = verdict(metric, mode, best_value, results.get("plain_sft", {}).get("value"), spread,
-                                  document["repeat_noise"])
+                "arms": {name: {"settings": point, **results.get(name, {"value": None})} for name, point in arms.items()}}
+    document["seeds_for_best"] = spread_of([results[n]["value"] for n in arms if n.startswith(BEST_SEED) and n in results])
+    document["repeat_noise"] = None if document["seeds_for_best"] else \
+        repeat_noise(experiment_dir, metric, mode, cfg.train.epochs)
+    judge(document, teacher)
     document["on_policy_verdict"] = on_policy_verdict(metric, mode, best_value, results)
     if document["on_policy_verdict"] is None and "on_policy_fraction" in cfg.parameters \
             and not best.get("on_policy_fraction"):
         document["on_policy_verdict"] = off_policy_best_verdict(metric, mode, best_value, experiment_dir)
+    return document
+
+
+def write_controls(experiment_dir: Path, document: dict) -> None:
+    """controls.json, whole or absent (written beside, then renamed over)."""
+    target = Path(experiment_dir) / CONTROLS_FILE
+    temporary = target.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(document, indent=1))
+    temporary.replace(target)
+
+
+def spread_of(values: list[float]) -> dict | None:
+    """{n, mean, std (None for one value), min, max} of finite values; None without any."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return None
+    return {"n": len(values), "mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "std": statistics.stdev(values) if len(values) > 1 else None}
+
+
+def seed_runs(document: dict, metric: str) -> tuple[list[float], list[float]]:
+    """(the best config's re-trained runs, plain SFT's runs) on `metric`, each at the arm's best epoch
+    by the ranked metric. The search's own best trial is left out: it was picked because its run
+    was the best of many, so its value is biased (the winner's curse); plain SFT's own arm was not
+    picked and counts."""
+    def value(arm: dict) -> float | None:
+        got = arm.get("value") if metric == document["metric"] else arm.get("metrics", {}).get(metric)
+        return got if isinstance(got, (int, float)) and math.isfinite(got) else None
+
+    arms_ = document["arms"]
+    distilled = [value(arm) for name, arm in arms_.items() if name.startswith(BEST_SEED)]
+    plain = [value(arm) for name, arm in arms_.items() if name == "plain_sft" or name.startswith(SFT_SEED)]
+    return [v for v in distilled if v is not None], [v for v in plain if v is not None]
+
+
+def seed_gap(distilled: list[float], plain: list[float], mode: str) -> dict | None:
+    """The gap (distilled mean - plain mean) with its noise: the pooled standard deviation of the
+    runs around their arm's mean, and the CONFIDENCE interval of the gap from Student's t on
+    n1 + n2 - 2 degrees of freedom. The runs of both arms share seeds, and a shared seed moves both
+    the same way more often than not, so treating them as independent makes the interval wider, not
+    narrower: "yes" and "no" stay safe calls. None with fewer than 3 runs (no noise to estimate)."""
+    from scipy import stats
+
+    n1, n2 = len(distilled), len(plain)
+    if not n1 or not n2 or n1 + n2 < 3:
+        return None
+    mean1, mean2 = statistics.fmean(distilled), statistics.fmean(plain)
+    squares = sum((x - mean1) ** 2 for x in distilled) + sum((x - mean2) ** 2 for x in plain)
+    freedom = n1 + n2 - 2
+    pooled = math.sqrt(squares / freedom)
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, freedom)) * pooled * math.sqrt(1 / n1 + 1 / n2)
+    gap = mean1 - mean2
+    better = gap < 0 if mode == "min" else gap > 0
+    answer = "within noise" if abs(gap) <= half else "yes" if better else "no"
+    return {"answer": answer, "gap": gap, "half_width": half, "pooled_std": pooled, "df": freedom,
+            "distilled": {"n": n1, "mean": mean1, "std": statistics.stdev(distilled) if n1 > 1 else None},
+            "plain": {"n": n2, "mean": mean2, "std": statistics.stdev(plain) if n2 > 1 else None}}
+
+
+def gap_text(metric: str, gap: dict) -> str:
+    """'val_ce 1.1000 ± 0.0100 (the best config, 2 more seeds) vs ... = gap, its interval and noise'."""
+    def side(arm: dict, label: str) -> str:
+        std = f" ± {arm['std']:.4f}" if arm["std"] is not None else ""
+        return f"{arm['mean']:.4f}{std} ({label}, {arm['n']} seed{'s' if arm['n'] > 1 else ''})"
+
+    plain = gap["plain"]["mean"]
+    relative = f" ({gap['gap'] / abs(plain):+.1%})" if plain else ""
+    return (f"{metric} {side(gap['distilled'], 'the best config re-trained')} vs {side(gap['plain'], 'plain SFT')} "
+            f"= {gap['gap']:+.4f}{relative}; {CONFIDENCE:.0%} interval of the gap ±{gap['half_width']:.4f} "
+            f"(seed std {gap['pooled_std']:.4f}, {gap['df']} df)")
+
+
+def teacher_note(document: dict, teacher: dict | None) -> str:
+    """The teacher's own value on the ranked metric, and when it is no better than plain SFT, that it
+    has little to transfer and what to do; '' without the teacher's point."""
+    metric, mode = document["metric"], document["mode"]
+    value = (teacher or {}).get(metric)
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return ""
+    gap = document.get("seed_gap")
+    plain = gap["plain"]["mean"] if gap else document["arms"].get("plain_sft", {}).get("value")
+    if plain is None:
+        return f"; the teacher itself: {metric} {value:.4f}"
+    better = value < plain if mode == "min" else value > plain
+    if better:
+        return f"; the teacher itself: {metric} {value:.4f}"
+    return (f"; the teacher itself reaches only {metric} {value:.4f}, no better than plain SFT's {plain:.4f}: it has "
+            "little to transfer (use a stronger or longer-trained teacher, or a smaller student)")
+
+
+def judge(document: dict, teacher: dict | None = None) -> dict:
+    """Set the document's verdict lines from its arms: "verdict" (did distillation help, on the ranked
+    metric), "task_verdict" (the same on the task's own metric, val_acc / val_gen_acc, when its answer
+    differs) and "seed_gap" / "task_gaps" (the numbers behind them); teacher: teacher_point.json's
+    values, named in the verdict (the reason, when it is no better than plain SFT). Returns document."""
+    metric, mode = document["metric"], document["mode"]
+    document["seed_gap"] = seed_gap(*seed_runs(document, metric), mode)
+    document["teacher"] = {k: v for k, v in (teacher or {}).items() if k in (metric, *TASK_METRICS, "val_ce")} or None
+    document["task_gaps"], document["task_verdict"] = {}, None
+    gap = document["seed_gap"]
+    if gap is None:   # no seeds re-trained: the best trial against plain SFT's one run
+        line = verdict(metric, mode, document["best"]["value"], document["arms"].get("plain_sft", {}).get("value"),
+                       document.get("seeds_for_best"), document.get("repeat_noise"))
+        document["verdict"] = line + teacher_note(document, teacher) if line else None
+        return document
+    document["verdict"] = f"did distillation help? {gap['answer']}: {gap_text(metric, gap)}{teacher_note(document, teacher)}"
+    for task_metric, meaning in TASK_METRICS.items():
+        task_gap = seed_gap(*seed_runs(document, task_metric), "max") if task_metric != metric else None
+        if task_gap is None:
+            continue
+        document["task_gaps"][task_metric] = task_gap
+        if task_gap["answer"] != gap["answer"] and document["task_verdict"] is None:
+            document["task_verdict"] = (f"on {task_metric} ({meaning}) the answer differs: {task_gap['answer']}: "
+                                        f"{gap_text(task_metric, task_gap)}")
     return document
 
 
@@ -130,9 +246,10 @@ def repeat_noise(experiment_dir: Path | None, metric: str, mode: str, epochs: in
 
 def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, spread: dict | None,
             noise: dict | None = None) -> str | None:
-    """The "did distillation help" line; None without a plain-SFT result to compare with.
-    With seeds_for_best, the re-trained mean stands for the best config (the search's own best is
-    the luckiest of many draws) and a gap inside NOISE_SIGMAS seed deviations is called inconclusive.
+    """The "did distillation help" line without plain SFT re-trained on more seeds (controls.seeds 0,
+    or plain SFT off); None without a plain-SFT result to compare with.
+    With the best config re-trained on seeds, its mean stands for the best config (the search's own best is
+    the luckiest of many draws) and a gap inside NOISE_SIGMAS seed deviations is called within noise.
     Without it, `noise` (repeat_noise) gives a lower bound when the trials repeat a config: a gap
     inside it is inconclusive, one beyond it is called with that caveat; with no estimate at all
     the line says so. Both name the setting that measures the seed noise."""
@@ -148,17 +265,17 @@ def verdict(metric: str, mode: str, best_value: float, sft_value: float | None, 
     note = ""
     if spread is not None and spread["std"] is not None:
         if abs(diff) <= NOISE_SIGMAS * spread["std"]:
-            answer = f"inconclusive (within {NOISE_SIGMAS:g} x the seed spread {spread['std']:.4f})"
+            answer = f"within noise ({NOISE_SIGMAS:g} x the seed spread {spread['std']:.4f})"
     elif noise is not None:
         bound = NOISE_SIGMAS * noise["std"]
         within = abs(diff) <= bound
-        answer = "inconclusive" if within else answer
+        answer = "within noise" if within else answer
         note = (f"; {'within' if within else 'beyond'} the seed noise as far as the trials show it (±{bound:.4f}: "
                 f"{NOISE_SIGMAS:g} x the std of {noise['trials']} full-length trials repeating a config, same seed; "
-                f"a lower bound: controls.seeds_for_best: {SUGGESTED_SEEDS} measures it)")
+                f"a lower bound: controls.seeds: {SUGGESTED_SEEDS} measures it)")
     elif spread is None:
         note = (f"; the seed noise is unknown (no full-length trials repeat a config): set "
-                f"controls.seeds_for_best: {SUGGESTED_SEEDS} to measure it")
+                f"controls.seeds: {SUGGESTED_SEEDS} to measure it")
     return (f"did distillation help? {answer}: {metric} {distilled:.4f} ({which}) vs {sft_value:.4f} "
             f"(plain SFT, alpha 1) = {diff:+.4f}{relative}{note}")
 
@@ -182,7 +299,12 @@ def format_comparison(document: dict) -> str:
         lines.append(f"best config over {spread['n']} more seed(s): {metric} {spread['mean']:.4f}{std} "
                      f"(min {spread['min']:.4f}, max {spread['max']:.4f}); the search's own best was "
                      f"{document['best']['value']:.4f}")
-    for line in ("verdict", "on_policy_verdict"):
+    gap = document.get("seed_gap")
+    if gap and "seconds" in document:   # what the noise cost: the re-trained arms' share of the arms' time
+        retrained = sum(name.startswith((BEST_SEED, SFT_SEED)) for name in document["arms"])
+        lines.append(f"the verdict's noise: {retrained} of the {len(document['arms'])} arms re-train the best config "
+                     f"and plain SFT on {gap['distilled']['n']} more seed(s), ~{document['seconds'] * retrained / len(document['arms']):.0f} s")
+    for line in ("verdict", "task_verdict", "on_policy_verdict"):
         if document.get(line):
             lines.append(document[line])
     return "\n".join(lines)

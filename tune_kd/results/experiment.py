@@ -40,6 +40,12 @@ class Experiment:
     finished: bool                             # trials.csv written: the search reached its end
     controls: dict | None = None               # controls.json
     control_curves: dict = field(default_factory=dict)
+    teacher: dict | None = None                # teacher_point.json, when the teacher was measured
+
+    def teacher_value(self) -> float | None:
+        """The teacher's own value of the metric (None when not measured)."""
+        value = (self.teacher or {}).get(self.metric)
+        return value if isinstance(value, (int, float)) and math.isfinite(value) else None
 
     @property
     def searched(self) -> list[str]:
@@ -83,4 +89,4 @@ def load(experiment_dir: str | Path) -> Experiment:
     controls = json.loads(controls_file.read_text()) if controls_file.is_file() else None
     curves = {arm: result["curve"] for arm, result in arm_results(directory / CONTROLS_DIR, metric, mode).items()}
     return Experiment(meta["name"], directory, metric, mode, epochs, config.get("parameters") or {}, trials,
-                      finished, controls, curves)
+                      finished, controls, curves, reading.read_teacher_point(directory))

@@ -40,6 +40,9 @@ def plot_curves(exp: Experiment):
     for arm, curve in exp.control_curves.items():
         epochs, values = zip(*curve)
         ax.plot(epochs, values, linestyle="--", linewidth=1.5, marker=".", label=f"control: {arm}")
+    teacher = exp.teacher_value()
+    if teacher is not None:
+        ax.axhline(teacher, color="tab:green", linestyle=":", linewidth=2, label=f"teacher itself: {teacher:.4f}")
     for status, (color, marker) in STATUS_STYLE.items():
         if any(t.status == status and t.curve for t in exp.trials):
             ax.plot([], [], marker=marker, color=color, linestyle="none", label=status.lower().replace("_", " "))
@@ -126,7 +129,9 @@ def plot_importance(exp: Experiment, study):
     with _quiet_experimental():
         ax = plot_param_importances(study, evaluator=FanovaImportanceEvaluator(seed=0),
                                     target_name=f"{exp.metric} at epoch {exp.common_epoch}")
-    ax.set_title(f"parameter importance for {exp.metric} at epoch {exp.common_epoch} (every trial reached it)")
+    ax.set_title("", loc="left")   # Optuna's own title sits at the left, under ours: one title only
+    ax.set_title(f"parameter importance for {exp.metric} at epoch {exp.common_epoch}\n(the last epoch every trial "
+                 "reached)", fontsize=11)
     ax.figure.set_size_inches(7, 0.5 * len(exp.searched) + 2)
     ax.figure.tight_layout()
     return ax.figure
@@ -142,24 +147,44 @@ def _quiet_experimental():
         yield
 
 
+def control_rows(exp: Experiment) -> list[tuple[str, float, float | None, str]]:
+    """(label, value, error bar or None, colour) per bar of controls.png: the best trial, the seed means
+    of the best config and of plain SFT with their seed std (the verdict's noise), every arm, the teacher."""
+    controls = exp.controls
+    rows = [(f"best trial {controls['best']['trial_id']} (the search's pick)", controls["best"]["value"], None, "black")]
+    gap = controls.get("seed_gap")
+    if gap:
+        for side, label, color in (("distilled", "best config", "tab:green"), ("plain", "plain SFT", "tab:purple")):
+            arm = gap[side]
+            rows.append((f"{label}: mean of {arm['n']} seeds", arm["mean"], arm["std"], color))
+    for name, arm in controls["arms"].items():
+        if arm.get("value") is not None:
+            color = "#9fd89f" if name.startswith("best_seed_") else "#c9b3e0" if name.startswith("plain_sft") \
+                else "tab:gray"
+            rows.append((name, arm["value"], None, color))
+    if exp.teacher_value() is not None:
+        rows.append(("teacher itself", exp.teacher_value(), None, "tab:olive"))
+    return rows
+
+
 def plot_controls(exp: Experiment):
     plt = pyplot()
     controls = exp.controls
-    labels = [f"best trial {controls['best']['trial_id']}"]
-    values = [controls["best"]["value"]]
-    for name, arm in controls["arms"].items():
-        if arm.get("value") is not None:
-            labels.append(name)
-            values.append(arm["value"])
-    fig, ax = plt.subplots(figsize=(7, 0.6 * len(labels) + 1.4))
-    colors = ["black"] + ["tab:green" if name.startswith("best_seed_") else "tab:purple" for name in labels[1:]]
-    ax.barh(range(len(labels)), values, color=colors)
-    for y, value in enumerate(values):
-        ax.text(value, y, f" {value:.4f}", va="center", fontsize=9)
-    ax.set_yticks(range(len(labels)), labels)
+    rows = control_rows(exp)
+    labels, values = [r[0] for r in rows], [r[1] for r in rows]
+    errors = [r[2] or 0.0 for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))
+    ax.barh(range(len(rows)), values, xerr=errors, color=[r[3] for r in rows], capsize=4)
+    for y, (value, error) in enumerate(zip(values, errors)):
+        ax.text(value + error, y, f" {value:.4f}" + (f" ± {error:.4f}" if error else ""), va="center", fontsize=9)
+    ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
-    ax.set_xlabel(f"{exp.metric} (best epoch; {'lower' if exp.mode == 'min' else 'higher'} is better)")
-    ax.set_xlim(0, max(values) * 1.2)
-    ax.set_title(f"control arms: same data, {controls['epochs']} epochs, seed {controls['seed']}")
+    ax.set_xlabel(f"{exp.metric} (best epoch; {'lower' if exp.mode == 'min' else 'higher'} is better; "
+                  "error bars: the seed std)")
+    ax.set_xlim(0, max(v + e for v, e in zip(values, errors)) * 1.3)
+    answer = (controls.get("seed_gap") or {}).get("answer")
+    ax.set_title(f"control arms: same data, {controls['epochs']} epochs, seed {controls['seed']}"
+                 + (f"\ndid distillation help? {answer} (the seed means' gap against its 95% interval)" if answer else ""),
+                 fontsize=11)
     fig.tight_layout()
     return fig

@@ -21,8 +21,7 @@ from pathlib import Path
 
 from tune_kd.config.checks import SIZE_OBJECTIVES
 from tune_kd.results import reading
-
-TEACHER_POINT_FILE = "teacher_point.json"   # the teacher measured as a student (teacher_point.py)
+from tune_kd.results.reading import read_teacher_point
 
 
 @dataclass(frozen=True)
@@ -110,9 +109,3 @@ def summary_lines(shape_front: list[Point], experiment_dir: Path, size_key: str,
                  f"{pick.size:,.6g}, {metric} {pick.value:.4f}); export the front: python -m tune_kd.export "
                  f"{experiment_dir} --front --out DIR")
     return "\n".join(lines)
-
-
-def read_teacher_point(experiment_dir: Path) -> dict | None:
-    """teacher_point.json of a two-objective search (None before it was measured, or without a teacher)."""
-    path = Path(experiment_dir) / TEACHER_POINT_FILE
-    return json.loads(path.read_text()) if path.is_file() else None

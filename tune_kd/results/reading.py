@@ -31,6 +31,7 @@ METRICS = ("epoch", "train_loss", "val_ce", "val_kl", "val_loss", "val_acc", "va
            "gpu_peak_gib", "student_params", "student_embedding_params", "gen_tokens_per_s")
 EXPERIMENT_FILE = "experiment.json"      # written by the search: resolved config, metric, versions
 SUMMARY_FILE = "trials.csv"              # written at the search's end: one row per trial
+TEACHER_POINT_FILE = "teacher_point.json"   # the teacher measured as a student (search/teacher_point.py)
 
 
 def best(values: Iterable[T], mode: str, key: Callable[[T], float] | None = None) -> T:
@@ -54,6 +55,13 @@ def read_experiment(experiment_dir: Path) -> dict:
         raise UserError(f"{experiment_dir}: not a tune_kd experiment folder (no {EXPERIMENT_FILE}); give "
                         "results/<name> of a search")
     return json.loads(path.read_text())
+
+
+def read_teacher_point(experiment_dir: Path) -> dict | None:
+    """teacher_point.json: the teacher's validation metrics (None before it was measured, without a
+    teacher directory, or {"error": reason} when it could not be measured)."""
+    path = Path(experiment_dir) / TEACHER_POINT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def read_trial(trial_dir: Path) -> tuple[dict, list[dict]]:

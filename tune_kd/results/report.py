@@ -108,22 +108,35 @@ def _summary_html(exp: Experiment) -> str:
                      f"({html.escape(settings)})</p>")
     controls = exp.controls
     if controls:
-        for line in ("verdict", "on_policy_verdict"):
+        for line in ("verdict", "task_verdict", "on_policy_verdict"):
             if controls.get(line):
                 parts.append(f"<p class='verdict'>{html.escape(controls[line])}</p>")
         rows = [("best trial " + controls["best"]["trial_id"], controls["best"]["value"], controls["best"]["settings"])]
         rows += [(name, arm.get("value"), arm["settings"]) for name, arm in controls["arms"].items()]
+        if exp.teacher_value() is not None:
+            rows.append(("teacher itself", exp.teacher_value(), {"evaluated": "on the validation set, as a student is"}))
         body = "".join(f"<tr><td>{html.escape(name)}</td><td>{'failed' if v is None else f'{v:.4f}'}</td>"
                        f"<td>{html.escape(', '.join(f'{k} = {reading.cell(x)}' for k, x in s.items()))}</td></tr>"
                        for name, v, s in rows)
         parts.append(f"<h2>Control arms</h2><table><tr><th>arm</th><th>{exp.metric}</th><th>settings</th></tr>"
                      f"{body}</table>")
-        spread = controls.get("seeds_for_best")
-        if spread:
+        gap, spread = controls.get("seed_gap"), controls.get("seeds_for_best")
+        if gap:
+            sides = "; ".join(f"{label} over {gap[side]['n']} seeds: {gap[side]['mean']:.4f}"
+                              + (f" ± {gap[side]['std']:.4f}" if gap[side]["std"] is not None else "")
+                              for side, label in (("distilled", "the best config"), ("plain", "plain SFT")))
+            parts.append(f"<p>{exp.metric}, {html.escape(sides)}; the gap {gap['gap']:+.4f}, its 95% interval "
+                         f"±{gap['half_width']:.4f} (error bars in controls.png: the seed std)</p>")
+        elif spread:
             std = f" ± {spread['std']:.4f}" if spread.get("std") is not None else ""
             parts.append(f"<p>best config re-trained with {spread['n']} more seed(s): {exp.metric} "
                          f"{spread['mean']:.4f}{std} (min {spread['min']:.4f}, max {spread['max']:.4f})</p>")
-    elif exp.finished:
+    teacher = exp.teacher or {}
+    if "error" in teacher:
+        parts.append(f"<p class='note'>The teacher's own point was not measured: {html.escape(teacher['error'])}</p>")
+    elif not controls and exp.teacher_value() is not None:
+        parts.append(f"<p>the teacher itself: {exp.metric} <b>{exp.teacher_value():.4f}</b></p>")
+    if not controls and exp.finished:
         parts.append("<p class='note'>No control arms were run (controls: all off, or the search was stopped "
                      "before them).</p>")
     return "\n".join(parts)

@@ -109,6 +109,4 @@ def front_html(view: FrontView, searched: list[str]) -> str:
     if view.teacher is not None and view.teacher.get(view.metric) is not None:
         parts.append(f"<p>teacher, measured as a student: {view.size_key} {view.teacher[view.size_key]:,.6g}, "
                      f"{view.metric} {view.teacher[view.metric]:.4f}</p>")
-    elif view.teacher is not None and view.teacher.get("error"):
-        parts.append(f"<p class='note'>the teacher's point was not measured: {html.escape(view.teacher['error'])}</p>")
     return "\n".join(parts)

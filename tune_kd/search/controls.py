@@ -6,7 +6,9 @@ After the search, with the same data, epochs and train.seed as its trials:
     front_sft_<id>  a size/quality search (front.py): each front student's shape and settings with
                     alpha = 1, so the report can set distillation against plain SFT at every size
     minimind_defaults  MiniMind's defaults for the knobs the search tunes: lr 5e-6, alpha 0, T 1
-    best_seed_<s>   the best trial's settings re-trained with train.seed s (controls.seeds_for_best)
+    best_seed_<s>   the best trial's settings re-trained with train.seed s, and
+    plain_sft_seed_<s>  plain SFT re-trained with it (controls.seeds: s = train.seed + 1 .. + N): the
+                    seed noise the verdict weighs the gap against (arms.judge)
 
 They run as one more Tune experiment in results/<name>/controls/ (no early stopping: every arm
 gets the full budget). The comparison goes to results/<name>/controls.json and the terminal; its
@@ -24,7 +26,17 @@ import time
 from pathlib import Path
 
 from tune_kd.config.experiment import ExperimentConfig
-from tune_kd.results.arms import CONTROL_KEY, CONTROLS_DIR, CONTROLS_FILE, FRONT_SFT, OFF_POLICY, arm_results, compare
+from tune_kd.results.arms import (
+    BEST_SEED,
+    CONTROL_KEY,
+    CONTROLS_DIR,
+    FRONT_SFT,
+    OFF_POLICY,
+    SFT_SEED,
+    arm_results,
+    compare,
+    write_controls,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +73,11 @@ def arm_points(cfg: ExperimentConfig, best_params: dict, front: list | None = No
         arms[OFF_POLICY] = {**tuned, "on_policy_fraction": 0.0}
     if cfg.teacher is not None and cfg.controls.minimind_defaults:
         arms["minimind_defaults"] = dict(MINIMIND_DEFAULTS)
-    for offset in range(1, cfg.controls.seeds_for_best + 1):
+    for offset in range(1, cfg.controls.seeds + 1):   # each seed's pair side by side: they run together
         seed = cfg.train.seed + offset
-        arms[f"best_seed_{seed}"] = {**tuned, "seed": seed}
+        arms[f"{BEST_SEED}{seed}"] = {**tuned, "seed": seed}
+        if "plain_sft" in arms:
+            arms[f"{SFT_SEED}{seed}"] = {**arms["plain_sft"], "seed": seed}
     return arms
 
 
@@ -101,7 +115,7 @@ def run_controls(cfg: ExperimentConfig, best: dict, experiment_dir: Path, traina
     tuner.fit()
     comparison = compare(cfg, best, arm_results(controls_dir, cfg.metric.name, cfg.metric.mode), arms, experiment_dir)
     comparison["seconds"] = time.perf_counter() - started
-    (experiment_dir / CONTROLS_FILE).write_text(json.dumps(comparison, indent=1))
+    write_controls(experiment_dir, comparison)
     return comparison
 
 

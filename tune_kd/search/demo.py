@@ -2,14 +2,19 @@
 
 `prepare()` writes, under `results/demo/` (each step skipped when its output is already there):
 
-    data/train.jsonl, data/val.jsonl   arithmetic conversations in the seed's chat JSONL format
+    data/train.jsonl, data/val.jsonl   digit-string conversations in the seed's chat JSONL format: the
+                                       task's whole distribution (the teacher's data, and validation)
+    data/student.jsonl                 the student's own, smaller SFT set (search_spaces/kd.yaml's data.path)
     tokenizer/                         a character-level Hugging Face tokenizer with a chat template
     teacher/                           a small Llama trained on the task with tune_kd's own loop
                                        (alpha = 1: plain SFT), plus teacher.json with its accuracy
 
 The task has checkable answers (reverse or sort a string of digits; some conversations are
 multi-turn or carry a system prompt), so `val_acc`, exact match of every assistant turn, shows
-what a student really learned. `python -m tune_kd.demo` prepares it and prints the figures.
+what a student really learned. As in real use, the teacher knows more than the student's data: it
+is trained on 16,000 conversations of the whole distribution, the student gets 3,000 in which long
+strings (6 and 7 digits) are rare (STUDENT_LENGTH_WEIGHTS), and both are validated on the whole
+distribution. `python -m tune_kd.demo` prepares it and prints the figures.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ DEMO_DIR = Path("results/demo")
 TRAIN_CONVERSATIONS = 16000
 VAL_CONVERSATIONS = 1000
 DEMO_SEED = 2024
+STUDENT_CONVERSATIONS = 3000
+# the student's set draws strings of 3..7 digits with these weights: long strings 1/5 as often as in
+# the task (uniform lengths), so the teacher has seen many more of them than the student's data holds
+STUDENT_LENGTH_WEIGHTS = (1.0, 1.0, 1.0, 0.2, 0.2)
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 ROLE_TOKENS = ["system", "user", "assistant"]
 # ChatML-style; the same template every conversation of the demo is rendered with.
@@ -49,15 +58,18 @@ TEACHER_TRAIN = {"epochs": 4, "batch_size": 128, "learning_rate": 3e-3, "warmup_
 MAX_SEQ_LEN = 128
 
 
-def _question(rng: random.Random) -> tuple[str, str]:
-    """One question (reverse or sort a string of 3-7 digits) and its exact answer."""
+def _question(rng: random.Random, length_weights: tuple[float, ...] | None = None) -> tuple[str, str]:
+    """One question (reverse or sort a string of 3-7 digits, lengths uniform or by length_weights)
+    and its exact answer."""
     forms, answer = TASKS[rng.choice(sorted(TASKS))]
-    digits = "".join(rng.choice(string.digits) for _ in range(rng.randint(3, 7)))
+    length = rng.randint(3, 7) if length_weights is None else rng.choices(range(3, 8), weights=length_weights)[0]
+    digits = "".join(rng.choice(string.digits) for _ in range(length))
     return rng.choice(forms).format(s=digits), answer(digits)
 
 
-def make_conversations(count: int, seed: int) -> list[dict]:
-    """`count` deterministic conversations: 1-2 question/answer turns, sometimes a system prompt."""
+def make_conversations(count: int, seed: int, length_weights: tuple[float, ...] | None = None) -> list[dict]:
+    """`count` deterministic conversations: 1-2 question/answer turns, sometimes a system prompt;
+    digit strings of uniform length 3-7 unless length_weights (one per length) skews them."""
     rng = random.Random(seed)
     out = []
     for _ in range(count):
@@ -65,7 +77,7 @@ def make_conversations(count: int, seed: int) -> list[dict]:
         if rng.random() < 0.15:
             turns.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         for _ in range(2 if rng.random() < 0.15 else 1):
-            question, answer = _question(rng)
+            question, answer = _question(rng, length_weights)
             turns += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
         out.append({"conversations": turns})
     return out
@@ -102,7 +114,14 @@ def write_inputs(root: Path = DEMO_DIR) -> None:
     """The demo's data and tokenizer (prepare's first steps, without training the teacher)."""
     write_jsonl(root / "data" / "train.jsonl", make_conversations(TRAIN_CONVERSATIONS, DEMO_SEED))
     write_jsonl(root / "data" / "val.jsonl", make_conversations(VAL_CONVERSATIONS, DEMO_SEED + 1))
+    write_student_set(root)
     build_tokenizer(root / "tokenizer")
+
+
+def write_student_set(root: Path = DEMO_DIR) -> None:
+    """data/student.jsonl: the student's smaller SFT set, long strings rare (STUDENT_LENGTH_WEIGHTS)."""
+    write_jsonl(root / "data" / "student.jsonl",
+                make_conversations(STUDENT_CONVERSATIONS, DEMO_SEED + 2, STUDENT_LENGTH_WEIGHTS))
 
 
 def demo_config_dict(root: Path = DEMO_DIR) -> dict:
@@ -140,6 +159,8 @@ def _prepare_locked(root: Path, force: bool) -> dict:
 
     teacher_dir = root / "teacher"
     if not force and is_built(root):
+        if not (root / "data" / "student.jsonl").is_file():   # a demo built before the student had its own set
+            write_student_set(root)
         return json.loads((teacher_dir / "teacher.json").read_text())
     started = time.perf_counter()
     write_inputs(root)
@@ -150,7 +171,7 @@ def _prepare_locked(root: Path, force: bool) -> dict:
     figures = {"val_acc": result.metrics["val_acc"], "val_ce": result.metrics["val_ce"],
                "prepare_seconds": round(time.perf_counter() - started, 1),
                "arch": TEACHER_ARCH, "train": TEACHER_TRAIN,
-               "conversations": {"train": TRAIN_CONVERSATIONS, "val": VAL_CONVERSATIONS}}
+               "conversations": {"train": TRAIN_CONVERSATIONS, "val": VAL_CONVERSATIONS, "student": STUDENT_CONVERSATIONS}}
     (teacher_dir / "teacher.json").write_text(json.dumps(figures, indent=1))
     log.info("demo: teacher val_acc %.3f, prepared in %.0f s", figures["val_acc"], figures["prepare_seconds"])
     return figures

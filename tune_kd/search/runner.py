@@ -27,6 +27,7 @@ from tune_kd.config.experiment import ExperimentConfig, absolute_paths
 from tune_kd.model import hardware, student_shape
 from tune_kd.results import arms, export, front, reading, report
 from tune_kd.search import controls, prepare, resources, space, teacher_actor
+from tune_kd.search.teacher_point import write_teacher_point
 from tune_kd.search.tracking import make_callbacks
 from tune_kd.teacher import served
 
@@ -163,10 +164,9 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     finally:
         if plan.served is not None:   # the teacher's actors go with the search (also on errors and Ctrl-C)
             plan.served.stop()
-    if cfg.search.size_objective:   # the teacher's point on the front, on the
-        from tune_kd.search.teacher_point import write_teacher_point
-
-        summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
+    # the teacher's own point, once the served teacher has let go of its GPU: the verdict names it
+    summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
+    print_verdict(cfg, summary, experiment_dir)
     write_report(summary, experiment_dir)
     if context is not None and address is None:
         import ray
@@ -363,8 +363,8 @@ def summarize_and_export(cfg: ExperimentConfig, experiment_dir: Path, errors: di
 
 
 def run_control_arms(cfg: ExperimentConfig, summary: dict, experiment_dir: Path, plan: Plan, resume: bool) -> None:
-    """The control arms next to the best trial (controls.py), into summary["controls"] and printed;
-    nothing without a best trial or with every arm off."""
+    """The control arms next to the best trial (controls.py), into summary["controls"] (print_verdict
+    prints them); nothing without a best trial or with every arm off."""
     if summary["best"] is None:
         return
     arm_trainable = trial_class(plan.trial_cfg, experiment_dir / arms.CONTROLS_DIR, plan.per_trial,
@@ -374,7 +374,17 @@ def run_control_arms(cfg: ExperimentConfig, summary: dict, experiment_dir: Path,
                                     make_callbacks(cfg), resume, shape_front)
     if outcome is not None:
         summary["controls"] = outcome
-        print(arms.format_comparison(outcome))
+
+
+def print_verdict(cfg: ExperimentConfig, summary: dict, experiment_dir: Path) -> None:
+    """The control arms and the verdict lines, judged again with the teacher's point
+    (summary["teacher_point"]) and rewritten to controls.json; a size/quality search's front lines."""
+    comparison = summary.get("controls")
+    if comparison is not None:
+        arms.judge(comparison, summary.get("teacher_point"))
+        arms.write_controls(experiment_dir, comparison)
+        print(arms.format_comparison(comparison))
+    shape_front = front.experiment_front(experiment_dir) if summary["best"] is not None else None
     if shape_front:
         print(front.summary_lines(shape_front, experiment_dir, cfg.search.size_objective, cfg.metric.name, cfg.metric.mode,
                                   cfg.search.within_percent))
@@ -384,8 +394,3 @@ def write_report(summary: dict, experiment_dir: Path) -> None:
     """report.html (report.py), its path into summary["report"] and printed."""
     summary["report"] = report.build(experiment_dir)
     print(f"report: {summary['report']} (rebuild: python -m tune_kd.report {experiment_dir})")
-
-
-# ----------------------------------------------------------------------------------------------
-# The command
-# ----------------------------------------------------------------------------------------------

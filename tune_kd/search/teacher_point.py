@@ -1,12 +1,13 @@
-"""The teacher's point on a size/quality front: its size, speed and validation metrics, measured as
-a student's are (results/<name>/teacher_point.json; report.py draws it next to the trials).
+"""The teacher's own point: its validation metrics measured as a student's are, on every search
+with a teacher directory (results/<name>/teacher_point.json): the verdict names it (arms.judge), the
+report draws it next to the trials, the control arms and a size/quality front.
 
-A search with two objectives (search.objectives) runs measure_teacher once, in a Ray task with one
-trial's resources, after its trials: the teacher is evaluated by the loop's own `evaluate` as if it
-were the student (no teacher beside it), so val_ce, val_acc and val_gen_acc mean what a trial's do
-(val_loss is val_ce at alpha 1); val_kl and val_gen_ce compare a student with the teacher and are
-NaN here. Its parameter
-count and greedy decoding speed come from student_shape, as every trial's.
+runner.py runs measure_teacher once, in a Ray task with one trial's resources, after the trials and
+the control arms: the teacher is evaluated by the loop's own `evaluate` as if it were the student (no
+teacher beside it), so val_ce, val_acc and val_gen_acc mean what a trial's do (val_loss is val_ce at
+alpha 1); val_kl and val_gen_ce compare a student with the teacher and are null here. A search with
+a size objective (search.objectives) also gets its parameter count and greedy decoding speed, from
+student_shape as every trial's.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -24,18 +26,21 @@ from tune_kd.data import tokenized
 from tune_kd.kd.scored import ScoredLM
 from tune_kd.model import build, hardware, student_shape
 from tune_kd.model.distributed import setup_distributed
-from tune_kd.results.front import TEACHER_POINT_FILE
+from tune_kd.results.reading import TEACHER_POINT_FILE
 from tune_kd.train import on_policy
 from tune_kd.train.evaluate import evaluate
 
 log = logging.getLogger(__name__)
+SIZE_KEYS = ("student_params", "gen_tokens_per_s")
 TIMEOUT_S = 1800   # a task that cannot be placed (no free GPU) must not hold the search's end for ever
 
 
 
 def measure_teacher(cfg: ExperimentConfig) -> dict:
-    """{student_params, student_embedding_params, gen_tokens_per_s, val_ce, val_acc, ...} of cfg's
-    teacher on cfg's validation split, in cfg.train's precision on cfg.train.device."""
+    """{val_ce, val_acc, ..., student_params, student_embedding_params, seconds, and with a size
+    objective gen_tokens_per_s} of cfg's teacher on cfg's validation split, in cfg.train's precision
+    on cfg.train.device."""
+    started = time.perf_counter()
     _, _, device = setup_distributed(False, cfg.train.device)
     precision = hardware.resolve_precision(cfg.train.dtype, device)
     tokenizer, _, val_data = tokenized.load_data(cfg)
@@ -47,10 +52,13 @@ def measure_teacher(cfg: ExperimentConfig) -> dict:
         if cfg.eval.generation_samples else None
     metrics = evaluate(as_student, None, val_data, pad_id, alone, precision, None, generation=generation)
     params, embedding = student_shape.parameter_counts(teacher_lm)
-    prompts = on_policy.prompts_and_replies(val_data, on_policy.generation_subset(val_data, student_shape.SPEED_PROMPTS))[0]
-    with torch.no_grad():
-        speed = student_shape.generation_speed(teacher_lm, prompts, pad_id, precision.autocast)
-    return {**metrics, "student_params": params, "student_embedding_params": embedding, "gen_tokens_per_s": speed}
+    point = {**metrics, "student_params": params, "student_embedding_params": embedding}
+    if cfg.search.size_objective == "gen_tokens_per_s":   # only the speed objective pays for timing generation
+        subset = on_policy.generation_subset(val_data, student_shape.SPEED_PROMPTS)
+        with torch.no_grad():
+            point["gen_tokens_per_s"] = student_shape.generation_speed(
+                teacher_lm, on_policy.prompts_and_replies(val_data, subset)[0], pad_id, precision.autocast)
+    return {**point, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def write_teacher_point(cfg: ExperimentConfig, experiment_dir: Path, per_trial: dict) -> dict | None:
@@ -71,13 +79,23 @@ def write_teacher_point(cfg: ExperimentConfig, experiment_dir: Path, per_trial: 
     except Exception as exc:   # noqa: BLE001  (a RayTaskError wraps whatever the task raised; or the timeout)
         ray.cancel(pending, force=True)
         reason = str(exc).strip().splitlines()[-1]
-        log.warning("WARNING: the teacher's point on the front was not measured: %s", reason)
-        (Path(experiment_dir) / TEACHER_POINT_FILE).write_text(json.dumps({"error": reason}))
+        log.warning("WARNING: the teacher's own point was not measured: %s", reason)
+        write_point(experiment_dir, {"error": reason})
         return None
     point = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in point.items()}
-    (Path(experiment_dir) / TEACHER_POINT_FILE).write_text(json.dumps(point, indent=1))
-    size_key, metric = cfg.search.size_objective, cfg.metric.name
-    value = point.get(metric)
-    print(f"teacher (measured as a student): {size_key} {point[size_key]:,.6g}, {metric} "
-          f"{'n/a' if value is None else f'{value:.4f}'}")
+    write_point(experiment_dir, point)
+    shown = [cfg.metric.name, *(k for k in ("val_acc", "val_gen_acc") if k != cfg.metric.name)]
+    if cfg.search.size_objective:
+        shown.append(cfg.search.size_objective)
+    values = ", ".join(f"{k} {point[k]:,.6g}" if k in SIZE_KEYS else f"{k} {point[k]:.4f}"
+                       for k in shown if point.get(k) is not None)
+    print(f"teacher (evaluated on the validation set as a student is, {point['seconds']:.0f} s): {values}")
     return point
+
+
+def write_point(experiment_dir: Path, point: dict) -> None:
+    """teacher_point.json, whole or absent."""
+    target = Path(experiment_dir) / TEACHER_POINT_FILE
+    temporary = target.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(point, indent=1))
+    temporary.replace(target)
