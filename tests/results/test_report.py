@@ -110,19 +110,26 @@ def seed_document(distilled: list, plain: list, metric="val_ce", mode="min", bes
             "best": {"trial_id": "t1", "value": best_value, "settings": {}}, "seeds_for_best": None, "repeat_noise": None}
 
 
-def test_seed_gap_is_a_t_interval_on_the_pooled_seed_noise():
+def test_seed_gap_is_welchs_t_interval_of_the_two_sides_seed_noise():
     from scipy import stats
 
-    distilled, plain = [1.00, 1.02], [1.10, 1.11, 1.12]
+    distilled, plain = [1.00, 1.02], [1.10, 1.14, 1.12]
     gap = arms.seed_gap(distilled, plain, "min")
-    pooled = math.sqrt((2 * 0.01 ** 2 + 2 * 0.01 ** 2) / 3)
-    assert gap["df"] == 3 and gap["pooled_std"] == pytest.approx(pooled)
-    assert gap["gap"] == pytest.approx(1.01 - 1.11)
-    assert gap["half_width"] == pytest.approx(stats.t.ppf(0.975, 3) * pooled * math.sqrt(1 / 2 + 1 / 3))
-    assert gap["answer"] == "yes"                                               # -0.10, interval ±0.029
+    share1, share2 = 0.0002 / 2, 0.0004 / 3                  # each side's sample variance / n
+    freedom = (share1 + share2) ** 2 / (share1 ** 2 / 1 + share2 ** 2 / 2)
+    assert gap["method"] == "Welch's t" and gap["df"] == pytest.approx(freedom)
+    assert gap["gap"] == pytest.approx(1.01 - 1.12)
+    assert gap["half_width"] == pytest.approx(stats.t.ppf(0.975, freedom) * math.sqrt(share1 + share2))
+    # scipy's own Welch test agrees: the gap is outside the interval exactly when p < 0.05
+    assert (stats.ttest_ind(distilled, plain, equal_var=False).pvalue < 0.05) == (gap["answer"] != "within noise")
+    assert gap["answer"] == "yes"
     assert arms.seed_gap(plain, distilled, "min")["answer"] == "no"
     assert arms.seed_gap([1.00, 1.10], [1.05, 1.00, 1.10], "min")["answer"] == "within noise"
     assert arms.seed_gap([0.5, 0.52], [0.4, 0.41, 0.42], "max")["answer"] == "yes"   # higher is better
+    # one distilled run: its variance is unknown, plain SFT's stands for both (pooled, n1 + n2 - 2 df)
+    single = arms.seed_gap([1.0], [1.10, 1.12, 1.14], "min")
+    assert single["method"] == "pooled t" and single["df"] == 2
+    assert single["half_width"] == pytest.approx(stats.t.ppf(0.975, 2) * math.sqrt(0.0008 / 2) * math.sqrt(1 + 1 / 3))
     assert arms.seed_gap([1.0], [1.1], "min") is None                            # 2 runs: no noise to estimate
 
 
@@ -133,7 +140,7 @@ def test_the_verdict_carries_its_noise_and_the_task_metric_when_they_disagree():
     line = document["verdict"]
     assert line.startswith("did distillation help? no: val_ce 1.2050 ± 0.0071 (the best config re-trained, 2 seeds) "
                            "vs 1.1000 ± 0.0100 (plain SFT, 3 seeds) = +0.1050 (+9.5%); 95% interval of the gap ±")
-    assert "(seed std " in line and ", 3 df)" in line
+    assert "(Welch's t, " in line and " df)" in line
     assert document["task_verdict"].startswith("on val_acc (the task's exact answers) the answer differs: yes: "
                                                "val_acc 0.3050")
     agreeing = seed_document([(1.20, 0.10), (1.21, 0.11)], [(1.10, 0.20), (1.11, 0.21), (1.09, 0.19)])

@@ -9,7 +9,7 @@ import argparse
 from pathlib import Path
 
 from tune_kd.cli import entry
-from tune_kd.search.demo import DEMO_DIR, prepare
+from tune_kd.search.demo import DEMO_DIR, STUDENT_CONVERSATIONS, prepare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def command(args: argparse.Namespace) -> None:
     figures = prepare(Path(args.root), force=args.force)
     print(f"demo teacher: val_acc {figures['val_acc']:.3f}, val_ce {figures['val_ce']:.4f}, "
-          f"prepared in {figures['prepare_seconds']:.0f} s -> {args.root}/teacher")
+          f"prepared in {figures['prepare_seconds']:.0f} s -> {args.root}/teacher; the student's own set: "
+          f"{STUDENT_CONVERSATIONS:,} conversations -> {args.root}/data/student.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -108,27 +108,38 @@ def seed_runs(document: dict, metric: str) -> tuple[list[float], list[float]]:
 
 
 def seed_gap(distilled: list[float], plain: list[float], mode: str) -> dict | None:
-    """The gap (distilled mean - plain mean) with its noise: the pooled standard deviation of the
-    runs around their arm's mean, and the CONFIDENCE interval of the gap from Student's t on
-    n1 + n2 - 2 degrees of freedom. The runs of both arms share seeds, and a shared seed moves both
-    the same way more often than not, so treating them as independent makes the interval wider, not
-    narrower: "yes" and "no" stay safe calls. None with fewer than 3 runs (no noise to estimate)."""
+    """The gap (distilled mean - plain mean) with its noise: the CONFIDENCE interval of the gap from
+    Welch's t (each side its own seed variance: distillation can make runs vary less, or more, than
+    plain SFT), or from the pooled variance on n1 + n2 - 2 degrees of freedom when one side has a
+    single run. The runs of both sides share seeds, and a shared seed moves both the same way more
+    often than not, so treating them as independent makes the interval wider, not narrower: "yes"
+    and "no" stay safe calls. None with fewer than 3 runs (no noise to estimate)."""
     from scipy import stats
 
     n1, n2 = len(distilled), len(plain)
     if not n1 or not n2 or n1 + n2 < 3:
         return None
     mean1, mean2 = statistics.fmean(distilled), statistics.fmean(plain)
-    squares = sum((x - mean1) ** 2 for x in distilled) + sum((x - mean2) ** 2 for x in plain)
-    freedom = n1 + n2 - 2
-    pooled = math.sqrt(squares / freedom)
-    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, freedom)) * pooled * math.sqrt(1 / n1 + 1 / n2)
+    var1 = statistics.variance(distilled) if n1 > 1 else None
+    var2 = statistics.variance(plain) if n2 > 1 else None
+    if var1 is not None and var2 is not None and var1 + var2 > 0:
+        share1, share2 = var1 / n1, var2 / n2
+        error = math.sqrt(share1 + share2)
+        freedom = (share1 + share2) ** 2 / (share1 ** 2 / (n1 - 1) + share2 ** 2 / (n2 - 1))
+        method = "Welch's t"
+    else:
+        squares = sum((x - mean1) ** 2 for x in distilled) + sum((x - mean2) ** 2 for x in plain)
+        freedom = n1 + n2 - 2
+        error = math.sqrt(squares / freedom) * math.sqrt(1 / n1 + 1 / n2)
+        method = "pooled t"
+    half = float(stats.t.ppf(0.5 + CONFIDENCE / 2, freedom)) * error
     gap = mean1 - mean2
     better = gap < 0 if mode == "min" else gap > 0
     answer = "within noise" if abs(gap) <= half else "yes" if better else "no"
-    return {"answer": answer, "gap": gap, "half_width": half, "pooled_std": pooled, "df": freedom,
-            "distilled": {"n": n1, "mean": mean1, "std": statistics.stdev(distilled) if n1 > 1 else None},
-            "plain": {"n": n2, "mean": mean2, "std": statistics.stdev(plain) if n2 > 1 else None}}
+    return {"answer": answer, "gap": gap, "half_width": half, "standard_error": error, "df": freedom,
+            "method": method,
+            "distilled": {"n": n1, "mean": mean1, "std": math.sqrt(var1) if var1 is not None else None},
+            "plain": {"n": n2, "mean": mean2, "std": math.sqrt(var2) if var2 is not None else None}}
 
 
 def gap_text(metric: str, gap: dict) -> str:
@@ -141,7 +152,7 @@ def gap_text(metric: str, gap: dict) -> str:
     relative = f" ({gap['gap'] / abs(plain):+.1%})" if plain else ""
     return (f"{metric} {side(gap['distilled'], 'the best config re-trained')} vs {side(gap['plain'], 'plain SFT')} "
             f"= {gap['gap']:+.4f}{relative}; {CONFIDENCE:.0%} interval of the gap ±{gap['half_width']:.4f} "
-            f"(seed std {gap['pooled_std']:.4f}, {gap['df']} df)")
+            f"({gap['method']}, {gap['df']:.3g} df)")
 
 
 def teacher_note(document: dict, teacher: dict | None) -> str:

@@ -174,7 +174,10 @@ def plot_controls(exp: Experiment):
     labels, values = [r[0] for r in rows], [r[1] for r in rows]
     errors = [r[2] or 0.0 for r in rows]
     fig, ax = plt.subplots(figsize=(8, 0.5 * len(rows) + 1.6))
-    ax.barh(range(len(rows)), values, xerr=errors, color=[r[3] for r in rows], capsize=4)
+    ax.barh(range(len(rows)), values, color=[r[3] for r in rows])
+    barred = [y for y, row in enumerate(rows) if row[2]]   # only the seed means have a spread to draw
+    ax.errorbar([values[y] for y in barred], barred, xerr=[errors[y] for y in barred], fmt="none", ecolor="black",
+                capsize=4)
     for y, (value, error) in enumerate(zip(values, errors)):
         ax.text(value + error, y, f" {value:.4f}" + (f" ± {error:.4f}" if error else ""), va="center", fontsize=9)
     ax.set_yticks(range(len(rows)), labels)
@@ -184,7 +187,7 @@ def plot_controls(exp: Experiment):
     ax.set_xlim(0, max(v + e for v, e in zip(values, errors)) * 1.3)
     answer = (controls.get("seed_gap") or {}).get("answer")
     ax.set_title(f"control arms: same data, {controls['epochs']} epochs, seed {controls['seed']}"
-                 + (f"\ndid distillation help? {answer} (the seed means' gap against its 95% interval)" if answer else ""),
+                 + (f"\ndid distillation help? {answer}" if answer else ""),
                  fontsize=11)
     fig.tight_layout()
     return fig
