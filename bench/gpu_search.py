@@ -92,7 +92,7 @@ def main() -> int:
     overrides = {"resources.gpu_per_trial": share, "resources.cpu_per_trial": 1,
                  "search.num_samples": args.num_samples, "search.max_concurrent": "auto", "scheduler.type": "none",
                  "train.epochs": args.epochs, "controls.plain_sft": False, "controls.minimind_defaults": False,
-                 "controls.seeds_for_best": 0, "name": f"gpu-search-{int(time.time())}"}
+                 "controls.seeds": 0, "name": f"gpu-search-{int(time.time())}"}
     with tempfile.TemporaryDirectory(prefix="tune_kd-gpu-search-") as scratch:
         if args.smoke:
             cfg = load_config(raw=tiny_space(Path(scratch)), overrides=overrides)

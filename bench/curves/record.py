@@ -130,7 +130,7 @@ def recording_config(args, source: str, overrides: dict):
                                "data.max_train_examples": args.max_train_examples, "search.algorithm": "random",
                                "search.num_samples": args.configs * args.seeds, "scheduler.type": "none",
                                "search.evaluate_train_first": False, "controls.plain_sft": False,
-                               "controls.minimind_defaults": False, "controls.seeds_for_best": 0,
+                               "controls.minimind_defaults": False, "controls.seeds": 0,
                                "logging.tensorboard": False})
     space = recorded_space(cfg.parameters)
     # the training seed rides in the grid as a key of its own (not a searchable setting: set here, after validation)

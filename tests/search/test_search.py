@@ -151,7 +151,7 @@ def test_search_end_to_end(world, tmp_path, capsys):
     assert f"95% interval of the gap ±{document['seed_gap']['half_width']:.4f}" in verdict
     teacher = json.loads((experiment / "teacher_point.json").read_text())
     assert "teacher (evaluated on the validation set as a student is, " in out
-    assert f"val_ce {teacher['val_ce']:.4f}" in out and f"the teacher itself" in verdict
+    assert f"val_ce {teacher['val_ce']:.4f}" in out and "the teacher itself" in verdict
     assert "the verdict's noise: 4 of the 6 arms re-train the best config and plain SFT on 2 more seed(s)" in out
     # progress: a line per trial epoch and the search's own line, for the search and the controls
     assert "search: 6/6 trials done" in out and "controls: 6/6 trials done" in out

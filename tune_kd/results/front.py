@@ -14,14 +14,12 @@ the bench scripts read it.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from tune_kd.config.checks import SIZE_OBJECTIVES
 from tune_kd.results import reading
-from tune_kd.results.reading import read_teacher_point
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,7 @@ def load_front(experiment_dir: Path, controls: dict | None) -> FrontView | None:
         if trial_id is not None and arm.get("value") is not None and size is not None:
             sft[trial_id] = (float(size), float(arm["value"]))
     return FrontView(points, shape_front, size_key, metric, mode, percent,
-                     front.smallest_within(shape_front, percent, mode), front.read_teacher_point(experiment_dir), sft)
+                     front.smallest_within(shape_front, percent, mode), reading.read_teacher_point(experiment_dir), sft)
 
 
 def plot_front(view: FrontView, plt):

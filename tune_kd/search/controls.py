@@ -20,7 +20,6 @@ teacher were dropped from the best run", not "what would a separately tuned SFT 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
