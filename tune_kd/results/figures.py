@@ -26,7 +26,7 @@ def pyplot():
 
 def plot_curves(exp: Experiment):
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
     best = exp.best_trial()
     for trial in exp.trials:
         if not trial.curve:
@@ -51,7 +51,8 @@ def plot_curves(exp: Experiment):
     ax.set_xticks(range(1, exp.epochs + 1))
     ax.set_title(f"{exp.metric} per epoch, every trial (a line that ends early: stopped by the scheduler)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))   # beside the axes: it hides no curve
+    fig.tight_layout()
     return fig
 
 
