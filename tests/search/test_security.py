@@ -10,7 +10,7 @@ import yaml
 
 from tune_kd.cli import main as cli
 from tune_kd.config.errors import UserError
-from tune_kd.search import runner
+from tune_kd.search import preflight
 
 from conftest import search_raw
 
@@ -19,18 +19,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_dashboard_beyond_loopback_warns(monkeypatch, caplog):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
-    runner.check_dashboard("127.0.0.1")
+    preflight.check_dashboard("127.0.0.1")
     assert not caplog.records
     with caplog.at_level("WARNING"):
-        runner.check_dashboard("0.0.0.0")
+        preflight.check_dashboard("0.0.0.0")
     assert "reachable from other machines" in caplog.text and "ray get-auth-token" in caplog.text
 
 
 def test_dashboard_beyond_loopback_without_authentication_is_refused(monkeypatch, tmp_path, capsys, world):
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    runner.check_dashboard("127.0.0.1")            # loopback stays allowed
+    preflight.check_dashboard("127.0.0.1")            # loopback stays allowed
     with pytest.raises(UserError, match="would expose the Ray dashboard without authentication"):
-        runner.check_dashboard("0.0.0.0")
+        preflight.check_dashboard("0.0.0.0")
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(search_raw(world, data={"cache_dir": str(tmp_path / "cache")})))
     assert cli.main(["search", "--space", str(space), "--storage", str(tmp_path / "results"),

@@ -8,6 +8,8 @@ the same everywhere, in one parser (`configure`) and one error handler (`execute
     logging         INFO lines with the time on stderr (a command may lower it, e.g. DDP ranks > 0)
     progress bars   transformers' bars off: a log wants one line per event
     UserError       (config/errors.py) printed as `error: <message>` on stderr, exit code 2
+    a full disk     a write that failed with ENOSPC / EDQUOT / EROFS where no stage named it
+                    (config/files.py): one line, exit code 2
     Ctrl-C          one line on stderr, exit code 130 (no traceback; --debug shows it)
 
 `add_config_argument` is the experiment-YAML flag of every command that takes one: --config, with
@@ -22,6 +24,7 @@ import sys
 from typing import Callable
 
 from tune_kd.config.errors import UserError
+from tune_kd.config.files import FIX, NO_ROOM, is_no_room, no_room_line
 from tune_kd.model.hardware import setup_logging
 
 DEFAULT_CONFIG = "search_spaces/kd.yaml"
@@ -57,6 +60,12 @@ def execute(args: argparse.Namespace, command: Callable[[argparse.Namespace], in
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if args.debug or not is_no_room(exc):
+            raise
+        where = no_room_line(exc.filename, exc) if exc.filename else f"a write failed: {NO_ROOM[exc.errno]}: {FIX}"
+        print(f"error: {where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.debug:

@@ -15,7 +15,8 @@ from pathlib import Path
 from tune_kd.cli import entry
 from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import load_config
-from tune_kd.search.runner import LOOPBACK, run_search
+from tune_kd.config.files import DiskFullError
+from tune_kd.search.runner import LOOPBACK, run_search, trials_out_of_room
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +62,11 @@ def command(args: argparse.Namespace) -> None:
 
         stages.run_stages(cfg, args.config, run_search, storage=args.storage, resume=args.resume, **options)
     else:
-        run_search(cfg, args.config, storage=args.storage, resume=args.resume, export_best=not args.no_export,
-                   **options)
+        summary = run_search(cfg, args.config, storage=args.storage, resume=args.resume,
+                             export_best=not args.no_export, **options)
+        full_disk = trials_out_of_room(summary["rows"])
+        if full_disk:
+            raise DiskFullError(full_disk)
 
 
 def main(argv: list[str] | None = None) -> int:

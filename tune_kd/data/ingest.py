@@ -7,7 +7,9 @@ appended to files in a temporary folder next to `target`, renamed into place at 
 processes do the per-chunk work; the parent only reads lines and appends results, in file order,
 with a bounded number of chunks in flight, so memory stays flat whatever the file size and the
 output is byte-identical whatever the chunk size and the number of workers. An error (a bad line,
-named file:line) or Ctrl-C leaves no partial cache behind.
+named file:line), a full disk (one line, config/files.disk_writes) or Ctrl-C leaves no partial cache
+behind. meta.json keeps a hash per block of every file, computed as the bytes are appended
+(tokenized.verify_cache checks them).
 
 Rendering and the assistant spans are chat_template.py's (ChatRenderer): a template the renderer
 refuses fails in the parent before any work; a data conversation it cannot render or place is a
@@ -32,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tune_kd.config.files import BlockChecksums, disk_writes, file_checksums, permit_as_umask, verify_blocks
 from tune_kd.data.chat_formats import Chunk, DataError, parse_chunk, read_chunks
 from tune_kd.data.chat_template import ChatRenderer
 
@@ -195,11 +198,17 @@ def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta:
     finished = False
     try:
         lengths, targets, stats = [], [], collections.Counter()
-        with open(tmp / "tokens.bin", "wb") as tokens_file, open(tmp / "mask.bin", "wb") as mask_file:
+        sums = {"tokens.bin": BlockChecksums(), "mask.bin": BlockChecksums()}
+        # the tokens take about as many bytes as the file's text (a token is a few characters, 2-4 bytes)
+        with disk_writes(target, path.stat().st_size), \
+                open(tmp / "tokens.bin", "wb") as tokens_file, open(tmp / "mask.bin", "wb") as mask_file:
             for encoded in _encoded_chunks(path, fmt, tokenizer, max_seq_len, token_dtype, workers, chunk_size,
                                            system_turns):
-                tokens_file.write(encoded.tokens.tobytes())
-                mask_file.write(encoded.mask.tobytes())
+                for name, handle, array in (("tokens.bin", tokens_file, encoded.tokens),
+                                            ("mask.bin", mask_file, encoded.mask)):
+                    data = array.tobytes()
+                    handle.write(data)
+                    sums[name].add(data)
                 lengths.append(encoded.lengths)
                 targets.append(encoded.targets)
                 stats.update(encoded.stats)
@@ -209,15 +218,20 @@ def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta:
         if not len(lengths):
             raise DataError(f"{path}: no conversation keeps an assistant token within max_seq_len={max_seq_len} "
                             "(raise data.max_seq_len, or check the file has assistant turns)")
-        np.save(tmp / "lengths.npy", lengths)
-        np.save(tmp / "targets.npy", targets)
+        with disk_writes(target, path.stat().st_size):
+            np.save(tmp / "lengths.npy", lengths)
+            np.save(tmp / "targets.npy", targets)
+        checksums = {**{name: s.to_json() for name, s in sums.items()},
+                     **{name: file_checksums(tmp / name) for name in ("lengths.npy", "targets.npy")}}
         meta = {**meta, "format": fmt, "token_dtype": np.dtype(token_dtype).name, "examples": len(lengths),
                 "tokens": int(lengths.sum()), "conversations": stats["conversations"],
                 **{key: stats[key] for key in ("skipped_no_assistant", "truncated", "dropped_after_truncation",
                                                "assistant_tokens", "unknown_assistant_tokens")},
                 "unk_token": tokenizer.unk_token, "workers": workers, "seconds": round(time.perf_counter() - started, 3)}
         meta["bytes"] = sum(p.stat().st_size for p in tmp.iterdir())
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+        with disk_writes(target, path.stat().st_size):
+            (tmp / "meta.json").write_text(json.dumps({**meta, "checksums": checksums}, indent=1))
+        permit_as_umask(tmp)   # mkdtemp made it 0700: the group reads the cache as the umask says
         if target.exists() and not (target / "meta.json").is_file():   # a broken copy: replaced, never read
             shutil.rmtree(target)
         if not target.exists():   # else another node built the same key meanwhile: theirs is identical
@@ -229,6 +243,27 @@ def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta:
         for directory in [] if finished else created:   # leaf first: nothing of a failed build stays
             with contextlib.suppress(OSError):
                 directory.rmdir()
+
+
+def damaged_blocks(directory: Path) -> list[str]:
+    """Each block of a token cache whose bytes no longer match the checksums written with them, as
+    `file examples lo..hi` (the conversations whose tokens it holds; bytes for the small .npy
+    files); [] when all match."""
+    meta = json.loads((directory / "meta.json").read_text())
+    problems = []
+    for name, record in meta.get("checksums", {}).items():
+        if not (directory / name).is_file():
+            problems.append(f"{name} is missing")
+            continue
+        itemsize = {"tokens.bin": np.dtype(meta["token_dtype"]).itemsize, "mask.bin": 1}.get(name)
+        for lo, hi in verify_blocks(directory / name, record):
+            try:   # token index -> example, through the lengths (themselves perhaps the damaged file)
+                ends = np.cumsum(np.load(directory / "lengths.npy"))
+                first, last = np.searchsorted(ends, [lo // itemsize, (hi - 1) // itemsize], side="right")
+                problems.append(f"{name} examples {first:,}..{min(last, len(ends) - 1):,}")
+            except (TypeError, ValueError, OSError):   # itemsize None: a .npy file, named by bytes
+                problems.append(f"{name} bytes {lo:,}..{hi - 1:,}")
+    return problems
 
 
 def build_lock_path(target: Path) -> Path:

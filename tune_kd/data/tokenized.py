@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from tune_kd.data.chat_formats import DataError, resolve_format
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-CACHE_FORMAT = 2                          # bump when the cached arrays change meaning
+CACHE_FORMAT = 3                          # bump when the cached arrays change meaning (3: block checksums)
 VAL_SPLIT_SEED = 1234                     # fixed: every trial must validate on the same examples
 
 
@@ -204,14 +205,28 @@ def unknown_token_warning(meta: dict) -> str | None:
             "it; use a tokenizer that covers the data's characters (a byte-level BPE never has unknowns)")
 
 
+def _verified(target: Path) -> bool:
+    """Whether a built token cache still matches its checksums; a damaged one is moved out of the
+    way (a warning says so) for the caller to rebuild."""
+    damaged = ingest.damaged_blocks(target)
+    if not damaged:
+        return True
+    log.warning("WARNING: token cache %s is damaged on disk (%s do not match the checksums written with them): "
+                "rebuilding it", target, "; ".join(damaged[:4]))
+    shutil.rmtree(target, ignore_errors=True)
+    return False
+
+
 def tokenize_cached(path: str | Path, tokenizer, max_seq_len: int, cache_dir: str | Path, fmt: str = "auto",
-                    workers: int = 0, system_turns: str = "keep") -> TokenizedData:
+                    workers: int = 0, system_turns: str = "keep", verify: bool = False) -> TokenizedData:
     """Tokenized `path`, from the on-disk cache when present, else built once (streaming, under a
-    lock so concurrent trials wait for one build) and cached atomically. system_turns: data.system_turns."""
+    lock so concurrent trials wait for one build) and cached atomically. system_turns: data.system_turns;
+    verify: check a cache found on disk against its checksums (the planning process, once per search;
+    trials do not), rebuilding a damaged one."""
     target, fingerprint = cache_dir_for(path, tokenizer, max_seq_len, cache_dir, system_turns)
-    if not (target / "meta.json").is_file():
+    if verify or not (target / "meta.json").is_file():
         with ingest.file_lock(ingest.build_lock_path(target)):
-            if not (target / "meta.json").is_file():
+            if not (target / "meta.json").is_file() or (verify and not _verified(target)):
                 path = Path(path)
                 meta = ingest.build(path, resolve_format(path, fmt), tokenizer, max_seq_len, target,
                                     {"source": str(path), "max_seq_len": max_seq_len, "system_turns": system_turns},
@@ -360,15 +375,16 @@ def shared_tokenizer(cfg: ExperimentConfig):
     return tokenizer
 
 
-def load_data(cfg: ExperimentConfig, tokenizer=None):
+def load_data(cfg: ExperimentConfig, tokenizer=None, verify: bool = False):
     """(tokenizer, train split, val split), tokenized through the shared on-disk cache; the
-    splits are views into its memory-mapped arrays."""
+    splits are views into its memory-mapped arrays. verify: as tokenize_cached takes it."""
     tokenizer = tokenizer or shared_tokenizer(cfg)
     d = cfg.data
-    train_data = tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers, d.system_turns)
+    train_data = tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers, d.system_turns,
+                                 verify)
     if d.val_path:
         val_data = tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers,
-                                   d.system_turns)
+                                   d.system_turns, verify)
     else:
         train_data, val_data = train_val_split(train_data, d.val_fraction)
     if d.max_train_examples is not None and d.max_train_examples < len(train_data):

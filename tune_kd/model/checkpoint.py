@@ -18,7 +18,6 @@ manifest before they are used (is_complete).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from tune_kd.config.files import is_no_room, no_room_line
 TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 
@@ -100,12 +100,12 @@ def atomic_directory_write(target: Path, write) -> None:
         os.rename(tmp, target)
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
+        written = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file()) if tmp.exists() else 0
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            free = shutil.disk_usage(target.parent).free / 2**30
-            raise CheckpointWriteError(exc.errno, f"disk full while writing {target} ({free:.2f} GiB free there): "
-                                       "free space or move --storage / the output folder to a larger disk; earlier "
-                                       "checkpoints are intact") from exc
+        if is_no_room(exc):   # the size of the copy it replaces, else what it wrote before failing
+            needed = sum(f.stat().st_size for f in target.rglob("*") if f.is_file()) if target.exists() else written
+            raise CheckpointWriteError(exc.errno, f"{no_room_line(target, exc, needed)}; earlier checkpoints are "
+                                                  "intact") from exc
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -58,7 +58,7 @@ class Experiment:
         return min(reached) if reached else None
 
     def best_trial(self) -> Trial | None:
-        scored = [t for t in self.trials if t.best(self.mode) is not None]
+        scored = [t for t in self.trials if t.best(self.mode) is not None and t.status not in ("DIVERGED", "REJECTED")]
         if not scored:
             return None
         return reading.best(scored, self.mode, key=lambda t: t.best(self.mode))

@@ -49,15 +49,18 @@ def versions() -> dict:
     return out
 
 
-def checkpoint_candidates(experiment_dir: Path, metric: str) -> list[Candidate]:
-    """Every (trial, epoch) whose checkpoint is still on disk, with its metric value."""
+def checkpoint_candidates(experiment_dir: Path, metric: str, diverged: bool = True) -> list[Candidate]:
+    """Every (trial, epoch) whose checkpoint is still on disk, with its metric value; diverged=False
+    leaves out the trials that diverged (a search's best is never one: reading.rankable)."""
     found = []
     for trial_dir, params, reports in trial_folders(experiment_dir):
+        if not diverged and reports and reports[-1].get("diverged"):
+            continue
         for row in reports:
             # a Tune checkpoint (checkpoint_dir_name), or a Ray Train one (checkpoint_path, workers_per_trial > 1)
             name = row.get("checkpoint_dir_name") or row.get("checkpoint_path")
             value = row.get(metric)
-            if not name or value is None or (isinstance(value, float) and math.isnan(value)):
+            if not name or value is None or (isinstance(value, float) and not math.isfinite(value)):
                 continue
             path = trial_dir / name   # an absolute checkpoint_path stays as it is
             if is_complete(path):   # a copy cut short (crash, full disk) is never exported
@@ -69,7 +72,7 @@ def checkpoint_candidates(experiment_dir: Path, metric: str) -> list[Candidate]:
 def best_candidate(experiment_dir: Path, trial_id: str | None = None) -> tuple[Candidate, dict]:
     experiment = read_experiment(experiment_dir)
     metric, mode = experiment["metric"]["name"], experiment["metric"]["mode"]
-    candidates = checkpoint_candidates(experiment_dir, metric)
+    candidates = checkpoint_candidates(experiment_dir, metric, diverged=trial_id is not None)
     if trial_id is not None:
         candidates = [c for c in candidates if c.trial_id == trial_id]
     if not candidates:

@@ -89,6 +89,13 @@ def scored(reports: list[dict], metric: str) -> list[dict]:
     return [r for r in reports if not math.isnan(r.get(metric, math.nan))]
 
 
+def rankable(row: dict, key: str) -> bool:
+    """Whether a trials.csv row may be the search's best: a finite value of its metric (`key`), and
+    not DIVERGED (its config is unstable, whatever its earlier epochs reached) nor REJECTED."""
+    value = row.get(key)
+    return isinstance(value, (int, float)) and math.isfinite(value) and row.get("status") not in ("DIVERGED", "REJECTED")
+
+
 def best_report(reports: list[dict], metric: str, mode: str) -> dict | None:
     """The report of a trial's best epoch by `metric` (None when no epoch has a value)."""
     rows = scored(reports, metric)

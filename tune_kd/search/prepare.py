@@ -118,7 +118,7 @@ def prepare_inputs(cfg: ExperimentConfig, source: str, teacher_cache: bool = Tru
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
     out = Prepared()
-    _, train_data, val_data = tokenized.load_data(cfg, tokenizer)
+    _, train_data, val_data = tokenized.load_data(cfg, tokenizer, verify=True)
     for role, path in (("train", cfg.data.path), ("val", cfg.data.val_path)):
         if path is None:
             continue
@@ -171,7 +171,7 @@ def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool):
     measure = cache_plan.make_measurer(cfg, run.tokenizer, run.train_data, run.teacher, run.precision, run.columns,
                                        run.pad_id, run.student)
     cache, why = cache_plan.open_teacher_cache(cfg, run.tokenizer, run.train_data, run.teacher, run.precision,
-                                               run.columns, run.pad_id, run.student, measure)
+                                               run.columns, run.pad_id, run.student, measure, verify=True)
     layout = cache_plan.served_layout(cfg, measure[0], cache, measure[2]) if serve else None
     device = run.device
     del run

@@ -19,6 +19,7 @@ import socket
 
 from tune_kd.config.errors import ConfigError, UserError
 from tune_kd.config.experiment import ExperimentConfig
+from tune_kd.config.files import DiskFullError
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,8 @@ def prepare_where_trials_run(cfg: ExperimentConfig, measure: bool) -> dict:
             if not torch.cuda.is_available():
                 return {**where, "error": "torch there sees no CUDA device"}
             where.update(peak=measure_trial_gpu_memory(cfg), total=torch.cuda.get_device_properties(0).total_memory)
+    except DiskFullError as exc:   # the line names its path: no YAML key caused it
+        return {**where, "error": str(exc), "disk_full": True}
     except UserError as exc:
         return {**where, "error": str(exc)}
     return where
@@ -177,5 +180,5 @@ def place_trials(cfg: ExperimentConfig, gpus: int, source: str) -> tuple[dict, d
             raise UserError(f"{source}: resources.gpu_per_trial: auto could not measure a trial on {prepared['host']} "
                             f"({prepared['error']}): set resources.gpu_per_trial to a number (1 for a whole GPU, "
                             "0.5 to share one by 2)")
-        raise UserError(f"{source}: {prepared['error']}")
+        raise DiskFullError(prepared["error"]) if prepared.get("disk_full") else UserError(f"{source}: {prepared['error']}")
     return trial_resources(cfg, gpus, prepared), prepared

@@ -13,20 +13,22 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import ExperimentConfig, absolute_paths
-from tune_kd.model import hardware, student_shape
+from tune_kd.config.files import NO_ROOM, atomic_write_text, disk_writes
+from tune_kd.model import hardware
 from tune_kd.results import arms, export, front, reading, report
 from tune_kd.search import controls, prepare, resources, space, teacher_actor
+from tune_kd.search.preflight import LOOPBACK, preflight
 from tune_kd.search.teacher_point import write_teacher_point
 from tune_kd.search.tracking import make_callbacks
 from tune_kd.teacher import served
@@ -39,19 +41,43 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 
 def write_summary(experiment_dir: Path, cfg: ExperimentConfig, rows: list[dict]) -> dict | None:
-    """trials.csv (every row) and best.json (the best scored row, returned; None when no trial scored)."""
+    """trials.csv (every row) and best.json (the best rankable row, returned; None when no trial
+    has a finite value and ended well: reading.rankable), each written whole or not at all."""
     columns = list(rows[0]) if rows else ["trial_id"]
-    with (experiment_dir / "trials.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(experiment_dir / reading.SUMMARY_FILE, table.getvalue())
     key = f"best_{cfg.metric.name}"
-    scored = [r for r in rows if not math.isnan(r[key])]
+    scored = [r for r in rows if reading.rankable(r, key)]
     if not scored:
         return None
     best = reading.best(scored, cfg.metric.mode, key=lambda r: r[key])
-    (experiment_dir / "best.json").write_text(json.dumps(best, indent=1))
+    atomic_write_text(experiment_dir / "best.json", json.dumps(best, indent=1))
     return best
+
+
+def check_some_trial_converged(rows: list[dict], cfg: ExperimentConfig) -> None:
+    """Every trial diverged: one line saying so and what to change (a UserError, exit 2), instead of
+    a best trial, an export and a report of NaN students."""
+    if rows and all(r["status"] == "DIVERGED" for r in rows):
+        lowest = min(r["learning_rate"] for r in rows) if "learning_rate" in rows[0] else cfg.train.learning_rate
+        raise UserError(f"every one of the {len(rows)} trials diverged (loss NaN or inf; the first: {rows[0]['error']}); "
+                        f"nothing is exported: lower train.learning_rate (the lowest tried was {lowest:.3g}), keep "
+                        "train.grad_clip on, or train in float32 (train.dtype)")
+
+
+def trials_out_of_room(rows: list[dict]) -> str | None:
+    """The one line for trials that errored because a checkpoint found the disk full (their error
+    is files.no_room_line's), None when none did: the rest of the search is summarised and kept."""
+    full = [r for r in rows if r["status"] == "ERROR" and any(why in r["error"] for why in NO_ROOM.values())]
+    if not full:
+        return None
+    cause = full[0]["error"].split(": ", 1)[-1] if full[0]["error"].startswith(("tune_kd.", "ray.")) else full[0]["error"]
+    return (f"{len(full)} trial(s) stopped on a full disk ({', '.join(r['trial_id'] for r in full)}): {cause}; then "
+            "rerun with --resume --retry-errored to continue them from their last checkpoint (the finished trials "
+            "and the summary above are kept)")
 
 
 def format_table(rows: list[dict]) -> str:
@@ -68,24 +94,6 @@ def format_table(rows: list[dict]) -> str:
 # ----------------------------------------------------------------------------------------------
 # The search
 # ----------------------------------------------------------------------------------------------
-
-LOOPBACK = "127.0.0.1"
-
-
-def check_dashboard(host: str | None) -> None:
-    """Ray's dashboard accepts jobs: reachable from the network without a token it is remote code
-    execution. Loopback is the default; another host needs Ray's token authentication left on
-    (Ray 2.5x turns it on for a new local cluster unless RAY_AUTH_MODE says otherwise) and warns."""
-    if host is None or host in (LOOPBACK, "localhost", "::1"):
-        return
-    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
-        raise UserError(f"--dashboard-host {host}: RAY_AUTH_MODE={os.environ['RAY_AUTH_MODE']} would expose the Ray "
-                        "dashboard without authentication (anyone who reaches it can run code here); unset "
-                        f"RAY_AUTH_MODE to keep token authentication, or leave the dashboard on {LOOPBACK}")
-    log.warning("WARNING: the Ray dashboard listens on %s, reachable from other machines; it is protected only "
-                "by Ray's token (`ray get-auth-token`): share it with no one, or use an SSH tunnel to %s instead",
-                host, LOOPBACK)
-
 
 def teacher_cache_savings(cache, builder_pid: int, trial_epochs: int) -> str:
     """What the teacher cache saved: each trial-epoch read it instead of running the teacher over
@@ -149,14 +157,15 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     """
     root = Path(storage or "results").resolve()
     experiment_dir = root / cfg.name
-    prepared = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
+    prepared, resume = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
     context = start_ray(address, num_cpus, dashboard_host, trial_logs)
     plan = size_trials(cfg, source, address, experiment_dir, prepared)
     try:
         started = time.perf_counter()
         tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid)
         errors, trial_ids = fit(tuner)
-        summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
+        with disk_writes(experiment_dir):
+            summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
         run_control_arms(cfg, summary, experiment_dir, plan, resume)
         if plan.served is not None:
             summary["served_teacher"] = served_stats(plan.served.stats())
@@ -166,44 +175,14 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
             plan.served.stop()
     # the teacher's own point, once the served teacher has let go of its GPU: the verdict names it
     summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
-    print_verdict(cfg, summary, experiment_dir)
-    write_report(summary, experiment_dir)
+    with disk_writes(experiment_dir):
+        print_verdict(cfg, summary, experiment_dir)
+        write_report(summary, experiment_dir)
     if context is not None and address is None:
         import ray
 
         ray.shutdown()
     return summary
-
-
-def preflight(cfg: ExperimentConfig, source: str, experiment_dir: Path, address: str | None, resume: bool,
-              dashboard_host: str | None) -> prepare.Prepared:
-    """Everything checkable before Ray starts (dashboard exposure, GPUs of this machine, an experiment
-    already there, a resume's changed config), then the inputs validated and tokenized once
-    (prepare.py: data errors name file:line; trials read the cache) and experiment.json written."""
-    from tune_kd.search.resume_checks import SEARCH_FORMAT, check_resume_config, check_resume_format
-
-    check_dashboard(dashboard_host if address is None else None)
-    if address is None:
-        import torch
-
-        resources.check_gpus(cfg, torch.cuda.device_count(), source)
-    if not resume and (experiment_dir / reading.EXPERIMENT_FILE).is_file():
-        raise UserError(f"{experiment_dir} already holds an experiment: continue it with --resume, or start over "
-                        "with --overwrite (the old one is moved aside)")
-    if resume:
-        check_resume_format(experiment_dir)
-        check_resume_config(cfg, experiment_dir)
-    prepared = prepare.prepare_inputs(cfg, source, teacher_cache=False)
-    student_shape.check_teacher_for_init(cfg)   # searched init: teacher with a teacher it cannot copy
-    for line in prepared.lines:
-        log.info("%s", line)
-    experiment_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (experiment_dir / reading.EXPERIMENT_FILE).write_text(json.dumps(
-            {"name": cfg.name, "source": source, "search_format": SEARCH_FORMAT,
-             "metric": {"name": cfg.metric.name, "mode": cfg.metric.mode},
-             "config": cfg.to_dict(), "versions": export.versions(), "command": sys.argv}, indent=1, default=str))
-    return prepared
 
 
 def start_ray(address: str | None, num_cpus: int | None, dashboard_host: str | None, trial_logs: bool):
@@ -344,6 +323,7 @@ def summarize_and_export(cfg: ExperimentConfig, experiment_dir: Path, errors: di
     student exported (unless export_best is off); returns the summary dict."""
     rows = reading.trial_rows(experiment_dir, cfg, errors, trial_ids)
     best = write_summary(experiment_dir, cfg, rows)
+    check_some_trial_converged(rows, cfg)
     summary = {"rows": rows, "best": best, "seconds": time.perf_counter() - started, "dir": experiment_dir,
                "parallel": plan.parallel, "resources": plan.per_trial}
     print(format_table(rows))

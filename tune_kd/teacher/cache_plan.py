@@ -43,7 +43,8 @@ class CachePlan:
     auto: dict | None = None            # top_k auto: what it measured and chose (recorded in meta.json)
 
 
-def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[], Ladder] | None = None) -> CachePlan:
+def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[], Ladder] | None = None,
+           built: Callable[[Layout], bool] | None = None) -> CachePlan:
     """Whether and how a run of cfg, whose training split has `positions` scored tokens, uses the cache.
 
     It applies when the run needs the teacher's logits only (not its hidden states: feature
@@ -52,7 +53,8 @@ def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[
     AUTO_TOLERANCE; then the cache must fit teacher_cache.max_gb (auto; `on` ignores it) and 90%
     of the free disk, else the run reads the live teacher (`on`: a UserError). Nothing a trial can
     vary changes the token sequences (max_seq_len and the data are not searchable), so one cache
-    serves every trial."""
+    serves every trial. built(layout): whether that cache is complete on disk already (then the
+    free space does not matter: nothing more is written)."""
     c = cfg.teacher_cache
     if c.mode == "off":
         return CachePlan(False, "off (teacher_cache: off)")
@@ -67,9 +69,9 @@ def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[
     if c.top_k == "auto":
         if measure is None:
             raise ValueError("teacher_cache.top_k auto needs a measure() of the candidate ks")
-        return _auto_plan(cfg, positions, vocab, free_bytes, measure())
+        return _auto_plan(cfg, positions, vocab, free_bytes, measure(), built)
     lay = layout(c.top_k, vocab, c.dtype)
-    too_big = _too_big(cfg, positions * lay.bytes_per_position, free_bytes)
+    too_big = _too_big(cfg, positions * lay.bytes_per_position, free_bytes, lambda: built is not None and built(lay))
     if too_big:
         return CachePlan(False, f"not used: {too_big} (raise it, or set teacher_cache: on)")
     return CachePlan(True, f"{c.mode}: {lay.describe()}, {positions * lay.bytes_per_position / 2**20:.1f} MB", lay)
@@ -79,12 +81,13 @@ def _gib(size: float) -> str:
     return f"{size / 2**30:.3g} GiB"
 
 
-def _too_big(cfg, size: int, free_bytes: int) -> str | None:
-    """Why a cache of `size` bytes cannot be built (None when it can); `on` raises on the disk."""
+def _too_big(cfg, size: int, free_bytes: int, on_disk: Callable[[], bool]) -> str | None:
+    """Why a cache of `size` bytes cannot be built (None when it can); `on` raises on the disk.
+    on_disk(): whether it is built already (asked only when the free space would refuse it)."""
     c = cfg.teacher_cache
     if c.mode == "auto" and size > c.max_gb * 2**30:
         return f"it would take {_gib(size)}, above teacher_cache.max_gb {c.max_gb:g}"
-    if size > 0.9 * free_bytes:
+    if size > 0.9 * free_bytes and not on_disk():
         if c.mode == "on":
             raise UserError(f"teacher_cache: on needs {_gib(size)} but {cfg.data.cache_dir} has {_gib(free_bytes)} "
                             "free (free space, lower teacher_cache.top_k, or use auto)")
@@ -99,7 +102,8 @@ def auto_k(ladder: Ladder, vocab: int) -> int:
     return min(k for k, e in errors.items() if e.within(AUTO_TOLERANCE))
 
 
-def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder) -> CachePlan:
+def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder,
+               built: Callable[[Layout], bool] | None) -> CachePlan:
     """top_k auto: the smallest k within AUTO_TOLERANCE, when it fits; else the live teacher, with the figures."""
     c = cfg.teacher_cache
     errors = {**ladder.errors, vocab: EXACT}
@@ -109,7 +113,7 @@ def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder)
     on_what = (f"worst over T {', '.join(f'{t:g}' for t in ladder.temperatures)} and {', '.join(ladder.kd_losses)} "
                f"on {ladder.conversations} conversations")
     record = {"tolerance": AUTO_TOLERANCE, "chosen_k": chosen, "chosen": asdict(errors[chosen]), **ladder.to_json()}
-    too_big = _too_big(cfg, size, free_bytes)
+    too_big = _too_big(cfg, size, free_bytes, lambda: built is not None and built(lay))
     if too_big is None:
         smaller = max((k for k in errors if k < chosen), default=None)
         beaten = f"; top-{smaller}: {errors[smaller].describe()}" if smaller else ""
@@ -136,8 +140,9 @@ def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, pr
     made it already (its inputs() hashes the teacher once)."""
     vocab, inputs, measure_auto_k = measurer or make_measurer(cfg, tokenizer, train_data, teacher, precision, columns,
                                                           pad_id, student)
-    plan = decide(cfg, int(train_data.target_counts.sum()), vocab,
-                  shutil.disk_usage(cfg.data.cache_dir).free, measure_auto_k)
+    positions = int(train_data.target_counts.sum())
+    plan = decide(cfg, positions, vocab, shutil.disk_usage(cfg.data.cache_dir).free, measure_auto_k,
+                  lambda lay: cache_store.is_built(cfg.data.cache_dir, inputs(), lay, positions))
     return plan, inputs
 
 
@@ -164,16 +169,18 @@ def make_measurer(cfg: ExperimentConfig, tokenizer, train_data, teacher, precisi
 
 
 def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id,
-                       student, measurer=None):
+                       student, measurer=None, verify: bool = False):
     """(the teacher cache this run reads, built first when missing, or None when it does not
-    apply; why, as plan_teacher_cache says it, also logged). measurer: as plan_teacher_cache takes it."""
+    apply; why, as plan_teacher_cache says it, also logged). measurer: as plan_teacher_cache takes it;
+    verify: check a cache found on disk against its checksums (cache_store.open_or_build)."""
     plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student,
                                       measurer)
     log.info("teacher cache: %s", plan.why)
     if not plan.use:
         return None, plan.why
     return cache_store.open_or_build(cfg.data.cache_dir, inputs(), teacher_outputs(teacher, precision),
-                                       train_data, pad_id, plan.layout, {"auto": plan.auto} if plan.auto else None), \
+                                       train_data, pad_id, plan.layout, {"auto": plan.auto} if plan.auto else None,
+                                       verify), \
         plan.why
 
 

@@ -60,6 +60,13 @@ subset and max_seq_len), max_seq_len, the teacher's dtype and vocabulary columns
 dtypes and the format. Another key is another folder: a changed input is rebuilt, never read. A
 folder is complete only once meta.json is in it (written last, then the folder renamed into
 place); one that does not match its meta is rebuilt.
+
+Its contents are checked too: meta.json keeps an XXH3 hash per 16 MiB block of every file, computed as
+the rows are written (config/files.BlockChecksums). The process that plans a search or a run (the
+search's driver, `prepare`, `train`) verifies them once before any trial reads the rows
+(open_or_build(verify=True): about one read of the cache); a damaged block is named by file and
+rows and the cache rebuilt. Trials trust what their driver verified. Non-finite teacher logits
+stop the build (TeacherLogitsNotFinite): a cache of NaN rows would make every trial diverge.
 """
 
 from __future__ import annotations
@@ -77,6 +84,9 @@ from typing import Callable
 import numpy as np
 import torch
 
+from tune_kd.config.errors import UserError
+from tune_kd.config import files
+from tune_kd.config.files import BlockChecksums, atomic_write_text, disk_writes, file_checksums, permit_as_umask, verify_blocks
 from tune_kd.data import ingest
 from tune_kd.kd.scored import Scored
 from tune_kd.kd.scoring import logit_chunks
@@ -94,7 +104,8 @@ from tune_kd.teacher.stored_rows import (
 
 log = logging.getLogger(__name__)
 
-FORMAT = 3                  # 3: shifted values in teacher_cache.dtype, uint16/uint32 ids, fp16 tail; full rows fp32
+FORMAT = 4                  # 4: 3 (shifted values in teacher_cache.dtype, uint16/uint32 ids, fp16 tail; full rows
+                            # fp32) with block checksums in meta.json
 BUILD_BATCH = 64            # conversations per teacher forward while building
 
 
@@ -125,6 +136,7 @@ class RowFile:
             self.start = handle.tell()
         self.row_bytes = self.dtype.itemsize * int(np.prod(self.shape[1:]))
         self.fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        self.checksums = BlockChecksums(self.start, files.BLOCK_BYTES) if writable else None
 
     @classmethod
     def create(cls, path: Path, dtype, shape: tuple[int, ...]) -> "RowFile":
@@ -136,9 +148,15 @@ class RowFile:
         return cls(path, writable=True)
 
     def write_rows(self, first: int, rows: np.ndarray) -> None:
-        """Write `rows` (n, ...) at rows first..first + n."""
+        """Write `rows` (n, ...) at rows first..first + n: rows come in order (each write where the
+        last ended), so the block checksums are computed in the same pass."""
         rows = np.ascontiguousarray(rows, dtype=self.dtype)
-        os.pwrite(self.fd, memoryview(rows).cast("B"), self.start + first * self.row_bytes)
+        data = memoryview(rows).cast("B")
+        self.checksums.add(data, first * self.row_bytes)
+        offset = self.start + first * self.row_bytes
+        while len(data):   # pwrite may write less than asked (a signal, a nearly full disk)
+            written = os.pwrite(self.fd, data, offset)
+            data, offset = data[written:], offset + written
 
     def __del__(self):
         if getattr(self, "fd", None) is not None:
@@ -207,6 +225,28 @@ class CacheRows:
         return read if self.device is None else read.to(self.device, non_blocking=self.non_blocking)
 
 
+class TeacherLogitsNotFinite(UserError):
+    """The teacher produced NaN or inf logits while the cache was built."""
+
+
+def damaged_blocks(directory: Path) -> list[str]:
+    """Each block of a built cache whose bytes no longer match the checksums written with them, as
+    `file rows lo..hi` (row_offsets.npy by bytes); [] when every block matches. Reads the whole cache
+    once, a block at a time."""
+    meta = json.loads((directory / "meta.json").read_text())
+    problems = []
+    for name, record in meta["checksums"].items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+            continue
+        row_bytes = RowFile(path).row_bytes if name != "row_offsets.npy" else None
+        for lo, hi in verify_blocks(path, record):
+            where = f"rows {lo // row_bytes:,}..{-(-hi // row_bytes) - 1:,}" if row_bytes else f"bytes {lo:,}..{hi - 1:,}"
+            problems.append(f"{name} {where}")
+    return problems
+
+
 def _is_complete(directory: Path, key: str, positions: int) -> bool:
     try:
         meta = json.loads((directory / "meta.json").read_text())
@@ -216,6 +256,12 @@ def _is_complete(directory: Path, key: str, positions: int) -> bool:
     return meta.get("key") == key and cache.values.shape[0] == positions == int(cache.row_offsets[-1])
 
 
+def is_built(cache_dir: str | Path, inputs: CacheInputs, lay: Layout, positions: int) -> bool:
+    """Whether the cache for these inputs and layout is complete on disk (not verified)."""
+    key, _ = cache_key(inputs, lay)
+    return _is_complete(Path(cache_dir) / "teacher" / key, key, positions)
+
+
 def build(teacher_outputs: Callable[[dict], Scored], train_data, pad_id: int, lay: Layout, target: Path,
           meta: dict, columns: int | None = None) -> None:
     """Run the teacher over train_data once, writing target/ (via a temporary sibling, renamed).
@@ -223,39 +269,14 @@ def build(teacher_outputs: Callable[[dict], Scored], train_data, pad_id: int, la
     teacher_outputs(batch) -> the teacher's scored.Scored at the batch's scored positions, in
     row-major (example, position) order, the order the loop selects them in; its logits are made,
     compressed and written a chunk of rows at a time (their first `columns`, models.check_vocab)."""
-    from tune_kd.data import tokenized
-
     counts = train_data.target_counts.astype(np.int64)
     row_offsets = np.concatenate([[0], np.cumsum(counts)])
     positions = int(row_offsets[-1])
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        files = {name: RowFile.create(tmp / f"{name}.npy", STORAGE[dtype][1], (positions, width))
-                 for name, dtype, width in (("values", lay.value_dtype, lay.k), ("ids", lay.id_dtype, lay.k),
-                                            ("tail", lay.tail_dtype, len(TAIL_TEMPERATURES))) if dtype is not None}
-        started = time.perf_counter()
-        for lo in range(0, len(train_data), BUILD_BATCH):
-            indices = np.arange(lo, min(lo + BUILD_BATCH, len(train_data)))
-            scored = teacher_outputs(tokenized.collate(train_data, indices, pad_id))                # N rows
-            first, last = int(row_offsets[indices[0]]), int(row_offsets[indices[-1] + 1])
-            if scored.rows != last - first:
-                raise RuntimeError(f"teacher cache: {scored.rows} scored rows for examples {lo}.., expected {last - first}")
-            for a, b, logits in logit_chunks(scored, columns):                               # (b - a, V)
-                stored = compress(logits, lay)
-                files["values"].write_rows(first + a, to_disk(stored.values, lay.value_dtype))
-                if not lay.full:
-                    files["ids"].write_rows(first + a, to_disk(stored.ids, lay.id_dtype))
-                    files["tail"].write_rows(first + a, to_disk(stored.tail, lay.tail_dtype))
-        for rows in files.values():
-            os.fsync(rows.fd)
-        del files   # closed before the folder is renamed
-        np.save(tmp / "row_offsets.npy", row_offsets)
-        seconds = time.perf_counter() - started
-        nbytes = sum(p.stat().st_size for p in tmp.iterdir())
-        (tmp / "meta.json").write_text(json.dumps({**meta, **lay.meta(), "positions": positions,
-                                                   "examples": len(train_data), "build_seconds": seconds,
-                                                   "bytes": nbytes, "built_by_pid": os.getpid()}, indent=1))
+        with disk_writes(target, positions * lay.bytes_per_position):
+            _write_rows(teacher_outputs, train_data, pad_id, lay, tmp, row_offsets, meta, columns)
         if target.exists():   # a stale or broken copy under this key: replaced, never read
             shutil.rmtree(target)
         tmp.rename(target)
@@ -263,15 +284,62 @@ def build(teacher_outputs: Callable[[dict], Scored], train_data, pad_id: int, la
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _write_rows(teacher_outputs: Callable[[dict], Scored], train_data, pad_id: int, lay: Layout, tmp: Path,
+                row_offsets: np.ndarray, meta: dict, columns: int | None) -> None:
+    """build's body: every row into tmp/'s files, checksummed as written, then meta.json last."""
+    from tune_kd.data import tokenized
+
+    positions = int(row_offsets[-1])
+    files = {name: RowFile.create(tmp / f"{name}.npy", STORAGE[dtype][1], (positions, width))
+             for name, dtype, width in (("values", lay.value_dtype, lay.k), ("ids", lay.id_dtype, lay.k),
+                                        ("tail", lay.tail_dtype, len(TAIL_TEMPERATURES))) if dtype is not None}
+    started = time.perf_counter()
+    for lo in range(0, len(train_data), BUILD_BATCH):
+        indices = np.arange(lo, min(lo + BUILD_BATCH, len(train_data)))
+        scored = teacher_outputs(tokenized.collate(train_data, indices, pad_id))                # N rows
+        first, last = int(row_offsets[indices[0]]), int(row_offsets[indices[-1] + 1])
+        if scored.rows != last - first:
+            raise RuntimeError(f"teacher cache: {scored.rows} scored rows for examples {lo}.., expected {last - first}")
+        for a, b, logits in logit_chunks(scored, columns):                               # (b - a, V)
+            if not bool(torch.isfinite(logits).all()):
+                raise TeacherLogitsNotFinite(
+                    f"teacher cache: the teacher's logits are NaN or inf at the scored positions of examples "
+                    f"{indices[0]}..{indices[-1]}: its weights hold NaN/inf, or its dtype overflows (load the teacher "
+                    "in float32: train.dtype float32), so no cache is written (every trial would diverge on it)")
+            stored = compress(logits, lay)
+            files["values"].write_rows(first + a, to_disk(stored.values, lay.value_dtype))
+            if not lay.full:
+                files["ids"].write_rows(first + a, to_disk(stored.ids, lay.id_dtype))
+                files["tail"].write_rows(first + a, to_disk(stored.tail, lay.tail_dtype))
+    for rows in files.values():
+        os.fsync(rows.fd)
+    checksums = {f"{name}.npy": rows.checksums.to_json() for name, rows in files.items()}
+    del files   # closed before the folder is renamed
+    np.save(tmp / "row_offsets.npy", row_offsets)
+    checksums["row_offsets.npy"] = file_checksums(tmp / "row_offsets.npy")
+    seconds = time.perf_counter() - started
+    nbytes = sum(p.stat().st_size for p in tmp.iterdir())
+    (tmp / "meta.json").write_text(json.dumps({**meta, **lay.meta(), "positions": positions,
+                                               "examples": len(train_data), "build_seconds": seconds,
+                                               "bytes": nbytes, "built_by_pid": os.getpid(),
+                                               "checksums": checksums}, indent=1))
+    permit_as_umask(tmp)   # mkdtemp made it 0700: the group reads the cache as the umask says
+
+
 def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_outputs, train_data, pad_id: int, lay: Layout,
-                  build_meta: dict | None = None) -> TeacherCache:
+                  build_meta: dict | None = None, verify: bool = False) -> TeacherCache:
     """The cache for these inputs and layout, built first (under a lock) when it is missing or stale.
-    build_meta: extra fields for a new build's meta.json (auto's measured fidelity)."""
+    build_meta: extra fields for a new build's meta.json (auto's measured fidelity). verify: check a
+    cache found on disk against its block checksums (the planning process, once per search; trials
+    do not), rebuilding it when a block is damaged."""
     key, parts = cache_key(inputs, lay)
     target = Path(cache_dir) / "teacher" / key
     positions = int(train_data.target_counts.sum())
     with ingest.file_lock(target.with_name(f"{key}.lock")):
-        if not _is_complete(target, key, positions):
+        complete = _is_complete(target, key, positions)
+        if complete and verify:
+            complete = _verified(target)
+        if not complete:
             log.info("teacher cache: building %s (%d positions, %s)", target, positions, lay.describe())
             with torch.inference_mode():
                 build(teacher_outputs, train_data, pad_id, lay, target, {**parts, **(build_meta or {}), "key": key},
@@ -282,6 +350,22 @@ def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_outputs, t
     return TeacherCache(target)
 
 
+def _verified(target: Path) -> bool:
+    """Whether the cache at target still matches its checksums; logs what was checked, or what is damaged."""
+    started = time.perf_counter()
+    damaged = damaged_blocks(target)
+    seconds = time.perf_counter() - started
+    if damaged:
+        shown = "; ".join(damaged[:4]) + (f"; and {len(damaged) - 4} more blocks" if len(damaged) > 4 else "")
+        log.warning("WARNING: teacher cache %s is damaged on disk (%s do not match the checksums written with them): "
+                    "rebuilding it", target, shown)
+        return False
+    meta = json.loads((target / "meta.json").read_text())
+    log.info("teacher cache: verified %s against its checksums in %.1f s (%.0f%% of its %.1f s build)",
+             target.name, seconds, 100 * seconds / max(meta["build_seconds"], 1e-9), meta["build_seconds"])
+    return True
+
+
 def remembered(path: Path, compute: Callable[[], dict]) -> dict:
     """compute()'s JSON result, stored at `path` by the first process that asks (under a lock) and
     read by the others, so every trial of a search takes the driver's measurement."""
@@ -289,7 +373,5 @@ def remembered(path: Path, compute: Callable[[], dict]) -> dict:
         if path.is_file():
             return json.loads(path.read_text())
         result = compute()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.rename(path)
+        atomic_write_text(path, json.dumps(result, indent=1))
         return result
