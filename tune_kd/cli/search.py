@@ -16,7 +16,8 @@ from tune_kd.cli import entry
 from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import load_config
 from tune_kd.config.files import DiskFullError
-from tune_kd.search.runner import LOOPBACK, run_search, trials_out_of_room
+from tune_kd.search.preflight import LOOPBACK
+from tune_kd.search.runner import run_search, trials_out_of_room
 
 log = logging.getLogger(__name__)
 
