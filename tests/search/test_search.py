@@ -226,7 +226,7 @@ def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_se
 @pytest.mark.parametrize("kind,times,search_section,errored,reason", [
     ("oom", 1, {"max_failures": 1}, 0, None),                                      # retried, then completes
     ("oom", 2, {"max_failures": 1, "max_concurrent": 1}, 1, "CUDA out of memory"),  # retried once, fails again
-    ("disk_full", 1, {"max_failures": 0}, 1, "disk full while writing"),
+    ("disk_full", 1, {"max_failures": 0}, 1, "no space left on the device"),
 ])
 def test_failing_trials_are_retried_or_marked_errored(world, tmp_path, monkeypatch, kind, times, search_section,
                                                       errored, reason):
@@ -242,6 +242,13 @@ def test_failing_trials_are_retried_or_marked_errored(world, tmp_path, monkeypat
     for r in failed:   # the failed trial's epoch-1 checkpoint is still there, complete
         trial_dir = tmp_path / "tiny-search" / f"trial_{r['trial_id']}"
         assert [c for c in trial_dir.glob("checkpoint_*") if checkpoint.is_complete(c)]
+    from tune_kd.search.runner import trials_out_of_room
+    full = trials_out_of_room(summary["rows"])   # the search's last line (exit 2) when a disk filled
+    assert (full is not None) == (kind == "disk_full")
+    if full:
+        assert full.startswith(f"1 trial(s) stopped on a full disk ({failed[0]['trial_id']}): ")
+        assert "no space left on the device (" in full and full.endswith("(the finished trials and the summary above "
+                                                                          "are kept)")
 
 
 @pytest.mark.slow
