@@ -210,7 +210,7 @@ def tokenize_cached(path: str | Path, tokenizer, max_seq_len: int, cache_dir: st
     lock so concurrent trials wait for one build) and cached atomically. system_turns: data.system_turns."""
     target, fingerprint = cache_dir_for(path, tokenizer, max_seq_len, cache_dir, system_turns)
     if not (target / "meta.json").is_file():
-        with ingest.file_lock(ingest.build_lock_path(target)):
+        with ingest.file_lock(ingest.build_lock_path(target), building=f"the token cache of {path}"):
             if not (target / "meta.json").is_file():
                 path = Path(path)
                 meta = ingest.build(path, resolve_format(path, fmt), tokenizer, max_seq_len, target,
