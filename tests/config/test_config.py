@@ -6,6 +6,7 @@ import pytest
 
 from tune_kd.config.errors import ConfigError
 from tune_kd.config.experiment import load_config
+from tune_kd.config.typed_yaml import key_location
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -119,3 +120,15 @@ def test_the_old_control_key_seed_defaults_still_reads_as_minimind_defaults():
     old = load_config(raw={"teacher": {"path": "t"}, "controls": {"seed_defaults": False}})
     assert old.controls.minimind_defaults is False
     assert load_config(raw={"teacher": {"path": "t"}}).controls.minimind_defaults is True
+
+
+def test_key_location_names_the_line_of_a_key_or_of_its_section(tmp_path):
+    """For errors found after loading (data.max_seq_len against the data): the key's file:line, its
+    section's when the file leaves the key to its default, the file alone, or nothing without one."""
+    space = tmp_path / "space.yaml"
+    space.write_text("name: x\ndata:\n  path: d.jsonl\n  max_seq_len: 8\ntrain: {epochs: 1}\n")
+    assert key_location(space, "data.max_seq_len") == f"{space}:4"
+    assert key_location(space, "train.batch_size") == f"{space}:5"
+    assert key_location(space, "search.seed") == str(space)
+    assert key_location(tmp_path / "gone.yaml", "data.max_seq_len") == str(tmp_path / "gone.yaml")
+    assert key_location(None, "data.max_seq_len") == ""

@@ -2,6 +2,11 @@
 bring, the fast span method against the exact one, no partial cache, the unknown-token warning."""
 
 import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -9,13 +14,14 @@ import yaml
 
 from tune_kd.cli import main as cli
 from tune_kd.config.experiment import load_config
-from tune_kd.data import chat_formats, ingest, tokenized
+from tune_kd.data import chat_formats, chat_template, ingest, tokenized
 from tune_kd.data.chat_formats import DataError
 from tune_kd.search import demo
 
 import tokenizer_zoo
 from conftest import tiny_raw
 
+REPO = Path(__file__).resolve().parents[2]
 CACHE_FILES = ("tokens.bin", "mask.bin", "lengths.npy", "targets.npy")
 
 
@@ -229,3 +235,80 @@ def test_no_warning_when_the_tokenizer_spells_the_data(world, tmp_path, capsys):
     assert cli.main(["prepare", "--config", str(space)]) == 0
     out = capsys.readouterr().out
     assert "unknown token 0.00% of assistant tokens" in out and "WARNING" not in out
+
+
+HOLD_LOCK = """
+import sys
+from pathlib import Path
+from tune_kd.data import ingest
+with ingest.file_lock(Path(sys.argv[1]), building="the token cache of d.jsonl"):
+    print("held", flush=True)
+    sys.stdin.read()   # until the test closes our stdin
+"""
+
+
+def test_waiting_on_a_lock_says_whose_it_is_what_it_builds_and_how_long(tmp_path, monkeypatch, caplog):
+    """Another process holds the build lock: the waiter says at once whose it is (pid, what it builds,
+    since when), then again every LOCK_WAIT_REPORT_S, and takes the lock when it is released."""
+    monkeypatch.setattr(ingest, "LOCK_WAIT_REPORT_S", 0.3)
+    monkeypatch.setattr(ingest, "LOCK_POLL_S", 0.05)
+    lock = tmp_path / "build.lock"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        assert holder.stdout.readline() == "held\n"
+        release = threading.Timer(1.2, holder.stdin.close)
+        release.start()
+        with caplog.at_level("INFO", logger=ingest.__name__):
+            with ingest.file_lock(lock, building="the token cache of d.jsonl"):
+                assert json.loads(lock.read_text())["pid"] == os.getpid()   # our note replaced the holder's
+        assert holder.wait(10) == 0
+    finally:
+        holder.kill()
+    waits = [r.getMessage() for r in caplog.records if r.getMessage().startswith("waiting for")]
+    assert len(waits) >= 3, waits
+    assert waits[0].startswith(f"waiting for pid {holder.pid} (building the token cache of d.jsonl since ")
+    assert f"to release {lock}; waited 0s" in waits[0] and "to release" not in waits[1]
+    assert all(f"pid {holder.pid} " in line and "; waited " in line for line in waits)
+    assert caplog.records[-1].getMessage().startswith("lock free after ")
+    assert lock.read_text() == ""                                      # released: no stale holder to name
+
+
+def test_a_max_seq_len_that_fits_no_conversation_fails_on_a_sample_at_its_yaml_line(tmp_path, capsys, monkeypatch):
+    """data.max_seq_len too small for any conversation: `prepare` stops after tokenizing a sample,
+    before the full pass, with one line at the key's line in the YAML that says what would fit;
+    exit 2, and nothing is written to the cache folder."""
+    tok = tmp_path / "tokenizer"
+    demo.build_tokenizer(tok)
+    data = write_jsonl(tmp_path / "d.jsonl", [r["conversations"] for r in demo.make_conversations(300, seed=5)])
+    raw = tiny_raw({"tokenizer": str(tok), "train": str(data), "val": None, "cache": str(tmp_path / "cache")},
+                   teacher=None, train={"alpha": 1.0}, data={"max_seq_len": 8, "val_fraction": 0.1},
+                   teacher_cache="off")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(raw, sort_keys=False))
+    line = 1 + next(i for i, text in enumerate(space.read_text().splitlines()) if "max_seq_len:" in text)
+    monkeypatch.setattr(ingest, "_encoded_chunks", lambda *a, **k: pytest.fail("tokenized the whole file"))
+    assert cli.main(["prepare", "--config", str(space)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: {space}:{line}: data.max_seq_len: 8 tokens keeps no assistant token of any of "
+                          f"the first {ingest.SAMPLE_CONVERSATIONS} conversations of {data} (they are "), err
+    assert "set data.max_seq_len to at least " in err
+    assert not (tmp_path / "cache").exists()
+    # the sample's suggestion is right: at the least value named, the sample keeps one conversation
+    least = int(err.rsplit("(", 1)[1].split()[0])
+    renderer = chat_template.ChatRenderer(demo.build_tokenizer(tmp_path / "tok2"), "keep")
+    sample = [r["conversations"] for r in demo.make_conversations(300, seed=5)][:ingest.SAMPLE_CONVERSATIONS]
+    assert len(ingest.encode_conversations(renderer, sample, least, np.uint16).lengths) >= 1
+    assert len(ingest.encode_conversations(renderer, sample, least - 1, np.uint16).lengths) == 0
+
+
+def test_the_full_build_names_data_max_seq_len_too(tmp_path, tokenizer):
+    """A sample with no assistant turn passes the early check; the full build still names the key."""
+    lines = [[{"role": "system", "content": "no reply here"}]] * ingest.SAMPLE_CONVERSATIONS
+    lines += [[{"role": "user", "content": "sort 4321"}, {"role": "assistant", "content": "1234"}]] * 3
+    path = write_jsonl(tmp_path / "d.jsonl", lines)
+    with pytest.raises(ingest.SeqLenError, match="^data.max_seq_len: 8 tokens keeps no assistant token of any "
+                                                 "conversation of "):
+        tokenized.tokenize_cached(path, tokenizer, 8, tmp_path / "cache")
+    assert not (tmp_path / "cache" / "tokenized").exists()

@@ -7,6 +7,7 @@ import copy
 import csv
 import html
 import json
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -209,6 +210,80 @@ def test_progress_counts_failures_and_long_durations(capsys, tmp_path):
     assert f"trial a failed: RuntimeError: boom (full error: {error_file})" in out
     assert "controls: 1/2 trials done (1 failed), 0 running | best val_acc 0.5000 (arm plain_sft)" in out
     assert out.rstrip().endswith("~2h13m left")   # the other arm: 2 epochs x 4000 s
+
+
+ACTOR_DIED = """Failure # {n} (occurred at 2026-12-07_01-20-14)
+The actor died unexpectedly before finishing this task.
+\tclass_name: distill_tiny_search
+\tactor_id: 94903066a51074326374813201000000
+\tpid: {pid}
+\tnamespace: b8220604-48ff-4e83-bd0c-2f931fd8a630
+\tip: 192.0.2.2
+The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker \
+unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) the process was killed \
+by the OOM killer due to high memory usage, (2) ray stop --force was called, or (3) the worker crashed unexpectedly.
+"""
+
+
+def test_a_dead_worker_is_one_line_and_its_trial_counts_as_running_while_retried(capsys, tmp_path):
+    """Ray's ActorDiedError (as Tune writes it to error.txt) becomes `worker died (...)`, retried from
+    the epoch of the last checkpoint; the retried trial (PENDING in Tune) counts as running; when the
+    retries are spent, the ERROR line says so."""
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(ACTOR_DIED.format(n=1, pid=24745))
+    progress = SearchProgress("val_ce", "min", num_trials=2, epochs=3, parallel=2, every_s=3600)
+    a = SimpleNamespace(trial_id="a", status="RUNNING", config={"alpha": 0.5}, error_file=str(error_file),
+                        num_failures=1, max_failures=1, latest_checkpoint_result=SimpleNamespace(metrics={"epoch": 1}))
+    b = SimpleNamespace(trial_id="b", status="TERMINATED", config={"alpha": 0.25})
+    progress.on_trial_result(0, [a, b], a, {"epoch": 1, "val_ce": 1.5, "time_this_iter_s": 10.0, "pid": 24745})
+    a.status = "PENDING"   # Tune requeues it, then calls on_trial_recover
+    progress.on_trial_recover(0, [a, b], a)
+    assert progress.status_line([a, b]).startswith("search: 0/2 trials done, 1 running | ")
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == (f"trial a: worker died (pid 24745 exited unexpectedly: killed, out of memory or crashed); "
+                         f"retrying from epoch 1 (retry 1 of 1; full error: {error_file})")
+    progress.on_trial_result(0, [a, b], a, {"epoch": 2, "val_ce": 1.4, "time_this_iter_s": 10.0, "pid": 24800})
+    a.status, a.num_failures = "ERROR", 2
+    error_file.write_text(error_file.read_text() + ACTOR_DIED.format(n=2, pid=24800))
+    progress.on_trial_error(0, [a, b], a)
+    out = capsys.readouterr().out
+    assert (f"trial a failed after 1 retry: worker died (pid 24800 exited unexpectedly: killed, out of memory or "
+            f"crashed) (full error: {error_file})") in out
+    assert "search: 1/2 trials done (1 failed), 0 running" in out
+
+
+def test_tunes_failure_record_and_rays_note_on_a_dead_trial_worker_are_left_out(capsys):
+    """What quiet_trial_failures installs: Tune's "Trial task failed" record (with its traceback) is
+    dropped, and the raylet's paragraph on a dead worker only when the worker was a trial's."""
+    from ray._private import worker
+
+    from tune_kd.search import progress
+
+    progress.quiet_trial_failures()
+    progress.quiet_trial_failures()   # idempotent: one filter, one wrapper
+    controller = logging.getLogger(progress.CONTROLLER_LOGGER)
+    assert sum(isinstance(f, progress.TrialFailureFilter) for f in controller.filters) == 1
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append   # on the logger itself: Ray's loggers do not propagate to the root
+    controller.addHandler(handler)
+    try:
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError as exc:
+            controller.error("Trial task failed for trial distill_x_a", exc_info=exc)
+        controller.warning("something else")
+    finally:
+        controller.removeHandler(handler)
+    assert [r.getMessage() for r in seen] == ["something else"]
+    progress.SearchProgress("val_ce", "min", 1, 1, 1).on_trial_result(
+        0, [], SimpleNamespace(trial_id="a", config={}), {"epoch": 1, "val_ce": 1.0, "pid": 4242})
+    capsys.readouterr()
+    note = "A worker died or was killed while executing a task by an unexpected system error. Worker PID: {} Worker"
+    for pid in (4242, 5151):
+        worker.print_to_stdstream({"lines": [note.format(pid)], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+    out = capsys.readouterr().out
+    assert "Worker PID: 5151" in out and "Worker PID: 4242" not in out
 
 
 # ----------------------------------------------------------------------------------------------

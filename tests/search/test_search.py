@@ -228,8 +228,8 @@ def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_se
     ("oom", 2, {"max_failures": 1, "max_concurrent": 1}, 1, "CUDA out of memory"),  # retried once, fails again
     ("disk_full", 1, {"max_failures": 0}, 1, "no space left on the device"),
 ])
-def test_failing_trials_are_retried_or_marked_errored(world, tmp_path, monkeypatch, kind, times, search_section,
-                                                      errored, reason):
+def test_failing_trials_are_retried_or_marked_errored(world, tmp_path, monkeypatch, capfd, kind, times,
+                                                      search_section, errored, reason):
     summary, plans = run_with_faults(world, tmp_path, monkeypatch, [{"kind": kind, "epoch": 2, "times": times}],
                                      **search_section)
     rows = {r["trial_id"]: r for r in summary["rows"]}
@@ -239,6 +239,14 @@ def test_failing_trials_are_retried_or_marked_errored(world, tmp_path, monkeypat
     assert sum(r["status"] == "COMPLETED" for r in rows.values()) == 4 - errored
     if errored and times == 2:
         assert len(set(plans[0]["fired_by"])) == 1                 # one trial failed twice: retry, then ERROR
+        # each failure one line on the terminal, never Ray's traceback: the retry, then the ERROR
+        terminal = "".join(capfd.readouterr())
+        trial = failed[0]["trial_id"]
+        lines = [line for line in terminal.splitlines() if line.startswith(f"trial {trial}")]
+        assert any(line.startswith(f"trial {trial}: ") and reason in line and "; retrying from epoch " in line
+                   for line in lines), terminal
+        assert any(line.startswith(f"trial {trial} failed after 1 retry: ") and reason in line for line in lines)
+        assert "Traceback" not in terminal and "Trial task failed" not in terminal
     for r in failed:   # the failed trial's epoch-1 checkpoint is still there, complete
         trial_dir = tmp_path / "tiny-search" / f"trial_{r['trial_id']}"
         assert [c for c in trial_dir.glob("checkpoint_*") if checkpoint.is_complete(c)]
@@ -252,14 +260,26 @@ def test_failing_trials_are_retried_or_marked_errored(world, tmp_path, monkeypat
 
 
 @pytest.mark.slow
-def test_diverged_and_killed_trials(world, tmp_path, monkeypatch):
+def test_diverged_and_killed_trials(world, tmp_path, monkeypatch, capfd):
     """One trial's weights turn NaN (it stops at once, DIVERGED with its reason); another trial's worker
-    process is SIGKILLed mid-epoch (it resumes from its epoch-1 checkpoint and completes)."""
+    process is SIGKILLed mid-epoch (it resumes from its epoch-1 checkpoint and completes). The kill is
+    one line on the terminal, not Ray's traceback, and the search line counts the trial as running
+    while it is retried."""
     summary, plans = run_with_faults(world, tmp_path, monkeypatch, [
         {"kind": "nan", "epoch": 1, "step": 2, "times": 1},
         {"kind": "kill", "epoch": 2, "step": 3, "times": 1}], max_failures=1)
     rows = {r["trial_id"]: r for r in summary["rows"]}
     diverged, killed = plans[0]["fired_by"][0], plans[1]["fired_by"][0]
+    out, err = capfd.readouterr()
+    terminal = out + err
+    lines = terminal.splitlines()
+    retry = [i for i, line in enumerate(lines) if line.startswith(f"trial {killed}: worker died (pid ")]
+    assert len(retry) == 1 and "); retrying from epoch 1 (retry 1 of 1; full error: " in lines[retry[0]], terminal
+    for text in ("Traceback", "ActorDiedError", "A worker died or was killed", "Trial task failed"):
+        assert text not in terminal, text
+    resumed = next(i for i, line in enumerate(lines) if line.startswith(f"trial {killed} epoch 2/3"))
+    during = [line for line in lines[retry[0]:resumed] if line.startswith("search: ")]
+    assert all(" 0 running" not in line for line in during), during
     assert diverged != killed
     assert rows[diverged]["status"] == "DIVERGED" and rows[diverged]["epochs"] == 1
     assert "loss became nan at epoch 1 step 3" in rows[diverged]["error"]

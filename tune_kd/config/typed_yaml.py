@@ -1,7 +1,7 @@
 """YAML -> typed, frozen dataclasses, collecting every problem instead of stopping at the first.
 
 Knows nothing of the experiment schema (config/experiment.py): a YAML loader that reads 5e-4 as a float and
-the line of every dotted key (key_lines), Problems (each located as file:line: dotted.key), and
+the line of every dotted key (key_lines, key_location), Problems (each located as file:line: dotted.key), and
 build/convert, which check a mapping against a dataclass's type hints (int, float, bool, str,
 Literal, Optional, unions tried member by member, nested dataclasses, dict) and name unknown keys
 with a suggestion.
@@ -14,6 +14,7 @@ import difflib
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -45,6 +46,23 @@ def key_lines(node: yaml.Node, prefix: str = "", out: dict | None = None) -> dic
             out[f"{prefix}{index}"] = item.start_mark.line + 1
             key_lines(item, f"{prefix}{index}.", out)
     return out
+
+
+def key_location(path: str | Path | None, key: str) -> str:
+    """`file:line` of dotted `key` in the YAML file at `path` (of its nearest enclosing key when the file
+    leaves the key to its default; just the file when neither is there), for an error that names a
+    key but is found after loading, when the config no longer carries lines (data.max_seq_len against
+    the data). "" without a path (a config built from a dict)."""
+    if path is None:
+        return ""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=Loader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return str(path)
+    lines = key_lines(node) if node is not None else {}
+    while key and key not in lines:
+        key = key.rpartition(".")[0]
+    return f"{path}:{lines[key]}" if key else str(path)
 
 
 class Problems:

@@ -13,7 +13,13 @@ behind. meta.json keeps a hash per block of every file, computed as the bytes ar
 
 Rendering and the assistant spans are chat_template.py's (ChatRenderer): a template the renderer
 refuses fails in the parent before any work; a data conversation it cannot render or place is a
-DataError naming its file:line.
+DataError naming its file:line. Before the full pass, the first SAMPLE_CONVERSATIONS conversations are
+tokenized on their own (check_max_seq_len): a data.max_seq_len that keeps no assistant token of any of
+them fails in a second, saying what would fit, instead of after the whole file.
+
+Builds shared between processes (this cache, the teacher cache, top_k auto's measurement, the
+embedded demo) run under file_lock: the holder writes its pid and what it builds into the lock file,
+and a process waiting on it says whom it waits for, at once and then every LOCK_WAIT_REPORT_S.
 """
 
 from __future__ import annotations
@@ -23,10 +29,12 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import shutil
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -38,10 +46,14 @@ from tune_kd.config.files import BlockChecksums, disk_writes, file_checksums, pe
 from tune_kd.data.chat_formats import Chunk, DataError, parse_chunk, read_chunks
 from tune_kd.data.chat_template import ChatRenderer
 
+log = logging.getLogger(__name__)
+
 CHUNK_CONVERSATIONS = 1024       # records per chunk: large enough to batch the tokenizer, small in memory
 IN_FLIGHT_PER_WORKER = 2         # chunks queued per worker: keeps workers busy, memory bounded
 SMALL_FILE_BYTES = 8 << 20       # below this, worker start-up costs more than it saves: run in-process
 MAX_WORKERS = 8
+SAMPLE_CONVERSATIONS = 64        # read first to check data.max_seq_len: a wrong value fails in a second, not
+                                 # after tokenizing the whole file
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,6 +130,40 @@ def encode_conversations(renderer: ChatRenderer, conversations: list[list[dict]]
                    np.concatenate(masks_out) if masks_out else empty(bool), lengths, targets, stats)
 
 
+class SeqLenError(DataError):
+    """No conversation keeps an assistant token within data.max_seq_len. Its message starts with
+    the key ("data.max_seq_len: ..."), so a caller that knows where the config set it (search/prepare.py)
+    prefixes that file:line."""
+
+    key = "data.max_seq_len"
+
+
+def check_max_seq_len(path: Path, fmt: str, renderer: ChatRenderer, max_seq_len: int, token_dtype,
+                      system_turns: str) -> None:
+    """Raise SeqLenError when not one of the file's first SAMPLE_CONVERSATIONS conversations would
+    keep an assistant token within max_seq_len (encode_conversations' rule, the full build's), naming
+    the sample's lengths and the value that would fit them. A sample with no conversation passes:
+    the full build says what is wrong with such a file."""
+    with contextlib.closing(read_chunks(path, SAMPLE_CONVERSATIONS)) as chunks:
+        chunk = next(chunks, None)
+    if chunk is None:
+        return
+    conversations, where, _ = parse_chunk(chunk, fmt, system_turns)
+    if not conversations or len(encode_conversations(renderer, conversations, max_seq_len, token_dtype, where).lengths):
+        return
+    whole = encode_conversations(renderer, conversations, 2**62, token_dtype, where)   # untruncated
+    if not len(whole.lengths):   # no assistant token even untruncated: the full build names the problem
+        return
+    ends = np.cumsum(whole.lengths)
+    # the least max_seq_len that keeps each one: its first assistant token past position 0, plus one
+    least = [int(np.flatnonzero(m[1:])[0]) + 2 for m in np.split(whole.mask, ends[:-1])]
+    raise SeqLenError(
+        f"data.max_seq_len: {max_seq_len} tokens keeps no assistant token of any of the first {len(conversations)} "
+        f"conversations of {path} (they are {whole.lengths.min()} to {whole.lengths.max()} tokens long; the earliest "
+        f"assistant token is at position {min(least) - 1}): set data.max_seq_len to at least {whole.lengths.max()} to "
+        f"keep them whole ({min(least)} is the least that keeps any)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Worker processes
 # ----------------------------------------------------------------------------------------------
@@ -153,9 +199,8 @@ def worker_count(requested: int, path: Path) -> int:
 
 
 def _encoded_chunks(path: Path, fmt: str, tokenizer, max_seq_len: int, token_dtype, workers: int, chunk_size: int,
-                    system_turns: str):
-    """Every chunk's Encoded, in file order."""
-    renderer = ChatRenderer(tokenizer, system_turns)   # here first: a template tune_kd cannot use fails at once
+                    system_turns: str, renderer: ChatRenderer):
+    """Every chunk's Encoded, in file order; renderer: the parent's (workers build their own)."""
     chunks = read_chunks(path, chunk_size)
     if workers <= 1:
         _start_worker(tokenizer, fmt, max_seq_len, token_dtype, system_turns, renderer)
@@ -191,6 +236,8 @@ def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta:
     started = time.perf_counter()
     chunk_size = chunk_size or CHUNK_CONVERSATIONS
     token_dtype = token_dtype_for(len(tokenizer))
+    renderer = ChatRenderer(tokenizer, system_turns)   # here first: a template tune_kd cannot use fails at once
+    check_max_seq_len(path, fmt, renderer, max_seq_len, token_dtype, system_turns)
     workers = worker_count(workers, path)
     created = [d for d in (target.parent, *target.parent.parents) if not d.exists()]   # removed again on failure
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -203,7 +250,7 @@ def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta:
         with disk_writes(target, path.stat().st_size), \
                 open(tmp / "tokens.bin", "wb") as tokens_file, open(tmp / "mask.bin", "wb") as mask_file:
             for encoded in _encoded_chunks(path, fmt, tokenizer, max_seq_len, token_dtype, workers, chunk_size,
-                                           system_turns):
+                                           system_turns, renderer):
                 for name, handle, array in (("tokens.bin", tokens_file, encoded.tokens),
                                             ("mask.bin", mask_file, encoded.mask)):
                     data = array.tobytes()
@@ -216,8 +263,8 @@ def build(path: Path, fmt: str, tokenizer, max_seq_len: int, target: Path, meta:
         if not stats["conversations"]:
             raise DataError(f"{path}: no usable conversation (the file is empty or no record has an assistant turn)")
         if not len(lengths):
-            raise DataError(f"{path}: no conversation keeps an assistant token within max_seq_len={max_seq_len} "
-                            "(raise data.max_seq_len, or check the file has assistant turns)")
+            raise SeqLenError(f"data.max_seq_len: {max_seq_len} tokens keeps no assistant token of any conversation "
+                              f"of {path} (raise data.max_seq_len, or check the file has assistant turns)")
         with disk_writes(target, path.stat().st_size):
             np.save(tmp / "lengths.npy", lengths)
             np.save(tmp / "targets.npy", targets)
@@ -273,14 +320,74 @@ def build_lock_path(target: Path) -> Path:
     return Path(tempfile.gettempdir()) / "tune_kd-locks" / name
 
 
-@contextlib.contextmanager
-def file_lock(path: Path):
-    """An exclusive lock on the file `path` across processes: the first builds, the others wait
-    and then read what it built."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+# How long a process waiting on another's lock stays silent between "still waiting" lines (tests
+# shrink it), and how often it tries the lock meanwhile: polling (LOCK_NB) rather than one blocking
+# flock, so that the wait can say who it waits for; a build takes minutes, half a second is nothing.
+LOCK_WAIT_REPORT_S = 30.0
+LOCK_POLL_S = 0.5
+
+
+def _waited(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def lock_holder(handle) -> str:
+    """Who holds the lock whose file is open as `handle`, from the note the holder wrote into it
+    (file_lock): "pid N (building X since HH:MM:SS)"; "another process" while there is no note yet."""
+    handle.seek(0)
+    try:
+        note = json.loads(handle.read() or "null")
+        since = time.strftime("%H:%M:%S", time.localtime(note["since"]))
+        host = "" if note.get("host") == socket.gethostname() else f" on {note.get('host')}"
+        return f"pid {note['pid']}{host} (building {note['building']} since {since})"
+    except (ValueError, TypeError, KeyError):   # empty (taken a moment ago, or released) or foreign
+        return "another process"
+
+
+def _acquire(handle, path: Path, building: str) -> None:
+    """Take the exclusive lock on `handle`, saying while it waits: a first line once the lock stays
+    taken past one poll (a wait of a moment says nothing), then one every LOCK_WAIT_REPORT_S."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    started = time.monotonic()
+    report_at, reported = started + LOCK_POLL_S, False
+    while True:
+        time.sleep(LOCK_POLL_S)
         try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            pass
+        now = time.monotonic()
+        if now >= report_at:
+            first = "" if reported else f" to release {path}"
+            log.info("waiting for %s%s; waited %s", lock_holder(handle), first, _waited(now - started))
+            report_at, reported = now + LOCK_WAIT_REPORT_S, True
+    if reported:
+        log.info("lock free after %s; going on with %s", _waited(time.monotonic() - started), building)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, building: str = "a build"):
+    """An exclusive lock on the file `path` across processes: the first builds, the others wait
+    and then read what it built. building: what the holder builds, in a few words ("the token
+    cache of data/train.jsonl"); the holder writes it into the lock file with its pid and start
+    time as JSON, and a waiter prints who it waits for and how long it has (_acquire)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # "a+", never "w": opening must not erase the note of the process that holds the lock
+    with open(path, "a+") as handle:
+        _acquire(handle, path, building)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "building": building,
+                                     "since": time.time()}))
+            handle.flush()
             yield
         finally:
+            handle.truncate(0)   # a waiter that reads between our release and its own note sees no stale holder
             fcntl.flock(handle, fcntl.LOCK_UN)

@@ -225,7 +225,7 @@ def tokenize_cached(path: str | Path, tokenizer, max_seq_len: int, cache_dir: st
     trials do not), rebuilding a damaged one."""
     target, fingerprint = cache_dir_for(path, tokenizer, max_seq_len, cache_dir, system_turns)
     if verify or not (target / "meta.json").is_file():
-        with ingest.file_lock(ingest.build_lock_path(target)):
+        with ingest.file_lock(ingest.build_lock_path(target), building=f"the token cache of {path}"):
             if not (target / "meta.json").is_file() or (verify and not _verified(target)):
                 path = Path(path)
                 meta = ingest.build(path, resolve_format(path, fmt), tokenizer, max_seq_len, target,

@@ -19,7 +19,6 @@ distribution. `python -m tune_kd.demo` prepares it and prints the figures.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import random
@@ -147,8 +146,10 @@ def prepare(root: Path = DEMO_DIR, force: bool = False) -> dict:
     """Build the demo under `root` unless its teacher is already cached; return the teacher's figures."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    with (root / ".prepare.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent callers (DDP ranks, trials) wait for one build
+    from tune_kd.data.ingest import file_lock
+
+    # concurrent callers (DDP ranks, trials, another search) wait for one build, saying whose
+    with file_lock(root / ".prepare.lock", building=f"the embedded demo in {root} (data, tokenizer, teacher)"):
         return _prepare_locked(root, force)
 
 

@@ -11,7 +11,9 @@ every node sees), then search.
 The command prints, per data file, the conversations read and kept, tokens, assistant tokens,
 truncated / dropped / skipped counts, the share of assistant tokens that are the tokenizer's
 unknown token (a warning above 1%: the tokenizer cannot spell the data), the time, the size and the
-cache folder; then the split and the teacher cache.
+cache folder; then the split and the teacher cache. A data.max_seq_len that keeps no assistant token
+of the file's first conversations fails before the full tokenization (ingest.check_max_seq_len), in
+one line that points at the key's line in the YAML.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from pathlib import Path
 
 from tune_kd.config.errors import ConfigError, UserError
 from tune_kd.config.experiment import ExperimentConfig
-from tune_kd.data import tokenized
+from tune_kd.config.typed_yaml import key_location
+from tune_kd.data import ingest, tokenized
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +121,11 @@ def prepare_inputs(cfg: ExperimentConfig, source: str, teacher_cache: bool = Tru
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
     out = Prepared()
-    _, train_data, val_data = tokenized.load_data(cfg, tokenizer, verify=True)
+    try:
+        _, train_data, val_data = tokenized.load_data(cfg, tokenizer, verify=True)
+    except ingest.SeqLenError as exc:   # the fix is a key of the YAML: point at its line
+        where = key_location(source, exc.key)
+        raise UserError(f"{where}: {exc}" if where else str(exc)) from None
     for role, path in (("train", cfg.data.path), ("val", cfg.data.val_path)):
         if path is None:
             continue

@@ -2,8 +2,9 @@
 with a teacher directory (results/<name>/teacher_point.json): the verdict names it (arms.judge), the
 report draws it next to the trials, the control arms and a size/quality front.
 
-runner.py runs measure_teacher once, in a Ray task with one trial's resources, after the trials and
-the control arms: the teacher is evaluated by the loop's own `evaluate` as if it were the student (no
+runner.py runs measure_teacher once, after the trials and the control arms, in a Ray task with one
+trial's resources where trials have GPUs or Ray has several nodes (else in the driver's own process,
+which saves starting a worker that imports torch and the models: the trials are over by then): the teacher is evaluated by the loop's own `evaluate` as if it were the student (no
 teacher beside it), so val_ce, val_acc and val_gen_acc mean what a trial's do (val_loss is val_ce at
 alpha 1); val_kl and val_gen_ce compare a student with the teacher and are null here. A search with
 a size objective (search.objectives) also gets its parameter count and greedy decoding speed, from
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from tune_kd.config.experiment import ExperimentConfig
+from tune_kd.config.files import atomic_write_text
 from tune_kd.data import tokenized
 from tune_kd.kd.scored import ScoredLM
 from tune_kd.model import build, hardware, student_shape
@@ -72,12 +74,17 @@ def write_teacher_point(cfg: ExperimentConfig, experiment_dir: Path, per_trial: 
     if cfg.teacher is None or cfg.teacher.path is None:
         return None
     gpus = max(1.0, per_trial["gpu"]) if per_trial["gpu"] else 0
-    task = ray.remote(num_cpus=per_trial["cpu"], num_gpus=gpus)(measure_teacher)
-    pending = task.remote(cfg)
+    in_driver = not gpus and len([n for n in ray.nodes() if n.get("Alive")]) == 1
+    pending = None
     try:
-        point = ray.get(pending, timeout=TIMEOUT_S)
+        if in_driver:
+            point = measure_teacher(cfg)
+        else:
+            pending = ray.remote(num_cpus=per_trial["cpu"], num_gpus=gpus)(measure_teacher).remote(cfg)
+            point = ray.get(pending, timeout=TIMEOUT_S)
     except Exception as exc:   # noqa: BLE001  (a RayTaskError wraps whatever the task raised; or the timeout)
-        ray.cancel(pending, force=True)
+        if pending is not None:
+            ray.cancel(pending, force=True)
         reason = str(exc).strip().splitlines()[-1]
         log.warning("WARNING: the teacher's own point was not measured: %s", reason)
         write_point(experiment_dir, {"error": reason})
@@ -95,7 +102,4 @@ def write_teacher_point(cfg: ExperimentConfig, experiment_dir: Path, per_trial: 
 
 def write_point(experiment_dir: Path, point: dict) -> None:
     """teacher_point.json, whole or absent."""
-    target = Path(experiment_dir) / TEACHER_POINT_FILE
-    temporary = target.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(point, indent=1))
-    temporary.replace(target)
+    atomic_write_text(Path(experiment_dir) / TEACHER_POINT_FILE, json.dumps(point, indent=1))

@@ -311,5 +311,5 @@ def auto_ladder_for_run(cfg, cache_dir, inputs: CacheInputs, student_hash: str, 
         return {"settings": settings, **ladder.to_json()}
 
     remembered = cache_store.remembered(Path(cache_dir) / "teacher" / f"auto-{digest(settings)}.json",
-                                          measure)
+                                          measure, building="the top_k auto measurement")
     return Ladder.from_json({k: v for k, v in remembered.items() if k != "settings"})

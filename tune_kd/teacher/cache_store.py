@@ -335,7 +335,7 @@ def open_or_build(cache_dir: str | Path, inputs: CacheInputs, teacher_outputs, t
     key, parts = cache_key(inputs, lay)
     target = Path(cache_dir) / "teacher" / key
     positions = int(train_data.target_counts.sum())
-    with ingest.file_lock(target.with_name(f"{key}.lock")):
+    with ingest.file_lock(target.with_name(f"{key}.lock"), building=f"the teacher cache {target}"):
         complete = _is_complete(target, key, positions)
         if complete and verify:
             complete = _verified(target)
@@ -366,10 +366,11 @@ def _verified(target: Path) -> bool:
     return True
 
 
-def remembered(path: Path, compute: Callable[[], dict]) -> dict:
+def remembered(path: Path, compute: Callable[[], dict], building: str = "a measurement") -> dict:
     """compute()'s JSON result, stored at `path` by the first process that asks (under a lock) and
-    read by the others, so every trial of a search takes the driver's measurement."""
-    with ingest.file_lock(path.with_suffix(".lock")):
+    read by the others, so every trial of a search takes the driver's measurement. building: what
+    compute() measures, for the line of a process that waits on the lock."""
+    with ingest.file_lock(path.with_suffix(".lock"), building=f"{building} ({path})"):
         if path.is_file():
             return json.loads(path.read_text())
         result = compute()
