@@ -225,6 +225,7 @@ def test_resume_refuses_a_changed_yaml(tmp_path, capsys):
     experiment.mkdir()
     (experiment / EXPERIMENT_FILE).write_text(json.dumps({"name": cfg.name, "search_format": SEARCH_FORMAT,
                                                           "config": cfg.to_dict()}, default=str))
+    (experiment / "tuner.pkl").write_bytes(b"Ray's state: the trials began")
     raw["search"]["num_samples"] = 8
     raw["metric"] = {"name": "val_kl", "goal": "minimize"}
     raw["parameters"]["temperature"]["max"] = 6.0
@@ -241,6 +242,31 @@ def test_resume_refuses_a_changed_yaml(tmp_path, capsys):
     assert not ray.is_initialized()
     assert cli.main(["search", "--space", str(changed), "--storage", str(tmp_path), "--retry-errored"]) == 2
     assert "use it with --resume" in capsys.readouterr().err
+
+
+def test_a_search_whose_trials_never_began_starts_again_with_or_without_resume(tmp_path, caplog):
+    """A full disk (or a bad teacher, or Ctrl-C) before the first trial leaves experiment.json and no
+    Ray state: the same command must run once the cause is fixed, not ask for --overwrite."""
+    import logging
+
+    from tune_kd.config.errors import UserError
+    from tune_kd.results.reading import EXPERIMENT_FILE
+    from tune_kd.search.preflight import resume_or_start
+
+    experiment = tmp_path / "exp"
+    with pytest.raises(UserError, match="nothing to resume .*drop --resume to start it"):
+        resume_or_start(experiment, resume=True)
+    assert resume_or_start(experiment, resume=False) is False
+    experiment.mkdir()
+    (experiment / EXPERIMENT_FILE).write_text("{}")
+    assert resume_or_start(experiment, resume=False) is False
+    with caplog.at_level(logging.INFO):
+        assert resume_or_start(experiment, resume=True) is False
+    assert "its trials never began" in caplog.text
+    (experiment / "tuner.pkl").write_bytes(b"Ray's state")
+    assert resume_or_start(experiment, resume=True) is True
+    with pytest.raises(UserError, match="already holds an experiment: continue it with --resume"):
+        resume_or_start(experiment, resume=False)
 
 
 @pytest.mark.parametrize("saved", [None, 99])
