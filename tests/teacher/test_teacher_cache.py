@@ -251,11 +251,13 @@ def test_auto_runs_live_when_the_k_it_needs_exceeds_max_gb(tiny_config, caplog):
     """A max_gb that holds top-16 but not the k auto needs: no cache, and one log line with the figures."""
     budget_gb = 0.0008   # 859 KB: top-16 (82 bytes x ~8,100 positions) fits, top-32 (146 bytes) does not
     cfg = tiny_config(teacher_cache={"max_gb": budget_gb}, parameters=SEARCHED_T)
-    with caplog.at_level(logging.INFO, logger="tune_kd.teacher.cache_plan"):
-        cache, train_data, _ = open_cache(cfg)
+    with caplog.at_level(logging.INFO, logger="tune_kd.train.run"):
+        run.build_run(cfg)                                       # a run says it once
+    assert len([r for r in caplog.records if "not used" in r.getMessage()]) == 1
+    tokenizer, train_data, teacher, precision, cols, pad, student = setup_run(cfg)
+    cache, why = cache_plan.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, cols, pad, student)
     assert cache is None
-    lines = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
-    assert len(lines) == 1, lines
+    lines = [why]
     match = re.search(r"not used: top_k auto needs top-(\d+) to stay within 1% \(loss error [\d.]+% \(T [\d.]+\), "
                       r"gradient [\d.]+% \(T [\d.]+\), worst over T 1, 2, 3, 4, 5 .*\), but it would take ([\d.]+) GiB, "
                       r"above teacher_cache.max_gb 0.0008; the largest k within it, top-(\d+), (measured|not measured "

@@ -171,11 +171,10 @@ def make_measurer(cfg: ExperimentConfig, tokenizer, train_data, teacher, precisi
 def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id,
                        student, measurer=None, verify: bool = False):
     """(the teacher cache this run reads, built first when missing, or None when it does not
-    apply; why, as plan_teacher_cache says it, also logged). measurer: as plan_teacher_cache takes it;
+    apply; why, as plan_teacher_cache says it, for the caller's log line). measurer: as plan_teacher_cache takes it;
     verify: check a cache found on disk against its checksums (cache_store.open_or_build)."""
     plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student,
                                       measurer)
-    log.info("teacher cache: %s", plan.why)
     if not plan.use:
         return None, plan.why
     return cache_store.open_or_build(cfg.data.cache_dir, inputs(), teacher_outputs(teacher, precision),

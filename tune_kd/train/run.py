@@ -139,8 +139,10 @@ def build_run(cfg: ExperimentConfig, ddp: bool = False, node_teacher: Callable[[
     if remote is not None:   # the cache the search's driver built, if any (the key needs the teacher's weights)
         rows = TeacherCache(remote.cache_dir) if wanted and remote.cache_dir else None
     else:
-        rows = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student)[0] \
-            if wanted else None
+        rows, why = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student) \
+            if wanted else (None, None)
+        if why is not None:
+            log.info("teacher cache: %s", why)
     optimizer = torch.optim.AdamW(student.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                                   fused=device.type == "cuda")
     return Run(cfg, rank, world, precision, tokenizer, train_data, val_data, pad_id, lm, teacher_lm, teacher, student,
