@@ -8,7 +8,10 @@ the same everywhere, in one parser (`configure`) and one error handler (`execute
     logging         INFO lines with the time on stderr (a command may lower it, e.g. DDP ranks > 0)
     progress bars   transformers' bars off: a log wants one line per event
     UserError       (config/errors.py) printed as `error: <message>` on stderr, exit code 2
-    Ctrl-C          one line on stderr, exit code 130 (no traceback; --debug shows it)
+    Ctrl-C          one line on stderr, exit code 130 (no traceback; --debug shows it); a search
+                    takes SIGTERM alike, and its line says how far it got and the command that
+                    resumes it (search/interrupt.py's SearchInterrupted: a KeyboardInterrupt carrying
+                    that line)
 
 `add_config_argument` is the experiment-YAML flag of every command that takes one: --config, with
 --space as its alias (the search's documented name).
@@ -58,10 +61,10 @@ def execute(args: argparse.Namespace, command: Callable[[argparse.Namespace], in
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        print(INTERRUPTED, file=sys.stderr)
+        print(str(exc) or INTERRUPTED, file=sys.stderr)   # a stopped search says what it kept (search/interrupt.py)
         return 130      # the shell's code for a command ended by SIGINT
     return 0 if code is None else code
 

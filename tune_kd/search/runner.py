@@ -26,7 +26,7 @@ from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import ExperimentConfig, absolute_paths
 from tune_kd.model import hardware, student_shape
 from tune_kd.results import arms, export, front, reading, report
-from tune_kd.search import controls, prepare, resources, space, teacher_actor
+from tune_kd.search import controls, interrupt, prepare, resources, space, teacher_actor
 from tune_kd.search.teacher_point import write_teacher_point
 from tune_kd.search.tracking import make_callbacks
 from tune_kd.teacher import served
@@ -129,6 +129,7 @@ class Plan:
     served: teacher_actor.Served | None = None   # the teacher actors, when the search serves its teacher
 
 
+@interrupt.guarded   # Ctrl-C, SIGTERM: exit 130 with one line, resumable, no summary
 def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, address: str | None = None,
                resume: bool = False, num_cpus: int | None = None, callbacks: list | None = None,
                export_best: bool = True, dashboard_host: str | None = LOOPBACK, trial_logs: bool = False,
@@ -220,6 +221,7 @@ def start_ray(address: str | None, num_cpus: int | None, dashboard_host: str | N
     # `ray start` and refuse num_cpus); joining takes --address
     context = ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
                        logging_level=logging.WARNING, log_to_driver=trial_logs, **dashboard)
+    interrupt.take_sigterm_back()   # ray.init set its own SIGTERM handlers: a stop must still exit 130
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s (token authentication: `ray get-auth-token` prints the token "
                  "to paste at its login page)", context.dashboard_url)
@@ -332,7 +334,7 @@ def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: P
 def fit(tuner) -> tuple[dict[str, tuple[str, dict]], set[str]]:
     """Run the trials; returns (trial id -> (last error line, config) of each errored trial, every
     trial id the search knows)."""
-    grid = tuner.fit()
+    grid = interrupt.fit(tuner)   # Ctrl-C, SIGTERM: Ray saves its state, then KeyboardInterrupt
     errors = {Path(r.path).name.removeprefix("trial_"): (str(r.error).strip().splitlines()[-1], r.config)
               for r in grid if r.error}
     return errors, {Path(r.path).name.removeprefix("trial_") for r in grid}
