@@ -10,7 +10,10 @@ the same everywhere, in one parser (`configure`) and one error handler (`execute
     UserError       (config/errors.py) printed as `error: <message>` on stderr, exit code 2
     a full disk     a write that failed with ENOSPC / EDQUOT / EROFS where no stage named it
                     (config/files.py): one line, exit code 2
-    Ctrl-C          one line on stderr, exit code 130 (no traceback; --debug shows it)
+    Ctrl-C          one line on stderr, exit code 130 (no traceback; --debug shows it); a search
+                    takes SIGTERM alike, and its line says how far it got and the command that
+                    resumes it (search/interrupt.py's SearchInterrupted: a KeyboardInterrupt carrying
+                    that line)
 
 `add_config_argument` is the experiment-YAML flag of every command that takes one: --config, with
 --space as its alias (the search's documented name).
@@ -67,10 +70,10 @@ def execute(args: argparse.Namespace, command: Callable[[argparse.Namespace], in
         where = no_room_line(exc.filename, exc) if exc.filename else f"a write failed: {NO_ROOM[exc.errno]}: {FIX}"
         print(f"error: {where}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if args.debug:
             raise
-        print(INTERRUPTED, file=sys.stderr)
+        print(str(exc) or INTERRUPTED, file=sys.stderr)   # a stopped search says what it kept (search/interrupt.py)
         return 130      # the shell's code for a command ended by SIGINT
     return 0 if code is None else code
 

@@ -36,6 +36,7 @@ from tune_kd.results.arms import (
     compare,
     write_controls,
 )
+from tune_kd.search import interrupt
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def run_controls(cfg: ExperimentConfig, best: dict, experiment_dir: Path, traina
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.metric.name,
                                                         checkpoint_score_order=cfg.metric.mode),
                 failure_config=tune.FailureConfig(max_failures=cfg.search.max_failures), verbose=0))
-    tuner.fit()
+    interrupt.fit(tuner)   # Ctrl-C, SIGTERM: Ray saves the arms' state, then KeyboardInterrupt (interrupt.py)
     comparison = compare(cfg, best, arm_results(controls_dir, cfg.metric.name, cfg.metric.mode), arms, experiment_dir)
     comparison["seconds"] = time.perf_counter() - started
     write_controls(experiment_dir, comparison)

@@ -27,7 +27,7 @@ from tune_kd.config.experiment import ExperimentConfig, absolute_paths
 from tune_kd.config.files import NO_ROOM, atomic_write_text, disk_writes
 from tune_kd.model import hardware
 from tune_kd.results import arms, export, front, reading, report
-from tune_kd.search import controls, prepare, resources, space, teacher_actor
+from tune_kd.search import controls, interrupt, prepare, resources, space, teacher_actor
 from tune_kd.search.preflight import LOOPBACK, preflight
 from tune_kd.search.teacher_point import write_teacher_point
 from tune_kd.search.tracking import make_callbacks
@@ -137,6 +137,7 @@ class Plan:
     served: teacher_actor.Served | None = None   # the teacher actors, when the search serves its teacher
 
 
+@interrupt.guarded   # Ctrl-C, SIGTERM: exit 130 with one line, resumable, no summary
 def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, address: str | None = None,
                resume: bool = False, num_cpus: int | None = None, callbacks: list | None = None,
                export_best: bool = True, dashboard_host: str | None = LOOPBACK, trial_logs: bool = False,
@@ -159,29 +160,31 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     experiment_dir = root / cfg.name
     prepared, resume = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
     context = start_ray(address, num_cpus, dashboard_host, trial_logs)
-    plan = size_trials(cfg, source, address, experiment_dir, prepared)
-    try:
-        started = time.perf_counter()
-        tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid)
-        errors, trial_ids = fit(tuner)
+    try:   # a Ray this search started goes with it, also on an error or Ctrl-C
+        plan = size_trials(cfg, source, address, experiment_dir, prepared)
+        try:
+            started = time.perf_counter()
+            tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid)
+            errors, trial_ids = fit(tuner)
+            with disk_writes(experiment_dir):
+                summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
+            run_control_arms(cfg, summary, experiment_dir, plan, resume)
+            if plan.served is not None:
+                summary["served_teacher"] = served_stats(plan.served.stats())
+                print(summary["served_teacher"])
+        finally:
+            if plan.served is not None:   # the teacher's actors go with the search (also on errors and Ctrl-C)
+                plan.served.stop()
+        # the teacher's own point, once the served teacher has let go of its GPU: the verdict names it
+        summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
         with disk_writes(experiment_dir):
-            summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
-        run_control_arms(cfg, summary, experiment_dir, plan, resume)
-        if plan.served is not None:
-            summary["served_teacher"] = served_stats(plan.served.stats())
-            print(summary["served_teacher"])
+            print_verdict(cfg, summary, experiment_dir)
+            write_report(summary, experiment_dir)
     finally:
-        if plan.served is not None:   # the teacher's actors go with the search (also on errors and Ctrl-C)
-            plan.served.stop()
-    # the teacher's own point, once the served teacher has let go of its GPU: the verdict names it
-    summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
-    with disk_writes(experiment_dir):
-        print_verdict(cfg, summary, experiment_dir)
-        write_report(summary, experiment_dir)
-    if context is not None and address is None:
-        import ray
+        if context is not None and address is None:
+            import ray
 
-        ray.shutdown()
+            ray.shutdown()
     return summary
 
 
@@ -199,6 +202,7 @@ def start_ray(address: str | None, num_cpus: int | None, dashboard_host: str | N
     # `ray start` and refuse num_cpus); joining takes --address
     context = ray.init(address=address or "local", num_cpus=num_cpus if address is None else None,
                        logging_level=logging.WARNING, log_to_driver=trial_logs, **dashboard)
+    interrupt.take_sigterm_back()   # ray.init set its own SIGTERM handlers: a stop must still exit 130
     if context.dashboard_url:
         log.info("Ray dashboard: http://%s (token authentication: `ray get-auth-token` prints the token "
                  "to paste at its login page)", context.dashboard_url)
@@ -311,7 +315,7 @@ def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: P
 def fit(tuner) -> tuple[dict[str, tuple[str, dict]], set[str]]:
     """Run the trials; returns (trial id -> (last error line, config) of each errored trial, every
     trial id the search knows)."""
-    grid = tuner.fit()
+    grid = interrupt.fit(tuner)   # Ctrl-C, SIGTERM: Ray saves its state, then KeyboardInterrupt
     errors = {Path(r.path).name.removeprefix("trial_"): (str(r.error).strip().splitlines()[-1], r.config)
               for r in grid if r.error}
     return errors, {Path(r.path).name.removeprefix("trial_") for r in grid}

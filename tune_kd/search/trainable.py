@@ -21,6 +21,7 @@ from tune_kd.config.experiment import ExperimentConfig
 from tune_kd.model.student_shape import ShapeRejected
 from tune_kd.search import space, teacher_actor
 from tune_kd.search.fault_drills import fault_step_hook, fire, take_fault
+from tune_kd.search.trial_logs import keep_earlier_attempts
 from tune_kd.train import loop
 
 
@@ -60,6 +61,9 @@ def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
         from tune_kd.model.hardware import setup_logging
 
         setup_logging()
+        # an earlier attempt's logs (a resumed or retried trial) get numbered names; storage: a filesystem path
+        storage = tune.get_context().get_storage()
+        keep_earlier_attempts(Path(storage.trial_fs_path), Path(storage.trial_working_directory))
         cfg = space.apply_point(base, point)
         reached = {"epoch": 0}
         node_id = ray.get_runtime_context().get_node_id()
