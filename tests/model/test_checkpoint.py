@@ -122,3 +122,16 @@ def test_a_failed_export_leaves_the_previous_export(trained, tmp_path, monkeypat
     with pytest.raises(RuntimeError):
         export.export(experiment, out)
     assert sorted(p.name for p in out.iterdir()) == before and checkpoint.is_complete(out)
+
+
+def test_a_checkpoint_folder_is_readable_as_the_umask_says(trained, tmp_path):
+    import os
+    import stat
+
+    save, _ = trained
+    old = os.umask(0o027)
+    try:
+        save(tmp_path / "last", step=1)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "last").stat().st_mode) == 0o750   # not mkdtemp's 0700: the group reads it

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from tune_kd.config.files import is_no_room, no_room_line
+from tune_kd.config.files import is_no_room, no_room_line, permit_as_umask
+
 TRAINER_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"
 
@@ -94,6 +95,7 @@ def atomic_directory_write(target: Path, write) -> None:
     try:
         write(tmp)
         write_manifest(tmp)
+        permit_as_umask(tmp)   # mkdtemp made it 0700: an exported student is readable as the umask says
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         if target.exists():
             os.rename(target, old)
