@@ -70,14 +70,15 @@ def test_trials_trust_the_verified_cache_and_the_planner_reads_it_once(cache_cfg
     assert len(checked) == 1
 
 
-def test_non_finite_teacher_logits_stop_the_build_and_leave_nothing(tiny_config, tmp_path):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_teacher_logits_stop_the_build_and_leave_nothing(tiny_config, tmp_path, bad):
     cfg = tiny_config(data={"max_train_examples": 40})
     _, train_data, _ = tokenized.load_data(cfg)
 
     def rows(batch):
         count = int((batch["labels"][:, 1:] != tokenized.IGNORE_INDEX).sum())
         logits = torch.randn(count, 103)
-        logits[count // 2, 7] = float("nan")
+        logits[count // 2, 7] = bad
         return Scored.of_logits(logits)
     with pytest.raises(cache_store.TeacherLogitsNotFinite, match="NaN or inf at the scored positions of examples 0..39"):
         cache_store.build(rows, train_data, 0, stored_rows.layout(8, 103, "float16"), tmp_path / "cache" / "key", {})

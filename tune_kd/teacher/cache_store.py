@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -301,7 +302,8 @@ def _write_rows(teacher_outputs: Callable[[dict], Scored], train_data, pad_id: i
         if scored.rows != last - first:
             raise RuntimeError(f"teacher cache: {scored.rows} scored rows for examples {lo}.., expected {last - first}")
         for a, b, logits in logit_chunks(scored, columns):                               # (b - a, V)
-            if not bool(torch.isfinite(logits).all()):
+            lowest, highest = torch.aminmax(logits)   # NaN and inf show in the extremes: no (rows, V) mask
+            if not (math.isfinite(lowest) and math.isfinite(highest)):
                 raise TeacherLogitsNotFinite(
                     f"teacher cache: the teacher's logits are NaN or inf at the scored positions of examples "
                     f"{indices[0]}..{indices[-1]}: its weights hold NaN/inf, or its dtype overflows (load the teacher "
