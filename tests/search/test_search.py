@@ -201,8 +201,9 @@ def test_a_teacher_no_better_than_plain_sft_is_the_verdicts_reason(world, tmp_pa
     assert "little to transfer" in (tmp_path / "tiny-search" / "report.html").read_text()
 
 
-def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_section) -> tuple[dict, list[dict]]:
-    """A 4-trial search (no early stopping) under the given fault plans; (summary, plans after)."""
+def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], trials: int = 4,
+                    **search_section) -> tuple[dict, list[dict]]:
+    """A search of `trials` trials (no early stopping) under the given fault plans; (summary, plans after)."""
     import ray
 
     from tune_kd.search import runner
@@ -210,12 +211,12 @@ def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_se
     fault = tmp_path / "fault.json"
     fault.write_text(json.dumps(plans))
     monkeypatch.setenv(FAULT_FILE_ENV, str(fault))   # inherited by the Ray workers started below
-    cfg = load_config(raw=search_raw(world, num_samples=4, search=search_section, scheduler={"type": "none"}))
+    cfg = load_config(raw=search_raw(world, num_samples=trials, search=search_section, scheduler={"type": "none"}))
     summary = runner.run_search(cfg, "test", storage=str(tmp_path), num_cpus=2)
     assert not ray.is_initialized()
     plans = json.loads(fault.read_text())
     assert all(plan["times"] == 0 for plan in plans)             # the faults really fired
-    assert len(summary["rows"]) == 4                               # the search went on
+    assert len(summary["rows"]) == trials                          # the search went on
     for trial, epochs in epochs_by_trial(tmp_path / "tiny-search").items():
         assert epochs == list(range(1, len(epochs) + 1))          # a retry resumes, never repeats an epoch
     assert (tmp_path / "tiny-search" / "best_student" / "model.safetensors").is_file()
@@ -224,19 +225,19 @@ def run_with_faults(world, tmp_path, monkeypatch, plans: list[dict], **search_se
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,times,search_section,errored,reason", [
-    ("oom", 1, {"max_failures": 1}, 0, None),                                      # retried, then completes
     ("oom", 2, {"max_failures": 1, "max_concurrent": 1}, 1, "CUDA out of memory"),  # retried once, fails again
     ("disk_full", 1, {"max_failures": 0}, 1, "no space left on the device"),
 ])
 def test_failing_trials_are_retried_or_marked_errored(world, tmp_path, monkeypatch, capfd, kind, times,
                                                       search_section, errored, reason):
+    # two trials: one takes the fault, the other shows the search goes on
     summary, plans = run_with_faults(world, tmp_path, monkeypatch, [{"kind": kind, "epoch": 2, "times": times}],
-                                     **search_section)
+                                     trials=2, **search_section)
     rows = {r["trial_id"]: r for r in summary["rows"]}
     failed = [r for r in rows.values() if r["status"] == "ERROR"]
     assert len(failed) == errored
     assert all(reason in r["error"] for r in failed)
-    assert sum(r["status"] == "COMPLETED" for r in rows.values()) == 4 - errored
+    assert sum(r["status"] == "COMPLETED" for r in rows.values()) == 2 - errored
     if errored and times == 2:
         assert len(set(plans[0]["fired_by"])) == 1                 # one trial failed twice: retry, then ERROR
         # each failure one line on the terminal, never Ray's traceback: the retry, then the ERROR
@@ -314,9 +315,9 @@ def test_kill_and_resume_give_the_uninterrupted_search(world, tmp_path):
     """One trial at a time (so both runs see the same order): ASHA, the seeded sampler and the
     trials are deterministic, so a search killed (driver and trials, SIGKILL) and resumed must end
     as the uninterrupted one: the same trials stopped at the same epochs, the same errored trial
-    left ERROR, the same best, a study that agrees with trials.csv. Then --retry-errored re-runs it."""
+    left ERROR, the same best, a study that agrees with trials.csv."""
     space = tmp_path / "space.yaml"
-    space.write_text(yaml.safe_dump(search_raw(world, num_samples=6, search={"max_concurrent": 1, "max_failures": 0})))
+    space.write_text(yaml.safe_dump(search_raw(world, num_samples=4, search={"max_concurrent": 1, "max_failures": 0})))
     plan = [{"kind": "error", "epoch": 2, "times": 1}]   # the first trial to reach epoch 2 fails there
 
     def search(storage: Path, *flags: str, **popen) -> subprocess.Popen:
@@ -332,7 +333,7 @@ def test_kill_and_resume_give_the_uninterrupted_search(world, tmp_path):
     reference = search(tmp_path / "reference", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-3000:]
     expected = by_searched_values(tmp_path / "reference" / "tiny-search")
-    assert sorted(r["status"] for r in expected.values()).count("STOPPED_EARLY") >= 2   # ASHA had work to do
+    assert sorted(r["status"] for r in expected.values()).count("STOPPED_EARLY") >= 1   # ASHA had work to do
     assert [r["status"] for r in expected.values()].count("ERROR") == 1
     check_study_agrees(tmp_path / "reference" / "tiny-search")
 
@@ -340,7 +341,7 @@ def test_kill_and_resume_give_the_uninterrupted_search(world, tmp_path):
     log = tmp_path / "killed.log"
     with log.open("w") as out:
         driver = search(killed, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        reached = wait_for_line(log, "search: 3/6 trials done", 300)
+        reached = wait_for_line(log, "search: 2/4 trials done", 300)
         time.sleep(2)
         os.killpg(driver.pid, signal.SIGKILL)                      # the driver and everything it started
         driver.wait(timeout=30)
@@ -352,7 +353,7 @@ def test_kill_and_resume_give_the_uninterrupted_search(world, tmp_path):
     resumed = search(killed, "--resume", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, err[-3000:]
-    assert "search: 6/6 trials done" in out                         # the count went on from where it was
+    assert "search: 4/4 trials done" in out                         # the count went on from where it was
     got = by_searched_values(experiment)
     assert {k: (r["status"], r["epochs"]) for k, r in got.items()} == \
         {k: (r["status"], r["epochs"]) for k, r in expected.items()}
@@ -369,14 +370,7 @@ def test_kill_and_resume_give_the_uninterrupted_search(world, tmp_path):
     assert searched_values(best) == searched_values(reference_best)
     assert best["best_val_ce"] == pytest.approx(reference_best["best_val_ce"], rel=1e-4)   # resumed mid-trial, maybe
     assert json.loads((experiment / "best_student" / "tune_kd.json").read_text())["trial_id"] == best["trial_id"]
-
-    retried = search(killed, "--resume", "--retry-errored", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert retried.wait(timeout=600) == 0, retried.stderr.read()[-3000:]
-    rows = by_searched_values(experiment)
-    (failed,) = [k for k, r in got.items() if r["status"] == "ERROR"]
-    assert rows[failed]["status"] in ("COMPLETED", "STOPPED_EARLY") and int(rows[failed]["epochs"]) >= 2
-    assert epochs_by_trial(experiment)[rows[failed]["trial_id"]] == list(range(1, int(rows[failed]["epochs"]) + 1))
-    check_study_agrees(experiment)
+    # --retry-errored's study bookkeeping: tests/search/test_searcher.py::test_a_retried_errored_trial_reaches_the_study
 
 
 @pytest.mark.slow
@@ -490,7 +484,7 @@ def test_data_parallel_trials_through_ray_train(world, tmp_path, monkeypatch):
     fault = tmp_path / "fault.json"
     fault.write_text(json.dumps([{"kind": "error", "epoch": 2, "times": 1}]))
     monkeypatch.setenv(FAULT_FILE_ENV, str(fault))
-    cfg = load_config(raw=search_raw(world, num_samples=2, scheduler={"type": "none"}, train={"epochs": 2},
+    cfg = load_config(raw=search_raw(world, num_samples=1, scheduler={"type": "none"}, train={"epochs": 2},
                                      resources={"cpu_per_trial": 1, "workers_per_trial": 2}))
     # 2 workers x 1 CPU plus the trial's driver actor: Ray gets 3 logical CPUs (the machine has 2 cores)
     summary = runner.run_search(cfg, "test", storage=str(tmp_path), num_cpus=3, dashboard_host=None)
@@ -499,7 +493,7 @@ def test_data_parallel_trials_through_ray_train(world, tmp_path, monkeypatch):
             for line in result.read_text().splitlines() if line.strip()]
     assert rows and all(r["workers"] == 2 for r in rows)                   # DDP over 2 workers
     assert all(r["checkpoint_path"].startswith(str(experiment)) for r in rows)
-    assert len(summary["rows"]) == 2 and all(r["status"] == "COMPLETED" for r in summary["rows"])
+    assert len(summary["rows"]) == 1 and all(r["status"] == "COMPLETED" for r in summary["rows"])
     assert json.loads(fault.read_text())[0]["times"] == 0            # one trial crashed at epoch 2 ...
     assert all(epochs == [1, 2] for epochs in epochs_by_trial(experiment).values())   # ... and resumed, no repeat
     assert (experiment / "best_student" / "model.safetensors").is_file()

@@ -46,7 +46,7 @@ def test_no_credential_reaches_results_or_output(world, tmp_path):
     any file under the results folder, nor in what the search printed."""
     secrets = {"WANDB_API_KEY": "local-0f1e2d3c4b5a69788796a5b4c3d2e1f0fake0000",
                "HF_TOKEN": "hf_FAKEfakeFAKEfakeFAKEfakeFAKEfake01", "TUNE_KD_TEST_SECRET": "s3cr3t-do-not-print"}
-    raw = search_raw(world, num_samples=2, train={"epochs": 2}, scheduler={"type": "none"},
+    raw = search_raw(world, num_samples=2, train={"epochs": 1}, scheduler={"type": "none"},
                      logging={"wandb": True, "wandb_project": "tune-kd-test"})
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump(raw))
