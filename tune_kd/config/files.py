@@ -94,7 +94,7 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with disk_writes(path, len(text.encode())):
         try:
-            temporary.write_text(text)
+            temporary.write_text(text, encoding="utf-8")
             os.replace(temporary, path)
         finally:
             temporary.unlink(missing_ok=True)

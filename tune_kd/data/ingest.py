@@ -345,23 +345,26 @@ def lock_holder(handle) -> str:
         return "another process"
 
 
+def _try_lock(handle) -> bool:
+    """Take the exclusive lock on `handle` if no other process holds it; whether it was taken."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
 def _acquire(handle, path: Path, building: str) -> None:
     """Take the exclusive lock on `handle`, saying while it waits: a first line once the lock stays
     taken past one poll (a wait of a moment says nothing), then one every LOCK_WAIT_REPORT_S."""
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    if _try_lock(handle):
         return
-    except BlockingIOError:
-        pass
     started = time.monotonic()
     report_at, reported = started + LOCK_POLL_S, False
     while True:
         time.sleep(LOCK_POLL_S)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if _try_lock(handle):
             break
-        except BlockingIOError:
-            pass
         now = time.monotonic()
         if now >= report_at:
             first = "" if reported else f" to release {path}"

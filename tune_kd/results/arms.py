@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 from tune_kd.config.experiment import ExperimentConfig
+from tune_kd.config.files import atomic_write_text
 from tune_kd.results import reading
 
 log = logging.getLogger(__name__)
@@ -77,10 +78,7 @@ def compare(cfg: ExperimentConfig, best: dict, results: dict[str, dict], arms: d
 
 def write_controls(experiment_dir: Path, document: dict) -> None:
     """controls.json, whole or absent (written beside, then renamed over)."""
-    target = Path(experiment_dir) / CONTROLS_FILE
-    temporary = target.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(document, indent=1))
-    temporary.replace(target)
+    atomic_write_text(Path(experiment_dir) / CONTROLS_FILE, json.dumps(document, indent=1))
 
 
 def spread_of(values: list[float]) -> dict | None:

@@ -33,6 +33,7 @@ import html
 import io
 from pathlib import Path
 
+from tune_kd.config.files import atomic_write_text
 from tune_kd.results import reading, report_front
 from tune_kd.results.experiment import Experiment, load
 from tune_kd.results.figures import (
@@ -202,7 +203,5 @@ def build(experiment_dir: str | Path) -> Path:
     page = PAGE.format(name=html.escape(exp.name), summary=summary, figures="\n".join(blocks),
                        samples=samples_html(samples), table=_table_html(exp))
     target = exp.directory / REPORT_FILE
-    temporary = target.with_suffix(".html.tmp")
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(target)   # a reader never sees half a report
+    atomic_write_text(target, page)   # a reader never sees half a report
     return target
