@@ -304,7 +304,28 @@ checkpoint: {{keep_per_trial: 1}}
 controls: {{plain_sft: true, minimind_defaults: true}}
 logging: {{wandb: false, wandb_project: tune-kd, tensorboard: true}}
 """ + ("teacher_cache: off\n" if args.cache_off else ""), encoding="utf-8")
+    if args.set:
+        apply_overrides(path, args.set)
     return path
+
+
+def apply_overrides(path: Path, overrides: list[str]) -> None:
+    """--set KEY=VALUE (dotted key, YAML value), in order, on the experiment file: the hand-set
+    choices a comparison runs (teacher_server=off, teacher_cache.top_k=65536, controls.seeds=0, ...)."""
+    import yaml
+
+    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    for override in overrides:
+        key, _, value = override.partition("=")
+        *parents, leaf = key.split(".")
+        node = raw
+        for part in parents:
+            if not isinstance(node.get(part), dict):   # `teacher_server: off` style shorthands become a section
+                node[part] = {} if node.get(part) is None else {"mode": node[part]}
+            node = node[part]
+        node[leaf] = yaml.safe_load(value)
+    path.write_text("# bench/real_vocab_world.py wrote this file, with --set " + " ".join(overrides) + "\n"
+                    + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,6 +503,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=4, help="kd.yaml search.num_samples")
     parser.add_argument("--epochs", type=int, default=2, help="kd.yaml train.epochs (ASHA's max_t)")
     parser.add_argument("--cache-off", action="store_true", help="kd.yaml teacher_cache: off (default: left at auto)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a kd.yaml key (dotted, YAML value), e.g. --set teacher_server=off; repeatable")
     return parser.parse_args(argv)
 
 

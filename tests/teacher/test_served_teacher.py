@@ -200,9 +200,10 @@ def test_serving_refuses_runs_that_need_the_teacher_itself(world):
 
 @pytest.mark.slow
 def test_a_served_search_runs_on_policy_trials_and_takes_its_teacher_with_it(world, tmp_path, capsys):
-    """Two trials at a time, serve auto (on-policy searched, so the teacher runs live), warm start
-    searched: every trial completes or is stopped by ASHA, none errors, the requests were batched,
-    and no teacher actor is left once the search returns."""
+    """Two trials at a time sharing one served teacher (teacher_server: on; auto keeps a teacher per
+    trial on a CPU node, where serving is slower: test_served_choice.py), on-policy batches and warm
+    start searched: every trial completes or is stopped by ASHA, none errors, the served teacher
+    answered, and no teacher actor is left once the search returns."""
     import ray
 
     from tune_kd.search import runner
@@ -210,7 +211,7 @@ def test_a_served_search_runs_on_policy_trials_and_takes_its_teacher_with_it(wor
     if ray.is_initialized():   # the module's local_ray (4 CPUs): this search starts and ends its own Ray
         ray.shutdown()
     raw = search_raw(world, num_samples=4, train={"epochs": 2, "on_policy_fraction": 0.5, "max_new_tokens": 8},
-                     data={"max_train_examples": 400}, eval={"generation_samples": 8})
+                     data={"max_train_examples": 400}, eval={"generation_samples": 8}, teacher_server={"mode": "on"})
     raw["parameters"]["on_policy_start"] = {"distribution": "uniform", "min": 0.0, "max": 0.75}
     cfg = load_config(raw=raw)
     summary = runner.run_search(cfg, "test", storage=str(tmp_path), num_cpus=2, dashboard_host=None)

@@ -199,5 +199,6 @@ def test_a_url_teacher_gets_no_cache_from_the_search_and_the_plan_says_why(tiny_
 
     cfg = tiny_config(teacher_server={"url": "http://127.0.0.1:9", "top_k": 8})
     assert prepare_teacher_rows(cfg, serve=False) == (
-        None, "not used: teacher_server.url serves the teacher (its weights are not here to build a cache from)", None)
+        None, "not used: teacher_server.url serves the teacher (its weights are not here to build a cache from)", None,
+        None)
     assert prepare_teacher_rows(cfg, serve=True)[1].startswith("not used: teacher_server.url serves the teacher")

@@ -23,6 +23,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from tune_kd.config.errors import ConfigError, UserError
 from tune_kd.config.experiment import ExperimentConfig
@@ -156,23 +157,33 @@ def driver_config(cfg: ExperimentConfig) -> ExperimentConfig:
                        student=dataclasses.replace(cfg.student, max_params=None))
 
 
-def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool):
+class TeacherRows(NamedTuple):
+    """prepare_teacher_rows's answer."""
+
+    cache: object                 # the teacher cache (cache_store.TeacherCache) the trials read, or None
+    why: str                      # the cache's plan, one line
+    served_layout: object = None  # with serve: the rows a served teacher answers in (stored_rows.Layout)
+    costs: object = None          # with serve under teacher_server auto: served.TeacherCosts, its cost rule's input
+
+
+def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool) -> TeacherRows:
     """Build the teacher cache before the trials start (the search's driver), on the device the
     trials will use, so no trial waits for another; with serve, also decide the rows a served
-    teacher answers in (cache_plan.served_layout): (the cache or None, why, the layout or None). The
-    run is built as every trial builds it (train/run.build_run), so top_k auto measures against the
-    trials' starting student and they all reuse this measurement."""
+    teacher answers in (cache_plan.served_layout) and, under teacher_server auto where the trials
+    would run the teacher live, price serving against a teacher per trial (teacher_choice.measure).
+    The run is built as every trial builds it (train/run.build_run), so top_k auto measures against
+    the trials' starting student and they all reuse this measurement."""
     import torch
 
-    from tune_kd.teacher import cache_plan
+    from tune_kd.teacher import cache_plan, served
     from tune_kd.train.run import build_run
 
     if cfg.teacher is None:
-        return None, "not used: no teacher", None
+        return TeacherRows(None, "not used: no teacher")
     if cfg.teacher_server.url:
-        return None, cache_plan.decide(cfg, 0, 0, 0).why, None
+        return TeacherRows(None, cache_plan.decide(cfg, 0, 0, 0).why)
     if cfg.teacher_cache.mode == "off" and not serve:
-        return None, "off (teacher_cache: off)", None
+        return TeacherRows(None, "off (teacher_cache: off)")
     run = build_run(driver_config(cfg), cache=False)   # the cache is left to the plan below
     # one measurer for the cache and the served rows: its inputs() hashes the teacher's weights once
     measure = cache_plan.make_measurer(cfg, run.tokenizer, run.train_data, run.teacher, run.precision, run.columns,
@@ -180,8 +191,13 @@ def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool):
     cache, why = cache_plan.open_teacher_cache(cfg, run.tokenizer, run.train_data, run.teacher, run.precision,
                                                run.columns, run.pad_id, run.student, measure, verify=True)
     layout = cache_plan.served_layout(cfg, measure[0], cache, measure[2]) if serve else None
+    costs = None
+    if serve and cfg.teacher_server.mode == "auto" and (cache is None or served.on_policy_searched_or_set(cfg)):
+        from tune_kd.search import teacher_choice
+
+        costs = teacher_choice.measure(run, layout)
     device = run.device
     del run
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return cache, why, layout
+    return TeacherRows(cache, why, layout, costs)

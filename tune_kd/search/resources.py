@@ -109,7 +109,8 @@ def check_node_fit(cfg: ExperimentConfig, nodes: list[dict], source: str) -> Non
 def prepare_where_trials_run(cfg: ExperimentConfig, measure: bool) -> dict:
     """Build (or find) the teacher cache and, when asked, measure one trial's GPU peak, in this
     process: {"teacher_cache": folder or None, "why", "served_layout" (the rows a served teacher
-    answers in, when one may serve), "pid", "host", and with measure "peak", "total" (bytes)}, or
+    answers in, when one may serve), "teacher_costs" (served.TeacherCosts: teacher_server auto's
+    cost rule, when it has a choice to make), "pid", "host", and with measure "peak", "total" (bytes)}, or
     {"error": one line} for a UserError or a missing CUDA device."""
     from tune_kd.search.prepare import prepare_teacher_rows
     from tune_kd.teacher import served
@@ -119,9 +120,9 @@ def prepare_where_trials_run(cfg: ExperimentConfig, measure: bool) -> dict:
         # the rows a served teacher would answer in, decided here with the cache (search/runner.py decides to serve)
         one_at_a_time = cfg.search.max_concurrent == 1 or cfg.search.num_samples == 1
         may_serve = served.decide(cfg, 1 if one_at_a_time else 2, cache_used=False)[0]
-        cache, why, served_layout = prepare_teacher_rows(cfg, serve=may_serve)
-        where.update(teacher_cache=str(cache.directory) if cache is not None else None, why=why,
-                     served_layout=served_layout)
+        rows = prepare_teacher_rows(cfg, serve=may_serve)
+        where.update(teacher_cache=str(rows.cache.directory) if rows.cache is not None else None, why=rows.why,
+                     served_layout=rows.served_layout, teacher_costs=rows.costs)
         if measure:
             import torch
 

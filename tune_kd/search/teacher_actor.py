@@ -3,7 +3,14 @@ and starting and stopping the actors (the search's driver).
 
 Requests from concurrent trials are batched: the actor queues them and runs one teacher forward
 over as many as arrive within teacher_server.max_wait_ms of the first, up to
-teacher_server.max_batch_tokens tokens, while the next requests queue during that forward. The
+teacher_server.max_batch_tokens tokens, while the next requests queue during that forward. That
+alone batches nothing once the server is the bottleneck: each trial waits for its answer before it
+asks again, so while one trial's forward runs exactly one other request queues, and the trials fall
+into taking turns, one request per forward (measured: 1.00 over 122 forwards). Where one forward
+over two trials' batches costs clearly less than two (a GPU; search/teacher_choice.py measures it),
+the actor also waits, up to one forward's time, for every trial that is asking (the clients seen
+recently) before it starts: batching_wait. On a CPU a forward's cost grows with its tokens, so it
+does not wait. The
 answer is numpy arrays returned from the actor task, so they travel through Ray's shared-memory
 object store and the trial maps them without a copy (ray.get of a numpy array is zero-copy).
 
@@ -40,6 +47,12 @@ from tune_kd.teacher.stored_rows import Layout, StoredRows, compress, to_disk
 log = logging.getLogger(__name__)
 
 
+BATCHING_PAYS = 1.25         # batching_wait: two batches in one forward at least this much faster than two forwards
+
+
+ACTIVE_MIN_S = 1.0           # a client counts as asking while its last request is this recent (or 3 of its gaps)
+
+
 MAX_RESTARTS = 4               # a killed or crashed teacher process is started again this many times
 
 
@@ -55,6 +68,7 @@ class _Request:
     positions: np.ndarray          # (B, T) bool: the scored positions
     future: asyncio.Future
     arrived: float
+    client: str = ""               # the asking trial (batching waits for the trials that are asking)
 
     @property
     def tokens(self) -> int:
@@ -65,7 +79,8 @@ class TeacherServer:
     """The actor's body (search/runner.py wraps it with ray.remote): the teacher on this node's device, and
     score(), which batches concurrent requests into one forward."""
 
-    def __init__(self, cfg: ExperimentConfig, layout: Layout, cache_dir: str | None, threads: int):
+    def __init__(self, cfg: ExperimentConfig, layout: Layout, cache_dir: str | None, threads: int,
+                 wait_for_trials_s: float = 0.0):
         from tune_kd.data import tokenized
         from tune_kd.kd.scored import ScoredLM
         from tune_kd.model import build, hardware
@@ -91,6 +106,8 @@ class TeacherServer:
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1)   # one forward at a time
         self.forwards = self.requests = 0
         self.busy_s = 0.0
+        self.wait_for_trials_s = wait_for_trials_s   # batching_wait's answer: 0 never waits for other trials
+        self.asked: dict[str, tuple[float, float]] = {}   # client -> (its last request's time, the gap before it)
 
     def info(self) -> dict:
         return dict(self.info_)
@@ -99,28 +116,42 @@ class TeacherServer:
         """forwards, requests and busy seconds since start: requests / forwards is the batch occupancy."""
         return {"forwards": self.forwards, "requests": self.requests, "busy_s": self.busy_s}
 
-    async def score(self, input_ids: np.ndarray, positions: np.ndarray) -> dict:
+    async def score(self, input_ids: np.ndarray, positions: np.ndarray, client: str = "") -> dict:
         """The teacher's rows at the scored positions (row-major, as scoring.scored_positions orders
         them): {"values", "ids", "tail"} in the layout's stored dtypes (ids/tail absent for full
         rows), and "target_logprobs" (N,) float32, log p(next token) at T = 1."""
         loop = asyncio.get_running_loop()
         if self.arrival is None:
             self.arrival = asyncio.Event()
-        request = _Request(np.asarray(input_ids), np.asarray(positions, dtype=bool), loop.create_future(),
-                           time.perf_counter())
+        now = time.perf_counter()
+        request = _Request(np.asarray(input_ids), np.asarray(positions, dtype=bool), loop.create_future(), now, client)
+        last = self.asked.get(client)
+        self.asked[client] = (now, now - last[0] if last else 0.0)
         self.pending.append(request)
         self.arrival.set()
         if self.batcher is None or self.batcher.done():
             self.batcher = asyncio.ensure_future(self._serve_pending())
         return await request.future
 
+    def asking(self, now: float) -> set[str]:
+        """The clients that are asking: a request within ACTIVE_MIN_S, or within 3 of their own gaps."""
+        return {client for client, (last, gap) in self.asked.items() if now - last <= max(ACTIVE_MIN_S, 3 * gap)}
+
+    def gather_limit(self, now: float) -> float:
+        """How long the oldest pending request may wait for others: max_wait_ms, or with batching_wait
+        up to wait_for_trials_s while an asking trial has no request pending (none once all have)."""
+        if self.wait_for_trials_s <= 0:
+            return self.settings.max_wait_ms / 1000.0
+        missing = self.asking(now) - {r.client for r in self.pending}
+        return self.wait_for_trials_s if missing else 0.0
+
     async def _serve_pending(self) -> None:
         loop = asyncio.get_running_loop()
-        wait_s, budget = self.settings.max_wait_ms / 1000.0, self.settings.max_batch_tokens
+        budget = self.settings.max_batch_tokens
         while self.pending:
-            # gather: until the oldest request has waited max_wait_ms or the batch is full
+            # gather: until the oldest request has waited its limit or the batch is full
             while sum(r.tokens for r in self.pending) < budget:
-                left = self.pending[0].arrived + wait_s - time.perf_counter()
+                left = self.pending[0].arrived + self.gather_limit(time.perf_counter()) - time.perf_counter()
                 if left <= 0:
                     break
                 self.arrival.clear()
@@ -147,8 +178,6 @@ class TeacherServer:
     def _forward(self, batch: list[_Request]) -> list[dict]:
         """One teacher forward over the requests, right-padded to the longest (causal: padding after a
         position never changes it), split back per request."""
-        from tune_kd.kd.scored import row_chunks
-
         width = max(r.input_ids.shape[1] for r in batch)
         ids = np.zeros((sum(r.input_ids.shape[0] for r in batch), width), dtype=np.int64)
         scored = np.zeros(ids.shape, dtype=bool)
@@ -157,24 +186,7 @@ class TeacherServer:
             b, t = r.input_ids.shape
             ids[row:row + b, :t], scored[row:row + b, :t] = r.input_ids, r.positions
             row += b
-        targets = np.zeros(ids.shape, dtype=np.int64)
-        targets[:, :-1] = ids[:, 1:]                      # the logit at t is scored against token t + 1
-        device = self.precision.device
-        with torch.inference_mode(), self.precision.autocast():
-            out, _, _ = self.teacher(torch.from_numpy(ids).to(device), torch.from_numpy(scored).to(device))
-        wanted = torch.from_numpy(targets[scored]).to(device)
-        parts: dict[str, list] = {"values": [], "ids": [], "tail": [], "target_logprobs": []}
-        with torch.inference_mode():
-            for lo, hi in row_chunks(out.rows, out.vocab):
-                logits = out.logits(lo, hi)[:, :self.columns].float()
-                stored = compress(logits, self.layout)
-                parts["values"].append(to_disk(stored.values, self.layout.value_dtype))
-                if not self.layout.full:
-                    parts["ids"].append(to_disk(stored.ids, self.layout.id_dtype))
-                    parts["tail"].append(to_disk(stored.tail, self.layout.tail_dtype))
-                logp = torch.log_softmax(logits, dim=-1).gather(1, wanted[lo:hi, None])[:, 0]
-                parts["target_logprobs"].append(logp.cpu().numpy().astype(np.float32))
-        whole = {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks}
+        whole = answer_rows(self.teacher, self.precision, self.columns, self.layout, ids, scored)
         answers, first = [], 0
         for r in batch:
             count = int(r.positions.sum())
@@ -183,13 +195,41 @@ class TeacherServer:
         return answers
 
 
+def answer_rows(teacher, precision, columns: int | None, layout: Layout, ids: np.ndarray,
+                scored: np.ndarray) -> dict[str, np.ndarray]:
+    """The served teacher's answer for (B, T) token ids at the scored positions: {"values", "ids",
+    "tail"} in the layout's stored dtypes (ids/tail absent for full rows) and "target_logprobs" (N,)
+    float32, row-major over the scored positions. What the actor computes per forward, and what
+    search/teacher_choice.py times to price serving."""
+    from tune_kd.kd.scored import row_chunks
+
+    targets = np.zeros(ids.shape, dtype=np.int64)
+    targets[:, :-1] = ids[:, 1:]                      # the logit at t is scored against token t + 1
+    device = precision.device
+    with torch.inference_mode(), precision.autocast():
+        out, _, _ = teacher(torch.from_numpy(ids).to(device), torch.from_numpy(scored).to(device))
+    wanted = torch.from_numpy(targets[scored]).to(device)
+    parts: dict[str, list] = {"values": [], "ids": [], "tail": [], "target_logprobs": []}
+    with torch.inference_mode():
+        for lo, hi in row_chunks(out.rows, out.vocab):
+            logits = out.logits(lo, hi)[:, :columns].float()
+            stored = compress(logits, layout)
+            parts["values"].append(to_disk(stored.values, layout.value_dtype))
+            if not layout.full:
+                parts["ids"].append(to_disk(stored.ids, layout.id_dtype))
+                parts["tail"].append(to_disk(stored.tail, layout.tail_dtype))
+            logp = torch.log_softmax(logits, dim=-1).gather(1, wanted[lo:hi, None])[:, 0]
+            parts["target_logprobs"].append(logp.cpu().numpy().astype(np.float32))
+    return {name: np.concatenate(chunks) for name, chunks in parts.items() if chunks}
+
+
 class ServedTeacher(RemoteTeacher):
     """A trial's handle on its node's TeacherServer actors (one picked per trial)."""
 
-    def __init__(self, handle):
+    def __init__(self, handle, client: str = ""):
         import ray
 
-        self.handle = handle
+        self.handle, self.client = handle, client
         info = ray.get(handle.info.remote())
         self.layout: Layout = info["layout"]
         self.teacher_rows, self.cache_dir, self.pid = info["teacher_rows"], info["cache_dir"], info["pid"]
@@ -199,7 +239,7 @@ class ServedTeacher(RemoteTeacher):
         """The actor task is sent at once (Ray calls are asynchronous); result() gets its answer."""
         import ray
 
-        ref = self.handle.score.remote(input_ids.cpu().numpy(), positions.cpu().numpy())
+        ref = self.handle.score.remote(input_ids.cpu().numpy(), positions.cpu().numpy(), self.client)
         return PendingRows(lambda: self._stored(ray.get(ref)))
 
     def _stored(self, answer: dict) -> tuple[StoredRows, np.ndarray]:
@@ -251,10 +291,20 @@ def server_gpus(cfg: ExperimentConfig, gpus_per_node: float, trial_gpu: float) -
     return 1.0 if gpus_per_node >= 2 else float(trial_gpu or 1.0)
 
 
+def batching_wait(costs) -> float:
+    """How long a server waits for the other asking trials' requests (TeacherServer.gather_limit): one
+    request's answer time where batching two measured at least BATCHING_PAYS faster than two apart,
+    else 0 (costs: served.TeacherCosts, or None when not measured)."""
+    if costs is None or costs.served_pair_s * BATCHING_PAYS > 2 * costs.served_one_s:
+        return 0.0
+    return costs.served_one_s
+
+
 def start(cfg: ExperimentConfig, layout: Layout, cache_dir: str | None, nodes: list[str], gpus: float,
-          why: str) -> Served:
+          why: str, wait_for_trials_s: float = 0.0) -> Served:
     """TeacherServer actors (teacher_server.replicas per node) on these nodes, each ready (teacher
-    loaded) before this returns; a teacher that cannot start stops the search here with one line."""
+    loaded) before this returns; a teacher that cannot start stops the search here with one line.
+    wait_for_trials_s: batching_wait's answer."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -267,7 +317,7 @@ def start(cfg: ExperimentConfig, layout: Layout, cache_dir: str | None, nodes: l
                 name=actor_name(cfg.name, node, replica), num_cpus=s.cpus, num_gpus=gpus,
                 max_restarts=MAX_RESTARTS, max_task_retries=-1, max_concurrency=1000,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-            ).remote(cfg, layout, cache_dir, max(1, round(s.cpus)) if s.cpus else 1))
+            ).remote(cfg, layout, cache_dir, max(1, round(s.cpus)) if s.cpus else 1, wait_for_trials_s))
     served = Served(handles)
     started = time.perf_counter()
     try:
@@ -300,4 +350,4 @@ def node_teacher(cfg: ExperimentConfig, trial_key: str) -> ServedTeacher:
     except ValueError:
         raise UserError(f"teacher_server: on, but no served teacher runs on node {node[:8]} (the search starts one "
                         "per node before its trials)") from None
-    return ServedTeacher(handle)
+    return ServedTeacher(handle, trial_key)

@@ -117,7 +117,8 @@ def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder,
     if too_big is None:
         smaller = max((k for k in errors if k < chosen), default=None)
         beaten = f"; top-{smaller}: {errors[smaller].describe()}" if smaller else ""
-        return CachePlan(True, f"{c.mode}, top_k auto: {lay.describe()}, {size / 2**20:.1f} MB; measured "
+        bigger = f"top-{chosen} would take more bytes than the full row, so " if lay.full and chosen < vocab else ""
+        return CachePlan(True, f"{c.mode}, top_k auto: {bigger}{lay.describe()}, {size / 2**20:.1f} MB; measured "
                                f"{errors[chosen].describe()}, {on_what}{beaten}", lay, record)
     limit = min(0.9 * free_bytes, c.max_gb * 2**30)
     ladder_ks = cache_fidelity.auto_ladder(vocab)[:-1]

@@ -20,6 +20,7 @@ A teacher too large for one process is served by an inference engine instead:
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import types
 import warnings
@@ -50,10 +51,81 @@ def on_policy_searched_or_set(cfg: ExperimentConfig) -> bool:
     return cfg.train.on_policy_fraction > 0 or "on_policy_fraction" in cfg.parameters
 
 
-def decide(cfg: ExperimentConfig, trials_per_node: int, cache_used: bool) -> tuple[bool, str]:
+LOCAL_MEMORY_SHARE = 0.5    # a teacher per trial: the copies may take at most this share of the node's memory
+
+
+@dataclass(frozen=True)
+class TeacherCosts:
+    """One training batch's teacher, priced where the trials run (search/teacher_choice.measure):
+    the inputs of decide's cost rule. Seconds on the trials' own device and threads."""
+
+    local_forward_s: float      # a trial's own teacher: its forward and output rows as the loss makes them
+    served_one_s: float         # the server's answer for one batch: forward, rows compressed to the layout, copied
+    served_pair_s: float        # the same for two trials' batches in one forward (what batching costs)
+    student_s: float            # the rest of a trial's step: the student's forward, loss, backward, optimizer
+    positions: int              # scored positions in the batch
+    rows_bytes: int             # bytes of the served rows for the batch (positions x the layout's bytes)
+    teacher_bytes: int          # one teacher copy's weights (a teacher per trial holds one each)
+    memory_bytes: int           # the memory the node's trials share (GPU: the node's GPUs; CPU: available RAM)
+    device: str
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Trial-steps per second on a node, each way of running the teacher (decide's figures)."""
+
+    local: float
+    served: float
+    served_round_s: float       # the server's work for one request of each trial (batched as it batches)
+    local_step_s: float
+    served_step_s: float
+
+
+def estimate(costs: TeacherCosts, local_trials: int, served_trials: int, shared_compute: bool) -> Estimate:
+    """The node's throughput with a teacher per trial against one served teacher.
+
+    Local: each trial runs its teacher itself, in parallel with the others: a step is student_s +
+    local_forward_s. Served: one server answers every trial of the node, one request each per round;
+    a batched round costs served_one_s plus (served_pair_s - served_one_s) per further trial (on a
+    CPU the pair costs about twice one: batching saves nothing; on a GPU far less). The server is
+    one queue, so a trial's step is never shorter than the round; where the server shares the
+    trials' compute (a CPU node where it holds no CPUs of its own, or a GPU it shares with trials),
+    its work is added to theirs rather than taken off: a step is at least student_s plus a trial's
+    share of the round. On its own device only the round bounds it (the student runs meanwhile)."""
+    local_step = costs.student_s + costs.local_forward_s
+    n = max(1, served_trials)
+    round_s = costs.served_one_s + (n - 1) * max(costs.served_pair_s - costs.served_one_s, 0.0)
+    own_part = costs.student_s + round_s / n if shared_compute else costs.student_s
+    served_step = max(own_part, round_s)
+    return Estimate(local_trials / local_step, n / served_step, round_s, local_step, served_step)
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.2f} GB"
+
+
+def describe_estimate(costs: TeacherCosts, est: Estimate, local_trials: int, served_trials: int) -> str:
+    """The costs behind the choice, for its log line."""
+    return (f"estimated {est.local:.3g} trial-steps/s with a teacher in each of {local_trials} trials (a step "
+            f"{est.local_step_s:.2f} s: teacher {costs.local_forward_s:.2f} s, student {costs.student_s:.2f} s; "
+            f"{local_trials} copies of {_gb(costs.teacher_bytes)} in {_gb(costs.memory_bytes)}) against {est.served:.3g} "
+            f"served to {served_trials} (a step {est.served_step_s:.2f} s; the server's round {est.served_round_s:.2f} s: "
+            f"{costs.served_one_s:.2f} s per request with its rows, {_gb(costs.rows_bytes)} of rows for "
+            f"{costs.positions:,} positions; 2 requests in one forward {costs.served_pair_s:.2f} s)")
+
+
+def decide(cfg: ExperimentConfig, trials_per_node: int, cache_used: bool, costs: TeacherCosts | None = None,
+           served_trials: int | None = None, shared_compute: bool = True) -> tuple[bool, str]:
     """(serve through Ray actors, why): `on` serves whenever a trial needs the teacher; `auto` when
-    more than one trial runs per node and the teacher would run live in them (no teacher cache, or
-    on-policy batches). A url is served by its engine, never by Ray (False here)."""
+    more than one trial runs per node, the teacher would run live in them (no teacher cache, or
+    on-policy batches), and serving is cheaper (estimate(), from the measured costs) or a teacher
+    in every trial would not fit the node's memory (LOCAL_MEMORY_SHARE). Without costs (asked
+    before they are measured) auto answers whether it may serve. A url is served by its engine,
+    never by Ray (False here). served_trials: trials per node when the server takes its share
+    (default trials_per_node); shared_compute: as estimate() takes it."""
     s = cfg.teacher_server
     if s.url:
         return False, f"served by {s.url} (teacher_server.url)"
@@ -71,7 +143,18 @@ def decide(cfg: ExperimentConfig, trials_per_node: int, cache_used: bool) -> tup
     if cache_used and not on_policy_searched_or_set(cfg):
         return False, "auto: not used, the trials read the teacher cache (the teacher runs only for evaluation)"
     why = "on-policy batches need a live teacher" if cache_used else "the teacher runs live (no teacher cache)"
-    return True, f"auto: {trials_per_node} trials per node share one teacher ({why})"
+    if costs is None:
+        return True, f"auto: {trials_per_node} trials per node may share one teacher ({why})"
+    served_trials = served_trials or trials_per_node
+    est = estimate(costs, trials_per_node, served_trials, shared_compute)
+    figures = describe_estimate(costs, est, trials_per_node, served_trials)
+    copies = trials_per_node * costs.teacher_bytes
+    if copies > LOCAL_MEMORY_SHARE * costs.memory_bytes:
+        return True, (f"auto: served, {trials_per_node} teacher copies ({_gb(copies)}) would take more than "
+                      f"{100 * LOCAL_MEMORY_SHARE:.0f}% of the node's {_gb(costs.memory_bytes)} ({why}); {figures}")
+    if est.served > est.local:
+        return True, f"auto: served, one teacher for {served_trials} trials is faster ({why}); {figures}"
+    return False, f"auto: not used, a teacher in each trial is faster ({why}); {figures}"
 
 
 # ----------------------------------------------------------------------------------------------

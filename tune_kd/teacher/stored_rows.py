@@ -73,10 +73,15 @@ class Layout:
 
 
 def layout(top_k: int, vocab: int, dtype: str = "float16") -> Layout:
-    """The layout of a cache keeping top_k logits (all of them when top_k >= vocab) in `dtype`."""
+    """The layout of rows keeping top_k logits in `dtype`, or the full row (exact, float32) when
+    top_k >= vocab or when the top k (values + ids + tail) would take as many bytes as the full row:
+    at Qwen2.5's 151,646 ids top-131,072 in float16 is 786,450 bytes a position against the full
+    row's 606,584, and the top-k selection itself is a near-full sort, so the full row is smaller,
+    faster and exact (never a top-k bigger than the full row)."""
     if dtype not in VALUE_DTYPES:
         raise ValueError(f"teacher cache dtype {dtype!r} is not one of {VALUE_DTYPES}")
-    return Layout(min(top_k, vocab), vocab, dtype)
+    top, full = Layout(min(top_k, vocab), vocab, dtype), Layout(vocab, vocab, dtype)
+    return full if top.bytes_per_position >= full.bytes_per_position else top
 
 
 def bytes_per_position(top_k: int, vocab: int, dtype: str = "float16") -> int:
