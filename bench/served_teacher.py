@@ -317,14 +317,14 @@ def part_one(args) -> dict:
 
 
 def part_two(args) -> dict:
-    from tune_kd.teacher import cache_plan
+    from tune_kd.search.prepare import prepare_teacher_rows
 
     base = {"train.epochs": 1, "train.on_policy_fraction": 0.5, "train.max_new_tokens": 12,
             "data.max_train_examples": args.on_policy_examples, "data.val_path": small_val(),
             "train.log_interval": 10_000, "eval.generation_samples": 0, "teacher_cache.mode": "on",
             "teacher_server.cpus": 1.0}
     served_cfg = demo_config({**base, "teacher_server.mode": "on"})
-    cache, _, lay = cache_plan.prepare_teacher_rows(served_cfg, serve=True)
+    cache, _, lay = prepare_teacher_rows(served_cfg, serve=True)
     runs = {"served teacher": run_trials([served_cfg], served_cfg, lay, str(cache.directory), server_cpus=1.0),
             "own teacher": run_trials([demo_config(base)])}
     for mode, run in runs.items():
