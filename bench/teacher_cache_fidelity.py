@@ -66,6 +66,12 @@ def load_world(args):
     return cfg, trained_path
 
 
+def full_logits(scored) -> torch.Tensor:
+    """A Scored output's whole (N, V) fp32 logits (differentiable for the student): the figures
+    here compare whole rows, which the sample is small enough to hold."""
+    return scored.logits(0, scored.rows)
+
+
 def tail_mass(teacher_logits: torch.Tensor, k: int, temperature: float) -> float:
     """Mean probability the teacher puts outside its top k at temperature T."""
     probs = torch.softmax(teacher_logits.float() / temperature, dim=-1)
@@ -99,13 +105,13 @@ def main() -> int:
     vocab = build.vocab_rows(teacher.lm)
     pad_id = tokenized.padding_id(tokenizer)
     batches = cache_fidelity.sample_batches(train_data, pad_id, conversations=args.conversations)
-    teacher_rows = scoring.teacher_rows(teacher, precision, None)
+    teacher_outputs = scoring.teacher_outputs(teacher, precision)
     ks = cache_fidelity.auto_ladder(vocab)
     layouts = [stored_rows.layout(k, vocab, "float16") for k in ks]
     layouts += [stored_rows.layout(k, vocab, dtype) for k in args.compare_k if k < vocab
                 for dtype in ("float32", "bfloat16")]
     layouts.sort(key=lambda lay: (lay.k, lay.dtype != "float32", lay.dtype))
-    teacher_logits = torch.cat([teacher_rows(b) for b in batches])
+    teacher_logits = torch.cat([full_logits(teacher_outputs(b)) for b in batches])
     positions = teacher_logits.shape[0]
     print(f"teacher {cfg.teacher.path} (vocab {vocab}), kd_loss {cfg.train.kd_loss}, {args.conversations} sampled "
           f"conversations ({positions} scored positions), T in {args.temperatures}")
@@ -116,8 +122,8 @@ def main() -> int:
         meter = cache_fidelity.FidelityMeter(layouts, args.temperatures, {cfg.train.kd_loss: losses.kd_options(cfg.train)},
                                              list(student.parameters()))
         for batch in batches:
-            s_logits, t_logits, *_ = step.forward_pair(student, teacher, batch, precision, None, True)
-            meter.add(s_logits, t_logits, conversations=len(batch["indices"]))
+            s_out, t_out, *_ = step.forward_pair(student, teacher, batch, precision, True)
+            meter.add(full_logits(s_out), full_logits(t_out), conversations=len(batch["indices"]))
         print(f"\n{name}: worst relative error over T (and where), by k and stored dtype")
         print(header)
         for lay, f in meter.results().items():
