@@ -3,6 +3,8 @@ and stored dtype, and the k that teacher_cache.top_k auto picks.
 
     python bench/teacher_cache_fidelity.py --world docstrings     # MiniMind's 6,400-id BPE tokenizer
     python bench/teacher_cache_fidelity.py                        # the embedded default (vocab 103)
+    python bench/teacher_cache_fidelity.py --smoke    # seconds: a toy demo (untrained tiny teacher) in a
+                                                      # scratch folder, 8 conversations, T 1 and 4 (tests/bench)
 
 Worlds: `docstrings` (bench/docstring_world.py: chat data made of installed packages' docstrings,
 a teacher trained on it, a student distilled from it; built and cached under results/ on first
@@ -58,6 +60,12 @@ def load_world(args):
         print(f"docstring world: teacher val_ce {world['teacher_metrics']['val_ce']:.3f} "
               f"({world['teacher_metrics']['train_seconds']:.0f} s of training), distilled student val_ce "
               f"{world['student_metrics']['val_ce']:.3f}, val_kl {world['student_metrics']['val_kl']:.3f}")
+    elif args.smoke:
+        import _smoke
+
+        root = _smoke.tiny_demo(_smoke.scratch("cache-fidelity") / "demo")
+        cfg = load_config(args.space, _smoke.demo_overrides(root, "train.jsonl"))
+        trained_path = root / "no-trained-student"    # the fresh student only
     else:
         cfg = load_config(args.space)
         if cfg.embedded_demo:
@@ -88,7 +96,12 @@ def main() -> int:
     parser.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES))
     parser.add_argument("--compare-k", type=int, nargs="+", default=[64, 256, 1024],
                         help="ks also measured in float32 and bfloat16")
+    parser.add_argument("--smoke", action="store_true", help="seconds: the demo world at toy size (see above)")
     args = parser.parse_args()
+    if args.smoke:
+        if args.world != "demo":
+            parser.error("--smoke builds its own toy demo world")
+        args.conversations, args.temperatures, args.compare_k = 8, [1.0, 4.0], [16]
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     torch.manual_seed(0)
