@@ -311,9 +311,9 @@ def smoke_settings(args) -> None:
 
     folder = _smoke.scratch("digits-world")
     _smoke.digits_bpe(folder / "tokenizer")
-    args.world, args.tokenizer, args.conversations, args.val = str(folder / "world"), str(folder / "tokenizer"), 64, 16
+    args.world, args.tokenizer, args.conversations, args.val = str(folder / "world"), str(folder / "tokenizer"), 128, 16
     args.teacher_hidden, args.teacher_layers, args.teacher_epochs, args.teacher_batch_size = 64, 1, 1, 32
-    args.seeds, args.epochs, args.examples = [0], 2, 64
+    args.seeds, args.epochs, args.examples = [0], 2, 128      # 2 batches an epoch: epoch 2 of warm has an on-policy one
     for name, value in (("arms", ["off", "warm"]), ("student_hidden", 32), ("student_layers", 1),
                         ("generation_samples", 8)):
         if hasattr(args, name):      # the flags this script has (student_init_speed.py lacks the arm flags)
@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                              "spin against each other and a step takes 10-15x longer; speed only, not results)")
     parser.add_argument("--smoke", action="store_true", help="seconds: a toy world (a small BPE in place of "
                         "MiniMind's, a 64 x 1 teacher trained 1 epoch) in a scratch folder, arms off and warm, "
-                        "1 seed, 2 epochs on 64 conversations")
+                        "1 seed, 2 epochs on 128 conversations")
     args = parser.parse_args(argv)
     if args.smoke:
         smoke_settings(args)
