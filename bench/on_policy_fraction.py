@@ -46,7 +46,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--storage", default=str(REPO / "results"))
-    parser.add_argument("--smoke", action="store_true", help="seconds: fractions 0 and 0.5, 1 epoch on 32 "
+    parser.add_argument("--smoke", action="store_true", help="seconds: fraction 0.5 and plain SFT, 1 epoch on 32 "
                         "conversations of a toy demo (untrained tiny teacher), 8 prompts, in a scratch folder")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -57,7 +57,7 @@ def main() -> None:
         SMOKE_OVERRIDES.update(_smoke.demo_overrides(_smoke.tiny_demo(folder / "demo"), "train.jsonl"),
                                **{"data.max_train_examples": 32, "eval.generation_samples": 8,
                                   "train.max_new_tokens": 4})
-        args.fractions, args.seeds, args.epochs, args.storage = [0.0, 0.5], [0], 1, str(folder)
+        args.fractions, args.seeds, args.epochs, args.storage = [0.5], [0], 1, str(folder)
     else:
         demo.prepare()
     arms = {f"on_policy_fraction {f:g}": {"on_policy_fraction": f} for f in args.fractions}

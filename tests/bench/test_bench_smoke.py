@@ -78,7 +78,7 @@ SMOKES: dict[str, list[tuple[str, object]]] = {
         (r"replayed random\+asha on 4 fixed curves: (\d+) trial-epochs of 12, best (\S+)",
          lambda spent, best: 4 <= int(spent) < 12 and number(best) == 1.2)],
     "search_replay.py": [
-        (r"default/random trial-epochs to random's final best: (\S+) \(median of 2 seeds, IQR \S+\), table minimind",
+        (r"default/random trial-epochs to random's final best: (\S+) \(median of 1 seeds, IQR \S+\), table minimind",
          finite_positive)],
     "served_teacher.py": [
         (r"served/local teacher memory \(2 trials\): (\S+)", finite_positive),
