@@ -5,6 +5,8 @@ alpha distils heavily).
 
     python bench/asha_distillation_bias.py [--tables default minimind] [--searches 1000]
                                            [--processes 2] [--out results/asha-bias]
+    python bench/asha_distillation_bias.py --smoke   # seconds: 2 searches per table and arm, one process,
+                                                     # written to a scratch folder (tests/bench)
 
 Per table:
 
@@ -389,7 +391,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--searches", type=int, default=1000, help="replayed searches per table and arm")
     parser.add_argument("--processes", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "results" / "asha-bias"))
+    parser.add_argument("--smoke", action="store_true", help="seconds: --searches 2 --processes 1, --out a scratch "
+                        "folder unless given")
     args = parser.parse_args(argv)
+    if args.smoke:
+        import _smoke
+
+        args.searches, args.processes = 2, 1
+        if args.out == parser.get_default("out"):
+            args.out = str(_smoke.scratch("asha-bias"))
     started = time.perf_counter()
     for name in args.tables:
         path = Path(args.curves) / f"{name}.csv"

@@ -4,6 +4,7 @@
                                   [--evals 4] [--kd-lrs 3e-3] [--kd-alphas 0.2 0.5] [--kd-temperatures 1 2]
                                   [--sft-lrs 1e-3 3e-3 1e-2] [--seeds 1 2 3] [--cache-top-k 32]
                                   [--jobs 2] [--threads 1] [--quick]
+    python bench/data_fraction.py --smoke    # seconds: a toy demo world in a scratch folder (tests/bench)
 
 In the paper a speech model trained on 3% of the data reached 44.5% test frame accuracy with hard
 targets and 57.0% with the full-data teacher's soft targets (the full-data model: 58.9%). Here, on
@@ -547,6 +548,18 @@ def report(args, worlds: dict, groups: list[Group], runs: Runs, wall: float) -> 
     print(f"results -> {out}")
 
 
+def smoke_settings(args) -> None:
+    """--smoke: toy sizes, and the world, the runs and the summary in a scratch folder."""
+    global OUT, TRAIN_CONVERSATIONS
+    import _smoke
+
+    folder = _smoke.scratch("data-fraction")
+    TRAIN_CONVERSATIONS, OUT = 256, folder / "out"       # workers read neither: their jobs carry the paths
+    args.demo_dir = str(_smoke.tiny_demo(folder / "demo", conversations=TRAIN_CONVERSATIONS))
+    args.worlds, args.fractions, args.steps, args.evals, args.seeds, args.jobs = ["demo"], [0.25], 4, 2, [1], 1
+    args.kd_lrs, args.kd_alphas, args.kd_temperatures, args.sft_lrs = [3e-3], [0.5], [2.0], [3e-3]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--worlds", nargs="+", choices=WORLDS, default=None, help="default: both (--quick: demo)")
@@ -565,8 +578,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--demo-dir", default=str(ROOT / "results" / "demo"))
     parser.add_argument("--minimind-dir", default=str(ROOT / "results" / "minimind-digits-world"))
-    parser.add_argument("--quick", action="store_true", help="a smoke run of about two minutes")
+    parser.add_argument("--quick", action="store_true", help="a short run of about two minutes")
+    parser.add_argument("--smoke", action="store_true", help="seconds: the demo world at toy size (256 conversations, "
+                        "an untrained tiny teacher) in a scratch folder, one fraction, one point per search, "
+                        "4 steps, one seed, one worker")
     args = parser.parse_args(argv)
+    if args.smoke:
+        smoke_settings(args)
     defaults = {"worlds": ["demo"] if args.quick else list(WORLDS), "fractions": [0.03, 0.1] if args.quick
                 else [0.03, 0.1, 0.3, 1.0], "steps": 48 if args.quick else 300, "evals": 2 if args.quick else 4,
                 "kd_lrs": [kd_yaml()["train"]["learning_rate"]], "kd_alphas": [0.5] if args.quick else [0.2, 0.5],

@@ -2,6 +2,7 @@
 
     python bench/data_scale.py --conversations 100000 [--tokenizer ../shared/tokenizers/minimind]
                                [--workers 0] [--keep]
+    python bench/data_scale.py --smoke    # seconds: 200 conversations, a small BPE trained here (tests/bench)
 
 The file is in the seed's format (`{"conversations": [{role, content}, ...]}`, one per line):
 1-3 user/assistant turns, questions of 5-40 words and replies of 10-200 words, 15% with a system
@@ -149,6 +150,8 @@ def main() -> int:
     parser.add_argument("--dir", help="work folder (default: a temporary one, removed unless --keep)")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--baseline", type=int, default=0, help="also time the previous method on this many")
+    parser.add_argument("--smoke", action="store_true", help="seconds: 200 conversations, a small byte-level BPE "
+                        "trained on a sample of them in place of MiniMind's, a scratch folder (no --baseline)")
     parser.add_argument("--previous-method", nargs=3, metavar=("FILE", "TOKENIZER", "MAX_SEQ_LEN"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.previous_method:   # the baseline's own process, started by timed()
@@ -156,6 +159,14 @@ def main() -> int:
         return 0
     work = Path(args.dir or tempfile.mkdtemp(prefix="tune_kd-data-scale-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.smoke:
+        import _smoke
+
+        sample = work / "tokenizer-sample.jsonl"
+        write_conversations(sample, 100, seed=1)
+        _smoke.bpe_tokenizer(work / "tokenizer", _smoke.conversation_texts(sample), vocab_size=2000)
+        sample.unlink()
+        args.conversations, args.tokenizer, args.workers, args.baseline = [200], str(work / "tokenizer"), 1, 0
     print(f"tokenizer {args.tokenizer}; data.workers {args.workers}; {os.cpu_count()} CPUs; work folder {work}")
     print(f"{'method':<9} {'conversations':>13} {'file MB':>8} {'write s':>8} {'prepare s':>9} {'conv/s':>7} "
           f"{'peak RSS GB':>11}  tokens")

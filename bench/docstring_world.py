@@ -10,11 +10,13 @@ so a rerun skips what is already there:
 
 The tokenizer is read from ../shared/tokenizers/minimind (tokenizer.json, tokenizer_config.json
 with the chat template); nothing is downloaded. `python bench/docstring_world.py` builds it and
-prints where each part is.
+prints where each part is. `--smoke` builds a toy one in seconds in a scratch folder instead (two
+modules' docstrings, a small BPE trained on them in place of MiniMind's, tiny models; tests/bench).
 """
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import inspect
 import json
@@ -162,7 +164,26 @@ def prepare() -> dict:
             "student_metrics": json.loads((student / "metrics.json").read_text())}
 
 
+def smoke() -> None:
+    """--smoke: the same steps at toy size in a scratch folder, with a BPE trained on the corpus."""
+    global WORLD_DIR, TOKENIZER_DIR, MODULES, TRAIN_CONVERSATIONS, TEACHER, STUDENT, TEACHER_TRAIN, STUDENT_TRAIN
+    import _smoke
+
+    WORLD_DIR, MODULES, TRAIN_CONVERSATIONS = _smoke.scratch("docstring-world") / "world", ("json", "textwrap"), 48
+    TEACHER = {"arch": dict(_smoke.TEACHER_ARCH, max_position_embeddings=MAX_SEQ_LEN)}
+    STUDENT = {"arch": dict(_smoke.TINY_ARCH, max_position_embeddings=MAX_SEQ_LEN)}
+    TEACHER_TRAIN, STUDENT_TRAIN = dict(TEACHER_TRAIN, epochs=1), dict(STUDENT_TRAIN, epochs=1)
+    data_path = WORLD_DIR / "data" / "train.jsonl"
+    write_corpus(data_path)
+    TOKENIZER_DIR = WORLD_DIR / "tokenizer"
+    _smoke.bpe_tokenizer(TOKENIZER_DIR, _smoke.conversation_texts(data_path), vocab_size=1000)
+
+
 if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a toy world in seconds, in a scratch folder")
+    if parser.parse_args().smoke:
+        smoke()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     world = prepare()
     print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in world.items() if k != "config"}, indent=1))

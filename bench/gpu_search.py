@@ -3,6 +3,7 @@ one GPU, and the probe behind auto must predict what a trial really uses.
 
     python bench/gpu_search.py [--space search_spaces/kd.yaml] [--gpu-per-trial auto] [--num-samples 4]
     python bench/gpu_search.py --smoke        # CPU, a tiny world built in a temporary folder: the plumbing only
+                                              # (one trial unless --num-samples says; tests/bench runs it)
 
 Runs the search (no ASHA, so every trial runs its epochs; no control arms, no export), counts how
 many trials were RUNNING at the same time (a Tune callback), and compares each trial's real peak
@@ -75,13 +76,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--space", default="search_spaces/kd.yaml")
     parser.add_argument("--gpu-per-trial", default="auto", help="auto (the probe decides) or a share such as 0.25")
-    parser.add_argument("--num-samples", type=int, default=4)
+    parser.add_argument("--num-samples", type=int, help="default: 4 (--smoke: 1)")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--goal", type=int, default=4, help="trials that must run at once (default: %(default)s)")
     parser.add_argument("--storage", default="results/bench")
     parser.add_argument("--smoke", action="store_true", help="CPU, a tiny world: checks the plumbing, not the GPU")
     parser.add_argument("--result-lines", action="store_true", help="also print the result as '@result {json}'")
     args = parser.parse_args()
+    if args.num_samples is None:
+        args.num_samples = 1 if args.smoke else 4
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
 

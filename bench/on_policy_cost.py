@@ -1,6 +1,7 @@
 """What an on-policy batch costs against an off-policy one, on the embedded default.
 
     python bench/on_policy_cost.py [--examples 1920] [--max-new-tokens 12] [--device auto]
+    python bench/on_policy_cost.py --smoke    # seconds: a toy demo in a scratch folder (tests/bench)
 
 One epoch of loop.train with train.on_policy_fraction 0.5 on the demo's student and teacher (the
 search space's settings, search_spaces/kd.yaml), so both kinds of batch run in the same process,
@@ -25,12 +26,13 @@ from tune_kd.search import demo
 from tune_kd.train.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
+SMOKE_OVERRIDES: dict = {}     # --smoke: kd.yaml pointed at a toy demo (bench/_smoke.py)
 
 
 def one_epoch(args, fraction: float, teacher_cache: str) -> dict:
     overrides = {"train.epochs": 1, "train.on_policy_fraction": fraction, "train.max_new_tokens": args.max_new_tokens,
                  "train.device": args.device, "data.max_train_examples": args.examples,
-                 "teacher_cache.mode": teacher_cache, "train.log_interval": 10_000}
+                 "teacher_cache.mode": teacher_cache, "train.log_interval": 10_000, **SMOKE_OVERRIDES}
     cfg = load_config(REPO / "search_spaces" / "kd.yaml", overrides, storage=args.storage)
     return train(cfg, use_wandb=False).metrics
 
@@ -41,9 +43,18 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--storage", default=str(REPO / "results"))
+    parser.add_argument("--smoke", action="store_true", help="seconds: 32 conversations of a toy demo (untrained "
+                        "tiny teacher) in a scratch folder, 4 new tokens, on CPU")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    demo.prepare()
+    if args.smoke:
+        import _smoke
+
+        folder = _smoke.scratch("on-policy-cost")
+        SMOKE_OVERRIDES.update(_smoke.demo_overrides(_smoke.tiny_demo(folder / "demo")))
+        args.examples, args.max_new_tokens, args.device, args.storage = 32, 4, "cpu", str(folder)
+    else:
+        demo.prepare()
     mixed = one_epoch(args, 0.5, "auto")
     live = one_epoch(args, 0.0, "off")
     on, off, off_live = mixed["on_policy_s_per_batch"], mixed["off_policy_s_per_batch"], live["off_policy_s_per_batch"]

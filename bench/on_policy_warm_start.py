@@ -3,6 +3,7 @@
     python bench/on_policy_warm_start.py [--seeds 0 1 2] [--epochs 4] [--examples 16000] [--fraction 0.5]
                                          [--warm-start 0.5] [--generation-samples 200] [--arms off on0 warm]
                                          [--threads 1]
+    python bench/on_policy_warm_start.py --smoke    # seconds: a toy world in a scratch folder (tests/bench)
 
 Measured (docs/methods.md, "The warm-up"): the teacher trains once in about 10 minutes, the three
 arms x three seeds then take 30 minutes on a busy 2-core CPU; --seeds 0 1 2 3 4 adds 20 more.
@@ -67,7 +68,7 @@ ARM_TITLES = {"off": "off-policy", "on0": "on-policy from step 0", "warm": "warm
 # ----------------------------------------------------------------------------------------------
 
 def world_settings(args) -> dict:
-    return {"tokenizer": str(TOKENIZER_DIR.resolve()), "data_seed": args.data_seed, "conversations": args.conversations,
+    return {"tokenizer": str(Path(args.tokenizer).resolve()), "data_seed": args.data_seed, "conversations": args.conversations,
             "val": args.val, "teacher_hidden": args.teacher_hidden, "teacher_layers": args.teacher_layers,
             "teacher_epochs": args.teacher_epochs, "teacher_lr": args.teacher_lr,
             "teacher_batch_size": args.teacher_batch_size, "max_seq_len": MAX_SEQ_LEN}
@@ -77,6 +78,7 @@ def add_world_flags(parser: argparse.ArgumentParser) -> None:
     """--world and the flags world_settings reads (bench/student_init_speed.py reuses the world)."""
     parser.add_argument("--world", default=str(ROOT / "results" / NAME), help="the world's folder (default: %(default)s)")
     world_flags = parser.add_argument_group("the world (a change rebuilds it)")
+    world_flags.add_argument("--tokenizer", default=str(TOKENIZER_DIR), help="MiniMind's tokenizer (default: %(default)s)")
     world_flags.add_argument("--data-seed", type=int, default=2024)
     world_flags.add_argument("--conversations", type=int, default=16000, help="training conversations")
     world_flags.add_argument("--val", type=int, default=400, help="validation conversations")
@@ -120,15 +122,16 @@ def build_world(args, world: Path) -> dict:
     from tune_kd.search import demo
     from tune_kd.train.loop import train
 
-    missing = [name for name in TOKENIZER_FILES if not (TOKENIZER_DIR / name).is_file()]
+    tokenizer_dir = Path(args.tokenizer)
+    missing = [name for name in TOKENIZER_FILES if not (tokenizer_dir / name).is_file()]
     if missing:
-        raise SystemExit(f"error: MiniMind's tokenizer not found: {TOKENIZER_DIR} lacks {', '.join(missing)}")
+        raise SystemExit(f"error: MiniMind's tokenizer not found: {tokenizer_dir} lacks {', '.join(missing)}")
     quiet_progress_bars()
     started = time.perf_counter()
     for part in ("tokenizer", "data", "teacher", "cache", "runs"):     # this script's own products
         shutil.rmtree(world / part, ignore_errors=True)
     record.unlink(missing_ok=True)
-    shutil.copytree(TOKENIZER_DIR, world / "tokenizer")
+    shutil.copytree(tokenizer_dir, world / "tokenizer")
     tokenizer = AutoTokenizer.from_pretrained(str(world / "tokenizer"))
     train_path, val_path = world / "data" / "train.jsonl", world / "data" / "val.jsonl"
     demo.write_jsonl(train_path, demo.make_conversations(args.conversations, args.data_seed))
@@ -302,6 +305,21 @@ def report(args, built: dict, runs: dict, wall: float, world: Path) -> None:
         print(comparison_line(f"{ARM_TITLES[a]} vs {ARM_TITLES[b]}", comparisons[f"{a} vs {b}"]))
 
 
+def smoke_settings(args) -> None:
+    """--smoke's toy sizes, world and tokenizer (bench/student_init_speed.py's --smoke too)."""
+    import _smoke
+
+    folder = _smoke.scratch("digits-world")
+    _smoke.digits_bpe(folder / "tokenizer")
+    args.world, args.tokenizer, args.conversations, args.val = str(folder / "world"), str(folder / "tokenizer"), 128, 16
+    args.teacher_hidden, args.teacher_layers, args.teacher_epochs, args.teacher_batch_size = 64, 1, 1, 32
+    args.seeds, args.epochs, args.examples = [0], 2, 128      # 2 batches an epoch: epoch 2 of warm has an on-policy one
+    for name, value in (("arms", ["off", "warm"]), ("student_hidden", 32), ("student_layers", 1),
+                        ("generation_samples", 8)):
+        if hasattr(args, name):      # the flags this script has (student_init_speed.py lacks the arm flags)
+            setattr(args, name, value)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_world_flags(parser)
@@ -322,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a 2-core machine another job shares, two threads "
                              "spin against each other and a step takes 10-15x longer; speed only, not results)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: a toy world (a small BPE in place of "
+                        "MiniMind's, a 64 x 1 teacher trained 1 epoch) in a scratch folder, arms off and warm, "
+                        "1 seed, 2 epochs on 128 conversations")
     args = parser.parse_args(argv)
+    if args.smoke:
+        smoke_settings(args)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -34,6 +34,10 @@ Commands (from the repository root):
     python bench/real_vocab_world.py search    # rewrite kd.yaml from the search flags, run the search, measure
     python bench/real_vocab_world.py all       # build, then search
     # the tiny check: --conversations 200 --val 40 --teacher-epochs 1 --num-samples 2 --epochs 1
+    python bench/real_vocab_world.py --smoke   # seconds, no search: a toy world (a small ChatML BPE in
+                                               # place of Qwen2.5's, 512 vocabulary rows, tiny models) built in
+                                               # a scratch folder, its kd.yaml written and loaded by tune_kd's
+                                               # config loader, the teacher's greedy reply generated (tests/bench)
     # flags: --tokenizer DIR (default ../shared/tokenizers/qwen2.5), --world DIR, --seed, --teacher-*/--student-*
     #        (hidden, layers, heads, kv-heads, intermediate), --teacher-lr, --teacher-batch-size, --cache-off
 
@@ -186,8 +190,9 @@ def make_conversations(count: int, seed: int) -> list[dict]:
 # The models and the world
 # ----------------------------------------------------------------------------------------------
 
-def qwen2(arch: dict, seed: int):
-    """A freshly initialised Qwen2ForCausalLM of Qwen2.5's shape (padded vocab, tied embeddings)."""
+def qwen2(arch: dict, seed: int, tokenizer):
+    """A freshly initialised Qwen2ForCausalLM of Qwen2.5's shape (padded vocab, tied embeddings); its
+    bos/eos are the tokenizer's <|endoftext|> and <|im_end|> (Qwen2.5's 151643 and 151645)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -196,7 +201,8 @@ def qwen2(arch: dict, seed: int):
                          num_attention_heads=arch["heads"], num_key_value_heads=arch["kv_heads"],
                          intermediate_size=arch["intermediate"], tie_word_embeddings=True, max_position_embeddings=32768,
                          rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0}, rms_norm_eps=1e-6,
-                         bos_token_id=151643, eos_token_id=151645)
+                         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+                         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
     return Qwen2ForCausalLM(config)
 
 
@@ -257,8 +263,8 @@ def build(args, world: Path) -> dict:
     longest = max_tokens([train_path, val_path], tokenizer)
     max_seq_len = -(-longest // 32) * 32
     print(f"world: {args.conversations} + {args.val} conversations, longest {longest} tokens -> max_seq_len {max_seq_len}")
-    save_model(qwen2(settings["student"], args.seed + 2), world / "student", world / "tokenizer")
-    save_model(qwen2(settings["teacher"], args.seed + 3), world / "teacher", world / "tokenizer")
+    save_model(qwen2(settings["student"], args.seed + 2, tokenizer), world / "student", world / "tokenizer")
+    save_model(qwen2(settings["teacher"], args.seed + 3, tokenizer), world / "teacher", world / "tokenizer")
     raw = {"name": f"{NAME}-teacher", "tokenizer": str(world / "tokenizer"), "teacher": None,
            "student": {"path": str(world / "teacher")},
            "data": {"path": str(train_path), "val_path": str(val_path), "max_seq_len": max_seq_len,
@@ -487,7 +493,7 @@ def search(args, world: Path) -> int:
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=("build", "search", "all"))
+    parser.add_argument("command", nargs="?", choices=("build", "search", "all"), help="(none with --smoke)")
     parser.add_argument("--tokenizer", default=str(ROOT.parent / "shared" / "tokenizers" / "qwen2.5"),
                         help="Qwen2.5's tokenizer directory (default: ../shared/tokenizers/qwen2.5 from the repo root)")
     parser.add_argument("--world", default=str(ROOT / "results" / NAME), help="the world's folder (default: %(default)s)")
@@ -505,11 +511,50 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-off", action="store_true", help="kd.yaml teacher_cache: off (default: left at auto)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a kd.yaml key (dotted, YAML value), e.g. --set teacher_server=off; repeatable")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help="seconds: a toy world up to the search (see above)")
+    args = parser.parse_args(argv)
+    if (args.command is None) != args.smoke:
+        parser.error("give a command (build, search or all), or --smoke alone")
+    return args
+
+
+def smoke(args) -> int:
+    """--smoke: build a toy world in a scratch folder, write its kd.yaml and load it as the search
+    would (tune_kd's config loader), and generate the teacher's reply as the search's figures do."""
+    global PADDED_VOCAB
+    import _smoke
+
+    from tune_kd.config.experiment import load_config
+
+    folder = _smoke.scratch("real-vocab")
+    sample = folder / "sample.jsonl"
+    sample.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in make_conversations(200, 99)),
+                      encoding="utf-8")
+    _smoke.bpe_tokenizer(folder / "tokenizer", _smoke.conversation_texts(sample) + list(SYSTEM_PROMPTS), 500)
+    PADDED_VOCAB = 512          # rows past the tokenizer's ids, as Qwen2.5's 151,936 for 151,646
+    args.tokenizer, args.world, args.conversations, args.val = str(folder / "tokenizer"), str(folder / "world"), 48, 8
+    for role, sizes in (("teacher", (32, 1, 2, 1, 64)), ("student", (16, 1, 2, 1, 32))):
+        for key, value in zip(("hidden", "layers", "heads", "kv_heads", "intermediate"), sizes):
+            setattr(args, f"{role}_{key}", value)
+    args.teacher_epochs, args.teacher_batch_size, args.num_samples, args.epochs = 1, 16, 1, 1
+    world = Path(args.world)
+    built = build(args, world)
+    space = write_experiment(args, world, built["max_seq_len"])
+    cfg = load_config(space)
+    print(f"experiment: {space} loads: {cfg.name}, {cfg.search.num_samples} trial(s) x {cfg.train.epochs} epoch(s), "
+          f"searching {', '.join(sorted(cfg.parameters))}; the search is not run under --smoke")
+    first = json.loads((world / "data" / "val.jsonl").read_text(encoding="utf-8").splitlines()[0])["messages"]
+    turn = next(i for i, m in enumerate(first) if m["role"] == "assistant")
+    reply, model = generate(world / "teacher", first[:turn], max_new_tokens=8)
+    print(f"teacher reply: {reply!r}; reloaded {type(model).__name__} with "
+          f"{model.get_input_embeddings().weight.shape[0]} vocab rows")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.smoke:
+        return smoke(args)
     missing = [name for name in TOKENIZER_FILES if not (Path(args.tokenizer) / name).is_file()]
     if missing:
         print(f"error: Qwen2.5 tokenizer not found: {args.tokenizer} lacks {', '.join(missing)} (give --tokenizer DIR, "

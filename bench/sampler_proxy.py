@@ -3,6 +3,7 @@ noisy stand-in for val_ce over the embedded default's space (log lr, T, alpha), 
 time as the 2-core demo runs, with the samplers Optuna ships that need no download.
 
     python bench/sampler_proxy.py [--trials 12] [--seeds 20]
+    python bench/sampler_proxy.py --smoke    # seconds: 4 trials, 1 seed (tests/bench)
 
 Prints the mean best value after the budget and the seconds each sampler spent proposing.
 The stand-in's optimum and curvature are guesses shaped like the demo's (lr matters most, alpha
@@ -63,7 +64,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, nargs="+", default=[12, 24])
     parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--smoke", action="store_true", help="seconds: --trials 4 --seeds 1")
     args = parser.parse_args()
+    if args.smoke:
+        args.trials, args.seeds = [4], 1
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     print("| sampler | trials | mean best (stand-in) | median | proposing, s per search |\n|---|---|---|---|---|")

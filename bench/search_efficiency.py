@@ -3,6 +3,8 @@
 
     python bench/search_efficiency.py [--seeds 0 1 2 3 4] [--num-samples 10] [--epochs 3]
                                       [--max-train-examples 600] [--no-yaml-first]
+    python bench/search_efficiency.py --smoke    # seconds, no search: each arm's config built on a toy demo
+                                                 # and loaded, and the ASHA replay run on fixed curves (tests/bench)
 
 Four arms per seed, with the same space, trial count and seed (used as both search.seed and
 train.seed, so every arm of a seed shares its training noise):
@@ -59,7 +61,8 @@ class Reports(Callback):
         self.values.append(float(result.get(self.metric, float("nan"))))
 
 
-def run_one(args, arm: str, seed: int, storage: Path) -> dict:
+def run_one(args, arm: str, seed: int, storage: Path, smoke: dict | None = None) -> dict:
+    """One arm's search at one seed; with smoke (overrides for a toy demo), only its config, loaded."""
     overrides = {**ARMS[arm], "search.seed": seed, "train.seed": seed, "search.num_samples": args.num_samples,
                  "train.epochs": args.epochs, "data.max_train_examples": args.max_train_examples,
                  "name": f"efficiency-{arm.replace('+', '-')}-seed{seed}", "controls.plain_sft": False,
@@ -67,7 +70,9 @@ def run_one(args, arm: str, seed: int, storage: Path) -> dict:
                  "search.evaluate_train_first": not args.no_yaml_first}
     if Path(args.space).name == "kd.yaml":   # the figures in docs/ were measured on the demo's train.jsonl
         overrides["data.path"] = "results/demo/data/train.jsonl"
-    cfg = load_config(args.space, overrides)
+    cfg = load_config(args.space, {**overrides, **(smoke or {})})
+    if smoke is not None:
+        return {"arm": arm, "seed": seed, "config": cfg}
     reports = Reports(cfg.metric.name)
     started = time.monotonic()
     run_search(cfg, args.space, storage=str(storage), num_cpus=args.num_cpus, callbacks=[reports],
@@ -173,6 +178,25 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def smoke(args) -> None:
+    """--smoke: every arm's config as run_one builds it, on a toy demo, loaded by tune_kd's config
+    loader (no search: a Ray search per arm costs minutes here); then replay_asha, which drives Ray's
+    private ASHA bracket, on fixed curves."""
+    import _smoke
+
+    folder = _smoke.scratch("search-efficiency")
+    overrides = _smoke.demo_overrides(_smoke.tiny_demo(folder / "demo"), "train.jsonl")
+    args.num_samples, args.epochs, args.max_train_examples = 2, 2, 32
+    for arm in ARMS:
+        cfg = run_one(args, arm, 0, folder, smoke=overrides)["config"]
+        print(f"# {arm}: config loads: {cfg.search.algorithm}, scheduler {cfg.scheduler.type}, "
+              f"{cfg.search.num_samples} trials x {cfg.train.epochs} epochs (search not run under --smoke)")
+    curves = [[3.0, 2.0, 1.5], [3.5, 3.4, 3.3], [2.5, 1.8, 1.2], [4.0, 3.9, 3.8]]   # two good, two poor trials
+    values = replay_asha(curves, 2, 1, 2, 3)
+    print(f"replayed random+asha on {len(curves)} fixed curves: {len(values)} trial-epochs of {3 * len(curves)}, "
+          f"best {best(values):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--space", default="search_spaces/kd.yaml")
@@ -188,7 +212,11 @@ def main() -> None:
     parser.add_argument("--table-from", nargs="+", help="print the table of earlier runs' runs.json files and exit")
     parser.add_argument("--replay-asha", action="store_true", help="with --table-from: replay random+asha from the "
                         "random arm's curves where it was not run (2 at a time, the YAML's grace 1, factor 2)")
+    parser.add_argument("--smoke", action="store_true", help="seconds, no search (see above)")
     args = parser.parse_args()
+    if args.smoke:
+        smoke(args)
+        return
     if args.table_from:
         files = {path: json.loads(Path(path).read_text()) for path in args.table_from}
         runs = [run for runs_of_file in files.values() for run in runs_of_file]

@@ -3,6 +3,9 @@ against the recorded learning-curve tables (bench/curves/), in seconds instead o
 
     python bench/search_replay.py [--tables default minimind] [--seeds 20] [--answers surrogate]
                                   [--arms ...] [--out results/search-replay] [--processes 2]
+    python bench/search_replay.py --smoke    # seconds: one table, 1 seed, one process, the nearest recorded
+                                             # run's answers, no held-out error,
+                                             # a scratch folder (tests/bench)
 
 Per table: the answers' error on held-out configs against the recorded training noise, then for each
 arm and seed one replayed search (bench/curves/replay.py). Compute is counted in trial-epochs (one
@@ -199,7 +202,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--yaml-first", action="store_true", help="every search's first trial is the recorded YAML's "
                         "own settings, as search.evaluate_train_first does (default: the searchers alone)")
     parser.add_argument("--out", default=str(ROOT / "results" / "search-replay"))
+    parser.add_argument("--smoke", action="store_true", help="seconds: the minimind table, --seeds 1 --processes 1 "
+                        "--answers nearest --no-held-out (the surrogate's Gaussian processes and the held-out "
+                        "measurement take minutes), --out a scratch folder unless given")
     args = parser.parse_args(argv)
+    if args.smoke:
+        import _smoke
+
+        args.tables, args.seeds, args.processes, args.no_held_out = ["minimind"], 1, 1, True
+        args.answers = "nearest"
+        if args.out == parser.get_default("out"):
+            args.out = str(_smoke.scratch("search-replay"))
     started = time.perf_counter()
     arms = [dataclasses.replace(arm, evaluate_first=args.yaml_first) for arm in ARMS
             if not args.arms or arm.name in args.arms or arm.name in ("random", "random+asha", "tpe", DEFAULT_ARM)]

@@ -4,6 +4,7 @@
                                    [--trials 4] [--on-policy-examples 960]
     python bench/served_teacher.py --device cuda --teacher-hidden 5120 --teacher-gpu-share 0.3 --steps 3 \
                                    --on-policy-examples 0 --result-lines      # bench/gpu_check.sh part f
+    python bench/served_teacher.py --smoke    # seconds: toy sizes in a scratch folder (tests/bench)
 
 Part 1, four concurrent trials of the demo search's shape (its student, data and batch of 64, one
 epoch of --steps batches, teacher live: no teacher cache) with a teacher larger than the demo's (a
@@ -61,6 +62,7 @@ from tune_kd.search import demo
 
 BENCH_DIR = REPO / "results" / "served-bench"
 DEMO_DIR = REPO / "results" / "demo"
+SMOKE_OVERRIDES: dict = {}     # --smoke: kd.yaml pointed at a toy demo in a scratch folder (bench/_smoke.py)
 SAMPLE_SECONDS = 0.2
 TILE_POOL = 2**24 + 3          # the tiled teacher's random values: a length no weight's row divides
 SHARD_BYTES = 2 * 2**30        # the tiled teacher's safetensors shards
@@ -143,7 +145,7 @@ def save_big_teacher(hidden: int, layers: int) -> Path:
         return target
     from transformers import AutoTokenizer
 
-    demo_tokenizer = AutoTokenizer.from_pretrained(str(REPO / "results" / "demo" / "teacher"))
+    demo_tokenizer = AutoTokenizer.from_pretrained(str(DEMO_DIR / "teacher"))
     torch.manual_seed(0)
     model = LlamaForCausalLM(teacher_config(hidden, layers, demo_tokenizer))
     model.save_pretrained(target)                        # float32: see the docstring
@@ -231,15 +233,15 @@ def gpu_total() -> tuple[str, int]:
 
 
 def demo_config(overrides: dict):
-    return absolute_paths(load_config(REPO / "search_spaces" / "kd.yaml", overrides, storage=str(REPO / "results")),
-                          REPO)
+    return absolute_paths(load_config(REPO / "search_spaces" / "kd.yaml", {**SMOKE_OVERRIDES, **overrides},
+                                      storage=str(REPO / "results")), REPO)
 
 
 def small_val() -> str:
     """The first 64 validation conversations: an epoch's evaluation that does not dwarf its steps."""
     path = BENCH_DIR / "val64.jsonl"
     if not path.is_file():
-        lines = (REPO / "results" / "demo" / "data" / "val.jsonl").read_text().splitlines()[:64]
+        lines = (DEMO_DIR / "data" / "val.jsonl").read_text().splitlines()[:64]
         path.write_text("\n".join(lines) + "\n")
     return str(path)
 
@@ -252,8 +254,9 @@ def run_trials(cfgs: list, serve_cfg=None, layout=None, cache_dir=None, server_c
 
     from tune_kd.search import teacher_actor
 
-    ray.init(num_cpus=len(cfgs) // 2 + int(server_cpus) + 1, include_dashboard=False, logging_level=logging.WARNING,
-             log_to_driver=False, **({"num_gpus": 1} if gpus else {}))
+    owned = not ray.is_initialized()   # --smoke holds one session for all its runs: Ray's start is most of its time
+    if owned:
+        start_ray(len(cfgs) // 2 + int(server_cpus) + 1, gpus)
     try:
         served, server_peak = None, None
         if serve_cfg is not None:
@@ -276,7 +279,15 @@ def run_trials(cfgs: list, serve_cfg=None, layout=None, cache_dir=None, server_c
             served.stop()
         return out
     finally:
-        ray.shutdown()
+        if owned:
+            ray.shutdown()
+
+
+def start_ray(num_cpus: int, gpus=None) -> None:
+    import ray
+
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             **({"num_gpus": 1} if gpus else {}))
 
 
 def part_one(args) -> dict:
@@ -287,7 +298,7 @@ def part_one(args) -> dict:
             "data.max_train_examples": args.steps * 64, "data.val_path": small_val(), "train.log_interval": 10_000,
             "eval.generation_samples": 0, "teacher_server.cpus": 2.0}
     # no teacher at all (with alpha 1 and a teacher section the trial would still load it, for val_kl)
-    modes = (("no teacher", {"train.alpha": 1.0, "teacher": None, "tokenizer": str(REPO / "results" / "demo" / "teacher")}), ("own teacher", {}),
+    modes = (("no teacher", {"train.alpha": 1.0, "teacher": None, "tokenizer": str(DEMO_DIR / "teacher")}), ("own teacher", {}),
              ("served teacher", {"teacher_server.mode": "on"}))
     gpus = None
     if args.device == "cuda":   # memory per process: no teacher-less baseline; own teachers only where they fit
@@ -317,14 +328,14 @@ def part_one(args) -> dict:
 
 
 def part_two(args) -> dict:
-    from tune_kd.teacher import cache_plan
+    from tune_kd.search.prepare import prepare_teacher_rows
 
     base = {"train.epochs": 1, "train.on_policy_fraction": 0.5, "train.max_new_tokens": 12,
             "data.max_train_examples": args.on_policy_examples, "data.val_path": small_val(),
             "train.log_interval": 10_000, "eval.generation_samples": 0, "teacher_cache.mode": "on",
             "teacher_server.cpus": 1.0}
     served_cfg = demo_config({**base, "teacher_server.mode": "on"})
-    cache, _, lay = cache_plan.prepare_teacher_rows(served_cfg, serve=True)
+    cache, _, lay = prepare_teacher_rows(served_cfg, serve=True)
     runs = {"served teacher": run_trials([served_cfg], served_cfg, lay, str(cache.directory), server_cpus=1.0),
             "own teacher": run_trials([demo_config(base)])}
     for mode, run in runs.items():
@@ -411,7 +422,12 @@ def main() -> int:
     parser.add_argument("--server-gpu", type=float, default=0.4, help="cuda: the server's GPU share in Ray")
     parser.add_argument("--result-lines", action="store_true",
                         help="also print one `@result {json}` line per figure group (bench/gpu_check.sh's table)")
+    parser.add_argument("--smoke", action="store_true", help="seconds on CPU: 2 trials of a toy demo with a Llama "
+                        "teacher of 64 x 1, 1 step each, part 2 on 32 conversations, all in a scratch folder "
+                        "(the code path, not the figures)")
     args = parser.parse_args()
+    if args.smoke:
+        smoke(args)
     cuda = args.device == "cuda"
     if cuda and args.on_policy_examples:
         parser.error("--device cuda runs part 1 only: add --on-policy-examples 0")
@@ -425,7 +441,9 @@ def main() -> int:
         if not torch.cuda.is_available():
             print("no CUDA GPU here: --device cuda needs one")
             return 1
-    if args.on_policy_examples or args.teacher_weights == "random":
+    if args.smoke:
+        pass             # smoke() built the toy demo
+    elif args.on_policy_examples or args.teacher_weights == "random":
         demo.prepare()   # part 2 and save_big_teacher read the demo's trained teacher
     elif not all((DEMO_DIR / f).is_file() for f in ("data/train.jsonl", "data/val.jsonl", "tokenizer/tokenizer.json")):
         demo.write_inputs(DEMO_DIR)
@@ -447,6 +465,26 @@ def main() -> int:
     for record in records if args.result_lines else []:
         print("@result " + json.dumps(record), flush=True)
     return 0
+
+
+def smoke(args) -> None:
+    """--smoke: toy sizes, and the demo, the bench teacher and figures.json in a scratch folder."""
+    global BENCH_DIR, DEMO_DIR
+    import _smoke
+
+    from tune_kd.model.hardware import quiet_progress_bars
+
+    if args.device != "cpu":
+        raise SystemExit("--smoke runs on CPU")
+    folder = _smoke.scratch("served")
+    BENCH_DIR, DEMO_DIR = folder / "served-bench", _smoke.tiny_demo(folder / "demo")
+    SMOKE_OVERRIDES.update(_smoke.demo_overrides(DEMO_DIR))
+    args.teacher_hidden, args.teacher_layers, args.steps, args.trials = 64, 1, 1, 2
+    args.on_policy_examples = 32
+    quiet_progress_bars()
+    # one Ray session for every run (the real bench starts one per run, so that no trial's memory
+    # figure includes what an earlier task left in a reused worker; a smoke run's figures mean nothing)
+    start_ray(4)
 
 
 def cpu_summary(args, one: dict, two: dict | None) -> None:

@@ -3,6 +3,8 @@ when trials differ in size?
 
     python bench/shape_front.py [--seeds 0 1 2] [--num-samples 12] [--max-train-examples 2000]
                                 [--num-cpus 2] [--orders 200]
+    python bench/shape_front.py --smoke    # seconds, no search: a toy demo in a scratch folder, the search's
+                                           # config loaded, a grid of 2 tiny shapes x 2 epochs, 4 ASHA orders
 
 Per seed (used as search.seed and train.seed):
 
@@ -53,6 +55,7 @@ from tune_kd.results import front
 SPACE = ROOT / "search_spaces" / "student_shape.yaml"
 GRID = [(hidden, layers) for hidden in (32, 64, 128) for layers in (1, 2, 4)]
 OUT = ROOT / "results" / "shape-front"
+SMOKE_OVERRIDES: dict = {}     # --smoke: the YAML pointed at a toy demo (bench/_smoke.py), 2 epochs
 
 
 class Reports(Callback):
@@ -70,14 +73,17 @@ def run_search(seed: int, num_samples: int, num_cpus: int, examples: int) -> lis
 
     cfg = load_config(SPACE, {"search.seed": seed, "train.seed": seed, "search.num_samples": num_samples,
                               "name": f"shape-search-seed{seed}", "controls.plain_sft": False,
-                              "data.max_train_examples": examples})
+                              "data.max_train_examples": examples, **SMOKE_OVERRIDES})
+    if SMOKE_OVERRIDES:
+        print(f"search: not run under --smoke (its config loads: {cfg.name}, objectives {cfg.search.objectives})")
+        return []
     reports = Reports()
     search(cfg, str(SPACE), storage=str(OUT), num_cpus=num_cpus, callbacks=[reports], export_best=False,
            dashboard_host=None)
     return reports.rows
 
 
-def train_grid_shape(seed: int, examples: int, hidden: int, layers: int) -> dict:
+def train_grid_shape(seed: int, examples: int, smoke: dict, hidden: int, layers: int) -> dict:
     """One grid shape trained by the loop with the YAML's fixed settings (in a worker process)."""
     import torch
 
@@ -88,7 +94,7 @@ def train_grid_shape(seed: int, examples: int, hidden: int, layers: int) -> dict
             "num_attention_heads": hidden // 32, "head_dim": 32}
     cfg = load_config(SPACE, {"train.seed": seed, "parameters": {}, "search.objectives": None,
                               "data.max_train_examples": examples,
-                              **{f"student.arch.{k}": v for k, v in arch.items()}})
+                              **smoke, **{f"student.arch.{k}": v for k, v in arch.items()}})
     curve = []
     loop.train(cfg, report=lambda metrics, save: curve.append((metrics["val_ce"], metrics["student_params"])))
     return {"hidden": hidden, "layers": layers, "val_ce": [v for v, _ in curve], "student_params": curve[0][1]}
@@ -96,7 +102,9 @@ def train_grid_shape(seed: int, examples: int, hidden: int, layers: int) -> dict
 
 def run_grid(seed: int, examples: int) -> list[dict]:
     with concurrent.futures.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(train_grid_shape, [seed] * len(GRID), [examples] * len(GRID), *zip(*GRID)))
+        # the smoke overrides go with each job: a spawned worker imports this module afresh
+        return list(pool.map(train_grid_shape, [seed] * len(GRID), [examples] * len(GRID),
+                             [SMOKE_OVERRIDES] * len(GRID), *zip(*GRID)))
 
 
 def search_front_at(rows: list[tuple], budget: int) -> list[front.Point]:
@@ -147,6 +155,18 @@ def replay_asha(grid: list[dict], order: list[int], ratio: float, epochs: int) -
     return stopped, spent
 
 
+def smoke(args) -> None:
+    """--smoke: toy sizes; the demo, the grid's runs and the record in a scratch folder."""
+    global OUT, GRID
+    import _smoke
+
+    folder = _smoke.scratch("shape-front")
+    OUT, GRID = folder / "out", [(32, 1), (64, 1)]
+    SMOKE_OVERRIDES.update(_smoke.demo_overrides(_smoke.tiny_demo(folder / "demo"), "train.jsonl"), **{"train.epochs": 2})
+    del SMOKE_OVERRIDES["student.arch"]      # the grid sets the shape (and heads of 32)
+    args.seeds, args.num_samples, args.orders, args.max_train_examples = [0], 1, 4, 32
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -155,10 +175,13 @@ def main() -> None:
     parser.add_argument("--orders", type=int, default=200)
     parser.add_argument("--max-train-examples", type=int, default=2000,
                         help="training conversations per epoch (the YAML's 6000 cost ~3x the time)")
+    parser.add_argument("--smoke", action="store_true", help="seconds, no search (see above)")
     args = parser.parse_args()
     os.chdir(ROOT)   # the YAML's paths (results/demo/...) are relative to the repository
+    if args.smoke:
+        smoke(args)
     OUT.mkdir(parents=True, exist_ok=True)
-    epochs = load_config(SPACE).train.epochs
+    epochs = load_config(SPACE, SMOKE_OVERRIDES).train.epochs
     budget = len(GRID) * epochs
     lines, record = [], {"seeds": {}, "grid": GRID, "budget": budget, "num_samples": args.num_samples,
                          "max_train_examples": args.max_train_examples}
@@ -170,7 +193,7 @@ def main() -> None:
     covered_all, asha = [], {0: [], 2.0: []}
     for seed in args.seeds:
         cached = OUT / f"seed{seed}.json"
-        if cached.is_file():
+        if cached.is_file() and not args.smoke:
             run = json.loads(cached.read_text())
         else:
             started = time.monotonic()

@@ -2,6 +2,7 @@
 
     python bench/step_throughput.py [--compile on]   # GPU, the seed's sizes (student 512x8, teacher 768x16, vocab 6400)
     python bench/step_throughput.py --quick          # CPU, the embedded default's sizes (student 64x2, teacher 128x4)
+    python bench/step_throughput.py --smoke          # CPU, seconds: --quick's shapes, smaller, 2 timed steps (tests/bench)
 
 (a) seed: a faithful re-implementation of MiniMind's step: every row padded to max_seq_len, the
     teacher in fp32 outside autocast, full (B, T, V) logits for both models, CE and KL on the masked
@@ -130,6 +131,7 @@ def measure(run_step, batches, warmup: int, steps: int, device) -> dict:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU, the embedded default's sizes, few steps")
+    p.add_argument("--smoke", action="store_true", help="CPU, seconds: every variant at toy sizes (the code path)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--student", default="512,8,8,2", help="hidden,layers,heads,kv_heads")
@@ -155,6 +157,10 @@ def main() -> int:
         args.device, args.student, args.teacher, args.vocab = "cpu", "64,2,4,4", "128,4,4,4", 100
         args.batch, args.min_len, args.max_len, args.assistant_share = 64, 20, 60, 0.2
         args.max_len_pad, args.steps, args.warmup = 128, 10, 3
+    elif args.smoke:
+        args.device, args.student, args.teacher, args.vocab = "cpu", "32,1,2,2", "64,1,2,2", 100
+        args.batch, args.min_len, args.max_len, args.assistant_share = 8, 12, 24, 0.3
+        args.max_len_pad, args.steps, args.warmup = 32, 2, 1
     else:
         args.max_len_pad = args.max_len
     torch.manual_seed(0)

@@ -2,6 +2,8 @@
 
     python bench/student_init_speed.py [--shape 64x2 128x2] [--seeds 0 1 2] [--epochs 6] [--examples 6000]
                                        [--arms random every_kth first last] [--no-epoch0] [--threads 1]
+    python bench/student_init_speed.py --smoke    # seconds: on_policy_warm_start.py --smoke's toy world,
+                                                  # shape 32x1, random and every_kth, 1 seed (tests/bench)
 
 Measured (docs/methods.md, "Does it converge faster?"; --examples 6000, 6 epochs, seeds 0 1 2, busy
 2-core CPU): random init's best val_ce is always its epoch 6; every_kth reaches it in 2 of 6 epochs
@@ -260,7 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     flags.add_argument("--no-epoch0", dest="epoch0", action="store_false",
                        help="skip evaluating the initial student (epoch 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; speed only)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: a toy world in a scratch folder (see above)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        world_bench.smoke_settings(args)
+        args.shape, args.arms = [(32, 1)], ["random", "every_kth"]
     if "random" not in args.arms:
         parser.error("--arms needs random: the teacher arms are measured against it")
     import torch
@@ -271,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tune_kd.teacher.cache_plan").setLevel(logging.INFO)
     world = Path(args.world).resolve()
     started = time.perf_counter()
-    built = world_bench.build_world(argparse.Namespace(**vars(args), generation_samples=TEACHER_GENERATION_SAMPLES),
-                                    world)
+    built = world_bench.build_world(argparse.Namespace(**vars(args), generation_samples=8 if args.smoke else
+                                                       TEACHER_GENERATION_SAMPLES), world)
     runs: dict[str, dict[str, list]] = {}
     for shape in args.shape:
         name = f"{shape[0]}x{shape[1]}"

@@ -3,6 +3,8 @@ and stored dtype, and the k that teacher_cache.top_k auto picks.
 
     python bench/teacher_cache_fidelity.py --world docstrings     # MiniMind's 6,400-id BPE tokenizer
     python bench/teacher_cache_fidelity.py                        # the embedded default (vocab 103)
+    python bench/teacher_cache_fidelity.py --smoke    # seconds: a toy demo (untrained tiny teacher) in a
+                                                      # scratch folder, 8 conversations, T 1 and 4 (tests/bench)
 
 Worlds: `docstrings` (bench/docstring_world.py: chat data made of installed packages' docstrings,
 a teacher trained on it, a student distilled from it; built and cached under results/ on first
@@ -58,12 +60,24 @@ def load_world(args):
         print(f"docstring world: teacher val_ce {world['teacher_metrics']['val_ce']:.3f} "
               f"({world['teacher_metrics']['train_seconds']:.0f} s of training), distilled student val_ce "
               f"{world['student_metrics']['val_ce']:.3f}, val_kl {world['student_metrics']['val_kl']:.3f}")
+    elif args.smoke:
+        import _smoke
+
+        root = _smoke.tiny_demo(_smoke.scratch("cache-fidelity") / "demo")
+        cfg = load_config(args.space, _smoke.demo_overrides(root, "train.jsonl"))
+        trained_path = root / "no-trained-student"    # the fresh student only
     else:
         cfg = load_config(args.space)
         if cfg.embedded_demo:
             demo.prepare()
         trained_path = Path(args.trained)
     return cfg, trained_path
+
+
+def full_logits(scored) -> torch.Tensor:
+    """A Scored output's whole (N, V) fp32 logits (differentiable for the student): the figures
+    here compare whole rows, which the sample is small enough to hold."""
+    return scored.logits(0, scored.rows)
 
 
 def tail_mass(teacher_logits: torch.Tensor, k: int, temperature: float) -> float:
@@ -82,7 +96,12 @@ def main() -> int:
     parser.add_argument("--temperatures", type=float, nargs="+", default=list(TEMPERATURES))
     parser.add_argument("--compare-k", type=int, nargs="+", default=[64, 256, 1024],
                         help="ks also measured in float32 and bfloat16")
+    parser.add_argument("--smoke", action="store_true", help="seconds: the demo world at toy size (see above)")
     args = parser.parse_args()
+    if args.smoke:
+        if args.world != "demo":
+            parser.error("--smoke builds its own toy demo world")
+        args.conversations, args.temperatures, args.compare_k = 8, [1.0, 4.0], [16]
     logging.basicConfig(level=logging.WARNING)
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -99,13 +118,13 @@ def main() -> int:
     vocab = build.vocab_rows(teacher.lm)
     pad_id = tokenized.padding_id(tokenizer)
     batches = cache_fidelity.sample_batches(train_data, pad_id, conversations=args.conversations)
-    teacher_rows = scoring.teacher_rows(teacher, precision, None)
+    teacher_outputs = scoring.teacher_outputs(teacher, precision)
     ks = cache_fidelity.auto_ladder(vocab)
     layouts = [stored_rows.layout(k, vocab, "float16") for k in ks]
     layouts += [stored_rows.layout(k, vocab, dtype) for k in args.compare_k if k < vocab
                 for dtype in ("float32", "bfloat16")]
     layouts.sort(key=lambda lay: (lay.k, lay.dtype != "float32", lay.dtype))
-    teacher_logits = torch.cat([teacher_rows(b) for b in batches])
+    teacher_logits = torch.cat([full_logits(teacher_outputs(b)) for b in batches])
     positions = teacher_logits.shape[0]
     print(f"teacher {cfg.teacher.path} (vocab {vocab}), kd_loss {cfg.train.kd_loss}, {args.conversations} sampled "
           f"conversations ({positions} scored positions), T in {args.temperatures}")
@@ -116,8 +135,8 @@ def main() -> int:
         meter = cache_fidelity.FidelityMeter(layouts, args.temperatures, {cfg.train.kd_loss: losses.kd_options(cfg.train)},
                                              list(student.parameters()))
         for batch in batches:
-            s_logits, t_logits, *_ = step.forward_pair(student, teacher, batch, precision, None, True)
-            meter.add(s_logits, t_logits, conversations=len(batch["indices"]))
+            s_out, t_out, *_ = step.forward_pair(student, teacher, batch, precision, True)
+            meter.add(full_logits(s_out), full_logits(t_out), conversations=len(batch["indices"]))
         print(f"\n{name}: worst relative error over T (and where), by k and stored dtype")
         print(header)
         for lay, f in meter.results().items():

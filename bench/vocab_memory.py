@@ -2,6 +2,7 @@
 
     python bench/vocab_memory.py                 # CPU: V = 151,936 and 128,256, 4,096 scored positions
     python bench/vocab_memory.py --device cuda   # GPU rows (bench/gpu_check.sh runs this)
+    python bench/vocab_memory.py --smoke         # CPU, seconds: V = 8,192, 256 positions, 1 timed step (tests/bench)
 
 Two paths, the same models, batch and objective (forward KL, alpha 0.5, T 2, fp32 loss math), at
 train.dtype's default (bfloat16: bf16 autocast on CUDA and on a CPU with native bf16, else fp32):
@@ -147,8 +148,11 @@ def main() -> int:
     parser.add_argument("--paths", nargs="*", default=["full", "fused"], choices=["full", "fused"])
     parser.add_argument("--result-lines", action="store_true",
                         help="also print one `@result {json}` line per vocabulary (bench/gpu_check.sh's table)")
+    parser.add_argument("--smoke", action="store_true", help="CPU, seconds: one small vocabulary, both paths")
     parser.add_argument("--one", nargs=2, metavar=("VOCAB", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.device, args.vocab, args.positions, args.steps = "cpu", [8192], 256, 1
     if args.one:
         print(json.dumps(one(int(args.one[0]), args.one[1], args.device, args.positions, args.steps,
                              args.chunk_elements)))
