@@ -335,7 +335,8 @@ def part_two(args) -> dict:
             "train.log_interval": 10_000, "eval.generation_samples": 0, "teacher_cache.mode": "on",
             "teacher_server.cpus": 1.0}
     served_cfg = demo_config({**base, "teacher_server.mode": "on"})
-    cache, _, lay = prepare_teacher_rows(served_cfg, serve=True)
+    rows = prepare_teacher_rows(served_cfg, serve=True)
+    cache, lay = rows.cache, rows.served_layout
     runs = {"served teacher": run_trials([served_cfg], served_cfg, lay, str(cache.directory), server_cpus=1.0),
             "own teacher": run_trials([demo_config(base)])}
     for mode, run in runs.items():
