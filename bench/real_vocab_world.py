@@ -329,7 +329,8 @@ def apply_overrides(path: Path, overrides: list[str]) -> None:
             if not isinstance(node.get(part), dict):   # `teacher_server: off` style shorthands become a section
                 node[part] = {} if node.get(part) is None else {"mode": node[part]}
             node = node[part]
-        node[leaf] = yaml.safe_load(value)
+        # on / off stay words: tune_kd's YAML reads them as modes, PyYAML as booleans
+        node[leaf] = value if value in ("on", "off") else yaml.safe_load(value)
     path.write_text("# bench/real_vocab_world.py wrote this file, with --set " + " ".join(overrides) + "\n"
                     + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True), encoding="utf-8")
 
