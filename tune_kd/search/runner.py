@@ -11,6 +11,7 @@ started) is checked before Ray starts.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -154,21 +155,28 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     stdout.log / stderr.log in the trial's folder; the terminal gets search/progress.py's lines).
 
     The steps, in order: preflight (before Ray starts) -> start_ray -> size_trials -> build_tuner -> fit ->
-    summarize_and_export -> run_control_arms -> write_report.
+    summarize_and_export -> run_control_arms -> write_report. summary["phase_seconds"]: the
+    wall time of each (PHASE_NAMES), also printed as the last line.
     """
+    search_started, phases = time.perf_counter(), {}
     root = Path(storage or "results").resolve()
     experiment_dir = root / cfg.name
-    prepared, resume = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
-    context = start_ray(address, num_cpus, dashboard_host, trial_logs)
+    with timed(phases, "preflight"):
+        prepared, resume = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
+    with timed(phases, "ray_start"):
+        context = start_ray(address, num_cpus, dashboard_host, trial_logs)
     try:   # a Ray this search started goes with it, also on an error or Ctrl-C
-        plan = size_trials(cfg, source, address, experiment_dir, prepared)
+        with timed(phases, "size_trials"):
+            plan = size_trials(cfg, source, address, experiment_dir, prepared)
         try:
             started = time.perf_counter()
-            tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid)
-            errors, trial_ids = fit(tuner)
-            with disk_writes(experiment_dir):
+            with timed(phases, "trials"):
+                tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid)
+                errors, trial_ids = fit(tuner)
+            with timed(phases, "summary_export"), disk_writes(experiment_dir):
                 summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
-            run_control_arms(cfg, summary, experiment_dir, plan, resume)
+            with timed(phases, "control_arms"):
+                run_control_arms(cfg, summary, experiment_dir, plan, resume)
             if plan.served is not None:
                 summary["served_teacher"] = served_stats(plan.served.stats())
                 print(summary["served_teacher"])
@@ -176,16 +184,46 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
             if plan.served is not None:   # the teacher's actors go with the search (also on errors and Ctrl-C)
                 plan.served.stop()
         # the teacher's own point, once the served teacher has let go of its GPU: the verdict names it
-        summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
-        with disk_writes(experiment_dir):
+        with timed(phases, "teacher_point"):
+            summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
+        with timed(phases, "report"), disk_writes(experiment_dir):
             print_verdict(cfg, summary, experiment_dir)
             write_report(summary, experiment_dir)
     finally:
         if context is not None and address is None:
             import ray
 
-            ray.shutdown()
+            with timed(phases, "ray_stop"):
+                ray.shutdown()
+    summary["phase_seconds"] = {**phases, "total": time.perf_counter() - search_started}
+    print(phase_line(summary["phase_seconds"]))
     return summary
+
+
+# The search's steps as summary["phase_seconds"] names them: preflight (the inputs checked, the demo
+# built and the data tokenized when missing), Ray started, size_trials (the teacher cache, a served
+# teacher, the trials' resources), the trials (Tune's fit), the summary and export, the control arms,
+# the teacher's own point, the verdict and report.html, Ray stopped.
+PHASE_NAMES = ("preflight", "ray_start", "size_trials", "trials", "summary_export", "control_arms", "teacher_point",
+               "report", "ray_stop")
+
+
+@contextlib.contextmanager
+def timed(phases: dict, name: str):
+    """Add the block's wall seconds to phases[name]."""
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
+
+
+def phase_line(phases: dict) -> str:
+    """The search's wall time and each step's share of it, e.g. `search: 212 s: trials 70 s (33%), ...`."""
+    total = phases["total"]
+    parts = [f"{name.replace('_', ' ')} {phases[name]:.0f} s ({100 * phases[name] / max(total, 1e-9):.0f}%)"
+             for name in PHASE_NAMES if name in phases]
+    return f"search: {total:.0f} s: " + ", ".join(parts)
 
 
 def start_ray(address: str | None, num_cpus: int | None, dashboard_host: str | None, trial_logs: bool):

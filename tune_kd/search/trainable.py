@@ -6,15 +6,21 @@ tune.get_checkpoint(). The trial reads the teacher and the tokenized data from t
 driver built; only the small config travels through Ray. With resources.workers_per_trial > 1 the
 trial instead drives a Ray Train TorchTrainer (run_data_parallel). The fault-tolerance tests' drills
 (fault_drills.py) hook in at each report and step; they do nothing unless $TUNE_KD_FAULT_FILE is set.
+
+Each report carries `trial_started_at` (wall clock, when the trial function began: what came
+before, the worker's start and its imports, is the trial's start-up) and `trial_in_process` (1 for
+the first trial a worker process runs, 2 for its next, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import logging
 import math
 import tempfile
+import time
 from pathlib import Path
 
 from tune_kd.config.experiment import ExperimentConfig
@@ -33,6 +39,14 @@ def report_with_checkpoint(send, checkpoint_cls, row: dict, save, where: str = "
     with tempfile.TemporaryDirectory(prefix="tune_kd-ckpt-") as tmp, drill:
         save(Path(tmp))
         send(row, checkpoint=checkpoint_cls.from_directory(tmp))
+
+
+_trials_in_process = itertools.count(1)   # this worker's trials so far: > 1 on a reused actor
+
+
+def start_in_process() -> int:
+    """Which trial of this worker process this is (1: the process's first)."""
+    return next(_trials_in_process)
 
 
 def train_from(checkpoint, cfg: ExperimentConfig, **options) -> None:
@@ -55,11 +69,13 @@ def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
     A sampled student shape that is no model (student_shape.py) reports so, as `rejected`."""
 
     def distill_trial(point: dict) -> None:
+        started_at = time.time()   # the bench's trial start: Tune scheduling it -> here (spawn, imports)
         import ray
         from ray import tune
 
         from tune_kd.model.hardware import setup_logging
 
+        in_process = start_in_process()
         setup_logging()
         # an earlier attempt's logs (a resumed or retried trial) get numbered names; storage: a filesystem path
         storage = tune.get_context().get_storage()
@@ -70,7 +86,8 @@ def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
 
         def report(metrics: dict, save) -> None:
             # node_id: which Ray node ran this epoch (result.json's node_ip is shared by nodes on one host)
-            report_with_checkpoint(tune.report, tune.Checkpoint, {**metrics, "node_id": node_id}, save)
+            report_with_checkpoint(tune.report, tune.Checkpoint, {**metrics, "node_id": node_id, "trial_started_at":
+                                                                  started_at, "trial_in_process": in_process}, save)
             reached["epoch"] = metrics["epoch"]
 
         if cfg.resources.workers_per_trial > 1:
