@@ -12,7 +12,7 @@ the teacher cache built afresh each time, as on a first run). Worlds:
                missing: run `python -m tune_kd demo` first so its minutes stay out of the figures)
     minimind   kd.yaml's search on bench/on_policy_warm_start.py's world (its build_world, default
                flags, results/minimind-digits-world/: MiniMind's tokenizer, the demo's digit task, a
-               Llama teacher 128 x 4), the student on --minimind-examples of its conversations (3,000:
+               Llama teacher 128 x 4, --minimind-teacher-epochs), the student on --minimind-examples of its conversations (3,000:
                the main job's student set size) and validated on its 400
 
 Where the figures come from:
@@ -99,7 +99,8 @@ def world_config(args, storage: Path):
 
     parser = argparse.ArgumentParser()
     world_builder.add_world_flags(parser)
-    world_args = parser.parse_args(["--world", str(Path(args.minimind_world).resolve())])
+    world_args = parser.parse_args(["--world", str(Path(args.minimind_world).resolve()),
+                                    "--teacher-epochs", str(args.minimind_teacher_epochs)])
     world_args.generation_samples = 0
     world = Path(world_args.world)
     world_builder.build_world(world_args, world)
@@ -157,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", help="a fresh results root (default /tmp/search-overhead/<world>-<time>)")
     parser.add_argument("--minimind-world", default=str(ROOT / "results" / "minimind-digits-world"))
     parser.add_argument("--minimind-examples", type=int, default=3000)
+    parser.add_argument("--minimind-teacher-epochs", type=int, default=8,
+                        help="the world's --teacher-epochs (on_policy_warm_start.py's default 8: about 10 min quiet)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted config overrides (YAML values), e.g. search.num_samples=2 for a smoke run")
     parser.add_argument("--read", help="print the table of a finished run (its storage folder) and exit")
