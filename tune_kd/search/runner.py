@@ -339,7 +339,10 @@ def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: P
                                     # the searcher and ASHA hold the metric (and a size objective) themselves
                                     metric=None if cfg.scheduler.type == "asha" or cfg.search.objectives else cfg.metric.name,
                                     mode=None if cfg.scheduler.type == "asha" or cfg.search.objectives else cfg.metric.mode,
-                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+                                    # the next trial runs in a finished one's worker: no new process importing
+                                    # torch and transformers per trial (trainable.start_in_process)
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=str(root),
             callbacks=make_callbacks(cfg) + [progress] + list(callbacks or []), **trial_log_options(),

@@ -7,18 +7,22 @@ driver built; only the small config travels through Ray. With resources.workers_
 trial instead drives a Ray Train TorchTrainer (run_data_parallel). The fault-tolerance tests' drills
 (fault_drills.py) hook in at each report and step; they do nothing unless $TUNE_KD_FAULT_FILE is set.
 
-Each report carries `trial_started_at` (wall clock, when the trial function began: what came
-before, the worker's start and its imports, is the trial's start-up) and `trial_in_process` (1 for
-the first trial a worker process runs, 2 for its next, ...).
+The search reuses a trial's Ray actor (its worker process, with torch and transformers imported)
+for the next trial (runner.build_tuner: reuse_actors): everything a trial trains with is built
+inside the trial function from its own config and seed, and start_in_process puts back the little
+a process keeps between trials. Each report carries `trial_started_at` (wall clock, when the
+trial function began) and `trial_in_process` (1 for a fresh worker, 2 for the next trial it runs, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import itertools
 import logging
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,8 +49,19 @@ _trials_in_process = itertools.count(1)   # this worker's trials so far: > 1 on 
 
 
 def start_in_process() -> int:
-    """Which trial of this worker process this is (1: the process's first)."""
-    return next(_trials_in_process)
+    """Ready this worker for a trial; returns which trial of the process it is (1: a fresh worker).
+    A reused worker gets back what a fresh one starts with: the last trial's objects freed and
+    dynamo's compiled code dropped (a later torch.compile starts from inductor's disk cache, as in
+    a new process). Everything else a trial builds itself from its config and seed (loop.train)."""
+    number = next(_trials_in_process)
+    if number > 1:
+        from tune_kd.model.hardware import release_freed_memory
+
+        gc.collect()
+        if "torch._dynamo" in sys.modules:   # imported only once something compiled
+            sys.modules["torch._dynamo"].reset()
+        release_freed_memory()
+    return number
 
 
 def train_from(checkpoint, cfg: ExperimentConfig, **options) -> None:
