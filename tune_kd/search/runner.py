@@ -11,7 +11,6 @@ started) is checked before Ray starts.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import io
@@ -156,8 +155,10 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
 
     The steps, in order: preflight (before Ray starts) -> start_ray -> size_trials -> build_tuner -> fit ->
     summarize_and_export -> run_control_arms -> write_report. summary["phase_seconds"]: the
-    wall time of each (PHASE_NAMES), also printed as the last line.
+    wall time of each (progress.PHASE_NAMES), also printed as the last line.
     """
+    from tune_kd.search.progress import phase_line, timed   # progress imports Ray: not before a command runs
+
     search_started, phases = time.perf_counter(), {}
     root = Path(storage or "results").resolve()
     experiment_dir = root / cfg.name
@@ -198,32 +199,6 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     summary["phase_seconds"] = {**phases, "total": time.perf_counter() - search_started}
     print(phase_line(summary["phase_seconds"]))
     return summary
-
-
-# The search's steps as summary["phase_seconds"] names them: preflight (the inputs checked, the demo
-# built and the data tokenized when missing), Ray started, size_trials (the teacher cache, a served
-# teacher, the trials' resources), the trials (Tune's fit), the summary and export, the control arms,
-# the teacher's own point, the verdict and report.html, Ray stopped.
-PHASE_NAMES = ("preflight", "ray_start", "size_trials", "trials", "summary_export", "control_arms", "teacher_point",
-               "report", "ray_stop")
-
-
-@contextlib.contextmanager
-def timed(phases: dict, name: str):
-    """Add the block's wall seconds to phases[name]."""
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        phases[name] = phases.get(name, 0.0) + time.perf_counter() - started
-
-
-def phase_line(phases: dict) -> str:
-    """The search's wall time and each step's share of it, e.g. `search: 212 s: trials 70 s (33%), ...`."""
-    total = phases["total"]
-    parts = [f"{name.replace('_', ' ')} {phases[name]:.0f} s ({100 * phases[name] / max(total, 1e-9):.0f}%)"
-             for name in PHASE_NAMES if name in phases]
-    return f"search: {total:.0f} s: " + ", ".join(parts)
 
 
 def start_ray(address: str | None, num_cpus: int | None, dashboard_host: str | None, trial_logs: bool):
