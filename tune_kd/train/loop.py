@@ -132,8 +132,8 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     report(metrics, save) is called once per epoch end with every name in results/reading.METRICS;
     save(dir) writes a resumable checkpoint. resume_from continues a run from such a checkpoint
     exactly. metrics["phase_seconds"]: where the run's wall time went so far (PHASES; each report
-    counts in the next epoch's figure). out_dir receives a resumable `last/` checkpoint every train.save_interval steps (0:
-    never mid-epoch) and at each epoch end. step_hook(epoch, step_in_epoch, student) runs after
+    counts in the next epoch's figure). out_dir receives a resumable `last/` checkpoint every
+    train.save_interval steps (0: never mid-epoch) and at each epoch end. step_hook(epoch, step_in_epoch, student) runs after
     every optimizer step (fault drills use it). report_on_every_rank: call report on every rank (Ray
     Train's report is a barrier), not rank 0 only. node_teacher: this node's served teacher
     (teacher/served.connect). Raises TrainingDiverged when the loss stops being finite: checked
