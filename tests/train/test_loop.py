@@ -14,7 +14,7 @@ import torch
 from tune_kd.data import tokenized
 from tune_kd.results.reading import METRICS
 from tune_kd.search import demo
-from tune_kd.train.loop import train
+from tune_kd.train.loop import PHASES, train
 from tune_kd.train.step import lr_at
 
 from conftest import tiny_raw
@@ -38,9 +38,19 @@ def test_distils_reports_each_epoch_and_saves_a_reloadable_student(tiny_config, 
     def report(metrics, save):
         reports.append(dict(metrics))
         save(tmp_path / f"epoch{metrics['epoch']}")
+        time.sleep(0.5)   # a slow report: phase_seconds counts it in the next epoch's figure
 
+    started = time.perf_counter()
     result = train(cfg, report=report)
+    wall = time.perf_counter() - started
     assert [r["epoch"] for r in reports] == [1, 2]
+    # where the run's time went: every phase, summed since the start, never more than the run took
+    first, second = (r["phase_seconds"] for r in reports)
+    assert set(first) == set(PHASES)
+    assert all(second[k] >= first[k] >= 0 for k in PHASES) and second["steps"] > first["steps"] > 0
+    assert first["build"] > 0 and first["eval"] > 0 and second["build"] == first["build"]
+    assert first["report"] == 0 and second["report"] >= 0.5
+    assert sum(second.values()) < wall - 0.5   # the last report (0.5 s asleep) is in no figure
     assert all(set(METRICS) <= set(r) for r in reports)
     unmeasured = ("gpu_peak_gib", "val_gen_acc", "val_gen_ce")   # CPU: no GPU figure; eval.generation_samples 0
     assert all(math.isfinite(r[k]) for r in reports for k in METRICS if k not in unmeasured)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,10 +37,28 @@ def _libc():
 LOG_FORMAT = {"format": "%(asctime)s %(message)s", "datefmt": "%H:%M:%S"}
 
 
+class CurrentStderr(logging.StreamHandler):
+    """A log handler writing to sys.stderr as it is at each line, not as it was when the handler
+    was made: Ray points sys.stderr at each trial's own stderr.log, and a reused trial actor runs
+    several trials, each with its own."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _):   # StreamHandler.__init__ and setStream assign it; sys.stderr is the stream
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """How every tune_kd process logs (a command, a trial, the served teacher's actor): lines with
-    the time on stderr at `level`, transformers' progress bars off (a log wants one line per event)."""
-    logging.basicConfig(level=level, **LOG_FORMAT)
+    the time on stderr (CurrentStderr) at `level`, transformers' progress bars off (a log wants one
+    line per event). Nothing changes where the root logger already has a handler."""
+    logging.basicConfig(level=level, handlers=[CurrentStderr()], **LOG_FORMAT)
     quiet_progress_bars()
 
 

@@ -106,7 +106,8 @@ def run_controls(cfg: ExperimentConfig, best: dict, experiment_dir: Path, traina
             trainable,
             param_space={CONTROL_KEY: tune.grid_search(grid)},
             tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=parallel,
-                                        trial_dirname_creator=lambda t: f"{t.config[CONTROL_KEY]['arm']}_{t.trial_id}"),
+                                        trial_dirname_creator=lambda t: f"{t.config[CONTROL_KEY]['arm']}_{t.trial_id}",
+                                        reuse_actors=True),   # as the search's trials (runner.build_tuner)
             run_config=tune.RunConfig(
                 name=CONTROLS_DIR, storage_path=str(experiment_dir), callbacks=callbacks, **trial_log_options(),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=cfg.metric.name,

@@ -154,21 +154,30 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     stdout.log / stderr.log in the trial's folder; the terminal gets search/progress.py's lines).
 
     The steps, in order: preflight (before Ray starts) -> start_ray -> size_trials -> build_tuner -> fit ->
-    summarize_and_export -> run_control_arms -> write_report.
+    summarize_and_export -> run_control_arms -> write_report. summary["phase_seconds"]: the
+    wall time of each (progress.PHASE_NAMES), also printed as the last line.
     """
+    from tune_kd.search.progress import phase_line, timed   # progress imports Ray: not before a command runs
+
+    search_started, phases = time.perf_counter(), {}
     root = Path(storage or "results").resolve()
     experiment_dir = root / cfg.name
-    prepared, resume = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
-    context = start_ray(address, num_cpus, dashboard_host, trial_logs)
+    with timed(phases, "preflight"):
+        prepared, resume = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
+    with timed(phases, "ray_start"):
+        context = start_ray(address, num_cpus, dashboard_host, trial_logs)
     try:   # a Ray this search started goes with it, also on an error or Ctrl-C
-        plan = size_trials(cfg, source, address, experiment_dir, prepared)
+        with timed(phases, "size_trials"):
+            plan = size_trials(cfg, source, address, experiment_dir, prepared)
         try:
             started = time.perf_counter()
-            tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid)
-            errors, trial_ids = fit(tuner)
-            with disk_writes(experiment_dir):
+            with timed(phases, "trials"):
+                tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid)
+                errors, trial_ids = fit(tuner)
+            with timed(phases, "summary_export"), disk_writes(experiment_dir):
                 summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
-            run_control_arms(cfg, summary, experiment_dir, plan, resume)
+            with timed(phases, "control_arms"):
+                run_control_arms(cfg, summary, experiment_dir, plan, resume)
             if plan.served is not None:
                 summary["served_teacher"] = served_stats(plan.served.stats())
                 print(summary["served_teacher"])
@@ -176,15 +185,19 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
             if plan.served is not None:   # the teacher's actors go with the search (also on errors and Ctrl-C)
                 plan.served.stop()
         # the teacher's own point, once the served teacher has let go of its GPU: the verdict names it
-        summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
-        with disk_writes(experiment_dir):
+        with timed(phases, "teacher_point"):
+            summary["teacher_point"] = write_teacher_point(plan.trial_cfg, experiment_dir, plan.per_trial)
+        with timed(phases, "report"), disk_writes(experiment_dir):
             print_verdict(cfg, summary, experiment_dir)
             write_report(summary, experiment_dir)
     finally:
         if context is not None and address is None:
             import ray
 
-            ray.shutdown()
+            with timed(phases, "ray_stop"):
+                ray.shutdown()
+    summary["phase_seconds"] = {**phases, "total": time.perf_counter() - search_started}
+    print(phase_line(summary["phase_seconds"]))
     return summary
 
 
@@ -309,7 +322,10 @@ def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: P
                                     # the searcher and ASHA hold the metric (and a size objective) themselves
                                     metric=None if cfg.scheduler.type == "asha" or cfg.search.objectives else cfg.metric.name,
                                     mode=None if cfg.scheduler.type == "asha" or cfg.search.objectives else cfg.metric.mode,
-                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}"),
+                                    trial_dirname_creator=lambda trial: f"trial_{trial.trial_id}",
+                                    # the next trial runs in a finished one's worker: no new process importing
+                                    # torch and transformers per trial (trainable.start_in_process)
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=cfg.name, storage_path=str(root),
             callbacks=make_callbacks(cfg) + [progress] + list(callbacks or []), **trial_log_options(),

@@ -6,15 +6,25 @@ tune.get_checkpoint(). The trial reads the teacher and the tokenized data from t
 driver built; only the small config travels through Ray. With resources.workers_per_trial > 1 the
 trial instead drives a Ray Train TorchTrainer (run_data_parallel). The fault-tolerance tests' drills
 (fault_drills.py) hook in at each report and step; they do nothing unless $TUNE_KD_FAULT_FILE is set.
+
+The search reuses a trial's Ray actor (its worker process, with torch and transformers imported)
+for the next trial (runner.build_tuner: reuse_actors): everything a trial trains with is built
+inside the trial function from its own config and seed, and start_in_process puts back the little
+a process keeps between trials. Each report carries `trial_started_at` (wall clock, when the
+trial function began) and `trial_in_process` (1 for a fresh worker, 2 for the next trial it runs, ...).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import gc
+import itertools
 import logging
 import math
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tune_kd.config.experiment import ExperimentConfig
@@ -33,6 +43,25 @@ def report_with_checkpoint(send, checkpoint_cls, row: dict, save, where: str = "
     with tempfile.TemporaryDirectory(prefix="tune_kd-ckpt-") as tmp, drill:
         save(Path(tmp))
         send(row, checkpoint=checkpoint_cls.from_directory(tmp))
+
+
+_trials_in_process = itertools.count(1)   # this worker's trials so far: > 1 on a reused actor
+
+
+def start_in_process() -> int:
+    """Ready this worker for a trial; returns which trial of the process it is (1: a fresh worker).
+    A reused worker gets back what a fresh one starts with: the last trial's objects freed and
+    dynamo's compiled code dropped (a later torch.compile starts from inductor's disk cache, as in
+    a new process). Everything else a trial builds itself from its config and seed (loop.train)."""
+    number = next(_trials_in_process)
+    if number > 1:
+        from tune_kd.model.hardware import release_freed_memory
+
+        gc.collect()
+        if "torch._dynamo" in sys.modules:   # imported only once something compiled
+            sys.modules["torch._dynamo"].reset()
+        release_freed_memory()
+    return number
 
 
 def train_from(checkpoint, cfg: ExperimentConfig, **options) -> None:
@@ -55,11 +84,13 @@ def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
     A sampled student shape that is no model (student_shape.py) reports so, as `rejected`."""
 
     def distill_trial(point: dict) -> None:
+        started_at = time.time()   # the bench's trial start: Tune scheduling it -> here (spawn, imports)
         import ray
         from ray import tune
 
         from tune_kd.model.hardware import setup_logging
 
+        in_process = start_in_process()
         setup_logging()
         # an earlier attempt's logs (a resumed or retried trial) get numbered names; storage: a filesystem path
         storage = tune.get_context().get_storage()
@@ -70,7 +101,8 @@ def make_trainable(base: ExperimentConfig, experiment_dir: Path | None = None):
 
         def report(metrics: dict, save) -> None:
             # node_id: which Ray node ran this epoch (result.json's node_ip is shared by nodes on one host)
-            report_with_checkpoint(tune.report, tune.Checkpoint, {**metrics, "node_id": node_id}, save)
+            report_with_checkpoint(tune.report, tune.Checkpoint, {**metrics, "node_id": node_id, "trial_started_at":
+                                                                  started_at, "trial_in_process": in_process}, save)
             reached["epoch"] = metrics["epoch"]
 
         if cfg.resources.workers_per_trial > 1:

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[dict, Callable[[Path], None]], None]
 KINDS = ("off_policy", "on_policy")
+# Where a run's wall time goes (metrics["phase_seconds"], summed since the run started in this
+# process): build the run; wait for batches; the training steps' forward and backward (tally.seconds)
+# and their optimizer steps; evaluation; the once-per-run generation speed; report and checkpoints.
+PHASES = ("build", "data", "steps", "optimizer", "eval", "gen_speed", "report")
 
 
 @dataclass
@@ -89,6 +93,7 @@ class Training:
     started: float = field(default_factory=time.perf_counter)
     steps_this_run: int = 0
     speed: float | None = None     # gen_tokens_per_s, measured once, at the first epoch end
+    phases: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))   # PHASES' seconds so far
 
     def save(self, directory: Path) -> None:
         run = self.run
@@ -110,6 +115,8 @@ class Epoch:
     started: float = field(default_factory=time.perf_counter)
     seconds: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0.0))
     batches: dict = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    data_seconds: float = 0.0                       # waiting for the loader's batches
+    optimizer_seconds: float = 0.0                  # window_end: the optimizer step and its bookkeeping
 
     def __post_init__(self):
         self.loss, self.window_loss = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
@@ -124,8 +131,9 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
 
     report(metrics, save) is called once per epoch end with every name in results/reading.METRICS;
     save(dir) writes a resumable checkpoint. resume_from continues a run from such a checkpoint
-    exactly. out_dir receives a resumable `last/` checkpoint every train.save_interval steps (0:
-    never mid-epoch) and at each epoch end. step_hook(epoch, step_in_epoch, student) runs after
+    exactly. metrics["phase_seconds"]: where the run's wall time went so far (PHASES; each report
+    counts in the next epoch's figure). out_dir receives a resumable `last/` checkpoint every
+    train.save_interval steps (0: never mid-epoch) and at each epoch end. step_hook(epoch, step_in_epoch, student) runs after
     every optimizer step (fault drills use it). report_on_every_rank: call report on every rank (Ray
     Train's report is a barrier), not rank 0 only. node_teacher: this node's served teacher
     (teacher/served.connect). Raises TrainingDiverged when the loss stops being finite: checked
@@ -133,6 +141,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
     is a device sync), and before every evaluation.
     """
     # ---- setup: the run, where it resumes, the schedule, tracking, compilation ---------------
+    build_started = time.perf_counter()
     run = build_run(cfg, ddp, node_teacher)
     progress = checkpoint.load_checkpoint(resume_from, run.lm, run.optimizer, run.scaler, run.extra_state) \
         if resume_from else Progress()
@@ -147,18 +156,22 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
         log_start(run, total_steps)
     t = Training(run, progress, per_rank, total_steps, trial_compile(run, total_steps - progress.step, progress.epoch),
                  wandb_run, step_hook, Path(out_dir) if out_dir else None)
+    t.phases["build"] = time.perf_counter() - build_started
     # ---- epochs: train, then evaluate, report and checkpoint ---------------------------------
     for epoch in range(progress.epoch, cfg.train.epochs):
         tally = train_epoch(t, epoch)
         metrics = epoch_end(t, epoch, tally)
         if run.rank == 0:
-            log.info("epoch %d: %s", epoch + 1, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            log.info("epoch %d: %s", epoch + 1, " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                         if k != "phase_seconds"))
             if wandb_run:
                 wandb_run.log(metrics, step=progress.step)
+        report_started = time.perf_counter()
         if report is not None and (run.rank == 0 or report_on_every_rank):
             report(metrics, t.save)
         if run.rank == 0 and t.out_dir:
             t.save(t.out_dir / "last")
+        t.phases["report"] += time.perf_counter() - report_started
     if wandb_run:
         wandb_run.finish()
     return TrainResult(student=run.lm, tokenizer=run.tokenizer, metrics=progress.history[-1] if progress.history else {},
@@ -201,7 +214,9 @@ def train_epoch(t: Training, epoch: int) -> Epoch:
                                          batch_size=None, num_workers=train_cfg.num_workers,
                                          pin_memory=run.device.type == "cuda")
     tally = Epoch(run.device)
+    waiting = time.perf_counter()
     for micro, batch in enumerate(loader, start=t.progress.batch):
+        tally.data_seconds += time.perf_counter() - waiting
         last_in_window = (micro + 1) % accumulation == 0 or micro + 1 == t.per_rank
         if micro % accumulation == 0:
             for group in run.optimizer.param_groups:
@@ -224,7 +239,10 @@ def train_epoch(t: Training, epoch: int) -> Epoch:
         tally.window_loss += parts.loss.detach()
         tally.tokens += batch["num_tokens"]
         if last_in_window:
+            window_started = time.perf_counter()
             window_end(t, epoch, micro, tally, temperature)
+            tally.optimizer_seconds += time.perf_counter() - window_started
+        waiting = time.perf_counter()
     return tally
 
 
@@ -297,16 +315,23 @@ def epoch_end(t: Training, epoch: int, tally: Epoch) -> dict:
     metrics = {"epoch": epoch + 1, "train_loss": train_loss.item(), "tokens_per_s": tally.tokens * run.world / train_seconds,
                **{f"{kind}_s_per_batch": tally.seconds[kind] / tally.batches[kind] if tally.batches[kind] else math.nan
                   for kind in KINDS}}
+    t.phases["data"] += tally.data_seconds
+    t.phases["steps"] += sum(tally.seconds.values())
+    t.phases["optimizer"] += tally.optimizer_seconds
+    eval_started = time.perf_counter()
     # the unwrapped student: DDP's forward broadcasts buffers, a collective a rank without a batch never joins
     metrics.update(evaluate(run.student, run.teacher, run.val_data, run.pad_id, run.cfg, run.precision, run.columns,
                             run.rank, run.world, temperature=temperature_at(progress.step, t.total_steps, run.cfg.train),
                             generation=run.generation))
     metrics["gpu_peak_gib"] = gpu_peak_gib(run.device)
+    t.phases["eval"] += time.perf_counter() - eval_started
     if t.speed is None:   # once per run: the student's shape, not its weights, sets it
+        speed_started = time.perf_counter()
         prompts = on_policy.prompts_and_replies(run.val_data, on_policy.generation_subset(
             run.val_data, student_shape.SPEED_PROMPTS))[0]
         t.speed = student_shape.generation_speed(run.lm, prompts, run.pad_id, run.precision.autocast)
+        t.phases["gen_speed"] = time.perf_counter() - speed_started
     metrics.update(student_params=run.student_params, student_embedding_params=run.embedding_params,
-                   gen_tokens_per_s=t.speed)
+                   gen_tokens_per_s=t.speed, phase_seconds=dict(t.phases))
     progress.history.append(metrics)
     return metrics
