@@ -3,6 +3,7 @@
     python bench/search_overhead.py --world main       # the main job: search_spaces/kd.yaml as the README runs it
     python bench/search_overhead.py --world minimind   # the same search on MiniMind's 6,400-id tokenizer
     python bench/search_overhead.py --read DIR         # the table again from a finished run's overhead.json
+    python bench/search_overhead.py --smoke            # seconds: 1 trial x 1 epoch on a toy demo, no control arms
 
 Each run is a fresh search (control arms, export and report included) under --storage (default
 /tmp/search-overhead/<world>-<time>; its data.cache_dir is there too, so the data is tokenized and
@@ -163,10 +164,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="dotted config overrides (YAML values), e.g. search.num_samples=2 for a smoke run")
     parser.add_argument("--read", help="print the table of a finished run (its storage folder) and exit")
+    parser.add_argument("--smoke", action="store_true",
+                        help="the main world at toy size in a scratch folder: 1 trial x 1 epoch, no control arms")
     args = parser.parse_args(argv)
     import yaml
 
     args.overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
+    if args.smoke:
+        import _smoke
+
+        folder = _smoke.scratch("overhead")
+        args.world, args.storage = "main", str(folder / "results")
+        args.overrides = {**_smoke.demo_overrides(_smoke.tiny_demo(folder / "demo")), "search.num_samples": 1,
+                          "train.epochs": 1, "controls.plain_sft": False, "controls.minimind_defaults": False,
+                          "controls.seeds": 0, **args.overrides}
     if args.read:
         print(table(json.loads((Path(args.read) / "overhead.json").read_text())))
         return 0

@@ -100,6 +100,10 @@ SMOKES: dict[str, list[tuple[str, object]]] = {
         (r"^\s+103\s+float32\s+\d+\s+0\.000%\s+\S+\s+0\.000%\s+\S+\s+0\.000%", None),
         (r"^\s+64\s+float16\s+\d+\s+(\d+\.\d+)%", lambda error: number(error) > 0),
         (r"top_k auto on this world \(T searched in \[1, 4\]", None)],
+    "search_overhead.py": [
+        # the table's closing row: the trials' training steps as a share of their wall time
+        (r"\*\*trials: training steps \(forward, backward, optimizer\)\*\* \| \S+ \| \*\*(\d+\.\d)% of the trials",
+         lambda share: 0 < number(share) <= 100)],
     "vocab_memory.py": [
         (r"fused/full peak memory at V=8192: (\S+)", finite_positive),
         (r"fused/full step time at V=8192: (\S+)", finite_positive),
