@@ -1,7 +1,7 @@
 """tune_kd against TRL 1.16's distillation trainers on identical inputs: tokens/s, peak memory, first-step loss.
 
     pip install -e ".[bench]"                  # trl==1.16.0 and what it needs beyond the core
-    python bench/vs_trl.py                     # both vocabularies, --steps 10 timed after --warmup 2
+    python bench/vs_trl.py                     # both vocabularies, --steps 6 timed after --warmup 2
     python bench/vs_trl.py --vocab 6400 --steps 20 --warmup 3
     python bench/vs_trl.py --smoke             # tiny models and data, V=6400 only, a few steps; no /work/shared
 
@@ -41,7 +41,7 @@ report_to (none) and checkpoint saving (neither side writes checkpoints while ti
 
 Per arm: training tokens/s over the timed steps (assistant tokens, all real tokens), samples/s for
 the on-policy arms, peak RSS (resource.getrusage over the process's life) and peak PSS (a thread
-reading /proc/self/smaps_rollup every 50 ms); on CUDA torch.cuda.max_memory_allocated; the first
+reading /proc/self/smaps_rollup, at most ~5% of a core); on CUDA torch.cuda.max_memory_allocated; the first
 optimizer step's loss. Prints a table, then the ratio lines.
 """
 
@@ -83,25 +83,31 @@ SMOKE = {"teacher": (64, 2, 4, 2, 192), "student": (32, 1, 4, 2, 96),
 # ----------------------------------------------------------------------------------------------
 
 class PeakPss:
-    """Samples this process's PSS from /proc/self/smaps_rollup in a thread; .peak in bytes (0 off Linux)."""
+    """Samples this process's PSS from /proc/self/smaps_rollup in a thread; .peak in bytes (0 off Linux).
+
+    A read walks the process's page tables: ~20 ms of CPU at 1 GB resident, several times that at
+    9 GB. So the thread waits 20x the last read's CPU time (at least `every`): it takes at most ~5%
+    of a core from the arm it measures, the same share in every arm."""
 
     def __init__(self, every: float = 0.05):
-        self.peak, self.every, self._stop = 0, every, threading.Event()
+        self.peak, self.every, self.cost, self._stop = 0, every, 0.0, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def sample(self) -> None:
+        started = time.thread_time()
         try:
             with open("/proc/self/smaps_rollup") as f:
                 for line in f:
                     if line.startswith("Pss:"):
                         self.peak = max(self.peak, int(line.split()[1]) * 1024)
-                        return
+                        break
         except OSError:
             pass
+        self.cost = time.thread_time() - started
 
     def _run(self) -> None:
-        while not self._stop.wait(self.every):
+        while not self._stop.wait(max(self.every, 20 * self.cost)):
             self.sample()
 
     def stop(self) -> int:
@@ -551,7 +557,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--smoke", action="store_true", help="tiny models and data, V=6400 only, a few steps")
     p.add_argument("--vocab", default="both", choices=["6400", "151936", "both"])
-    p.add_argument("--steps", type=int, help="timed optimizer steps per arm (default 10; --smoke 3)")
+    p.add_argument("--steps", type=int, help="timed optimizer steps per arm (default 6; --smoke 3)")
     p.add_argument("--warmup", type=int, help="untimed steps before them (default 2; --smoke 1)")
     p.add_argument("--keep", help="build the worlds in this folder and keep them (default: a temporary one)")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -563,7 +569,7 @@ def main() -> int:
         child_main(args.child, Path(args.world), options, Path(args.world) / f"{args.child}.result.json",
                    Path(args.world) / f"{args.child}.log")
         return 0
-    args.steps = args.steps or (3 if args.smoke else 10)
+    args.steps = args.steps or (3 if args.smoke else 6)
     args.warmup = args.warmup or (1 if args.smoke else 2)
     vocabs = [MINIMIND_VOCAB] if args.smoke or args.vocab == "6400" else \
         [QWEN_ROWS] if args.vocab == "151936" else [QWEN_ROWS, MINIMIND_VOCAB]
