@@ -62,8 +62,15 @@ def _log_probs(student_logits, teacher, temperature):
     this one, so this one never names it)."""
     if not isinstance(teacher, torch.Tensor):
         return teacher.log_probs(student_logits, temperature)
-    return (F.log_softmax(student_logits.float() / temperature, dim=-1),
-            F.log_softmax(teacher.float() / temperature, dim=-1))
+    return F.log_softmax(at_temperature(student_logits, temperature), dim=-1), \
+        F.log_softmax(at_temperature(teacher, temperature), dim=-1)
+
+
+def at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """fp32 logits / T; at T = 1 the logits themselves: dividing by 1 is a pass over an (n, V)
+    chunk forward and another backward for nothing (at V = 151,936 a step makes dozens of them)."""
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits / temperature
 
 
 def _kl_rows(logp_from: torch.Tensor, logp_to: torch.Tensor) -> torch.Tensor:
@@ -160,12 +167,17 @@ class Objective:
     def sums(self, student_logits: torch.Tensor, teacher, targets: torch.Tensor) -> torch.Tensor:
         """[objective, CE, D] summed over a chunk's rows: student_logits (n, V) fp32, the teacher's
         rows (live (n, columns) logits or a cached teacher's rows; None: CE only), targets (n,)."""
-        ce = ce_sum(student_logits, targets)
+        if self.alpha == 0.0 and teacher is not None:   # CE is only reported: no backward through it
+            with torch.no_grad():
+                ce = ce_sum(student_logits, targets)
+        else:
+            ce = ce_sum(student_logits, targets)
         if teacher is None:
             return torch.stack([self.alpha * ce, ce, torch.zeros_like(ce)])
         kd = KD_LOSSES[self.kd_loss](student_logits[:, :self.columns], teacher, self.temperature,
                                      **(self.kd_options or {}))
-        return torch.stack([self.alpha * ce + self.kd_weight * kd, ce, kd])
+        objective = self.kd_weight * kd if self.alpha == 0.0 else self.alpha * ce + self.kd_weight * kd
+        return torch.stack([objective, ce, kd])
 
 
 def teacher_chunk(teacher, lo: int, hi: int, columns: int | None):
