@@ -39,7 +39,9 @@ Commands (from the repository root):
                                                # a scratch folder, its kd.yaml written and loaded by tune_kd's
                                                # config loader, the teacher's greedy reply generated (tests/bench)
     # flags: --tokenizer DIR (default ../shared/tokenizers/qwen2.5), --world DIR, --seed, --teacher-*/--student-*
-    #        (hidden, layers, heads, kv-heads, intermediate), --teacher-lr, --teacher-batch-size, --cache-off
+    #        (hidden, layers, heads, kv-heads, intermediate), --teacher-lr, --teacher-batch-size, --cache-off,
+    #        --set KEY=VALUE (a kd.yaml key, dotted, repeatable: the hand-set arms, e.g. --set teacher_server=off)
+    # the flat teacher of docs/performance.md: build --world W --teacher-epochs 1
 
 `search` runs, as a subprocess from the repository root,
 
