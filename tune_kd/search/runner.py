@@ -179,7 +179,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
             with timed(phases, "control_arms"):
                 run_control_arms(cfg, summary, experiment_dir, plan, resume)
             if plan.served is not None:
-                summary["served_teacher"] = served_stats(plan.served.stats())
+                summary["served_teacher"] = plan.served.summary_line()
                 print(summary["served_teacher"])
         finally:
             if plan.served is not None:   # the teacher's actors go with the search (also on errors and Ctrl-C)
@@ -288,14 +288,6 @@ def serve_teacher(trial_cfg: ExperimentConfig, placed: dict, per_trial: dict, pa
     actors = teacher_actor.start(resolved, placed["served_layout"], placed.get("teacher_cache"), hosts, gpus, why,
                                  teacher_actor.batching_wait(placed.get("teacher_costs")))
     return resolved, actors, served_parallel
-
-
-def served_stats(stats: list[dict]) -> str:
-    """The served teacher's line at the end: forwards, requests, and the batch occupancy."""
-    forwards, requests = sum(s["forwards"] for s in stats), sum(s["requests"] for s in stats)
-    busy = sum(s["busy_s"] for s in stats)
-    return (f"served teacher: {requests} requests in {forwards} teacher forwards ({requests / max(forwards, 1):.2f} "
-            f"requests per forward), busy {busy:.0f} s")
 
 
 def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: Plan, resume: bool,

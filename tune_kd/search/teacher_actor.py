@@ -266,6 +266,14 @@ class Served:
 
         return ray.get([h.stats.remote() for h in self.handles])
 
+    def summary_line(self) -> str:
+        """The served teacher's line at the end: forwards, requests, and the batch occupancy."""
+        stats = self.stats()
+        forwards, requests = sum(s["forwards"] for s in stats), sum(s["requests"] for s in stats)
+        busy = sum(s["busy_s"] for s in stats)
+        return (f"served teacher: {requests} requests in {forwards} teacher forwards ({requests / max(forwards, 1):.2f} "
+                f"requests per forward), busy {busy:.0f} s")
+
     def stop(self) -> None:
         import ray
 
