@@ -208,24 +208,3 @@ def test_a_flat_teacher_at_qwen_vocabulary_gets_full_rows_and_a_teacher_per_tria
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher server:"))
     assert "auto: not used, a teacher in each trial is faster" in line
     assert "trial-steps/s with a teacher in each of 2 trials" in line and "served to 2" in line
-
-
-@pytest.mark.slow
-def test_a_search_on_the_flat_vocabulary_world_trains_each_trial_with_its_own_teacher(flat_vocab_world, tmp_path,
-                                                                                      capsys, caplog):
-    """The whole search on the flat 152k world, every teacher default but the cache's size: it states
-    the cost rule's choice with its estimates, starts no served teacher, and its trials finish."""
-    import ray
-
-    from tune_kd.config.experiment import load_config
-    from tune_kd.search import runner
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cfg = load_config(raw=flat_raw(flat_vocab_world))
-    with caplog.at_level("INFO"):
-        summary = runner.run_search(cfg, "test", storage=str(tmp_path), num_cpus=2, dashboard_host=None)
-    assert summary["parallel"] == 2 and "served_teacher" not in summary
-    assert {r["status"] for r in summary["rows"]} <= {"COMPLETED", "STOPPED_EARLY"}
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher server:")]
-    assert len(lines) == 1 and "a teacher in each trial is faster" in lines[0] and "trial-steps/s" in lines[0]
