@@ -208,3 +208,21 @@ def test_a_flat_teacher_at_qwen_vocabulary_gets_full_rows_and_a_teacher_per_tria
     line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("teacher server:"))
     assert "auto: not used, a teacher in each trial is faster" in line
     assert "trial-steps/s with a teacher in each of 2 trials" in line and "served to 2" in line
+
+
+def test_a_search_that_never_serves_is_not_sized_for_a_server(tiny_config):
+    """What a server would take from the trials is worked out only where one may serve: a data-parallel
+    trial that needs 2.01 CPUs fits a 3-CPU Ray, but not the 2 left once a server's CPU is taken out;
+    with teacher_server off that must not matter."""
+    from tune_kd.config.errors import UserError
+    from tune_kd.search import runner
+
+    node = {"NodeID": "node-1", "Alive": True, "Resources": {"CPU": 3.0}}
+    per_trial = {"cpu": 1, "gpu": 0, "workers": 2}
+    placed = {"teacher_cache": None, "served_layout": None, "teacher_costs": None}
+    off = tiny_config(teacher_server={"mode": "off", "cpus": 1})
+    resolved, actors, parallel = runner.serve_teacher(off, placed, per_trial, 1, {"CPU": 3.0}, [node])
+    assert resolved.teacher_server.mode == "off" and actors is None and parallel == 1
+    with pytest.raises(UserError, match="one trial needs 2.01 CPUs"):   # where it may serve, the check stands
+        runner.serve_teacher(tiny_config(teacher_server={"mode": "on", "cpus": 1}), placed, per_trial, 1,
+                             {"CPU": 3.0}, [node])

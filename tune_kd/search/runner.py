@@ -263,19 +263,22 @@ def serve_teacher(trial_cfg: ExperimentConfig, placed: dict, per_trial: dict, pa
     checked once here, so a wrong one stops the search before its trials."""
     hosts = teacher_actor.trial_nodes(nodes) or [n["NodeID"] for n in nodes if n.get("Alive")]
     per_node = math.ceil(parallel / max(1, len(hosts)))
-    on = trial_cfg.replace(teacher_server=dataclasses.replace(trial_cfg.teacher_server, mode="on"))
-    gpus_per_node = max((n["Resources"].get("GPU", 0) for n in nodes if n.get("Alive")), default=0)
-    gpus = teacher_actor.server_gpus(on, gpus_per_node, per_trial["gpu"])
-    copies = len(hosts) * on.teacher_server.replicas
-    served_parallel = resources.concurrency(on, per_trial, max(cluster.get("CPU", 1) - copies * on.teacher_server.cpus,
-                                                               per_trial["cpu"]),
-                                            max(cluster.get("GPU", 0) - copies * gpus, 0.0))
-    # the server works on the trials' own compute unless it holds a device of its own: a whole GPU
-    # apart from theirs, or CPUs of its own when the trials run on CPUs
-    own_device = gpus >= 1 if per_trial["gpu"] else on.teacher_server.cpus >= 1
-    serve, why = served.decide(trial_cfg, per_node, placed.get("teacher_cache") is not None,
-                               placed.get("teacher_costs"), math.ceil(served_parallel / max(1, len(hosts))),
-                               shared_compute=not own_device)
+    cache_used, costs = placed.get("teacher_cache") is not None, placed.get("teacher_costs")
+    serve, why = served.decide(trial_cfg, per_node, cache_used)   # the config's answer, before any cost
+    if serve:   # what a server takes from the trials, then the cost rule where the driver priced it
+        on = trial_cfg.replace(teacher_server=dataclasses.replace(trial_cfg.teacher_server, mode="on"))
+        gpus_per_node = max((n["Resources"].get("GPU", 0) for n in nodes if n.get("Alive")), default=0)
+        gpus = teacher_actor.server_gpus(on, gpus_per_node, per_trial["gpu"])
+        copies = len(hosts) * on.teacher_server.replicas
+        served_parallel = resources.concurrency(on, per_trial, max(cluster.get("CPU", 1) - copies * on.teacher_server.cpus,
+                                                                   per_trial["cpu"]),
+                                                max(cluster.get("GPU", 0) - copies * gpus, 0.0))
+        # the server works on the trials' own compute unless it holds a device of its own: a whole GPU
+        # apart from theirs, or CPUs of its own when the trials run on CPUs
+        own_device = gpus >= 1 if per_trial["gpu"] else on.teacher_server.cpus >= 1
+        if costs is not None:
+            serve, why = served.decide(trial_cfg, per_node, cache_used, costs,
+                                       math.ceil(served_parallel / max(1, len(hosts))), shared_compute=not own_device)
     log.info("teacher server: %s", why)
     if trial_cfg.teacher_server.url and trial_cfg.teacher is not None:
         from tune_kd.data import tokenized
@@ -286,7 +289,7 @@ def serve_teacher(trial_cfg: ExperimentConfig, placed: dict, per_trial: dict, pa
     if not serve:
         return resolved, None, parallel
     actors = teacher_actor.start(resolved, placed["served_layout"], placed.get("teacher_cache"), hosts, gpus, why,
-                                 teacher_actor.batching_wait(placed.get("teacher_costs")))
+                                 teacher_actor.batching_wait(costs))
     return resolved, actors, served_parallel
 
 
