@@ -145,7 +145,7 @@ def teacher_softness(world: dict, fraction: float, temperatures=(1.0, 2.0)) -> d
     from transformers import AutoModelForCausalLM
 
     from tune_kd.config.experiment import load_config
-    from tune_kd.data import tokenized
+    from tune_kd.data import inputs, tokenized
     from tune_kd.model.hardware import quiet_progress_bars
 
     quiet_progress_bars()
@@ -155,7 +155,7 @@ def teacher_softness(world: dict, fraction: float, temperatures=(1.0, 2.0)) -> d
            "data": {"path": world["train"], "val_path": world["val"], "max_seq_len": MAX_SEQ_LEN,
                     "cache_dir": str(OUT / world["name"] / "cache"), "workers": 1},
            "train": {"alpha": 1.0, "device": "cpu", "dtype": "float32"}, "logging": {"tensorboard": False}}
-    tokenizer, train_data, val_data = tokenized.load_data(load_config(raw=raw))
+    tokenizer, train_data, val_data = inputs.load_data(load_config(raw=raw))
     pad_id = tokenized.padding_id(tokenizer)
     teacher = AutoModelForCausalLM.from_pretrained(world["teacher"], dtype=torch.float32).eval()
     out = {}
@@ -271,7 +271,8 @@ def train_one(job: dict) -> dict:
     import torch
 
     from tune_kd.config.experiment import load_config
-    from tune_kd.data.tokenized import load_data, padding_id
+    from tune_kd.data.inputs import load_data
+    from tune_kd.data.tokenized import padding_id
     from tune_kd.kd.scored import ScoredLM
     from tune_kd.model import hardware
     from tune_kd.train.evaluate import evaluate
@@ -290,7 +291,7 @@ def train_one(job: dict) -> dict:
     def hook(epoch: int, step: int, lm) -> None:
         if step in job["eval_steps"] and step != last:
             student = wrapped.setdefault("student", ScoredLM(lm))
-            m = evaluate(student, None, val_data, pad_id, cfg, precision, columns=None)
+            m = evaluate(student, None, val_data, pad_id, cfg, precision)
             points.append({"step": step, "val_ce": m["val_ce"], "val_acc": m["val_acc"]})
 
     cache_lines: list[str] = []

@@ -93,7 +93,7 @@ def longest_reply_tokens(raw: dict) -> int:
     """The longest last assistant reply of the training and validation data in tokens, its
     end-of-turn token included, as ingestion tokenized it (in context, after the template's header)."""
     from tune_kd.config.experiment import load_config
-    from tune_kd.data.tokenized import load_data
+    from tune_kd.data.inputs import load_data
     from tune_kd.train.on_policy import prompts_and_replies
 
     _, train_data, val_data = load_data(load_config(raw=raw))

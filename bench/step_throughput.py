@@ -45,6 +45,7 @@ from tune_kd.kd import scoring
 from tune_kd.kd.scored import ScoredLM
 from tune_kd.model import build, compiling, hardware
 from tune_kd.teacher import cache_store, stored_rows
+from tune_kd.teacher.local import CacheReader, LiveTeacher
 from tune_kd.train.run import Run
 from tune_kd.train.step import MicroStep, backward_step, optimizer_step
 
@@ -246,12 +247,13 @@ def main() -> int:
     if device.type == "cuda":
         fast_batches = [{k: v.pin_memory() if torch.is_tensor(v) else v for k, v in b.items()} for b in fast_batches]
 
-    run = Run(cfg, 0, 1, precision, stub, pool, pool, stub.pad_token_id, lm, teacher_lm, teacher_fast, student_fast,
-              student_fast, None, True, None, None, optimizer, scaler)
+    live = LiveTeacher(teacher_fast, precision)
+    run = Run(cfg, 0, 1, precision, stub, pool, pool, stub.pad_token_id, lm, live, student_fast, student_fast, True,
+              None, optimizer, scaler)
 
     def fast_step(b, cache=None):
         normalizer = int((b["labels"][:, 1:] != -100).sum())  # host-side, no device sync
-        backward_step(run if cache is None else dataclasses.replace(run, cache=cache), b,
+        backward_step(run if cache is None else dataclasses.replace(run, teacher=CacheReader(cache, live)), b,
                       MicroStep(normalizer, cfg.train.temperature))
         optimizer_step(lm, optimizer, scaler, 1.0)
 

@@ -109,14 +109,15 @@ def initial_val_ce(cfg, student) -> float:
     """val_ce of a copy of the initial student, by train/evaluate.py's evaluate without a teacher."""
     import torch
 
-    from tune_kd.data.tokenized import load_data, padding_id
+    from tune_kd.data.inputs import load_data
+    from tune_kd.data.tokenized import padding_id
     from tune_kd.kd.scored import ScoredLM
     from tune_kd.model import hardware
     from tune_kd.train.evaluate import evaluate
 
     tokenizer, _, val_data = load_data(cfg)
     precision = hardware.resolve_precision(cfg.train.dtype, torch.device(cfg.train.device))
-    metrics = evaluate(ScoredLM(student), None, val_data, padding_id(tokenizer), cfg, precision, columns=None)
+    metrics = evaluate(ScoredLM(student), None, val_data, padding_id(tokenizer), cfg, precision)
     return metrics["val_ce"]
 
 

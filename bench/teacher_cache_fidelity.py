@@ -38,12 +38,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tune_kd.config.experiment import load_config
-from tune_kd.data import tokenized
+from tune_kd.data import inputs, tokenized
 from tune_kd.kd import losses, scoring
 from tune_kd.kd.scored import ScoredLM
 from tune_kd.model import build, hardware
 from tune_kd.search import demo
 from tune_kd.teacher import cache_fidelity, cache_plan, stored_rows
+from tune_kd.teacher.local import LiveTeacher
 from tune_kd.train import step
 
 TEMPERATURES = (1.0, 2.0, 3.0, 4.0, 5.0)
@@ -108,7 +109,7 @@ def main() -> int:
     cfg, trained_path = load_world(args)
     precision = hardware.resolve_precision("float32", torch.device("cpu"))
     torch.manual_seed(cfg.train.seed)   # the fresh student as loop.train would build it
-    tokenizer, train_data, _ = tokenized.load_data(cfg)
+    tokenizer, train_data, _ = inputs.load_data(cfg)
     students = {"fresh student": build.make_student(cfg.student, tokenizer, precision)}
     if trained_path.is_dir():
         from transformers import AutoModelForCausalLM
@@ -135,8 +136,8 @@ def main() -> int:
         meter = cache_fidelity.FidelityMeter(layouts, args.temperatures, {cfg.train.kd_loss: losses.kd_options(cfg.train)},
                                              list(student.parameters()))
         for batch in batches:
-            s_out, t_out, *_ = step.forward_pair(student, teacher, batch, precision, True)
-            meter.add(full_logits(s_out), full_logits(t_out), conversations=len(batch["indices"]))
+            s_out, t_out, *_ = step.forward_pair(student, LiveTeacher(teacher, precision), batch, precision)
+            meter.add(full_logits(s_out), full_logits(t_out.scored), conversations=len(batch["indices"]))
         print(f"\n{name}: worst relative error over T (and where), by k and stored dtype")
         print(header)
         for lay, f in meter.results().items():
@@ -154,7 +155,8 @@ def main() -> int:
                            teacher_cache=dataclasses.replace(cfg.teacher_cache, mode="auto", top_k="auto"))
     torch.manual_seed(cfg.train.seed)
     fresh = ScoredLM(build.make_student(cfg.student, tokenizer, precision))
-    plan, _ = cache_plan.plan_teacher_cache(auto_cfg, tokenizer, train_data, teacher, precision, None, pad_id, fresh)
+    plan, _ = cache_plan.plan_teacher_cache(cache_plan.CacheSource(auto_cfg, tokenizer, train_data,
+                                                                   LiveTeacher(teacher, precision), pad_id, fresh))
     print(f"\ntop_k auto on this world (T searched in [{min(args.temperatures):g}, {max(args.temperatures):g}], "
           f"{len(train_data)} training conversations, {int(train_data.target_counts.sum())} positions): {plan.why}")
     print(f"\nbench wall time {time.perf_counter() - started:.0f} s")

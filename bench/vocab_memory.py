@@ -9,7 +9,7 @@ train.dtype's default (bfloat16: bf16 autocast on CUDA and on a CPU with native 
 
     full   tune_kd's step before the fused head: both models' (N, V) logits at the scored positions,
            the loss in checkpointed chunks of 2,048 rows (as it stood at commit f5f04c5)
-    fused  today's step (loop.forward_pair + losses.distillation_loss): hidden rows kept, logits made
+    fused  today's step (step.forward_pair + losses.distillation_loss): hidden rows kept, logits made
            scored.CHUNK_ELEMENTS at a time and each chunk's gradient taken at once
 
 The step is forward + backward (the optimizer's state is the same for both). Each (V, path) runs in
@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tune_kd.kd import losses, scored, scoring
 from tune_kd.kd.scored import ScoredLM
 from tune_kd.model import hardware
+from tune_kd.teacher.local import LiveTeacher
 from tune_kd.train import step
 
 VOCABS = (151_936, 128_256)
@@ -93,8 +94,8 @@ def full_step(student, teacher, input_ids, labels, precision) -> float:
 
 
 def fused_step(student, teacher, input_ids, labels, precision) -> float:
-    s_out, t_out, targets, _, _ = step.forward_pair(student, teacher, {"input_ids": input_ids, "labels": labels},
-                                                    precision, True)
+    s_out, t_out, targets, _, _ = step.forward_pair(student, LiveTeacher(teacher, precision),
+                                                    {"input_ids": input_ids, "labels": labels}, precision)
     parts = losses.distillation_loss(s_out, t_out, targets, ALPHA, TEMPERATURE, targets.numel())
     parts.loss.backward()
     return float(parts.loss)

@@ -245,7 +245,8 @@ def prepare(world: Path, spec: dict) -> dict:
 
     cfg = load_config(raw=tune_kd_raw(world, spec, "tune_kd_cached"))
     run = build_run(cfg)   # tokenizes into data.cache_dir and builds the teacher cache there
-    assert run.cache is not None, "the teacher cache was not built"
+    cache = getattr(run.teacher, "cache", None)   # teacher/local.CacheReader's
+    assert cache is not None, "the teacher cache was not built"
     batches = tokenized.epoch_batches(run.train_data, cfg.train.batch_size, cfg.train.seed, 0)
     messages = [json.loads(line)["messages"] for line in open(world / "train.jsonl", encoding="utf-8")]
     rows = []
@@ -258,7 +259,7 @@ def prepare(world: Path, spec: dict) -> dict:
     (world / "rows.json").write_text(json.dumps(rows, ensure_ascii=False))
     total = len(batches)
     schedule_ok = all(abs(lr_at(s, total, 1.0, 0) - seed_cosine(s, total)) < 1e-12 for s in range(total))
-    return {"batches": total, "pad_id": run.pad_id, "cache": run.cache.nbytes, "schedule_ok": schedule_ok,
+    return {"batches": total, "pad_id": run.pad_id, "cache": cache.nbytes, "schedule_ok": schedule_ok,
             "cache_layout": f"top_k {spec['vocab']} of {spec['vocab']}: full float32 rows"}
 
 
@@ -285,7 +286,7 @@ def tune_kd_arm(world: Path, spec: dict, arm: str, warmup: int) -> dict:
 
     cfg = load_config(raw=tune_kd_raw(world, spec, arm))
     run = build_run(cfg)
-    if arm == "tune_kd_cached" and run.cache is None:
+    if arm == "tune_kd_cached" and getattr(run.teacher, "cache", None) is None:
         raise SystemExit("tune_kd_cached: build_run did not open the teacher cache")
     train_cfg = cfg.train
     batches = tokenized.epoch_batches(run.train_data, train_cfg.batch_size, train_cfg.seed, 0)

@@ -155,12 +155,16 @@ def render_in_chromium(page: Path) -> str:
 
 def step_run(cfg, student, teacher, precision, columns=None, cache=None):
     """A Run around a test's own models, for train/step.backward_step: cfg's run (train/run.build_run)
-    with them swapped in, the teacher cache given or none, and no loss scaling."""
+    with them swapped in (the teacher a ScoredLM, run live; with `cache`, its rows read there), and no
+    loss scaling."""
     import dataclasses
 
+    from tune_kd.teacher.local import CacheReader, LiveTeacher
     from tune_kd.train.run import build_run
 
     run = build_run(cfg, cache=False)
-    return dataclasses.replace(run, student=student, trained=student, teacher=teacher, precision=precision,
-                               columns=columns, need_teacher=teacher is not None, cache=cache,
+    live = LiveTeacher(teacher, precision, columns) if teacher is not None else None
+    return dataclasses.replace(run, student=student, trained=student,
+                               teacher=CacheReader(cache, live) if cache is not None else live, precision=precision,
+                               need_teacher=teacher is not None,
                                scaler=torch.amp.GradScaler(precision.device.type, enabled=False))

@@ -8,10 +8,12 @@ The rules (docs/testing.md explains each exception):
 - packages up to train/ never import Ray (the loop runs in plain pytest; Ray stays at the edge);
 - no re-exports: a package's __init__.py holds only its docstring;
 - the entry points (`python -m tune_kd.<command>`: the top-level modules and __main__.py files) only
-  call the cli package, and nothing imports them.
+  call the cli package, and nothing imports them;
+- every `module.name` the prose gives (docstrings, comments, the README, docs/) exists.
 """
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tune_kd"
@@ -192,4 +194,93 @@ def test_every_name_is_imported_from_where_it_is_defined():
                     if module in defined and alias.name not in defined[module] \
                             and f"{module}.{alias.name}" not in modules:
                         wrong.append(f"{path.name}: {alias.name} from tune_kd.{module}")
+    assert wrong == []
+
+
+# ---- names the prose gives --------------------------------------------------------------------
+
+# `module.name` in prose: a module (or package/module) and what it defines; also YAML keys (`train.alpha`)
+PROSE_REFERENCE = re.compile(r"(?<![\w./-])((?:[a-z_][a-z0-9_]*/)?[a-z_][a-z0-9_]*)\.([A-Za-z_]\w*)(?:\.([A-Za-z_]\w*))?")
+FILE_SUFFIXES = {"py", "json", "jsonl", "yaml", "yml", "csv", "png", "html", "md", "txt", "npy", "bin", "jinja", "whl",
+                 "sh", "toml", "pt", "safetensors", "log", "parquet", "svg", "db"}
+# heads that are other libraries or a variable, never one of tune_kd's modules
+OUTSIDE = {"torch", "np", "F", "ray", "tune", "tuner", "matplotlib", "optuna", "transformers", "cfg", "self", "os", "sys"}
+
+
+def yaml_sections() -> dict[str, set[str]]:
+    """section -> its keys (ExperimentConfig's dataclass fields, and the old keys that still read)."""
+    import dataclasses
+    import typing
+
+    from tune_kd.config.experiment import ExperimentConfig
+    from tune_kd.config.stages import OLD_KEYS
+
+    sections = {}
+    for name, hint in typing.get_type_hints(ExperimentConfig).items():
+        kind = next((a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)), hint)
+        if dataclasses.is_dataclass(kind):
+            sections[name] = {f.name for f in dataclasses.fields(kind)} | set(OLD_KEYS.get(name, {}))
+    return sections
+
+
+def wrong_references(text: str, modules: dict[str, list[str]], sections: dict[str, set[str]],
+                     defined: set[str]) -> list[str]:
+    """The `module.name` references in text that name nothing: the module (by its file's stem, or
+    package/stem) lacks the name, or a YAML section lacks the key; a head that is neither (another
+    library, a variable) counts only when the name it gives is one of tune_kd's (a module renamed)."""
+    import importlib
+    import importlib.util
+
+    def has(owner, name: str) -> bool:
+        return hasattr(owner, name) or name in getattr(owner, "__dataclass_fields__", {})
+
+    wrong = []
+    for match in PROSE_REFERENCE.finditer(text):
+        head, name, member = match.groups()
+        package, _, stem = head.rpartition("/")
+        if name in FILE_SUFFIXES or head in OUTSIDE or re.match(r"\.\d", text[match.end():]):
+            continue                                   # a file, another library, a weight name (model.layers.3)
+        if head == "tune_kd":
+            if importlib.util.find_spec(f"tune_kd.{name}") is None:
+                wrong.append(match.group(0))
+            continue
+        candidates = [m for m in modules.get(stem, []) if not package or m.split(".")[0] == package]
+        found = not package and name in sections.get(stem, set())
+        for dotted in candidates:
+            module = importlib.import_module(f"tune_kd.{dotted}")
+            if has(module, name):
+                owner = getattr(module, name, None)
+                found = found or member is None or not isinstance(owner, type) or has(owner, member)
+            elif hasattr(module, "__path__") and importlib.util.find_spec(f"tune_kd.{dotted}.{name}"):
+                found = True
+        if not found and (candidates or (not package and stem in sections) or name in defined):
+            wrong.append(match.group(0))
+    return wrong
+
+
+def test_every_module_name_the_docstrings_comments_readme_and_docs_give_exists():
+    """A docstring, comment, README or docs/ page that names `module.name` (or `package/module.name`,
+    or a YAML key `section.key`) names something that exists: a rename that left prose behind fails
+    here."""
+    import importlib
+
+    modules: dict[str, list[str]] = {}
+    for path in PACKAGE.rglob("*.py"):
+        dotted = module_name(path).removesuffix(".__init__").removesuffix("__init__")
+        if dotted:
+            modules.setdefault(dotted.split(".")[-1], []).append(dotted)
+    sections = yaml_sections()
+    defined = set().union(*(vars(importlib.import_module(f"tune_kd.{m}")) for ms in modules.values() for m in ms))
+    root = PACKAGE.parent
+    texts = [(str(doc.relative_to(root)), doc.read_text()) for doc in [root / "README.md", *root.joinpath("docs").glob("*.md")]]
+    for path in [*PACKAGE.rglob("*.py"), *root.joinpath("bench").rglob("*.py")]:
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node, clean=False)
+                if doc:
+                    texts.append((f"{path.relative_to(root)}:{getattr(node, 'lineno', 1)}", doc))
+        texts += [(f"{path.relative_to(root)}:{i}", line.split("#", 1)[1])
+                  for i, line in enumerate(source.splitlines(), 1) if "#" in line]
+    wrong = [f"{where}: {ref}" for where, text in texts for ref in wrong_references(text, modules, sections, defined)]
     assert wrong == []

@@ -14,7 +14,7 @@ import yaml
 
 from tune_kd.cli import main as cli
 from tune_kd.config.experiment import load_config
-from tune_kd.data import chat_formats, chat_template, ingest, tokenized
+from tune_kd.data import chat_formats, chat_template, ingest, inputs, tokenized
 from tune_kd.data.chat_formats import DataError
 from tune_kd.search import demo
 
@@ -224,7 +224,7 @@ def test_prepare_prints_the_figures_warns_on_unknown_tokens_and_leaves_caches_a_
     assert meta["unknown_assistant_tokens"] == 30 * len("你好，我是助手") and f"{100 * share:.1f}%" in warning
     # a run after prepare finds the cache: nothing is tokenized again
     monkeypatch.setattr(ingest, "build", lambda *a, **k: pytest.fail("re-tokenized after prepare"))
-    _, train_data, val_data = tokenized.load_data(load_config(space))
+    _, train_data, val_data = inputs.load_data(load_config(space))
     assert (len(train_data), len(val_data)) == (54, 6)
 
 

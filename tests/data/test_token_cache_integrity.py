@@ -10,14 +10,14 @@ import pytest
 import yaml
 
 from tune_kd.cli import prepare as prepare_cli
-from tune_kd.data import ingest, tokenized
+from tune_kd.data import ingest, inputs, tokenized
 
 from conftest import tiny_raw
 
 
 def test_a_damaged_token_block_is_named_by_examples_and_rebuilt(tiny_config, tmp_path, caplog):
     cfg = tiny_config(data={"cache_dir": str(tmp_path / "cache")})
-    train = tokenized.tokenize_cached(cfg.data.path, tokenized.shared_tokenizer(cfg), 64, cfg.data.cache_dir)
+    train = tokenized.tokenize_cached(cfg.data.path, inputs.run_tokenizers(cfg).student, 64, cfg.data.cache_dir)
     directory = Path(cfg.data.cache_dir) / "tokenized" / train.identity
     tokens = directory / "tokens.bin"
     good = tokens.read_bytes()
@@ -25,10 +25,10 @@ def test_a_damaged_token_block_is_named_by_examples_and_rebuilt(tiny_config, tmp
         handle.seek(len(good) // 2)
         handle.write(bytes(64))
     assert ingest.damaged_blocks(directory) == ["tokens.bin examples 0..1,199"]   # one 16 MiB block: every example
-    tokenized.tokenize_cached(cfg.data.path, tokenized.shared_tokenizer(cfg), 64, cfg.data.cache_dir)
+    tokenized.tokenize_cached(cfg.data.path, inputs.run_tokenizers(cfg).student, 64, cfg.data.cache_dir)
     assert tokens.read_bytes() != good                      # a trial does not read the whole cache again
     with caplog.at_level(logging.WARNING):
-        again = tokenized.tokenize_cached(cfg.data.path, tokenized.shared_tokenizer(cfg), 64, cfg.data.cache_dir,
+        again = tokenized.tokenize_cached(cfg.data.path, inputs.run_tokenizers(cfg).student, 64, cfg.data.cache_dir,
                                           verify=True)
     assert any("token cache" in r.getMessage() and "tokens.bin examples 0..1,199" in r.getMessage()
                and "rebuilding it" in r.getMessage() for r in caplog.records)

@@ -173,13 +173,20 @@ def test_a_data_conversation_the_template_renders_unlike_its_prefixes_names_its_
     assert "split it into one record per assistant reply" in line
 
 
-def test_a_teacher_with_another_tokenizer_is_out_of_scope(zoo, tmp_path, capsys, good_data):
+def test_a_student_on_another_tokenizer_is_checked_before_any_work(zoo, tmp_path, capsys, good_data):
+    """A teacher and a student on different tokenizers distil across them (data/cross_tokens.py); what
+    that cannot do is one line, exit 2, before anything is written: a side without a chat template,
+    a setting that needs one tokenizer."""
+    no_template = tokenizer_zoo.save("chatml", tmp_path / "student_tok", template="")
     config = space(tmp_path, zoo["llama3"], good_data, tokenizer=None, teacher={"path": str(zoo["llama3"])},
-                   student={"path": str(zoo["chatml"])}, train={"alpha": 0.5})
+                   student={"arch": dict(TINY_ARCH), "tokenizer": str(no_template)}, train={"alpha": 0.5})
     line = refused(config, capsys, tmp_path)
-    assert f"student.path: {zoo['chatml']} ships a tokenizer different from {zoo['llama3']}" in line
-    assert "cross-tokenizer distillation is out of scope for tune_kd" in line
-    assert "use a student built with the teacher's tokenizer" in line
+    assert f"{no_template}: tokenizer has no chat template" in line and "add a chat_template.jinja" in line
+    config = space(tmp_path, zoo["llama3"], good_data, tokenizer=None, teacher={"path": str(zoo["llama3"])},
+                   student={"arch": dict(TINY_ARCH), "tokenizer": str(zoo["chatml"])},
+                   train={"alpha": 0.5, "on_policy_fraction": 0.5})
+    line = refused(config, capsys, tmp_path)
+    assert "train.on_policy_fraction: on-policy batches needs teacher and student on one tokenizer" in line
 
 
 def test_a_template_that_refuses_system_turns_names_the_line_and_data_system_turns(zoo, tmp_path, capsys, good_data):

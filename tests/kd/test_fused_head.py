@@ -12,8 +12,10 @@ from tune_kd.config.experiment import ArchSpec, ModelSpec
 from tune_kd.data import tokenized
 from tune_kd.kd import losses, scored, scoring
 from tune_kd.kd.scored import Scored, ScoredLM
+from tune_kd.kd.teacher_rows import TeacherRows
 from tune_kd.model import build, hardware
 from tune_kd.teacher import cache_store, stored_rows
+from tune_kd.teacher.local import LiveTeacher
 from tune_kd.train import loop
 from tune_kd.train.evaluate import evaluate
 from tune_kd.train.step import MicroStep, backward_step
@@ -42,7 +44,7 @@ def teacher_side(kind: str, columns: int | None):
         return logits, logits
     width = logits.shape[1]
     stored = stored_rows.compress(logits, stored_rows.layout(8 if kind == "top-8" else width, width))
-    cached = stored_rows.CachedTeacher.from_stored(stored)
+    cached = TeacherRows.from_stored(stored)
     return cached, cached
 
 
@@ -116,7 +118,7 @@ class InMemoryCache:
     """A teacher cache's rows(indices) over the whole batch, compressed in memory (top-16)."""
 
     def __init__(self, teacher_logits, lay):
-        self.rows_ = stored_rows.CachedTeacher.from_stored(stored_rows.compress(teacher_logits, lay))
+        self.rows_ = TeacherRows.from_stored(stored_rows.compress(teacher_logits, lay))
 
     def rows(self, indices):
         return self.rows_
@@ -180,7 +182,7 @@ def test_no_logits_tensor_is_larger_than_a_chunk_in_the_step_or_the_evaluation(w
     for _ in range(2):   # the first forwards also check each head on a few positions (check_head)
         made.clear()
         backward_step(step_run(cfg, student, teacher, precision), batch, MicroStep(n, cfg.train.temperature))
-    evaluate(student, teacher, val, tokenizer.pad_token_id, cfg, precision, None)
+    evaluate(student, LiveTeacher(teacher, precision), val, tokenizer.pad_token_id, cfg, precision)
     assert len(made) > 2 * n // 7 and max(made) <= 7 * 103
 
 
@@ -253,7 +255,7 @@ def test_padding_rows_are_left_out_of_the_divergence(world, tiny_config):
     make = lambda width: LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=width, intermediate_size=2 * width,  # noqa: E731
                                                       num_hidden_layers=1, num_attention_heads=2))
     student_lm, teacher_lm = make(16), make(32)
-    columns = build.check_compatibility(teacher_lm, student_lm, tokenizer)
+    columns = build.check_models(tokenizer, student_lm, teacher_lm)
     assert columns == len(tokenizer) == 103
     batch = tokenized.collate(tokenized.tokenize_cached(world["train"], tokenizer, 64, world["cache"]), np.arange(8),
                          tokenizer.pad_token_id)

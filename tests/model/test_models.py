@@ -65,19 +65,19 @@ def test_rows_past_the_tokenizer_are_left_out_of_the_divergence_with_a_log_line(
     """Padding rows (ids the tokenizer never emits) carry no distribution: the divergence compares the
     tokenizer's ids, whichever model pads and by how much (Qwen2.5: 151,646 ids in 151,936 rows)."""
     with caplog.at_level("INFO"):
-        cols = build.check_compatibility(lm(128), lm(100), FakeTokenizer(100))
+        cols = build.check_models(FakeTokenizer(100), lm(100), lm(128))
     assert cols == 100 and "rows past id 99 are padding" in caplog.text
-    assert build.check_compatibility(lm(100), lm(100), FakeTokenizer(100)) is None
-    assert build.check_compatibility(lm(128), lm(128), FakeTokenizer(100)) == 100    # both padded alike
-    assert build.check_compatibility(lm(110), lm(128), FakeTokenizer(100)) == 100    # the teacher pads less
-    assert build.check_compatibility(None, lm(128), FakeTokenizer(100)) is None      # plain SFT: CE over every row
+    assert build.check_models(FakeTokenizer(100), lm(100), lm(100)) is None
+    assert build.check_models(FakeTokenizer(100), lm(128), lm(128)) == 100    # both padded alike
+    assert build.check_models(FakeTokenizer(100), lm(128), lm(110)) == 100    # the teacher pads less
+    assert build.check_models(FakeTokenizer(100), lm(128), None) is None      # plain SFT: CE over every row
 
 
 def test_vocab_mismatches_are_errors():
     with pytest.raises(UserError, match="teacher vocab has 90 rows but the tokenizer emits 100 ids"):
-        build.check_compatibility(lm(90), lm(100), FakeTokenizer(100))
+        build.check_models(FakeTokenizer(100), lm(100), lm(90))
     with pytest.raises(UserError, match="tokenizer emits 120 ids"):
-        build.check_compatibility(lm(128), lm(100), FakeTokenizer(120))
+        build.check_models(FakeTokenizer(120), lm(100), lm(128))
 
 
 def test_model_directory_rules(tmp_path, world):
@@ -155,21 +155,22 @@ def test_teacher_is_frozen_in_eval_mode(world):
     assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
 
 
-def test_models_must_share_a_tokenizer(tmp_path, world):
+def test_a_student_with_its_own_tokenizer_distils_across_tokenizers_and_needs_its_template(tmp_path, world, tiny_config):
+    """A student directory that ships another tokenizer is no longer refused: the run distils across
+    tokenizers; one without a chat template is refused in one line naming the student's tokenizer."""
     from tokenizers import Tokenizer
     from tokenizers import models as tk_models
     from transformers import PreTrainedTokenizerFast
 
-    from tune_kd.data.tokenized import load_tokenizer
+    from tune_kd.data import inputs
 
     other = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(tk_models.WordLevel({"a": 0, "<unk>": 1}, "<unk>")))
     other.save_pretrained(str(tmp_path / "student"))
-    tok = load_tokenizer(world["tokenizer"])
-    with pytest.raises(UserError, match="student.path: .* ships a tokenizer different"):
-        tokenized.check_shared_tokenizer(tok, ModelSpec(path=world["teacher"]), ModelSpec(path=str(tmp_path / "student")),
-                                      world["teacher"])
-    tokenized.check_shared_tokenizer(tok, ModelSpec(path=world["teacher"]), ModelSpec(path=world["teacher"]),
-                                  world["tokenizer"])
+    cfg = tiny_config(student={"path": None, "tokenizer": str(tmp_path / "student")})
+    with pytest.raises(UserError, match=r"student: tokenizer has no chat template"):
+        inputs.run_tokenizers(cfg)
+    same = inputs.run_tokenizers(tiny_config(student={"tokenizer": world["tokenizer"]}))
+    assert not same.across and same.teacher is None
 
 
 def test_moe_student_is_built_trained_with_its_router_loss_and_exported_as_moe(tiny_config, tmp_path):

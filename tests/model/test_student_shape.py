@@ -1,4 +1,4 @@
-"""The student's shape searched like a train key (student_shape.py, config_checks.STUDENT_SEARCHABLE,
+"""The student's shape searched like a train key (student_shape.py, checks.STUDENT_SEARCHABLE,
 space.apply_point): a shape that is no model, or over student.max_params, is rejected before it
 trains (REJECTED, Optuna PRUNED), never a crash; every epoch reports the student's size and speed."""
 

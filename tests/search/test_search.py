@@ -15,7 +15,7 @@ import yaml
 
 from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import load_config
-from tune_kd.data import tokenized
+from tune_kd.data import inputs, tokenized
 from tune_kd.kd.scored import ScoredLM
 from tune_kd.model import checkpoint
 from tune_kd.search.fault_drills import FAULT_FILE_ENV
@@ -123,9 +123,9 @@ def test_search_end_to_end(world, tmp_path, capsys):
     for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md"):
         assert (exported / name).is_file(), name
     student = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32)
-    tokenizer, _, val_data = tokenized.load_data(cfg)
+    tokenizer, _, val_data = inputs.load_data(cfg)
     precision = hardware.resolve_precision("float32", torch.device("cpu"))
-    metrics = evaluate(ScoredLM(student), None, val_data, tokenizer.pad_token_id, cfg, precision, None)
+    metrics = evaluate(ScoredLM(student), None, val_data, tokenizer.pad_token_id, cfg, precision)
     assert metrics["val_ce"] == pytest.approx(best["best_val_ce"], rel=1e-5)
     assert list(experiment.glob("trial_*/events.out.tfevents*"))   # TensorBoard logs
 

@@ -24,7 +24,7 @@ KEY_CONTEXT = {"final_temperature": {"temperature": 4.0, "temperature_schedule":
                "on_policy_fraction": {"max_new_tokens": 8}, "seq_kd": {"max_new_tokens": 8},
                "generation_temperature": {"on_policy_fraction": 1.0, "max_new_tokens": 8},
                "on_policy_start": {"on_policy_fraction": 1.0, "max_new_tokens": 8}}
-# The student's shape and start (config_checks.STUDENT_SEARCHABLE), with the arch they vary from;
+# The student's shape and start (checks.STUDENT_SEARCHABLE), with the arch they vary from;
 # init_layers picks among the teacher's layers, and the tiny world's teacher has one
 # (tests/test_student_init.py checks each rule).
 STUDENT_VALUES = {"student.arch.hidden_size": (32, 48), "student.arch.num_hidden_layers": (1, 2),

@@ -13,10 +13,11 @@ import torch
 from tune_kd.config import files
 from tune_kd.config.experiment import load_config
 from tune_kd.config.files import DiskFullError
-from tune_kd.data import tokenized
+from tune_kd.data import inputs, tokenized
 from tune_kd.kd.scored import Scored
 from tune_kd.search.prepare import prepare_teacher_rows
 from tune_kd.teacher import cache_plan, cache_store, stored_rows
+from tune_kd.teacher.local import CacheReader
 
 from conftest import tiny_raw
 
@@ -66,14 +67,14 @@ def test_trials_trust_the_verified_cache_and_the_planner_reads_it_once(cache_cfg
     prepare_teacher_rows(cache_cfg, serve=False)             # the search's driver, prepare, train
     assert len(checked) == 1
     from tune_kd.train.run import build_run
-    assert build_run(cache_cfg).cache is not None             # a trial: no second read of the whole cache
+    assert isinstance(build_run(cache_cfg).teacher, CacheReader)   # a trial: no second read of the whole cache
     assert len(checked) == 1
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_teacher_logits_stop_the_build_and_leave_nothing(tiny_config, tmp_path, bad):
     cfg = tiny_config(data={"max_train_examples": 40})
-    _, train_data, _ = tokenized.load_data(cfg)
+    _, train_data, _ = inputs.load_data(cfg)
 
     def rows(batch):
         count = int((batch["labels"][:, 1:] != tokenized.IGNORE_INDEX).sum())
@@ -87,7 +88,7 @@ def test_non_finite_teacher_logits_stop_the_build_and_leave_nothing(tiny_config,
 
 def test_a_full_disk_while_building_is_one_line_and_leaves_nothing(tiny_config, tmp_path, monkeypatch):
     cfg = tiny_config(data={"max_train_examples": 40})
-    _, train_data, _ = tokenized.load_data(cfg)
+    _, train_data, _ = inputs.load_data(cfg)
     calls = []
 
     def pwrite(fd, data, offset):   # the disk fills on the third write

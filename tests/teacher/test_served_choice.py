@@ -131,7 +131,7 @@ def test_the_costs_are_measured_on_a_real_run(tiny_config):
     batch = teacher_choice.representative_batch(run)
     assert costs.positions == int((batch["labels"][:, 1:] != -100).sum()) > 0
     assert costs.rows_bytes == costs.positions * lay.bytes_per_position
-    assert costs.teacher_bytes == sum(p.numel() * 4 for p in run.teacher_lm.parameters())
+    assert costs.teacher_bytes == sum(p.numel() * 4 for p in run.teacher.lm.parameters())
     assert costs.memory_bytes > 0 and costs.device == "cpu"
 
 

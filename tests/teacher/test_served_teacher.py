@@ -18,7 +18,7 @@ import yaml
 
 from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import load_config
-from tune_kd.data import tokenized
+from tune_kd.data import inputs, tokenized
 from tune_kd.kd.scored import ScoredLM
 from tune_kd.kd.scoring import scored_positions
 from tune_kd.model import build, hardware
@@ -53,7 +53,7 @@ def start(cfg, lay, cache_dir=None):
 
 
 def batches(cfg, count=3):
-    tokenizer, train_data, _ = tokenized.load_data(cfg)
+    tokenizer, train_data, _ = inputs.load_data(cfg)
     pad = tokenized.padding_id(tokenizer)
     return [tokenized.collate(train_data, np.arange(i * 8, i * 8 + 8 + i), pad) for i in range(count)], tokenizer
 
@@ -88,7 +88,8 @@ def test_served_rows_are_the_local_teachers(world, local_ray):
             remote = teacher_actor.ServedTeacher(actors.handles[0])
             for batch in group:
                 positions, targets = scored_positions(batch["labels"])
-                rows, target_logprobs = remote.rows(batch["input_ids"], positions)
+                rows = remote.rows(batch["input_ids"], positions)[0]
+                target_logprobs = rows.target_logprobs
                 with torch.inference_mode():
                     logits = teacher(batch["input_ids"], positions)[0].logits().float()
                 assert rows.values.shape[0] == targets.numel() == target_logprobs.numel()
@@ -148,7 +149,7 @@ def test_a_served_run_trains_as_a_local_one_and_survives_a_killed_teacher(world,
                     data={"max_train_examples": 400}, eval={"generation_samples": 8}, teacher_cache={"mode": "off"})
     local = loop.train(load_config(raw=tiny_raw(world, **sections)))
     cfg = served_config(world, **sections)
-    tokenizer = tokenized.shared_tokenizer(cfg)
+    tokenizer = inputs.run_tokenizers(cfg).student
     actors = start(cfg, layout(len(tokenizer), len(tokenizer)))
     try:
         calm = run_served(cfg, actors)
@@ -265,7 +266,7 @@ def test_a_run_reads_its_teacher_from_a_vllm_style_endpoint(world, monkeypatch):
     sections = dict(train={"epochs": 1, "on_policy_fraction": 0.5, "on_policy_start": 0.5, "max_new_tokens": 8},
                     data={"max_train_examples": 200}, eval={"generation_samples": 8}, teacher_cache={"mode": "off"})
     local = loop.train(load_config(raw=tiny_raw(world, **sections)))
-    columns = len(tokenized.shared_tokenizer(load_config(raw=tiny_raw(world))))
+    columns = len(inputs.run_tokenizers(load_config(raw=tiny_raw(world))).student)
     with StandinVLLM(max_logprobs=columns) as server:
         server.model = AutoModelForCausalLM.from_pretrained(world["teacher"], dtype=torch.float32).eval()
         server.name = "world/teacher"

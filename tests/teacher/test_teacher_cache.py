@@ -16,13 +16,14 @@ import torch
 
 from tune_kd.config.errors import ConfigError, UserError
 from tune_kd.config.experiment import load_config
-from tune_kd.data import tokenized
+from tune_kd.data import inputs, tokenized
 from tune_kd.kd import losses, scoring
 from tune_kd.kd.losses import KD_LOSSES
 from tune_kd.kd.scored import Scored, ScoredLM
 from tune_kd.model import hardware
 from tune_kd.search.prepare import prepare_teacher_rows
 from tune_kd.teacher import cache_fidelity, cache_plan, cache_store, stored_rows
+from tune_kd.teacher.local import CacheReader, LiveTeacher
 from tune_kd.train import loop, run, step
 from tune_kd.train.run import build_run
 
@@ -35,16 +36,27 @@ def setup_run(cfg):
     """(tokenizer, train split, teacher ScoredLM, precision, teacher_cols, pad id, student
     ScoredLM) as loop.train has them: train/run.build_run's run, without its teacher cache."""
     built = build_run(cfg, cache=False)
-    return built.tokenizer, built.train_data, built.teacher, built.precision, built.columns, built.pad_id, built.student
+    return built.tokenizer, built.train_data, built.teacher.scored, built.precision, built.teacher.columns, \
+        built.pad_id, built.student
+
+
+def whole(rows):
+    """A batch's cache rows, every chunk at once."""
+    return rows.chunk(0, rows.rows)
+
+
+def source(cfg, tokenizer, train_data, teacher, precision, cols, pad, student):
+    """setup_run's parts as the cache plan takes them."""
+    return cache_plan.CacheSource(cfg, tokenizer, train_data, LiveTeacher(teacher, precision, cols), pad, student)
 
 
 def open_cache(cfg, teacher_scale: float = 1.0):
-    """(the cache loop.open_teacher_cache opens for cfg, or None; train split; teacher). teacher_scale
+    """(the cache cache_plan.open_teacher_cache opens for cfg, or None; train split; teacher). teacher_scale
     multiplies the teacher's output layer: above 1 a peakier teacher, below 1 a flatter one."""
     tokenizer, train_data, teacher, precision, cols, pad, student = setup_run(cfg)
     with torch.no_grad():
         teacher.lm.get_output_embeddings().weight.mul_(teacher_scale)
-    return cache_plan.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, cols, pad, student)[0], train_data, teacher
+    return cache_plan.open_teacher_cache(source(cfg, tokenizer, train_data, teacher, precision, cols, pad, student))[0], train_data, teacher
 
 def live_and_cached(cfg, cache, train_data, teacher, indices, temperature, kd_loss="forward_kl"):
     """The KD term and its gradient w.r.t. the student's logits, from the live teacher and from the cache,
@@ -55,7 +67,7 @@ def live_and_cached(cfg, cache, train_data, teacher, indices, temperature, kd_lo
     torch.manual_seed(0)
     student = torch.randn(live.shape) * 2.0
     out = []
-    for teacher_side in (live, cache.rows(batch["indices"])[:]):
+    for teacher_side in (live, whole(cache.rows(batch["indices"]))):
         logits = student.clone().requires_grad_(True)
         parts = losses.distillation_loss(logits, teacher_side, torch.zeros(len(logits), dtype=torch.long), 0.0,
                                          temperature, 1.0, kd_loss, kd_options={"beta": 0.3} if kd_loss == "jsd" else {})
@@ -106,7 +118,7 @@ def test_what_is_written_is_read_back(tiny_config, tmp_path, vocab, dtype, id_dt
     """ids exact (uint16 up to 65,536 ids, uint32 above, ids past 65,535 included), values and tail
     within the stored dtype's rounding, each row shifted by its largest logit."""
     cfg = tiny_config(data={"max_train_examples": 40})
-    _, train_data, _ = tokenized.load_data(cfg)
+    _, train_data, _ = inputs.load_data(cfg)
     lay = stored_rows.layout(16, vocab, dtype)
     rows, seen = synthetic_rows(vocab, slice(vocab - 20, vocab))
     cache_store.build(rows, train_data, 0, lay, tmp_path / "c", {})
@@ -116,7 +128,7 @@ def test_what_is_written_is_read_back(tiny_config, tmp_path, vocab, dtype, id_dt
     assert cache.tail.dtype == (np.float32 if dtype == "float32" else np.float16)
 
     logits = torch.cat(seen)                                                   # (P, V) as the teacher gave them
-    read = cache.rows(np.arange(len(train_data)))[:]
+    read = whole(cache.rows(np.arange(len(train_data))))
     assert read.values.dtype == torch.float32 and read.ids.dtype == torch.int64 and read.tail.dtype == torch.float32
     top = logits.topk(16, dim=1)
     assert torch.equal(read.ids, top.indices) and int(read.ids.max()) >= vocab - 20
@@ -143,7 +155,7 @@ def test_bytes_per_position_halved_at_k_128():
 
 def test_the_built_files_take_what_bytes_per_position_says(tiny_config, tmp_path):
     cfg = tiny_config(data={"max_train_examples": 40})
-    _, train_data, _ = tokenized.load_data(cfg)
+    _, train_data, _ = inputs.load_data(cfg)
     for dtype in stored_rows.VALUE_DTYPES:
         lay = stored_rows.layout(32, 103, dtype)
         cache_store.build(synthetic_rows(103, slice(0, 4))[0], train_data, 0, lay, tmp_path / dtype, {})
@@ -166,8 +178,8 @@ def parameter_fidelity(cfg, student_lm, teacher, train_data, lay, temperature) -
     meter = cache_fidelity.FidelityMeter([lay], [temperature], {cfg.train.kd_loss: {}}, list(student.parameters()))
     for lo in range(0, 128, 32):
         batch = tokenized.collate(train_data, np.arange(lo, lo + 32), 0)
-        s_out, t_out, *_ = step.forward_pair(student, teacher, batch, precision, True)
-        meter.add(s_out.logits(), t_out.logits())
+        s_out, t_out, *_ = step.forward_pair(student, LiveTeacher(teacher, precision), batch, precision)
+        meter.add(s_out.logits(), t_out.scored.logits())
     return meter.results()[lay]
 
 
@@ -202,7 +214,7 @@ def test_the_tail_term_is_exact_at_its_grid_temperatures(tiny_config):
     precision = hardware.resolve_precision("float32", torch.device("cpu"))
     batch = tokenized.collate(train_data, np.arange(4), 0)
     logits = scoring.teacher_outputs(teacher, precision)(batch).logits()
-    cached = cache.rows(batch["indices"])[:]
+    cached = whole(cache.rows(batch["indices"]))
     row_max = logits.max(1, keepdim=True).values
     rest = logits.scatter(1, cached.ids, float("-inf")) - row_max
     for temperature in (1.0, 3.0):
@@ -255,7 +267,7 @@ def test_auto_runs_live_when_the_k_it_needs_exceeds_max_gb(tiny_config, caplog):
         run.build_run(cfg)                                       # a run says it once
     assert len([r for r in caplog.records if "not used" in r.getMessage()]) == 1
     tokenizer, train_data, teacher, precision, cols, pad, student = setup_run(cfg)
-    cache, why = cache_plan.open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, cols, pad, student)
+    cache, why = cache_plan.open_teacher_cache(source(cfg, tokenizer, train_data, teacher, precision, cols, pad, student))
     assert cache is None
     lines = [why]
     match = re.search(r"not used: top_k auto needs top-(\d+) to stay within 1% \(loss error [\d.]+% \(T [\d.]+\), "
@@ -372,7 +384,7 @@ def test_two_processes_build_once_and_read_the_same_rows(tiny_config, world):
         from tune_kd.config.experiment import load_config
         cache, train_data, _ = open_cache(load_config(raw=json.loads(sys.argv[1])))
         order = np.random.default_rng(int(sys.argv[2])).permutation(len(train_data))
-        total = sum(float(cache.rows(order[i:i + 50])[:].values.double().sum()) for i in range(0, len(order), 50))
+        total = sum(float(whole(cache.rows(order[i:i + 50])).values.double().sum()) for i in range(0, len(order), 50))
         print(json.dumps({{"built": cache.meta["built_by_pid"] == os.getpid(), "sum": total,
                           "dir": str(cache.directory)}}))
     """)
@@ -393,9 +405,9 @@ def test_training_reads_the_cache_instead_of_running_the_teacher(tiny_config, mo
     calls = []
     original = step.forward_pair
 
-    def recording(student, teacher, batch, precision, need_teacher, cache=None):
-        calls.append((torch.is_grad_enabled(), cache is not None))
-        return original(student, teacher, batch, precision, need_teacher, cache)
+    def recording(student, teacher, batch, precision, from_data=False):
+        calls.append((torch.is_grad_enabled(), isinstance(teacher, CacheReader) and from_data))
+        return original(student, teacher, batch, precision, from_data)
 
     monkeypatch.setattr(step, "forward_pair", recording)
     cached = train(tiny_config(train={"epochs": 1}, teacher_cache={"mode": "on", "top_k": 10_000}))

@@ -9,7 +9,7 @@ import torch
 
 from tune_kd.config.errors import UserError
 from tune_kd.teacher.http import HttpTeacher
-from tune_kd.teacher.stored_rows import TAIL_TEMPERATURES, CachedTeacher
+from tune_kd.kd.teacher_rows import TAIL_TEMPERATURES, TeacherRows
 
 from standin_vllm import StandinVLLM
 
@@ -80,7 +80,7 @@ def test_the_tail_carries_the_rest_of_the_mass_evenly(server, sequences):
     rows, _ = teacher(server).score(sequences, SCORED)
     _, logprobs, _ = local_rows(server, sequences)
     n, vocab = rows.values.shape[0], server.vocab
-    cached = CachedTeacher.from_stored(rows)
+    cached = TeacherRows.from_stored(rows)
     student = torch.randn(n, vocab)
 
     logp = cached.log_probs(student, 1.0)[1]                            # (N, V)

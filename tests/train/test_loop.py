@@ -127,9 +127,9 @@ def test_plain_sft_needs_no_teacher_forward(tiny_config, monkeypatch):
     cfg = tiny_config(train={"epochs": 1, "alpha": 1.0})
     needs = []
     original = step.forward_pair
-    def recording(student, teacher, batch, precision, need_teacher, cache=None):
-        needs.append((torch.is_grad_enabled(), need_teacher))
-        return original(student, teacher, batch, precision, need_teacher, cache)
+    def recording(student, teacher, batch, precision, from_data=False):
+        needs.append((torch.is_grad_enabled(), teacher is not None))
+        return original(student, teacher, batch, precision, from_data)
 
     monkeypatch.setattr(step, "forward_pair", recording)
     result = train(cfg)

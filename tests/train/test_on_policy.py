@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tune_kd.data import tokenized
-from tune_kd.train import loop, on_policy, step
+from tune_kd.teacher import local
+from tune_kd.train import loop, on_policy
 from tune_kd.train.loop import train
 from tune_kd.train.run import build_run
 from tune_kd.train.step import MicroStep, backward_step
@@ -20,7 +21,7 @@ def run_parts(cfg):
     """(tokenizer, train split, val split, student ScoredLM, teacher ScoredLM, precision, pad id) of
     cfg's run as train/run.build_run builds it, without its teacher cache."""
     run = build_run(cfg, cache=False)
-    return run.tokenizer, run.train_data, run.val_data, run.student, run.teacher, run.precision, run.pad_id
+    return run.tokenizer, run.train_data, run.val_data, run.student, run.teacher.scored, run.precision, run.pad_id
 
 
 def test_fraction_zero_never_generates_and_generation_metrics_leave_training_alone(tiny_config, monkeypatch):
@@ -188,8 +189,8 @@ def test_the_teacher_cache_serves_off_policy_batches_only(tiny_config, monkeypat
     served, live = [], []
     original_rows = cache_store.TeacherCache.rows
     monkeypatch.setattr(cache_store.TeacherCache, "rows", lambda self, idx: served.append(len(idx)) or original_rows(self, idx))
-    original_forward = step.teacher_forward
-    monkeypatch.setattr(step, "teacher_forward", lambda *a: live.append(torch.is_grad_enabled()) or original_forward(*a))
+    original_forward = local.teacher_forward
+    monkeypatch.setattr(local, "teacher_forward", lambda *a: live.append(torch.is_grad_enabled()) or original_forward(*a))
     kinds = []
     original_step = loop.backward_step
     monkeypatch.setattr(loop, "backward_step", lambda *a, **k: kinds.append(a[2].on_policy) or original_step(*a, **k))

@@ -1,7 +1,7 @@
 """The experiment config's checks across fields, and the `parameters:` block's rules.
 
 validate(cfg, problems) adds every range and combination problem the types alone cannot express
-(config.load_config calls it on the file and on each stage): the train, data and model settings
+(experiment.load_config calls it on the file and on each stage): the train, data and model settings
 (validate_fields, also applied to every value a searched parameter can reach) and the search
 sections (validate_search). DISTRIBUTIONS (W&B sweep syntax) and SEARCHABLE say what a
 `parameters:` entry may be; space.py translates them into Ray Tune domains.

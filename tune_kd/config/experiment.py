@@ -32,7 +32,7 @@ from tune_kd.config.typed_yaml import Loader, Problems, build, deep_copy, key_li
 class ArchSpec:
     """A Llama-family architecture for a model built from scratch; vocab comes from the tokenizer.
 
-    Keys left out come from the model's preset, else from models.DEFAULT_ARCH.
+    Keys left out come from the model's preset, else from build.DEFAULT_ARCH.
     """
 
     hidden_size: Optional[int] = None
@@ -54,7 +54,7 @@ class ModelSpec:
     """Where a model comes from: a local Hugging Face directory, or a preset/architecture to build."""
 
     path: Optional[str] = None                     # local HF model dir (safetensors)
-    preset: Optional[str] = None                   # one of models.PRESETS, e.g. minimind-student
+    preset: Optional[str] = None                   # one of build.PRESETS, e.g. minimind-student
     arch: Optional[ArchSpec] = None                # explicit architecture; overrides the preset's keys
     trust_remote_code: bool = False                # never on unless the YAML says so
     allow_pickle_weights: bool = False             # .bin/.pt weights: refused unless the YAML says so
@@ -64,6 +64,8 @@ class ModelSpec:
                                                    # the student's start from (None: every_kth)
     max_params: Optional[int] = None               # student only: a shape with more parameters is rejected before
                                                    # it trains (a searched shape: the trial reports REJECTED)
+    tokenizer: Optional[str] = None                # this model's own tokenizer dir (default: its path's, else the
+                                                   # teacher's); a student's that differs: distil across tokenizers
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,8 @@ class TrainConfig:
     temperature: float = 1.0                       # the KD temperature (at the start, with a schedule)
     temperature_schedule: Literal["constant", "linear", "cosine"] = "constant"
     final_temperature: Optional[float] = None      # where a linear/cosine schedule ends (required by them)
-    kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd"] = "forward_kl"
+    kd_loss: Literal["forward_kl", "reverse_kl", "jsd", "skew_kl", "tvd",  # across tokenizers also (kd/aligned.py):
+                     "uld", "gold_hybrid", "pkl", "hkl"] = "forward_kl"
     jsd_beta: float = 0.5                          # jsd: teacher's weight in the mixture (0: forward KL, 1: reverse)
     skew: float = 0.1                              # skew_kl: KL(p || skew p + (1 - skew) q)
     feature_weight: float = 0.0                    # feature distillation's weight (0: off)
@@ -211,7 +214,7 @@ class ControlsConfig:
     plain_sft: bool = True                             # the best trial's settings with alpha = 1: no teacher
     minimind_defaults: bool = True                     # MiniMind's defaults: lr 5e-6, alpha 0, T 1 (old key: seed_defaults)
     seeds: int = 2                                     # the verdict's noise: the best config and plain SFT each
-                                                       # re-trained on N more train.seeds (old key: seeds_for_best)
+                                                       # re-trained on N more seeds (old key: seeds_for_best)
     best_off_policy: bool = True                       # the best config with on_policy_fraction 0 (when it used on-policy)
 
 
@@ -299,7 +302,8 @@ def absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> Experimen
     directory), so trials that run in other working directories read the same files."""
     base = Path.cwd() if base is None else Path(base)
     fix = lambda p: None if p is None else str((base / p).resolve()) if not Path(p).is_absolute() else p  # noqa: E731
-    models = {role: dataclasses.replace(spec, path=fix(spec.path)) if spec is not None else None
+    models = {role: dataclasses.replace(spec, path=fix(spec.path), tokenizer=fix(spec.tokenizer)) if spec is not None
+              else None
               for role, spec in (("teacher", cfg.teacher), ("student", cfg.student))}
     data = dataclasses.replace(cfg.data, path=fix(cfg.data.path), val_path=fix(cfg.data.val_path),
                                cache_dir=fix(cfg.data.cache_dir))

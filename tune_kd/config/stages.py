@@ -29,11 +29,15 @@ def expand_teacher_cache(raw: dict) -> None:
             raw[section] = {"mode": "on" if value else "off"}
         elif isinstance(value, str):
             raw[section] = {"mode": value}
-    controls = raw.get("controls")
-    if isinstance(controls, dict) and "seed_defaults" in controls and "minimind_defaults" not in controls:
-        controls["minimind_defaults"] = controls.pop("seed_defaults")
-    if isinstance(controls, dict) and "seeds_for_best" in controls and "seeds" not in controls:
-        controls["seeds"] = controls.pop("seeds_for_best")
+    for section, renamed in OLD_KEYS.items():
+        values = raw.get(section)
+        for old, new in renamed.items():
+            if isinstance(values, dict) and old in values and new not in values:
+                values[new] = values.pop(old)
+
+
+# section -> {old key: today's key}: YAMLs written before a rename still read
+OLD_KEYS = {"controls": {"seed_defaults": "minimind_defaults", "seeds_for_best": "seeds"}}
 
 
 STAGE_MERGED = ("data", "train", "logging", "metric", "search", "scheduler", "resources", "checkpoint", "controls",
@@ -44,7 +48,7 @@ PREVIOUS_STAGE_EXPORT = "<the previous stage's exported best student>"
 
 def stage_raws(base: dict, stages: Any, source, lines: dict, problems: Problems, schema: type) -> list[dict]:
     """Each stage's complete raw config (base sections, the stage's merged or replacing them),
-    validated like a top-level file (built as `schema`, config.ExperimentConfig); stage k > 0 gets
+    validated like a top-level file (built as `schema`, experiment.ExperimentConfig); stage k > 0 gets
     a placeholder teacher path, set at run time."""
     if not isinstance(stages, list) or not stages:
         problems.add("stages", "expected a non-empty list of stages, e.g. [{name: medium, student: {...}}, ...]")

@@ -9,7 +9,7 @@ with a bounded number of chunks in flight, so memory stays flat whatever the fil
 output is byte-identical whatever the chunk size and the number of workers. An error (a bad line,
 named file:line), a full disk (one line, config/files.disk_writes) or Ctrl-C leaves no partial cache
 behind. meta.json keeps a hash per block of every file, computed as the bytes are appended
-(tokenized.verify_cache checks them).
+(damaged_blocks checks them, for tokenized.tokenize_cached).
 
 Rendering and the assistant spans are chat_template.py's (ChatRenderer): a template the renderer
 refuses fails in the parent before any work; a data conversation it cannot render or place is a

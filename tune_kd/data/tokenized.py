@@ -97,6 +97,10 @@ class TokenizedData:
     lengths: np.ndarray         # (N,) int64
     target_counts: np.ndarray   # (N,) int64: positions with a label the model predicts (position 0 never is)
     identity: str               # a hash of which examples these are (the teacher cache's key uses it)
+    # across tokenizers (data/cross_tokens.py): each token's aligned group (-1: none), parallel to tokens,
+    # and the same examples as the teacher's tokenizer renders them (with its own groups)
+    groups: np.ndarray | None = None
+    teacher: "TokenizedData | None" = None
 
     @classmethod
     def from_arrays(cls, tokens: np.ndarray, mask: np.ndarray, lengths: np.ndarray) -> "TokenizedData":
@@ -123,7 +127,12 @@ class TokenizedData:
         indices = np.asarray(indices, dtype=np.int64)
         identity = hashlib.sha256(self.identity.encode() + indices.tobytes()).hexdigest()
         return TokenizedData(self.tokens, self.mask, self.starts[indices], self.lengths[indices],
-                             self.target_counts[indices], identity)
+                             self.target_counts[indices], identity, self.groups,
+                             self.teacher.subset(indices) if self.teacher is not None else None)
+
+    def example_groups(self, i: int) -> np.ndarray:
+        """Example i's tokens' aligned groups (across tokenizers)."""
+        return self.groups[self.starts[i]:self.starts[i] + self.lengths[i]]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,6 +306,17 @@ def collate(data: TokenizedData, indices: np.ndarray, pad_id: int) -> dict[str, 
     No attention mask: with right padding and causal attention no real token attends to a pad,
     and pads carry no label, so the model can use its fast causal-attention path.
     """
+    input_ids, labels = padded(data, indices, pad_id)
+    batch = {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
+             "num_tokens": int(data.lengths[np.asarray(indices, dtype=np.int64)].sum()),
+             "indices": np.asarray(indices, dtype=np.int64)}   # which examples: the teacher cache's rows
+    if data.teacher is not None:
+        batch.update(aligned_batch(data, indices))
+    return batch
+
+
+def padded(data: TokenizedData, indices: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, labels) (B, T) of the examples, right-padded."""
     examples = [data.example(int(i)) for i in indices]
     width = max(len(ids) for ids, _ in examples)
     input_ids = np.full((len(examples), width), pad_id, dtype=np.int64)
@@ -304,9 +324,25 @@ def collate(data: TokenizedData, indices: np.ndarray, pad_id: int) -> dict[str, 
     for row, (ids, mask) in enumerate(examples):
         input_ids[row, :len(ids)] = ids
         labels[row, :len(ids)] = np.where(mask, ids.astype(np.int64), IGNORE_INDEX)
-    return {"input_ids": torch.from_numpy(input_ids), "labels": torch.from_numpy(labels),
-            "num_tokens": int(sum(len(ids) for ids, _ in examples)),
-            "indices": np.asarray(indices, dtype=np.int64)}   # which examples: the teacher cache's rows
+    return input_ids, labels
+
+
+def aligned_batch(data: TokenizedData, indices: np.ndarray) -> dict[str, torch.Tensor]:
+    """Across tokenizers: the teacher's rendering of the batch (teacher_input_ids, teacher_labels;
+    its padding is never scored, so id 0 pads it) and each side's groups (B, T), numbered through
+    the batch (an example's groups after the previous example's), -1 off group."""
+    teacher_ids, teacher_labels = padded(data.teacher, indices, 0)
+    sides = {"student_groups": data, "teacher_groups": data.teacher}
+    out = {name: np.full((len(indices), max(int(side.lengths[int(i)]) for i in indices)), -1, dtype=np.int64)
+           for name, side in sides.items()}
+    offset = 0
+    for row, i in enumerate(int(i) for i in indices):
+        own = [side.example_groups(i).astype(np.int64) for side in sides.values()]
+        for (name, array), g in zip(out.items(), own):
+            array[row, :len(g)] = np.where(g >= 0, g + offset, -1)
+        offset += int(max(own[0].max(initial=-1), own[1].max(initial=-1))) + 1
+    return {"teacher_input_ids": torch.from_numpy(teacher_ids), "teacher_labels": torch.from_numpy(teacher_labels),
+            **{name: torch.from_numpy(array) for name, array in out.items()}}
 
 
 class BatchList(torch.utils.data.Dataset):
@@ -320,76 +356,6 @@ class BatchList(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return collate(self.data, self.batches[i], self.pad_id)
-
-
-# ----------------------------------------------------------------------------------------------
-# A run's tokenizer and splits
-# ----------------------------------------------------------------------------------------------
-
-def tokenizer_dir(teacher: ModelSpec | None, student: ModelSpec, explicit: str | None) -> str:
-    """Which tokenizer to use: explicit, else the teacher's directory, else the student's."""
-    for candidate in (explicit, teacher.path if teacher else None, student.path):
-        if candidate is not None:
-            return candidate
-    raise UserError("tokenizer: required when neither teacher nor student is a model directory "
-                    "(set tokenizer: to a local HF tokenizer dir)")
-
-
-def check_shared_tokenizer(tokenizer, teacher: ModelSpec | None, student: ModelSpec, used: str) -> None:
-    """Every model directory that ships a tokenizer must ship the same vocabulary as the one used."""
-    from transformers import AutoTokenizer
-
-    vocab = tokenizer.get_vocab()
-    for role, spec in (("teacher", teacher), ("student", student)):
-        if spec is None or spec.path is None or Path(spec.path) == Path(used):
-            continue
-        if not any((Path(spec.path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            continue
-        same = [Path(d) / "tokenizer.json" for d in (spec.path, used)]
-        if all(f.is_file() for f in same) and filecmp.cmp(*same, shallow=False):
-            continue   # the same vocabulary, without loading a second copy (~160 MB at Qwen2.5's)
-        other = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=False)
-        if other.get_vocab() != vocab:
-            raise UserError(f"{role}.path: {spec.path} ships a tokenizer different from {used}: teacher and student "
-                            "must share one tokenizer (cross-tokenizer distillation is out of scope for tune_kd); "
-                            "use a student built with the teacher's tokenizer (student: {arch: ...} builds one, or a "
-                            "checkpoint trained with that tokenizer)")
-
-
-def check_chat_template(tokenizer, tok_dir: str, system_turns: str) -> None:
-    """The chat template must be one tune_kd can locate assistant tokens in (chat_template.ChatRenderer's
-    probes): checked before any work, the error naming the tokenizer directory."""
-    try:
-        chat_template.ChatRenderer(tokenizer, system_turns)
-    except UserError as exc:
-        raise UserError(f"{tok_dir}: {exc}") from None
-
-
-def shared_tokenizer(cfg: ExperimentConfig):
-    """The tokenizer teacher and student share (explicit, else the teacher's, else the student's),
-    its chat template checked."""
-    tok_dir = tokenizer_dir(cfg.teacher, cfg.student, cfg.tokenizer)
-    tokenizer = load_tokenizer(tok_dir)
-    check_shared_tokenizer(tokenizer, cfg.teacher, cfg.student, tok_dir)
-    check_chat_template(tokenizer, tok_dir, cfg.data.system_turns)
-    return tokenizer
-
-
-def load_data(cfg: ExperimentConfig, tokenizer=None, verify: bool = False):
-    """(tokenizer, train split, val split), tokenized through the shared on-disk cache; the
-    splits are views into its memory-mapped arrays. verify: as tokenize_cached takes it."""
-    tokenizer = tokenizer or shared_tokenizer(cfg)
-    d = cfg.data
-    train_data = tokenize_cached(d.path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers, d.system_turns,
-                                 verify)
-    if d.val_path:
-        val_data = tokenize_cached(d.val_path, tokenizer, d.max_seq_len, d.cache_dir, d.format, d.workers,
-                                   d.system_turns, verify)
-    else:
-        train_data, val_data = train_val_split(train_data, d.val_fraction)
-    if d.max_train_examples is not None and d.max_train_examples < len(train_data):
-        train_data = fixed_subset(train_data, d.max_train_examples)
-    return tokenizer, train_data, val_data
 
 
 def padding_id(tokenizer) -> int:

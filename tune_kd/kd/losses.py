@@ -36,7 +36,10 @@ import torch
 import torch.nn.functional as F
 
 from tune_kd.data.tokenized import IGNORE_INDEX
+from tune_kd.kd.aligned import ACROSS_LOSSES
+from tune_kd.kd.cross_vocab import CROSS_VOCAB_TEMPERATURE_POWER
 from tune_kd.kd.scored import Scored, chunk_rows, pad_rows, row_chunks
+from tune_kd.kd.teacher_rows import rows_of
 
 
 def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,21 +59,9 @@ def ce_sum(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def _log_probs(student_logits, teacher, temperature):
-    """fp32 log-probabilities of both at temperature T: (log q_student, log p_teacher), over the
-    vocabulary for live teacher logits (an (N, V) tensor) and for anything else that rebuilds them
-    itself through log_probs(student_logits, T): a teacher_cache.CachedTeacher (whose module imports
-    this one, so this one never names it)."""
-    if not isinstance(teacher, torch.Tensor):
-        return teacher.log_probs(student_logits, temperature)
-    return F.log_softmax(at_temperature(student_logits, temperature), dim=-1), \
-        F.log_softmax(at_temperature(teacher, temperature), dim=-1)
-
-
-def at_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """fp32 logits / T; at T = 1 the logits themselves: dividing by 1 is a pass over an (n, V)
-    chunk forward and another backward for nothing (at V = 151,936 a step makes dozens of them)."""
-    logits = logits.float()
-    return logits if temperature == 1.0 else logits / temperature
+    """fp32 log-probabilities of both at temperature T, (log q_student, log p_teacher), over the
+    vocabulary: the teacher's rows (a teacher_rows.TeacherRows, or (N, V) logits) rebuild them."""
+    return rows_of(teacher).log_probs(student_logits, temperature)
 
 
 def _kl_rows(logp_from: torch.Tensor, logp_to: torch.Tensor) -> torch.Tensor:
@@ -134,14 +125,21 @@ def tvd_sum(student_logits, teacher_logits, temperature, **_):
 KD_LOSSES = {"forward_kl": forward_kl_sum, "reverse_kl": reverse_kl_sum, "jsd": jsd_sum, "skew_kl": skew_kl_sum,
              "tvd": tvd_sum}
 
+# every train.kd_loss: across tokenizers (kd/aligned.py) KD_LOSSES compare each aligned group's merged
+# distributions in the teacher's vocabulary through X-Token's projection, and ACROSS_LOSSES (uld,
+# gold_hybrid, pkl, hkl) compare merged rows; those four need a teacher on another tokenizer
+DIVERGENCES = {**KD_LOSSES, **ACROSS_LOSSES}
+
 def kd_options(train) -> dict:
     """The chosen divergence's own settings (KD_LOSSES' keyword arguments), from a TrainConfig."""
-    return {"jsd": {"beta": train.jsd_beta}, "skew_kl": {"skew": train.skew}}.get(train.kd_loss, {})
+    return {"jsd": {"beta": train.jsd_beta}, "gold_hybrid": {"beta": train.jsd_beta},
+            "skew_kl": {"skew": train.skew}}.get(train.kd_loss, {})
 
 
 # name -> k of the objective's T^k factor: the power of 1/T at which the divergence's gradient
 # w.r.t. the student's logits shrinks at large T (the module docstring derives it)
-KD_TEMPERATURE_POWER = {"forward_kl": 2, "reverse_kl": 2, "jsd": 2, "skew_kl": 2, "tvd": 1}
+KD_TEMPERATURE_POWER = {"forward_kl": 2, "reverse_kl": 2, "jsd": 2, "skew_kl": 2, "tvd": 1,
+                        **CROSS_VOCAB_TEMPERATURE_POWER}
 
 
 def kd_scale(kd_loss: str, temperature: float) -> float:
@@ -151,8 +149,8 @@ def kd_scale(kd_loss: str, temperature: float) -> float:
 
 @dataclass(frozen=True)
 class Objective:
-    """What one micro-batch optimises: alpha * CE + (1 - alpha) * T^k * D, D = KD_LOSSES[kd_loss]
-    over the first `columns` vocabulary columns (None: all; models.check_vocab)."""
+    """What one micro-batch optimises: alpha * CE + (1 - alpha) * T^k * D, D = DIVERGENCES[kd_loss]
+    over the first `columns` vocabulary columns (None: all; build.check_vocab)."""
 
     alpha: float
     temperature: float
@@ -166,7 +164,7 @@ class Objective:
 
     def sums(self, student_logits: torch.Tensor, teacher, targets: torch.Tensor) -> torch.Tensor:
         """[objective, CE, D] summed over a chunk's rows: student_logits (n, V) fp32, the teacher's
-        rows (live (n, columns) logits or a cached teacher's rows; None: CE only), targets (n,)."""
+        rows (a teacher_rows.TeacherRows chunk, `columns` wide; None: CE only), targets (n,)."""
         if self.alpha == 0.0 and teacher is not None:   # CE is only reported: no backward through it
             with torch.no_grad():
                 ce = ce_sum(student_logits, targets)
@@ -174,21 +172,10 @@ class Objective:
             ce = ce_sum(student_logits, targets)
         if teacher is None:
             return torch.stack([self.alpha * ce, ce, torch.zeros_like(ce)])
-        kd = KD_LOSSES[self.kd_loss](student_logits[:, :self.columns], teacher, self.temperature,
+        kd = DIVERGENCES[self.kd_loss](student_logits[:, :self.columns], teacher, self.temperature,
                                      **(self.kd_options or {}))
         objective = self.kd_weight * kd if self.alpha == 0.0 else self.alpha * ce + self.kd_weight * kd
         return torch.stack([objective, ce, kd])
-
-
-def teacher_chunk(teacher, lo: int, hi: int, columns: int | None):
-    """Rows lo:hi of the teacher's side: a live teacher's logits (its first `columns`), no grad, or a
-    cached teacher's rows (a teacher_cache.CachedTeacher or CacheRows, read here; already `columns` wide)."""
-    if isinstance(teacher, Scored):
-        with torch.no_grad():
-            return teacher.logits(lo, hi)[:, :columns]
-    if isinstance(teacher, torch.Tensor):
-        return teacher[lo:hi, :columns].float()
-    return teacher[lo:hi]
 
 
 def _sums_and_grads(student: Scored, teacher, targets: torch.Tensor, objective: Objective, need_grad: bool):
@@ -208,10 +195,11 @@ def _sums_and_grads(student: Scored, teacher, targets: torch.Tensor, objective: 
         grads = [torch.zeros_like(hidden), torch.zeros_like(student.weight, dtype=torch.float32)
                  if trained(student.weight) else None,
                  torch.zeros_like(student.bias, dtype=torch.float32) if trained(student.bias) else None]
-    for lo, hi in row_chunks(student.rows, student.vocab):
+    # the teacher's rows say where a chunk may end (across tokenizers only between groups)
+    for lo, hi in (teacher.spans if teacher is not None else row_chunks)(student.rows, student.vocab):
         rows = hidden[lo:hi]
         raw = student.project(rows, weight, bias)                                          # (n, V)
-        teacher_rows = None if teacher is None else teacher_chunk(teacher, lo, hi, objective.columns)
+        teacher_rows = None if teacher is None else teacher.chunk(lo, hi)
         if not need_grad:
             sums += objective.sums(student.finish(raw), teacher_rows, targets[lo:hi])
             continue
@@ -272,14 +260,15 @@ def distillation_loss(student, teacher, targets: torch.Tensor, alpha: float, tem
     """alpha * CE + (1 - alpha) * T^k * KD on the selected assistant positions (T^k: kd_scale).
 
     student: a scored.Scored (hidden rows + output layer: logits made a chunk at a time) or (N, V)
-    logits; teacher: a Scored (live, projected without grad), (N, V) logits, the same rows from the
-    teacher cache (a teacher_cache.CacheRows or CachedTeacher), or None when alpha = 1 (no teacher needed);
+    logits; teacher: its rows over the N positions (teacher_rows.BatchRows: live, cached or served,
+    read a chunk at a time; a Scored or (N, V) logits are taken as the live teacher's), or None
+    when alpha = 1 (no teacher needed);
     targets: (N,); normalizer: assistant tokens in the whole accumulation window (>= 1 used);
     kd_options: the divergence's own settings (beta for jsd, skew for skew_kl); columns: the
-    vocabulary columns the divergence compares (models.check_vocab), CE keeps every student row.
+    vocabulary columns the divergence compares (build.check_vocab), CE keeps every student row.
     """
     student = student if isinstance(student, Scored) else Scored.of_logits(student)
-    teacher = None if alpha == 1.0 else teacher
+    teacher = None if alpha == 1.0 or teacher is None else rows_of(teacher, columns)
     objective = Objective(alpha, temperature, kd_loss, kd_options, columns)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                 for t in (student.hidden, student.weight, student.bias))

@@ -4,7 +4,7 @@ evaluation, the teacher cache's build and top_k auto's measurement.
 A causal LM's logit at position t is scored against the label at t + 1, on assistant tokens only
 (losses.target_positions); scored.ScoredLM runs a model on those positions only and keeps its
 output before the output layer. The teacher runs under inference mode; its logits are made a chunk
-of rows at a time, its padding columns past the tokenizer's ids dropped (models.check_vocab).
+of rows at a time, its padding columns past the tokenizer's ids dropped (build.check_vocab).
 """
 
 from __future__ import annotations
@@ -39,17 +39,6 @@ def teacher_outputs(teacher, precision):
         return teacher_forward(teacher, batch["input_ids"].to(precision.device), scored_positions(labels)[0],
                                precision)[0]
     return outputs
-
-
-def teacher_ce(teacher, precision, columns: int | None):
-    """batch -> the live teacher's CE sum over the batch's labelled tokens (its first `columns`)."""
-    outputs = teacher_outputs(teacher, precision)
-
-    def ce(batch) -> float:
-        scored = outputs(batch)
-        targets = losses.target_positions(batch["labels"])[1].to(scored.hidden.device)
-        return float(sum(losses.ce_sum(logits, targets[a:b]) for a, b, logits in logit_chunks(scored, columns)))
-    return ce
 
 
 def logit_chunks(scored: Scored, columns: int | None):

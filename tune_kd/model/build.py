@@ -244,10 +244,11 @@ def load_model_dir(spec: ModelSpec, role: str, dtype: torch.dtype):
         raise UserError(f"{role}.path: {spec.path}: cannot load model ({str(exc).splitlines()[0]})") from None
 
 
-def preflight(cfg, tokenizer) -> None:
+def preflight(cfg, tokenizer, teacher_tokenizer=None) -> None:
     """The driver's check of both models before any trial starts: directories, weights, remote code,
     architecture fit, vocab sizes and (student.init: teacher) that the student can start from the
-    teacher, on the meta device (no weights are loaded)."""
+    teacher, on the meta device (no weights are loaded). teacher_tokenizer: the teacher's, when it
+    differs from the student's `tokenizer` (distilling across tokenizers)."""
     skeletons = {}
     for role, spec in (("teacher", cfg.teacher), ("student", cfg.student)):
         if spec is None:
@@ -256,24 +257,51 @@ def preflight(cfg, tokenizer) -> None:
             skeletons[role] = inspect_model_dir(spec, role)[0]
         else:
             with torch.device("meta"):
-                skeletons[role] = build_model(spec, tokenizer, role)
+                skeletons[role] = build_model(spec, teacher_tokenizer or tokenizer if role == "teacher" else tokenizer,
+                                              role)
     if cfg.student.init == "teacher" and "teacher" in skeletons:
+        if teacher_tokenizer is not None:
+            raise UserError("student.init: teacher copies the teacher's embeddings, which index the teacher's "
+                            "tokenizer, not the student's: drop student.init, or give the student the teacher's tokenizer")
         student_init.check_fits(skeletons["student"].config, skeletons["teacher"].config)
     teacher = skeletons.get("teacher")
-    check_vocab(len(tokenizer), vocab_rows(skeletons["student"]), vocab_rows(teacher) if teacher is not None else None)
+    check_models(tokenizer, skeletons["student"], teacher, teacher_tokenizer)
 
 
-def make_models(cfg, tokenizer, precision: Precision, teacher_here: bool = True):
+def check_models(tokenizer, student, teacher, teacher_tokenizer=None) -> int | None:
+    """Both models' output rows against their tokenizers; the teacher's vocabulary columns the
+    divergence (and the teacher cache) compares (check_vocab). teacher: the model, its row count (a
+    served one), or None. Across tokenizers each model is checked against its own, and the
+    teacher's columns are its tokenizer's ids (None: all rows)."""
+    rows = teacher if teacher is None or isinstance(teacher, int) else vocab_rows(teacher)
+    if teacher_tokenizer is None:
+        return check_vocab(len(tokenizer), vocab_rows(student), rows)
+    check_vocab(len(tokenizer), vocab_rows(student), None)
+    return teacher_columns(len(teacher_tokenizer), rows)
+
+
+def teacher_columns(n_tok: int, n_teacher: int) -> int | None:
+    """A teacher on its own tokenizer: the columns its ids use (None: every row), or a UserError when
+    it has fewer rows than its tokenizer has ids."""
+    if n_teacher < n_tok:
+        raise UserError(f"teacher vocab has {n_teacher} rows but its tokenizer emits {n_tok} ids: the teacher was built "
+                        "for another tokenizer (set teacher.tokenizer to the teacher's own)")
+    return None if n_teacher == n_tok else n_tok
+
+
+def make_models(cfg, tokenizer, precision: Precision, teacher_here: bool = True, teacher_tokenizer=None):
     """(student, teacher or None) as every process that makes a trial's models makes them; the teacher
-    only when teacher_here (else another process serves it). The student comes first, its random init
-    drawing from the seed as it always has, except that a student initialised from the teacher needs
-    the teacher's weights (and then keeps none of what its random init drew)."""
+    only when teacher_here (else another process serves it), built for teacher_tokenizer when it has
+    its own. The student comes first, its random init drawing from the seed as it always has, except
+    that a student initialised from the teacher needs the teacher's weights (and then keeps none of
+    what its random init drew)."""
     teacher_lm = None
+    teacher_tokenizer = teacher_tokenizer or tokenizer
     if teacher_here and cfg.teacher is not None and cfg.student.init == "teacher":
-        teacher_lm = make_teacher(cfg.teacher, tokenizer, precision)
+        teacher_lm = make_teacher(cfg.teacher, teacher_tokenizer, precision)
     lm = make_student(cfg.student, tokenizer, precision, cfg.teacher, teacher_lm)
     if teacher_here and cfg.teacher is not None and teacher_lm is None:
-        teacher_lm = make_teacher(cfg.teacher, tokenizer, precision)
+        teacher_lm = make_teacher(cfg.teacher, teacher_tokenizer, precision)
     return lm, teacher_lm
 
 
@@ -345,12 +373,6 @@ def make_teacher(spec: ModelSpec, tokenizer, precision: Precision):
 
 def vocab_rows(model) -> int:
     return model.get_output_embeddings().weight.shape[0]
-
-
-def check_compatibility(teacher, student, tokenizer) -> int | None:
-    """Check the two loaded models can be distilled with this tokenizer; the vocabulary columns the
-    divergence compares (see check_vocab)."""
-    return check_vocab(len(tokenizer), vocab_rows(student), vocab_rows(teacher) if teacher is not None else None)
 
 
 def check_vocab(n_tok: int, n_student: int, n_teacher: int | None) -> int | None:

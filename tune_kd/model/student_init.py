@@ -29,7 +29,7 @@ which is overwritten, draws as it always has, so the RNG stream after the studen
 Refused, one line each (check_fits): a student wider than the teacher in any dimension (hidden,
 intermediate, heads, kv heads, vocabulary) or deeper, another head_dim, more query heads per kv
 head than the teacher has, a teacher that is not a Llama (or has biases the student lacks), and
-mixture-of-experts models on either side. models.make_student supplies the teacher's tensors.
+mixture-of-experts models on either side. build.make_student supplies the teacher's tensors.
 """
 
 from __future__ import annotations

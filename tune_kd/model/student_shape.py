@@ -1,6 +1,6 @@
 """The student's shape as a search varies it: checked before it trains, measured once it has.
 
-A search may sample `student.arch.*` (config_checks.STUDENT_SEARCHABLE) like any train key, and
+A search may sample `student.arch.*` (checks.STUDENT_SEARCHABLE) like any train key, and
 not every combination is a model: the hidden size must split into the attention heads, the heads
 into key/value groups, a head's dimension must be even (rotary embeddings turn pairs of channels),
 and an MoE student routes each token to at most its number of experts. Instead of constraining the

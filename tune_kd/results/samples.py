@@ -1,7 +1,7 @@
 """A few validation prompts answered by the teacher, the best student and the plain-SFT control.
 
 report.build puts them in a table, so a person sees what distillation changed and not only its
-numbers. The prompts are spread over the experiment's validation split (tokenized.load_data: the split
+numbers. The prompts are spread over the experiment's validation split (inputs.load_data: the split
 every trial validated on), each example cut before its first assistant token, so a model sees the
 chat exactly as training rendered it (template, system and user turns, assistant header). The
 answers are greedy (do_sample=False), at most MAX_NEW_TOKENS, on the GPU when there is one (a large
@@ -80,9 +80,9 @@ def validation_prompts(cfg, count: int = NUM_PROMPTS):
     """(tokenizer, [(prompt ids, reference ids)]): `count` validation examples spread over the split."""
     import numpy as np
 
-    from tune_kd.data import tokenized
+    from tune_kd.data import inputs
 
-    tokenizer, _, val = tokenized.load_data(cfg)
+    tokenizer, _, val = inputs.load_data(cfg)
     picks = np.unique(np.linspace(0, len(val) - 1, min(count, len(val))).round().astype(int))
     pairs = []
     for i in picks:

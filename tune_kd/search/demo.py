@@ -6,6 +6,9 @@
                                        task's whole distribution (the teacher's data, and validation)
     data/student.jsonl                 the student's own, smaller SFT set (search_spaces/kd.yaml's data.path)
     tokenizer/                         a character-level Hugging Face tokenizer with a chat template
+    student_tokenizer/                 a byte-level BPE of the same template, trained on the student's
+                                       data: it packs digits into multi-digit tokens where the teacher's
+                                       splits them (search_spaces/kd_cross_tokenizer.yaml's student)
     teacher/                           a small Llama trained on the task with tune_kd's own loop
                                        (alpha = 1: plain SFT), plus teacher.json with its accuracy
 
@@ -115,12 +118,38 @@ def write_inputs(root: Path = DEMO_DIR) -> None:
     write_jsonl(root / "data" / "val.jsonl", make_conversations(VAL_CONVERSATIONS, DEMO_SEED + 1))
     write_student_set(root)
     build_tokenizer(root / "tokenizer")
+    build_student_tokenizer(root)
 
 
 def write_student_set(root: Path = DEMO_DIR) -> None:
     """data/student.jsonl: the student's smaller SFT set, long strings rare (STUDENT_LENGTH_WEIGHTS)."""
     write_jsonl(root / "data" / "student.jsonl",
                 make_conversations(STUDENT_CONVERSATIONS, DEMO_SEED + 2, STUDENT_LENGTH_WEIGHTS))
+
+
+STUDENT_BPE_VOCAB = 400   # the student tokenizer's size: room for the data's frequent multi-digit pieces
+
+
+def build_student_tokenizer(root: Path = DEMO_DIR):
+    """A byte-level BPE (STUDENT_BPE_VOCAB ids) trained on data/student.jsonl's text, with the demo's
+    special tokens and chat template: another tokenizer for the same conversations, as a student
+    from another model family brings (it packs digit runs; the teacher's splits every digit)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = [turn["content"] for line in (root / "data" / "student.jsonl").read_text().splitlines()
+             for turn in json.loads(line)["conversations"]]
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=STUDENT_BPE_VOCAB, special_tokens=SPECIAL_TOKENS + ROLE_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(str(root / "student_tokenizer"))
+    return tokenizer
 
 
 def demo_config_dict(root: Path = DEMO_DIR) -> dict:
@@ -162,6 +191,8 @@ def _prepare_locked(root: Path, force: bool) -> dict:
     if not force and is_built(root):
         if not (root / "data" / "student.jsonl").is_file():   # a demo built before the student had its own set
             write_student_set(root)
+        if not (root / "student_tokenizer" / "tokenizer.json").is_file():   # ... or its own tokenizer
+            build_student_tokenizer(root)
         return json.loads((teacher_dir / "teacher.json").read_text())
     started = time.perf_counter()
     write_inputs(root)

@@ -28,7 +28,7 @@ from typing import NamedTuple
 from tune_kd.config.errors import ConfigError, UserError
 from tune_kd.config.experiment import ExperimentConfig
 from tune_kd.config.typed_yaml import key_location
-from tune_kd.data import ingest, tokenized
+from tune_kd.data import cross_tokens, ingest, inputs, tokenized
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class Prepared:
     files: dict = field(default_factory=dict)        # "train" / "val" -> the data cache's meta.json (+ "cache")
     train_examples: int = 0
     val_examples: int = 0
-    teacher_cache: object = None                      # a teacher_cache.TeacherCache, or None
+    teacher_cache: object = None                      # a cache_store.TeacherCache, or None
     teacher_cache_why: str = ""
     seconds: float = 0.0
     lines: list = field(default_factory=list)
@@ -76,7 +76,9 @@ def describe_file(role: str, meta: dict, directory: Path) -> str:
 def input_paths(cfg: ExperimentConfig) -> dict[str, str]:
     """Dotted key -> every input path the config names."""
     wanted = {"data.path": cfg.data.path, "data.val_path": cfg.data.val_path, "tokenizer": cfg.tokenizer,
-              "teacher.path": cfg.teacher.path if cfg.teacher else None, "student.path": cfg.student.path}
+              "teacher.path": cfg.teacher.path if cfg.teacher else None, "student.path": cfg.student.path,
+              "teacher.tokenizer": cfg.teacher.tokenizer if cfg.teacher else None,
+              "student.tokenizer": cfg.student.tokenizer}
     return {key: path for key, path in wanted.items() if path is not None}
 
 
@@ -112,23 +114,32 @@ def prepare_inputs(cfg: ExperimentConfig, source: str, teacher_cache: bool = Tru
     teacher_cache=False leaves the teacher cache to the caller (a search builds it where its trials
     run: resources.place_trials)."""
     from tune_kd.model import build
+    from tune_kd.teacher import across
 
     started = time.perf_counter()
     build_demo_after_checks(cfg, source)
     check_paths(cfg, source)
-    tokenizer = tokenized.shared_tokenizer(cfg)
+    tokenizers = inputs.run_tokenizers(cfg)
+    tokenizer = tokenizers.student
     try:   # model errors surface here, once, not in every trial
-        build.preflight(cfg, tokenizer)
+        across.check_settings(cfg, tokenizers.across)
+        build.preflight(cfg, tokenizer, tokenizers.teacher)
     except UserError as exc:
         raise UserError(f"{source}: {exc}") from None
     out = Prepared()
     try:
-        _, train_data, val_data = tokenized.load_data(cfg, tokenizer, verify=True)
+        _, train_data, val_data = inputs.load_data(cfg, tokenizers, verify=True)
     except ingest.SeqLenError as exc:   # the fix is a key of the YAML: point at its line
         where = key_location(source, exc.key)
         raise UserError(f"{where}: {exc}" if where else str(exc)) from None
     for role, path in (("train", cfg.data.path), ("val", cfg.data.val_path)):
         if path is None:
+            continue
+        if tokenizers.across:   # both renderings and their alignment (data/cross_tokens.py)
+            directory = cross_tokens.pair_cache_dir(path, tokenizer, tokenizers.teacher, cfg.data.max_seq_len,
+                                                    cfg.data.cache_dir, cfg.data.format, cfg.data.system_turns)[0]
+            out.lines.append(f"{role} data: {cross_tokens.alignment_summary(cross_tokens.pair_meta(directory))} -> "
+                             f"{directory}")
             continue
         directory, _ = tokenized.cache_dir_for(path, tokenizer, cfg.data.max_seq_len, cfg.data.cache_dir,
                                           cfg.data.system_turns)
@@ -186,13 +197,13 @@ def prepare_teacher_rows(cfg: ExperimentConfig, serve: bool) -> TeacherRows:
         return TeacherRows(None, "off (teacher_cache: off)")
     run = build_run(driver_config(cfg), cache=False)   # the cache is left to the plan below
     # one measurer for the cache and the served rows: its inputs() hashes the teacher's weights once
-    measure = cache_plan.make_measurer(cfg, run.tokenizer, run.train_data, run.teacher, run.precision, run.columns,
-                                       run.pad_id, run.student)
-    cache, why = cache_plan.open_teacher_cache(cfg, run.tokenizer, run.train_data, run.teacher, run.precision,
-                                               run.columns, run.pad_id, run.student, measure, verify=True)
-    layout = cache_plan.served_layout(cfg, measure[0], cache, measure[2]) if serve else None
+    source = run.cache_source()
+    measurer = cache_plan.make_measurer(source)
+    cache, why = cache_plan.open_teacher_cache(source, measurer, verify=True)
+    layout = cache_plan.served_layout(cfg, cache, measurer) if serve else None
     costs = None
-    if serve and cfg.teacher_server.mode == "auto" and (cache is None or served.on_policy_searched_or_set(cfg)):
+    if serve and cfg.teacher_server.mode == "auto" and (cache is None or served.on_policy_searched_or_set(cfg)) \
+            and not run.across:   # across tokenizers the served teacher is not priced (decide's rule without costs)
         from tune_kd.search import teacher_choice
 
         costs = teacher_choice.measure(run, layout)

@@ -281,9 +281,9 @@ def serve_teacher(trial_cfg: ExperimentConfig, placed: dict, per_trial: dict, pa
                                        math.ceil(served_parallel / max(1, len(hosts))), shared_compute=not own_device)
     log.info("teacher server: %s", why)
     if trial_cfg.teacher_server.url and trial_cfg.teacher is not None:
-        from tune_kd.data import tokenized
+        from tune_kd.data import inputs
 
-        served.HttpRemote(trial_cfg, len(tokenized.shared_tokenizer(trial_cfg)))   # checks the endpoint
+        served.HttpRemote(trial_cfg, len(inputs.run_tokenizers(trial_cfg).of_teacher))   # checks the endpoint
     resolved = trial_cfg.replace(teacher_server=dataclasses.replace(trial_cfg.teacher_server,
                                                                     mode="on" if serve else "off"))
     if not serve:

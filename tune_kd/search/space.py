@@ -23,7 +23,7 @@ from tune_kd.config.checks import DISTRIBUTIONS, with_searched
 from tune_kd.config.experiment import ExperimentConfig
 from tune_kd.results.arms import CONTROL_KEY
 
-# config_checks.DISTRIBUTIONS' names (the one table of distributions and their keys) -> the Ray Tune
+# checks.DISTRIBUTIONS' names (the one table of distributions and their keys) -> the Ray Tune
 # domain of a spec with those keys
 _DOMAINS = {
     "log_uniform_values": lambda tune, spec: tune.loguniform(spec["min"], spec["max"]),

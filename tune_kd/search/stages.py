@@ -30,7 +30,7 @@ def run_stages(cfg: ExperimentConfig, source: str, run_search, storage: str | No
     root = Path(storage or "results").resolve() / cfg.name
     rows, teacher = [], None
     for index, raw in enumerate(cfg.stages, start=1):
-        # later stages carry a placeholder teacher path (config_stages.PREVIOUS_STAGE_EXPORT) until here
+        # later stages carry a placeholder teacher path (stages.PREVIOUS_STAGE_EXPORT) until here
         overrides = {"teacher.path": str(teacher)} if teacher is not None else {}
         stage = load_config(raw=raw, overrides=overrides, storage=storage)
         experiment_dir = root / stage.name

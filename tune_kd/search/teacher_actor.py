@@ -81,7 +81,7 @@ class TeacherServer:
 
     def __init__(self, cfg: ExperimentConfig, layout: Layout, cache_dir: str | None, threads: int,
                  wait_for_trials_s: float = 0.0):
-        from tune_kd.data import tokenized
+        from tune_kd.data import inputs
         from tune_kd.kd.scored import ScoredLM
         from tune_kd.model import build, hardware
 
@@ -91,7 +91,7 @@ class TeacherServer:
 
         device = torch.device("cuda") if ray.get_gpu_ids() else torch.device("cpu")
         self.precision = hardware.resolve_precision(cfg.train.dtype, device)
-        tokenizer = tokenized.shared_tokenizer(cfg)
+        tokenizer = inputs.run_tokenizers(cfg).of_teacher   # the teacher's own, across tokenizers
         teacher = build.make_teacher(cfg.teacher, tokenizer, self.precision)
         self.teacher = ScoredLM(teacher)
         rows = build.vocab_rows(teacher)

@@ -82,12 +82,13 @@ def measure(run, layout: Layout) -> TeacherCosts:
     batch = representative_batch(run)
     ids, scored = batch["input_ids"].numpy(), scored_positions(batch["labels"])[0].numpy()
     pair_ids, pair_scored = np.concatenate([ids, ids]), np.concatenate([scored, scored])
-    teacher = teacher_outputs(run.teacher, run.precision)
+    live = run.teacher                  # the run is built without a cache: teacher/local.LiveTeacher
+    teacher = teacher_outputs(live.scored, run.precision)
     # alpha 1 with alpha searched still distils in trials: the step asks the teacher
     run = dataclasses.replace(run, need_teacher=True)
 
     def local_teacher():
-        for _ in logit_chunks(teacher(batch), run.columns):
+        for _ in logit_chunks(teacher(batch), live.columns):
             pass
 
     def training_step():
@@ -96,11 +97,11 @@ def measure(run, layout: Layout) -> TeacherCosts:
 
     with trial_threads(int(cfg.resources.cpu_per_trial) if run.device.type == "cpu" else torch.get_num_threads()):
         local_s = timed(local_teacher)
-        one_s = timed(lambda: answer_rows(run.teacher, run.precision, run.columns, layout, ids, scored))
-        pair_s = timed(lambda: answer_rows(run.teacher, run.precision, run.columns, layout, pair_ids, pair_scored),
+        one_s = timed(lambda: answer_rows(live.scored, run.precision, live.columns, layout, ids, scored))
+        pair_s = timed(lambda: answer_rows(live.scored, run.precision, live.columns, layout, pair_ids, pair_scored),
                        repeats=1)
         step_s = timed(training_step, repeats=1)
-    teacher_bytes = sum(p.numel() * p.element_size() for p in run.teacher_lm.parameters())
+    teacher_bytes = sum(p.numel() * p.element_size() for p in live.lm.parameters())
     costs = TeacherCosts(local_forward_s=local_s, served_one_s=one_s, served_pair_s=pair_s,
                          student_s=max(step_s - local_s, 0.0), positions=int(scored.sum()),
                          rows_bytes=int(scored.sum()) * layout.bytes_per_position, teacher_bytes=teacher_bytes,

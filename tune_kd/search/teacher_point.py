@@ -24,7 +24,7 @@ import torch
 
 from tune_kd.config.experiment import ExperimentConfig
 from tune_kd.config.files import atomic_write_text
-from tune_kd.data import tokenized
+from tune_kd.data import inputs, tokenized
 from tune_kd.kd.scored import ScoredLM
 from tune_kd.model import build, hardware, student_shape
 from tune_kd.model.distributed import setup_distributed
@@ -41,18 +41,23 @@ TIMEOUT_S = 1800   # a task that cannot be placed (no free GPU) must not hold th
 def measure_teacher(cfg: ExperimentConfig) -> dict:
     """{val_ce, val_acc, ..., student_params, student_embedding_params, seconds, and with a size
     objective gen_tokens_per_s} of cfg's teacher on cfg's validation split, in cfg.train's precision
-    on cfg.train.device."""
+    on cfg.train.device. Across tokenizers on the teacher's own tokens, its per-token CE left NaN
+    (another tokenization's tokens: no comparison with the student's)."""
     started = time.perf_counter()
     _, _, device = setup_distributed(False, cfg.train.device)
     precision = hardware.resolve_precision(cfg.train.dtype, device)
-    tokenizer, _, val_data = tokenized.load_data(cfg)
+    tokenizers = inputs.run_tokenizers(cfg)
+    _, _, val_data = inputs.load_data(cfg, tokenizers)
+    tokenizer, val_data = tokenizers.of_teacher, inputs.teacher_side(val_data)   # the teacher reads its own tokens
     pad_id = tokenized.padding_id(tokenizer)
     teacher_lm = build.make_teacher(cfg.teacher, tokenizer, precision)
     as_student = ScoredLM(teacher_lm)
     alone = cfg.replace(train=dataclasses.replace(cfg.train, alpha=1.0, on_policy_fraction=0.0, seq_kd=False))
     generation = on_policy.Generation(alone, tokenizer, pad_id, [teacher_lm, None], "eval.generation_samples") \
         if cfg.eval.generation_samples else None
-    metrics = evaluate(as_student, None, val_data, pad_id, alone, precision, None, generation=generation)
+    metrics = evaluate(as_student, None, val_data, pad_id, alone, precision, generation=generation)
+    if tokenizers.across:   # a token's CE is not comparable across tokenizations; a whole reply's accuracy is
+        metrics.update({name: float("nan") for name in ("val_ce", "val_kl", "val_loss", "val_gen_ce")})
     params, embedding = student_shape.parameter_counts(teacher_lm)
     point = {**metrics, "student_params": params, "student_embedding_params": embedding}
     if cfg.search.size_objective == "gen_tokens_per_s":   # only the speed objective pays for timing generation

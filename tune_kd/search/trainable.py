@@ -1,6 +1,6 @@
 """The Ray adapter: a sampled config -> loop.train, with a report() that calls tune.report.
 
-Each epoch end reports every metric of loop.METRICS plus a checkpoint of the student (a Hugging
+Each epoch end reports every metric of reading.METRICS plus a checkpoint of the student (a Hugging
 Face directory that is also resumable). A retried or restored trial continues from
 tune.get_checkpoint(). The trial reads the teacher and the tokenized data from the disk caches the
 driver built; only the small config travels through Ray. With resources.workers_per_trial > 1 the

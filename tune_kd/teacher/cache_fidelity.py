@@ -8,7 +8,7 @@ temperature T, on the same student logits:
     gradient error  ||g_cache - g_live|| / ||g_live||                (g: d KD / d student logits)
 
 and optionally the gradient error w.r.t. the student's parameters. The cached teacher is rebuilt
-exactly as a trial reads it (stored_rows.compress, then CachedTeacher.from_stored: the stored
+exactly as a trial reads it (stored_rows.compress, then StoredRows.widened: the stored
 dtype's rounding included), but in memory, without writing a cache. Each error is reported at its
 worst over the temperatures and divergences (Fidelity); top_k auto's Ladder holds one per k of
 auto_ladder, and cache_plan.decide picks from it.
@@ -37,7 +37,7 @@ from tune_kd.kd.scored import Scored, row_chunks
 from tune_kd.teacher import cache_store
 from tune_kd.teacher.cache_inputs import CacheInputs, digest
 from tune_kd.teacher.cache_store import FORMAT
-from tune_kd.teacher.stored_rows import CachedTeacher, Layout, compress, layout
+from tune_kd.teacher.stored_rows import Layout, compress, layout
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ class FidelityMeter:
         self.conversations += conversations
         self.positions += student_logits.shape[0]
         teacher_logits = teacher_logits.to(torch.float32, copy=True)   # out of inference mode: autograd may save it
-        rebuilt = {lay: CachedTeacher.from_stored(compress(teacher_logits, lay)) for lay in self.layouts}
+        rebuilt = {lay: compress(teacher_logits, lay).widened() for lay in self.layouts}
         for name, options in self.divergences.items():
             for temperature in self.temperatures:
                 live_kd, live_grad = _kd_and_grad(student_logits, teacher_logits, name, options, temperature)

@@ -1,5 +1,5 @@
 """What a teacher cache's contents depend on, as hashes: the inputs of its folder's key
-(teacher_cache.cache_key) and of top_k auto's remembered measurement (cache_fidelity).
+(cache_store.cache_key) and of top_k auto's remembered measurement (cache_fidelity).
 
 The teacher counts by its loaded tensors (so a built or re-saved teacher counts too) and its config
 (rope_theta, rms_norm_eps, ...: the same weights can compute other logits); the data by the
@@ -36,7 +36,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 def data_fingerprint(train_data) -> str:
-    """Which examples, in which order: data.TokenizedData keeps that hash (its cache key and subset)."""
+    """Which examples, in which order: tokenized.TokenizedData keeps that hash (its cache key and subset)."""
     return train_data.identity
 
 
@@ -48,7 +48,7 @@ class CacheInputs:
     tokenizer: str
     data: str               # data_fingerprint of the training split
     max_seq_len: int
-    columns: int | None     # the vocabulary columns distilled (models.check_vocab)
+    columns: int | None     # the vocabulary columns distilled (build.check_vocab)
     vocab: int
 
 

@@ -3,9 +3,9 @@
 decide() applies the rule (cache_store.py's format; cache_fidelity.py's measurement for top_k
 auto): the cache serves runs that need only the teacher's logits, with a fixed k or the smallest k
 of the ladder within AUTO_TOLERANCE, when it fits teacher_cache.max_gb and the disk.
-plan_teacher_cache gathers a run's inputs for it, open_teacher_cache opens the planned cache
-(building it first when missing), and prepare_teacher_cache builds it in the search's driver before
-any trial starts, from the student every trial starts from.
+plan_teacher_cache gathers a run's inputs for it (a CacheSource), open_teacher_cache opens the
+planned cache (building it first when missing); the search's driver opens it before any trial
+starts (search/prepare.prepare_teacher_rows), from the student every trial starts from.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from tune_kd.teacher.stored_rows import Layout, bytes_per_position, layout
 log = logging.getLogger(__name__)
 
 AUTO_TOLERANCE = 0.01       # top_k auto: the largest relative loss and gradient error it accepts
+ACROSS_TOP_K = 1024         # top_k auto across tokenizers: no student of the teacher's vocabulary to measure against
 
 
 @dataclass
@@ -44,7 +45,7 @@ class CachePlan:
 
 
 def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[], Ladder] | None = None,
-           built: Callable[[Layout], bool] | None = None) -> CachePlan:
+           built: Callable[[Layout], bool] | None = None, across: bool = False) -> CachePlan:
     """Whether and how a run of cfg, whose training split has `positions` scored tokens, uses the cache.
 
     It applies when the run needs the teacher's logits only (not its hidden states: feature
@@ -54,7 +55,8 @@ def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[
     of the free disk, else the run reads the live teacher (`on`: a UserError). Nothing a trial can
     vary changes the token sequences (max_seq_len and the data are not searchable), so one cache
     serves every trial. built(layout): whether that cache is complete on disk already (then the
-    free space does not matter: nothing more is written)."""
+    free space does not matter: nothing more is written). across: the teacher is on another tokenizer
+    than the student (its rows at its own positions): top_k auto keeps ACROSS_TOP_K unmeasured."""
     c = cfg.teacher_cache
     if c.mode == "off":
         return CachePlan(False, "off (teacher_cache: off)")
@@ -66,6 +68,16 @@ def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[
     if cfg.train.feature_weight > 0 or "feature_weight" in cfg.parameters:
         return CachePlan(False, "not used: feature distillation needs the teacher's hidden states, so the teacher "
                                 "runs live")
+    if c.top_k == "auto" and across:
+        lay = layout(ACROSS_TOP_K, vocab, c.dtype)
+        too_big = _too_big(cfg, positions * lay.bytes_per_position, free_bytes, lambda: built is not None and built(lay))
+        if too_big:
+            return CachePlan(False, f"not used: {too_big} (raise it, or set teacher_cache: on)")
+        return CachePlan(True, f"{c.mode}, top_k auto across tokenizers: {lay.describe()}, "
+                               f"{positions * lay.bytes_per_position / 2**20:.1f} MB (the teacher's rows at its own "
+                               "positions; the student, on another vocabulary, cannot measure the error: each "
+                               "merged distribution misses at most the tail's mass beyond the top k, spread evenly)",
+                         lay)
     if c.top_k == "auto":
         if measure is None:
             raise ValueError("teacher_cache.top_k auto needs a measure() of the candidate ks")
@@ -133,27 +145,57 @@ def _auto_plan(cfg, positions: int, vocab: int, free_bytes: int, ladder: Ladder,
                             f"teacher_cache.max_gb, or set teacher_cache.top_k)", None, record)
 
 
-def plan_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id,
-                       student, measurer=None):
-    """(decide's plan for this run, inputs() -> the cache's CacheInputs). student: the
-    ScoredLM the run starts from, before any training or resume; top_k auto measures the
-    cache's error against it. measurer: make_measurer's answer for these arguments, when the caller
-    made it already (its inputs() hashes the teacher once)."""
-    vocab, inputs, measure_auto_k = measurer or make_measurer(cfg, tokenizer, train_data, teacher, precision, columns,
-                                                          pad_id, student)
-    positions = int(train_data.target_counts.sum())
-    plan = decide(cfg, positions, vocab, shutil.disk_usage(cfg.data.cache_dir).free, measure_auto_k,
-                  lambda lay: cache_store.is_built(cfg.data.cache_dir, inputs(), lay, positions))
-    return plan, inputs
+@dataclass(frozen=True)
+class CacheSource:
+    """What a run's teacher cache is made from and measured against: its config, tokenizer and
+    training split, the local teacher (teacher/local.LiveTeacher: the model, its precision and the
+    vocabulary columns compared), the padding id, and the student (a ScoredLM) the run starts from,
+    before any training or resume, against which top_k auto measures the cache's error."""
+
+    cfg: ExperimentConfig
+    tokenizer: object
+    train_data: object                  # data/tokenized.TokenizedData
+    teacher: object                     # teacher/local.LiveTeacher
+    pad_id: int
+    student: object                     # kd/scored.ScoredLM
+    across: bool = False                # the teacher's tokenizer is not the student's (tokenizer, train_data:
+                                        # the teacher's)
+
+    @property
+    def positions(self) -> int:
+        return int(self.train_data.target_counts.sum())
 
 
-def make_measurer(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id, student):
-    """(the vocabulary compared, inputs() -> the cache's CacheInputs, measure() -> top_k auto's Ladder)."""
-    vocab = columns if columns is not None else build.vocab_rows(teacher.lm)
+@dataclass(frozen=True)
+class Measurer:
+    """make_measurer's answer: the vocabulary compared, inputs() -> the cache's CacheInputs (hashed
+    once: a big teacher takes a while), measure() -> top_k auto's Ladder."""
+
+    vocab: int
+    inputs: Callable[[], cache_inputs.CacheInputs]
+    measure: Callable[[], Ladder]
+    across: bool = False
+
+
+def plan_teacher_cache(source: CacheSource, measurer: Measurer | None = None) -> tuple[CachePlan, Measurer]:
+    """(decide's plan for this run, the measurer it used). measurer: make_measurer(source), when the
+    caller made it already."""
+    measurer = measurer or make_measurer(source)
+    cfg = source.cfg
+    plan = decide(cfg, source.positions, measurer.vocab, shutil.disk_usage(cfg.data.cache_dir).free, measurer.measure,
+                  lambda lay: cache_store.is_built(cfg.data.cache_dir, measurer.inputs(), lay, source.positions),
+                  source.across)
+    return plan, measurer
+
+
+def make_measurer(source: CacheSource) -> Measurer:
+    """The cache's inputs and top_k auto's measurement for this run (Measurer)."""
+    cfg, teacher, student = source.cfg, source.teacher, source.student
+    vocab = teacher.columns if teacher.columns is not None else build.vocab_rows(teacher.lm)
     Path(cfg.data.cache_dir).mkdir(parents=True, exist_ok=True)
-    inputs = functools.cache(lambda: cache_inputs.CacheInputs(   # hashing a big teacher takes a while: once
-        cache_inputs.model_fingerprint(teacher.lm), tokenized.tokenizer_fingerprint(tokenizer),
-        cache_inputs.data_fingerprint(train_data), cfg.data.max_seq_len, columns, vocab))
+    inputs = functools.cache(lambda: cache_inputs.CacheInputs(
+        cache_inputs.model_fingerprint(teacher.lm), tokenized.tokenizer_fingerprint(source.tokenizer),
+        cache_inputs.data_fingerprint(source.train_data), cfg.data.max_seq_len, teacher.columns, vocab))
 
     def measure_auto_k():
         divergences = {name: kd_options(dataclasses.replace(cfg.train, kd_loss=name))
@@ -162,35 +204,38 @@ def make_measurer(cfg: ExperimentConfig, tokenizer, train_data, teacher, precisi
         student.eval()   # the student's logits as a pure function of its weights (no dropout)
         try:
             return cache_fidelity.auto_ladder_for_run(
-                cfg, cfg.data.cache_dir, inputs(), cache_inputs.model_fingerprint(student.lm), train_data, pad_id,
-                teacher_outputs(teacher, precision), teacher_outputs(student, precision), divergences, AUTO_TOLERANCE)
+                cfg, cfg.data.cache_dir, inputs(), cache_inputs.model_fingerprint(student.lm), source.train_data,
+                source.pad_id, teacher_outputs(teacher.scored, teacher.precision),
+                teacher_outputs(student, teacher.precision), divergences, AUTO_TOLERANCE)
         finally:
             student.train(was_training)
-    return vocab, inputs, measure_auto_k
+    return Measurer(vocab, inputs, measure_auto_k, source.across)
 
 
-def open_teacher_cache(cfg: ExperimentConfig, tokenizer, train_data, teacher, precision, columns, pad_id,
-                       student, measurer=None, verify: bool = False):
+def open_teacher_cache(source: CacheSource, measurer: Measurer | None = None, verify: bool = False):
     """(the teacher cache this run reads, built first when missing, or None when it does not
-    apply; why, as plan_teacher_cache says it, for the caller's log line). measurer: as plan_teacher_cache takes it;
-    verify: check a cache found on disk against its checksums (cache_store.open_or_build)."""
-    plan, inputs = plan_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student,
-                                      measurer)
+    apply; why, as plan_teacher_cache says it, for the caller's log line). measurer: as
+    plan_teacher_cache takes it; verify: check a cache found on disk against its checksums
+    (cache_store.open_or_build)."""
+    plan, measurer = plan_teacher_cache(source, measurer)
     if not plan.use:
         return None, plan.why
-    return cache_store.open_or_build(cfg.data.cache_dir, inputs(), teacher_outputs(teacher, precision),
-                                       train_data, pad_id, plan.layout, {"auto": plan.auto} if plan.auto else None,
-                                       verify), \
+    teacher = source.teacher
+    return cache_store.open_or_build(source.cfg.data.cache_dir, measurer.inputs(),
+                                     teacher_outputs(teacher.scored, teacher.precision), source.train_data,
+                                     source.pad_id, plan.layout, {"auto": plan.auto} if plan.auto else None, verify), \
         plan.why
 
 
-def served_layout(cfg: ExperimentConfig, vocab: int, cache, measure: Callable[[], Ladder]) -> Layout:
+def served_layout(cfg: ExperimentConfig, cache, measurer: Measurer) -> Layout:
     """The rows a served teacher answers in: the teacher cache's when the trials read one (so
     on-policy and cached batches see the same teacher), else teacher_cache.top_k, or with top_k auto
-    the k the cache's measurement picks (measure(), remembered on disk per inputs)."""
-    c = cfg.teacher_cache
+    the k the cache's measurement picks (Measurer.measure(), remembered on disk per inputs)."""
+    c, vocab = cfg.teacher_cache, measurer.vocab
     if cache is not None:
         return layout(cache.meta["top_k"], vocab, c.dtype)
     if c.top_k != "auto":
         return layout(c.top_k, vocab, c.dtype)
-    return layout(auto_k(measure(), vocab), vocab, c.dtype)
+    if measurer.across:
+        return layout(ACROSS_TOP_K, vocab, c.dtype)
+    return layout(auto_k(measurer.measure(), vocab), vocab, c.dtype)

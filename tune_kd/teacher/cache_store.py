@@ -50,7 +50,7 @@ live teacher on a seeded sample of the training data, over the run's temperature
 dtype) and keeps the smallest k of a ladder within 1% (cache_plan.decide, which also decides
 whether a run reads the cache at all); bench/teacher_cache_fidelity.py measures it by k and dtype.
 
-This module is the format: the layout, compressing rows and reading them back (CachedTeacher), the
+This module is the format: the layout, compressing rows and reading them back (kd/teacher_rows.TeacherRows), the
 key (its inputs hashed in cache_inputs.py), and building, opening and reading a cache folder.
 
 The key hashes the teacher's weights (the loaded tensors, so a built or re-saved teacher counts
@@ -89,13 +89,12 @@ from tune_kd.config.errors import UserError
 from tune_kd.config import files
 from tune_kd.config.files import BlockChecksums, atomic_write_text, disk_writes, file_checksums, permit_as_umask, verify_blocks
 from tune_kd.data import ingest
-from tune_kd.kd.scored import Scored
+from tune_kd.kd.scored import Scored, row_chunks
 from tune_kd.kd.scoring import logit_chunks
+from tune_kd.kd.teacher_rows import TAIL_TEMPERATURES, TeacherRows
 from tune_kd.teacher.cache_inputs import CacheInputs, digest
 from tune_kd.teacher.stored_rows import (
     STORAGE,
-    TAIL_TEMPERATURES,
-    CachedTeacher,
     Layout,
     StoredRows,
     compress,
@@ -191,10 +190,10 @@ class TeacherCache:
         spans = [np.arange(self.row_offsets[i], self.row_offsets[i + 1]) for i in np.asarray(indices)]
         return CacheRows(self, np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64))
 
-    def read(self, positions: np.ndarray) -> CachedTeacher:
+    def read(self, positions: np.ndarray) -> TeacherRows:
         """The cache's rows at these positions (ascending within each example), as float32 / int64 tensors."""
         read = {name: rows.rows(positions) for name, rows in self.files.items()}
-        return CachedTeacher.from_stored(StoredRows(
+        return TeacherRows.from_stored(StoredRows(
             from_disk(read["values"], self.meta["value_dtype"]),
             torch.from_numpy(read["ids"].astype(np.int64)) if "ids" in read else None,
             from_disk(read["tail"], self.meta["tail_dtype"]) if "tail" in read else None))
@@ -206,23 +205,25 @@ class TeacherCache:
 
 @dataclass
 class CacheRows:
-    """A batch's rows of the cache, read from disk only a chunk at a time (rows[lo:hi] -> CachedTeacher
-    on `device`), as the loss walks them: at a full row of a 150k vocabulary a batch's rows are
-    hundreds of MB, a chunk's tens."""
+    """A batch's rows of the cache (kd/teacher_rows.BatchRows), read from disk only a chunk at a time
+    (chunk(lo, hi) -> TeacherRows on `device`), as the loss walks them: at a full row of a 150k
+    vocabulary a batch's rows are hundreds of MB, a chunk's tens."""
 
     cache: TeacherCache
     positions: np.ndarray              # (N,) the batch's rows in the cache's files
     device: torch.device | None = None
     non_blocking: bool = False
+    spans = staticmethod(row_chunks)
 
-    def __len__(self) -> int:
+    @property
+    def rows(self) -> int:
         return len(self.positions)
 
     def to(self, device, non_blocking: bool = False) -> "CacheRows":
         return CacheRows(self.cache, self.positions, torch.device(device), non_blocking)
 
-    def __getitem__(self, rows: slice) -> CachedTeacher:
-        read = self.cache.read(self.positions[rows])
+    def chunk(self, lo: int, hi: int) -> TeacherRows:
+        read = self.cache.read(self.positions[lo:hi])
         return read if self.device is None else read.to(self.device, non_blocking=self.non_blocking)
 
 
@@ -269,7 +270,7 @@ def build(teacher_outputs: Callable[[dict], Scored], train_data, pad_id: int, la
 
     teacher_outputs(batch) -> the teacher's scored.Scored at the batch's scored positions, in
     row-major (example, position) order, the order the loop selects them in; its logits are made,
-    compressed and written a chunk of rows at a time (their first `columns`, models.check_vocab)."""
+    compressed and written a chunk of rows at a time (their first `columns`, build.check_vocab)."""
     counts = train_data.target_counts.astype(np.int64)
     row_offsets = np.concatenate([[0], np.cumsum(counts)])
     positions = int(row_offsets[-1])

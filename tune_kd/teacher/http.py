@@ -19,7 +19,7 @@ the tail is modelled as uniform: each tail token has log-prob z_t = log(P / (col
 
     log S(T) - m / T = log(columns - k) + (z_t - m) / T
 
-At T = 1 CachedTeacher.from_stored(rows) then rebuilds exactly the server's top-k probabilities
+At T = 1 TeacherRows.from_stored(rows) then rebuilds exactly the server's top-k probabilities
 plus P spread evenly; at other T the tail's total S(T) is the uniform tail's, where a cache built
 from a live teacher stores the true one: the approximation this client adds to the cache's own.
 
@@ -48,7 +48,8 @@ import numpy as np
 import torch
 
 from tune_kd.config.errors import UserError
-from tune_kd.teacher.stored_rows import TAIL_TEMPERATURES, StoredRows
+from tune_kd.kd.teacher_rows import TAIL_TEMPERATURES
+from tune_kd.teacher.stored_rows import StoredRows
 
 TAIL_FLOOR = 1e-12      # the least tail mass P kept: the top k's summed probabilities can round past 1
 PROBE = [0, 1]          # check()'s probe prompt: two ids every vocabulary has, so one entry is not None

@@ -5,7 +5,7 @@ teacher), and on-policy batches, which the teacher cache cannot answer (the stud
 new sequences), run the teacher alone at each trial's batch size. With `teacher_server: on` (or
 `auto`, search/runner.py's rule in `decide`) the search starts a TeacherServer actor group on every node
 before the first trial; a trial sends (token ids, scored positions) and gets back the teacher's
-rows in the teacher cache's format (teacher_cache.StoredRows: top-k shifted logits, ids and the
+rows in the teacher cache's format (stored_rows.StoredRows: top-k shifted logits, ids and the
 tail's mass, or the full row where the vocabulary is small enough that top_k auto keeps it) plus
 the exact log-prob of each scored position's next token (val_gen_ce's teacher CE).
 
@@ -33,7 +33,8 @@ import torch
 from tune_kd.config.checks import local_teacher_reason
 from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import ExperimentConfig
-from tune_kd.teacher.stored_rows import CachedTeacher, StoredRows
+from tune_kd.kd.teacher_rows import TeacherRows
+from tune_kd.teacher.stored_rows import StoredRows
 
 log = logging.getLogger(__name__)
 
@@ -167,14 +168,19 @@ def decide(cfg: ExperimentConfig, trials_per_node: int, cache_used: bool, costs:
 # ----------------------------------------------------------------------------------------------
 
 class RemoteTeacher:
-    """A teacher that runs elsewhere and answers with cache-format rows: rows(input_ids, positions)
-    -> (CachedTeacher over the scored positions, target log-probs); request() asks without waiting,
-    so the loop runs the student's forward while the teacher works. `config` carries what the loop
-    reads from a model's config (max_position_embeddings, for generation's position limit)."""
+    """A teacher that runs elsewhere (kd/teacher_rows.Teacher): ask() sends the batch at once and the
+    answer's result() waits for it, so the step runs the student's forward while the teacher works;
+    the rows come in the cache's layout with each target's exact log-prob. `config` carries what the
+    loop reads from a model's config (max_position_embeddings, for generation's position limit);
+    `columns`: the vocabulary columns the divergence compares (build.check_vocab, set by connect)."""
 
     teacher_rows: int
     cache_dir: str | None = None
     config: types.SimpleNamespace
+    columns: int | None = None
+    lm = None                          # the weights are not in this process
+    forward_in_step = False
+    same_tokens = True
     _background: concurrent.futures.ThreadPoolExecutor | None = None
 
     def score(self, input_ids: np.ndarray, positions: np.ndarray) -> tuple[StoredRows, np.ndarray]:
@@ -187,19 +193,30 @@ class RemoteTeacher:
         future = self._background.submit(self.score, input_ids.cpu().numpy(), positions.cpu().numpy())
         return PendingRows(future.result)
 
-    def rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[CachedTeacher, torch.Tensor]:
+    def ask(self, batch: dict, positions: torch.Tensor, from_data: bool = False) -> "PendingRows":
+        pending = self.request(batch["input_ids"], positions)
+        pending.device = positions.device
+        return pending
+
+    def rows(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[TeacherRows, None]:
         return self.request(input_ids, positions).result()
+
+    def describe(self) -> str:
+        return f"teacher served ({type(self).__name__})"
 
 
 @dataclass
 class PendingRows:
-    """A teacher's answer on its way: result() waits for it -> (CachedTeacher, target log-probs)."""
+    """A teacher's answer on its way (kd/teacher_rows.Answer): result() waits for it -> (TeacherRows
+    with the target log-probs, on `device`; no features: a served teacher gives none)."""
 
     wait: object      # () -> (StoredRows, target log-probs as numpy)
+    device: torch.device | None = None
 
-    def result(self) -> tuple[CachedTeacher, torch.Tensor]:
+    def result(self) -> tuple[TeacherRows, None]:
         stored, target_logprobs = self.wait()
-        return CachedTeacher.from_stored(stored), shared_tensor(target_logprobs)
+        rows = stored.widened(shared_tensor(target_logprobs))
+        return (rows if self.device is None else rows.to(self.device)), None
 
 
 def shared_tensor(array: np.ndarray) -> torch.Tensor:

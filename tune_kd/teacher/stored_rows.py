@@ -1,20 +1,17 @@
 """The teacher's rows as stored: top-k shifted logits, their ids and the tail's mass, or full rows
-(the layout), and a batch of them read back as the losses see a teacher (CachedTeacher)."""
+(the layout); read back they are the losses' kd/teacher_rows.TeacherRows (StoredRows.widened)."""
 
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from tune_kd.kd.teacher_rows import TAIL_TEMPERATURES, TeacherRows
 
 log = logging.getLogger(__name__)
-
-
-TAIL_TEMPERATURES = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0, 7.0, 10.0)
 
 
 VALUE_DTYPES = ("float16", "bfloat16", "float32")   # teacher_cache.dtype
@@ -101,6 +98,10 @@ class StoredRows:
     ids: torch.Tensor | None
     tail: torch.Tensor | None
 
+    def widened(self, target_logprobs: torch.Tensor | None = None) -> TeacherRows:
+        """These rows as the losses read them (float32 values and tail, int64 ids)."""
+        return TeacherRows.from_stored(self, target_logprobs)
+
 
 def compress(logits: torch.Tensor, lay: Layout) -> StoredRows:
     """(N, V) teacher logits -> the rows the cache stores for them (on logits' device)."""
@@ -125,52 +126,3 @@ def from_disk(array: np.ndarray, name: str) -> torch.Tensor:
     if name == "bfloat16":
         return torch.from_numpy(array.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(array)
-
-
-@dataclass
-class CachedTeacher:
-    """Cached teacher outputs for N scored positions: what the losses take instead of (N, V) logits.
-
-    k < V: values are the top-k logits minus the row's largest, ids their token ids, tail the
-    shifted log tail mass on the TAIL_TEMPERATURES grid. k = V: values are the (N, V) logits in
-    token-id order; ids and tail are None."""
-
-    values: torch.Tensor            # (N, k) float32
-    ids: torch.Tensor | None        # (N, k) int64 token ids; None when values is the full row
-    tail: torch.Tensor | None       # (N, G) float32 log S(T_g) - m / T_g; None when values is the full row
-
-    @classmethod
-    def from_stored(cls, rows: StoredRows) -> "CachedTeacher":
-        """Widen stored rows to the loss math's dtypes: float32 values and tail, int64 ids."""
-        return cls(rows.values.float(), None if rows.ids is None else rows.ids.long(),
-                   None if rows.tail is None else rows.tail.float())
-
-    def __getitem__(self, rows: slice) -> "CachedTeacher":
-        pick = lambda x: None if x is None else x[rows]  # noqa: E731
-        return CachedTeacher(self.values[rows], pick(self.ids), pick(self.tail))
-
-    def to(self, device, non_blocking: bool = False) -> "CachedTeacher":
-        move = lambda x: None if x is None else x.to(device, non_blocking=non_blocking)  # noqa: E731
-        return CachedTeacher(move(self.values), move(self.ids), move(self.tail))
-
-    def log_tail(self, temperature: float) -> torch.Tensor:
-        """(N, 1) log S(T) - m / T: linear in 1/T between the grid's neighbours (extended past its ends)."""
-        betas = [1.0 / t for t in TAIL_TEMPERATURES]          # descending
-        beta = 1.0 / temperature
-        upper = next((i for i in range(1, len(betas)) if betas[i] <= beta), len(betas) - 1)
-        lo, hi = upper - 1, upper                             # betas[lo] > betas[hi]
-        weight = (betas[lo] - beta) / (betas[lo] - betas[hi])
-        return (self.tail[:, lo] * (1.0 - weight) + self.tail[:, hi] * weight).unsqueeze(1)
-
-    def log_probs(self, student_logits: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(log q, log p) over the vocabulary at temperature T: the student's live, the teacher's
-        rebuilt from the cache (exact on K, the tail's mass spread evenly over the tail tokens)."""
-        logq = F.log_softmax(student_logits.float() / temperature, dim=-1)          # (N, V)
-        if self.ids is None:   # the full row: nothing estimated, the live teacher's formula
-            return logq, F.log_softmax(self.values / temperature, dim=-1)
-        scaled = self.values / temperature                                         # (N, k)
-        vocab, k = logq.shape[-1], scaled.shape[-1]
-        log_tail = self.log_tail(temperature)                                      # (N, 1)
-        log_z = torch.logsumexp(torch.cat([scaled, log_tail], dim=1), dim=1, keepdim=True)
-        logp = (log_tail - math.log(vocab - k) - log_z).expand(-1, vocab).clone()  # each tail token: S / (V - k) / Z
-        return logq, logp.scatter_(1, self.ids, scaled - log_z)

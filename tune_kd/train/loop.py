@@ -22,10 +22,10 @@ import torch.distributed as dist
 from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import ExperimentConfig
 from tune_kd.data import tokenized
+from tune_kd.kd.teacher_rows import Teacher
 from tune_kd.model import checkpoint, compiling, student_shape
 from tune_kd.model.checkpoint import Progress
 from tune_kd.model.hardware import release_freed_memory
-from tune_kd.teacher.served import RemoteTeacher
 from tune_kd.train import on_policy
 from tune_kd.train.evaluate import evaluate
 from tune_kd.train.run import Run, build_run, generation_setting
@@ -126,7 +126,7 @@ class Epoch:
 def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str | Path | None = None,
           out_dir: str | Path | None = None, ddp: bool = False, use_wandb: bool | None = None,
           step_hook: Callable[[int, int, torch.nn.Module], None] | None = None,
-          report_on_every_rank: bool = False, node_teacher: Callable[[], RemoteTeacher] | None = None) -> TrainResult:
+          report_on_every_rank: bool = False, node_teacher: Callable[[], Teacher] | None = None) -> TrainResult:
     """Distil cfg.teacher into cfg.student on cfg.data; returns the trained student and its metrics.
 
     report(metrics, save) is called once per epoch end with every name in results/reading.METRICS;
@@ -180,8 +180,7 @@ def train(cfg: ExperimentConfig, report: Report | None = None, resume_from: str 
 
 def log_start(run: Run, total_steps: int) -> None:
     cfg = run.cfg
-    teacher = f", teacher {sum(p.numel() for p in run.teacher_lm.parameters()) / 1e6:.2f}M" if run.teacher_lm \
-        else f", teacher served ({type(run.remote).__name__})" if run.remote else ""
+    teacher = f", {run.teacher.describe()}" if run.teacher is not None else ""
     log.info("train: %d conversations, %d val; %d epochs x %d steps; student %.2fM params%s", len(run.train_data),
              len(run.val_data), cfg.train.epochs, total_steps // cfg.train.epochs,
              sum(p.numel() for p in run.lm.parameters()) / 1e6, teacher)
@@ -193,9 +192,10 @@ def trial_compile(run: Run, steps_left: int, epoch: int) -> compiling.TrialCompi
     setting, device = run.cfg.train.compile, run.device
     if run.generation is not None and (setting == "on" or setting == "auto" and device.type == "cuda"):
         log.info("compile: off (train.compile %s): this run generates (%s)", setting, generation_setting(run.cfg))
-    key = compiling.shapes_key(run.lm, run.teacher_lm, run.need_teacher and run.cache is None, device,
+    teacher_lm = run.teacher.lm if run.teacher is not None else None
+    key = compiling.shapes_key(run.lm, teacher_lm, run.need_teacher and run.teacher.forward_in_step, device,
                                run.precision.autocast_dtype)
-    return compiling.TrialCompile("off" if run.generation is not None else setting, device, (run.lm, run.teacher_lm),
+    return compiling.TrialCompile("off" if run.generation is not None else setting, device, (run.lm, teacher_lm),
                                   run.cfg.data.cache_dir, key, steps_left=steps_left, epoch=epoch,
                                   record=run.rank == 0)
 
@@ -256,7 +256,7 @@ def generated_batch(run: Run, batch: dict, step: MicroStep, epoch: int, micro: i
         batch, targets = run.generation.on_policy_batch(run.lm, run.train_data, batch["indices"], seed,
                                                         run.precision.autocast)
     else:
-        batch, targets = run.generation.teacher_reply_batch(run.teacher_lm, run.train_data, batch["indices"],
+        batch, targets = run.generation.teacher_reply_batch(run.teacher.lm, run.train_data, batch["indices"],
                                                             run.precision.autocast)
     return batch, MicroStep(step.normalizer * targets / data_targets, step.temperature, step.sync,
                             read_cache=False, on_policy=step.on_policy)
@@ -320,7 +320,7 @@ def epoch_end(t: Training, epoch: int, tally: Epoch) -> dict:
     t.phases["optimizer"] += tally.optimizer_seconds
     eval_started = time.perf_counter()
     # the unwrapped student: DDP's forward broadcasts buffers, a collective a rank without a batch never joins
-    metrics.update(evaluate(run.student, run.teacher, run.val_data, run.pad_id, run.cfg, run.precision, run.columns,
+    metrics.update(evaluate(run.student, run.teacher, run.val_data, run.pad_id, run.cfg, run.precision,
                             run.rank, run.world, temperature=temperature_at(progress.step, t.total_steps, run.cfg.train),
                             generation=run.generation))
     metrics["gpu_peak_gib"] = gpu_peak_gib(run.device)

@@ -126,7 +126,7 @@ def generate(lm, prompts: list[np.ndarray], *, max_new_tokens: int, temperature:
 
 
 def reply_batch(prompts: list[np.ndarray], replies: list[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
-    """A right-padded training batch of prompt + reply, labelled on the reply only (as data.collate
+    """A right-padded training batch of prompt + reply, labelled on the reply only (as tokenized.collate
     labels assistant tokens), so scoring.scored_positions picks exactly the reply's predictions."""
     width = max(len(p) + len(r) for p, r in zip(prompts, replies))
     input_ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
@@ -188,7 +188,7 @@ def generation_sums(student_lm, generation: Generation, val_data: TokenizedData,
                     batch_size: int, teacher_ce: Callable[[dict], float] | None, autocast, device) -> torch.Tensor:
     """[exact replies, prompts, teacher CE sum, reply tokens] over `indices` (a rank's share):
     greedy student replies against the data's, and the teacher's CE on each generated token
-    (teacher_ce(batch): the CE sum over the batch's labelled tokens, scoring.teacher_ce)."""
+    (teacher_ce(batch): the CE sum over the batch's labelled tokens, evaluate.teacher_ce_of)."""
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for lo in range(0, len(indices), batch_size):
         prompts, references = prompts_and_replies(val_data, indices[lo:lo + batch_size])

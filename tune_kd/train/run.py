@@ -10,7 +10,10 @@ run here, so each sees the same student: same seed, same order.
     teacher     a served one (teacher/served.py) or the local model, and the vocabulary columns
                 the divergence compares
     student     built or loaded, checked against the size budget; feature projector; DDP wrapper
-    cache       the teacher cache the run reads, built first when missing (teacher/cache_plan.py)
+    cache       the teacher cache the run reads, built first when missing (teacher/cache_plan.py):
+                then the run's teacher reads its rows there (teacher/local.CacheReader)
+
+The run holds one teacher (kd/teacher_rows.Teacher), chosen here; nothing downstream asks its form.
     optimizer   AdamW and the gradient scaler
 """
 
@@ -23,14 +26,18 @@ from typing import Callable
 import torch
 
 from tune_kd.config.experiment import ExperimentConfig
-from tune_kd.data.tokenized import TokenizedData, load_data, padding_id
+from tune_kd.data.inputs import Tokenizers, load_data, run_tokenizers, teacher_side
+from tune_kd.data.tokenized import TokenizedData, padding_id
 from tune_kd.kd import features
 from tune_kd.kd.scored import ScoredLM
 from tune_kd.model import build, student_shape
 from tune_kd.model.distributed import setup_distributed
 from tune_kd.model.hardware import Precision, resolve_precision
-from tune_kd.teacher.cache_plan import open_teacher_cache
+from tune_kd.kd.teacher_rows import Teacher
+from tune_kd.teacher import across
+from tune_kd.teacher.cache_plan import CacheSource, open_teacher_cache
 from tune_kd.teacher.cache_store import TeacherCache
+from tune_kd.teacher.local import CacheReader, LiveTeacher
 from tune_kd.teacher.served import RemoteTeacher, connect
 from tune_kd.train.on_policy import Generation
 
@@ -50,27 +57,31 @@ class Run:
     val_data: TokenizedData
     pad_id: int
     lm: torch.nn.Module                   # the student as exported (a Hugging Face causal LM)
-    teacher_lm: torch.nn.Module | None    # the local teacher; None when served or absent
-    teacher: ScoredLM | RemoteTeacher | None   # what the step asks for the teacher's rows
+    teacher: Teacher | None               # live, cached or served: what the step and evaluation ask
     student: ScoredLM                     # every trained parameter: lm and the feature projector
     trained: torch.nn.Module              # student, wrapped by DDP when world > 1
-    columns: int | None                   # the vocabulary columns the divergence compares
     need_teacher: bool                    # whether training ever asks the teacher
-    cache: TeacherCache | None            # the teacher's rows for the data's batches, when read
     generation: Generation | None         # on-policy / seq_kd batches and val_gen_* metrics
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     extra_state: dict = field(default_factory=dict)   # checkpointed, never exported (the projector)
     student_params: int = 0
     embedding_params: int = 0
+    tokenizers: Tokenizers | None = None  # the student's tokenizer and, across tokenizers, the teacher's
+
+    @property
+    def across(self) -> bool:
+        return self.tokenizers is not None and self.tokenizers.across
 
     @property
     def device(self) -> torch.device:
         return self.precision.device
 
-    @property
-    def remote(self) -> RemoteTeacher | None:
-        return self.teacher if isinstance(self.teacher, RemoteTeacher) else None
+    def cache_source(self) -> CacheSource:
+        """What this run's teacher cache is made from (a local teacher's run, built without its cache:
+        the teacher's model, on the teacher's side of the data)."""
+        live = self.teacher.inner if self.across else self.teacher   # teacher/across.AcrossTokenizers wraps it
+        return cache_source(self.cfg, self.tokenizers, self.train_data, live, self.student)
 
 
 def generation_setting(cfg: ExperimentConfig) -> str:
@@ -110,42 +121,70 @@ def build_run(cfg: ExperimentConfig, ddp: bool = False, node_teacher: Callable[[
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)   # gpu_peak_gib: this run's own peak
     torch.manual_seed(train_cfg.seed)
-    tokenizer, train_data, val_data = load_data(cfg)
+    tokenizers = run_tokenizers(cfg)
+    across.check_settings(cfg, tokenizers.across)
+    tokenizer, train_data, val_data = load_data(cfg, tokenizers)
     pad_id = padding_id(tokenizer)
     student_shape.check_student(cfg, tokenizer)   # a searched shape that is no model: before any work
     # a served teacher stands in for a local one: this process never holds the teacher's weights
     # (student.init: teacher reads them once from teacher.path, a tensor at a time)
-    remote = connect(cfg, len(tokenizer), node_teacher) if cfg.teacher else None
-    lm, teacher_lm = build.make_models(cfg, tokenizer, precision, teacher_here=remote is None)
+    remote = connect(cfg, len(tokenizers.of_teacher), node_teacher) if cfg.teacher else None
+    lm, teacher_lm = build.make_models(cfg, tokenizer, precision, teacher_here=remote is None,
+                                       teacher_tokenizer=tokenizers.teacher)
     student_params, embedding_params = student_shape.parameter_counts(lm)
     student_shape.check_budget(student_params, cfg.student.max_params)   # a student.path student, as loaded
-    columns = build.check_vocab(len(tokenizer), build.vocab_rows(lm), remote.teacher_rows) if remote is not None \
-        else build.check_compatibility(teacher_lm, lm, tokenizer)
+    columns = build.check_models(tokenizer, lm, remote.teacher_rows if remote else teacher_lm, tokenizers.teacher)
     pairs = features.layer_map(train_cfg.feature_layers, lm.config.num_hidden_layers,
                                teacher_lm.config.num_hidden_layers) \
         if train_cfg.feature_weight > 0 and teacher_lm is not None else []
     projector = features.FeatureProjector(len(pairs), lm.config.hidden_size, teacher_lm.config.hidden_size).to(device) \
         if pairs else None
-    teacher = ScoredLM(teacher_lm, [p[1] for p in pairs]) if teacher_lm is not None else remote
     student = ScoredLM(lm, [p[0] for p in pairs], projector)
+    teacher = teacher_for(remote, teacher_lm, [p[1] for p in pairs], precision, columns)
+    vocab = across.vocabularies(tokenizer, tokenizers.teacher, cfg.data.cache_dir) if tokenizers.across else None
     trained = student if world == 1 else torch.nn.parallel.DistributedDataParallel(
         student, device_ids=[device] if device.type == "cuda" else None)
     need_teacher = teacher is not None and (train_cfg.alpha < 1.0 or bool(pairs) or generates_in_training(cfg))
-    generation = Generation(cfg, tokenizer, pad_id, [lm, teacher_lm if teacher_lm is not None else remote],
-                            generation_setting(cfg)) \
+    generation = Generation(cfg, tokenizer, pad_id, [lm, teacher], generation_setting(cfg)) \
         if generates_in_training(cfg) or cfg.eval.generation_samples else None
     # opened before any resume: top_k auto measures against the starting student, as every trial does
     wanted = reads_cache(cfg, need_teacher, pairs) if cache is None else cache and teacher is not None and not pairs
-    if remote is not None:   # the cache the search's driver built, if any (the key needs the teacher's weights)
-        rows = TeacherCache(remote.cache_dir) if wanted and remote.cache_dir else None
-    else:
-        rows, why = open_teacher_cache(cfg, tokenizer, train_data, teacher, precision, columns, pad_id, student) \
-            if wanted else (None, None)
-        if why is not None:
-            log.info("teacher cache: %s", why)
+    if wanted and remote is not None:   # the cache the search's driver built, if any (its key needs the weights)
+        teacher = CacheReader(TeacherCache(remote.cache_dir), remote) if remote.cache_dir else remote
+    elif wanted:
+        teacher = reading_cache(cache_source(cfg, tokenizers, train_data, teacher, student))
+    if vocab is not None:
+        teacher = across.AcrossTokenizers(teacher, vocab)
     optimizer = torch.optim.AdamW(student.parameters(), lr=train_cfg.learning_rate, weight_decay=train_cfg.weight_decay,
                                   fused=device.type == "cuda")
-    return Run(cfg, rank, world, precision, tokenizer, train_data, val_data, pad_id, lm, teacher_lm, teacher, student,
-               trained, columns, need_teacher, rows, generation, optimizer,
+    return Run(cfg, rank, world, precision, tokenizer, train_data, val_data, pad_id, lm, teacher, student,
+               trained, need_teacher, generation, optimizer,
                torch.amp.GradScaler(device.type, enabled=precision.grad_scaler),
-               {"feature_projector": projector} if projector is not None else {}, student_params, embedding_params)
+               {"feature_projector": projector} if projector is not None else {}, student_params, embedding_params,
+               tokenizers)
+
+
+def teacher_for(remote: RemoteTeacher | None, teacher_lm, feature_layers: list[int], precision,
+                columns: int | None) -> Teacher | None:
+    """The run's teacher before any cache: the served one (told the columns the divergence
+    compares), the local model, or none."""
+    if remote is not None:
+        remote.columns = columns
+        return remote
+    return LiveTeacher(ScoredLM(teacher_lm, feature_layers), precision, columns) if teacher_lm is not None else None
+
+
+def cache_source(cfg: ExperimentConfig, tokenizers: Tokenizers, train_data: TokenizedData, teacher: LiveTeacher,
+                 student: ScoredLM) -> CacheSource:
+    """What the local teacher's cache is made from: the teacher's tokenizer and side of the data."""
+    return CacheSource(cfg, tokenizers.of_teacher, teacher_side(train_data), teacher, padding_id(tokenizers.of_teacher),
+                       student, across=tokenizers.across)
+
+
+def reading_cache(source: CacheSource) -> Teacher:
+    """A local teacher reading its rows from the teacher cache where one applies (opened, or built
+    first when missing), else the teacher itself."""
+    rows, why = open_teacher_cache(source)
+    if why is not None:
+        log.info("teacher cache: %s", why)
+    return CacheReader(rows, source.teacher) if rows is not None else source.teacher

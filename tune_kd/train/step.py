@@ -1,8 +1,9 @@
 """One optimizer step's pieces: the schedules, both models' forward, the objective and its backward.
 
-Per micro-batch (backward_step): both models on the scored positions (the teacher live, served, or
-its rows read from the teacher cache), alpha*CE + (1-alpha)*T^2*KL (another train.kd_loss D: T^k*D,
-losses.kd_scale) divided by the assistant-token count of the whole accumulation window, backward.
+Per micro-batch (backward_step): both models on the scored positions (the teacher through its one
+protocol, kd/teacher_rows.Teacher: live, served, its rows read from the teacher cache, or on another
+tokenizer), alpha*CE + (1-alpha)*T^2*KL (another train.kd_loss D: T^k*D, losses.kd_scale) divided
+by the assistant-token count of the whole accumulation window, backward.
 Per window (optimizer_step): unscale, clip, step, zero_grad(set_to_none=True). The learning rate
 follows linear warmup then the seed's cosine lr/10 + 0.5*lr*(1 + cos(pi*step/total)).
 """
@@ -17,8 +18,8 @@ import torch
 
 from tune_kd.kd import features, losses
 from tune_kd.kd.losses import kd_options
-from tune_kd.kd.scoring import scored_positions, teacher_forward
-from tune_kd.teacher.served import RemoteTeacher
+from tune_kd.kd.scoring import scored_positions
+from tune_kd.kd.teacher_rows import Teacher
 from tune_kd.train.run import Run
 
 
@@ -40,28 +41,21 @@ def temperature_at(step: int, total: int, train_cfg) -> float:
     return train_cfg.final_temperature + (train_cfg.temperature - train_cfg.final_temperature) * remaining
 
 
-def forward_pair(student, teacher, batch, precision, need_teacher: bool, cache=None):
-    """The student's output (with grad) and the teacher's on the scored positions: the student's a
-    scored.Scored whose logits are made a chunk at a time; the teacher's a Scored too (a local
-    ScoredLM, inference mode), the rows of the teacher cache when one is given (a CacheRows, read
-    per chunk), or a served teacher's rows (teacher a teacher_server.RemoteTeacher); plus extras:
-    "features" (student's, teacher's) under feature distillation, "router_aux" for a
-    mixture-of-experts student in training (each None otherwise)."""
+def forward_pair(student, teacher: Teacher | None, batch, precision, from_data: bool = False):
+    """The student's output (with grad) and the teacher's rows on the scored positions: the
+    student's a scored.Scored whose logits are made a chunk at a time; the teacher's its answer
+    (kd/teacher_rows.Teacher.ask: live, cached or served, the same BatchRows to the loss; None
+    without a teacher); plus extras: "features" (student's, teacher's) under feature distillation,
+    "router_aux" for a mixture-of-experts student in training (each None otherwise). from_data:
+    the batch is the training split's own, which a teacher cache can answer."""
     input_ids = batch["input_ids"].to(precision.device, non_blocking=True)
     labels = batch["labels"].to(precision.device, non_blocking=True)
     positions, targets = scored_positions(labels)
-    # a served teacher works on this batch while the student runs its forward here
-    pending = teacher.request(batch["input_ids"], positions) \
-        if need_teacher and cache is None and isinstance(teacher, RemoteTeacher) else None
+    # asked first: a served teacher works on this batch while the student runs its forward here
+    answer = teacher.ask(batch, positions, from_data) if teacher is not None else None
     with precision.autocast():
         student_out, student_features, router_aux = student(input_ids, positions)        # N rows
-    teacher_out = teacher_features = None
-    if need_teacher and cache is not None:
-        teacher_out = cache.rows(batch["indices"]).to(precision.device, non_blocking=True)   # CacheRows, read per chunk
-    elif pending is not None:
-        teacher_out = pending.result()[0].to(precision.device)
-    elif need_teacher:
-        teacher_out, teacher_features = teacher_forward(teacher, input_ids, positions, precision)
+    teacher_out, teacher_features = answer.result() if answer is not None else (None, None)
     extras = {"features": (student_features, teacher_features) if student_features and teacher_features else None,
               "router_aux": router_aux}
     return student_out, teacher_out, targets, positions, extras
@@ -82,14 +76,13 @@ def backward_step(run: Run, batch: dict, step: MicroStep) -> losses.LossParts:
     """One micro-batch: forward both models on the scored positions, the objective, backward.
 
     On an on-policy batch alpha is 0 (alpha is CE's weight, and a sampled token is no label). The
-    divergence compares run.columns vocabulary columns (build.check_vocab)."""
+    divergence compares the teacher's `columns` vocabulary columns (build.check_vocab)."""
     train_cfg = run.cfg.train
-    cache = run.cache if step.read_cache else None
-    s_out, t_out, targets, _, extras = forward_pair(run.trained, run.teacher, batch, run.precision, run.need_teacher,
-                                                    cache)
+    teacher = run.teacher if run.need_teacher else None
+    s_out, t_out, targets, _, extras = forward_pair(run.trained, teacher, batch, run.precision, step.read_cache)
     parts = losses.distillation_loss(s_out, t_out, targets, 0.0 if step.on_policy else train_cfg.alpha,
                                      step.temperature, step.normalizer, train_cfg.kd_loss, kd_options(train_cfg),
-                                     run.columns)
+                                     teacher.columns if teacher is not None else None)
     if extras["features"] is not None:
         parts.feature = features.feature_loss_sum(*extras["features"], train_cfg.feature_loss) \
             / max(float(step.normalizer), 1.0)
