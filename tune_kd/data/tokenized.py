@@ -12,10 +12,9 @@ Ingestion streams (ingest.py); every run and every trial of a search then memory
 copy, and the train/val split and subsets are index views into it, never private copies of the
 tokens.
 
-A run's inputs come from load_data: the tokenizer teacher and student share (shared_tokenizer: one
-tokenizer, since cross-tokenizer distillation is out of scope, with a chat template whose assistant
-tokens chat_template.py can locate, checked before any work), its train and validation splits, and
-the id batches are padded with (padding_id).
+A run's tokenizers and splits come from data/inputs.py (load_data); across tokenizers a split also
+carries the teacher's rendering of the same examples and both sides' aligned groups (TokenizedData.
+teacher and .groups, from data/cross_tokens.py), which collate batches beside the student's.
 """
 
 from __future__ import annotations
