@@ -477,3 +477,20 @@ def test_teacher_cache_in_yaml(world, tmp_path):
     assert sorted(error.value.problems) == [
         f"{path}:{line + 1}: teacher_cache.top_k: must be auto or an integer >= 1, got 'many'",
         f"{path}:{line + 2}: teacher_cache.dtype: 'fp8' is not allowed (allowed: float16, bfloat16, float32)"]
+
+
+def test_top_k_auto_across_tokenizers_keeps_a_fixed_k_without_measuring(tiny_config):
+    """Across tokenizers no student of the teacher's vocabulary exists to measure against: top_k auto
+    keeps cache_plan.ACROSS_TOP_K (the full row where that is no smaller) and never calls measure()."""
+    cfg = tiny_config(teacher_cache={"mode": "auto"})
+
+    def measure():
+        raise AssertionError("across tokenizers top_k auto must not measure")
+
+    wide = cache_plan.decide(cfg, 1000, 151_646, 2**40, measure, across=True)
+    assert wide.use and wide.layout.k == cache_plan.ACROSS_TOP_K and not wide.layout.full
+    assert "top_k auto across tokenizers: top-1024 of 151646" in wide.why and "tail's mass" in wide.why
+    narrow = cache_plan.decide(cfg, 1000, 103, 2**40, measure, across=True)
+    assert narrow.use and narrow.layout.full and "whole: exact" in narrow.why
+    assert not cache_plan.decide(tiny_config(teacher_cache={"mode": "auto", "max_gb": 0.001}), 10**6, 151_646, 2**40,
+                                 measure, across=True).use

@@ -73,11 +73,12 @@ def decide(cfg, positions: int, vocab: int, free_bytes: int, measure: Callable[[
         too_big = _too_big(cfg, positions * lay.bytes_per_position, free_bytes, lambda: built is not None and built(lay))
         if too_big:
             return CachePlan(False, f"not used: {too_big} (raise it, or set teacher_cache: on)")
+        why = "whole: exact" if lay.full else (
+            "the student, on another vocabulary, cannot measure the error: each merged distribution misses at most "
+            "the tail's mass beyond the top k, spread evenly")
         return CachePlan(True, f"{c.mode}, top_k auto across tokenizers: {lay.describe()}, "
                                f"{positions * lay.bytes_per_position / 2**20:.1f} MB (the teacher's rows at its own "
-                               "positions; the student, on another vocabulary, cannot measure the error: each "
-                               "merged distribution misses at most the tail's mass beyond the top k, spread evenly)",
-                         lay)
+                               f"positions; {why})", lay)
     if c.top_k == "auto":
         if measure is None:
             raise ValueError("teacher_cache.top_k auto needs a measure() of the candidate ks")
