@@ -41,6 +41,17 @@ SMOKES: dict[str, list[tuple[str, object]]] = {
         # the markdown table for docs/search.md: trial-epochs per search, the share of configs stopped early
         (r"^\| default \| default: grace 1, factor 2 \| (\d+\.\d) \| ([\d.]+)% \|",
          lambda epochs, stopped: number(epochs) > 0 and 0 <= number(stopped) <= 100)],
+    "cross_tokenizer.py": [
+        # the gain ratio per cross-tokenizer loss (nan where same-tokenizer KD gains nothing, as an
+        # untrained toy world's may), the numerals measurement and the coverage audit of the pair
+        (r"^pkl: cross/same-tokenizer KD gain: (\S+) \(cross gain ([+-]\d+\.\d+)",
+         lambda ratio, gain: not math.isinf(number(ratio)) and math.isfinite(number(gain))),
+        (r"^numerals: minimind \(\d+ ids\): (\d+) vocabulary entries are multi-digit numerals.* (\S+) tokens per digit",
+         lambda n, per_digit: int(n) > 0 and 0 < number(per_digit) < 1),
+        (r"^numerals: qwen \(\d+ ids\): 0 vocabulary entries .* 1\.000 tokens per digit", None),
+        (r"^cross-vocab: \d+ of \d+ student tokens spelled as the teacher's.*recommended loss (pkl|hkl|gold_hybrid)", None),
+        (r"^\| gold_hybrid \| gold_hybrid \| qwen \| .* \| (\d+\.\d+) ± \S+ \| (\d\.\d+) ± ",
+         lambda ce, acc: finite_positive(ce) and 0 <= number(acc) <= 1)],
     "data_fraction.py": [
         (r"demo: KD-SFT gap at 25%: ([+-]\d+\.\d+) \(seed std", lambda gap: abs(number(gap)) < 5),
         (r"^\| demo \| 25% \| (\d+\.\d+) ± \S+ \| (\d+\.\d+) ± ", finite_positive)],   # KD and SFT val_ce
