@@ -380,7 +380,7 @@ def test_two_processes_build_once_and_read_the_same_rows(tiny_config, world):
         import json, os, sys
         import numpy as np
         sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
-        from test_teacher_cache import open_cache
+        from test_teacher_cache import open_cache, whole
         from tune_kd.config.experiment import load_config
         cache, train_data, _ = open_cache(load_config(raw=json.loads(sys.argv[1])))
         order = np.random.default_rng(int(sys.argv[2])).permutation(len(train_data))
