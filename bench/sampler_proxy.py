@@ -33,7 +33,7 @@ def stand_in(lr: float, temperature: float, alpha: float, rng: np.random.Generat
 
 
 def samplers(trials: int, seed: int) -> dict:
-    from tune_kd.search.searcher import startup_trials
+    from tune_kd.search.samplers import startup_trials
 
     startup = startup_trials(trials)
     return {

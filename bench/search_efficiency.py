@@ -6,13 +6,15 @@
     python bench/search_efficiency.py --smoke    # seconds, no search: each arm's config built on a toy demo
                                                  # and loaded, and the ASHA replay run on fixed curves (tests/bench)
 
-Four arms per seed, with the same space, trial count and seed (used as both search.seed and
+Six arms per seed (--arms picks), with the same space, trial count and seed (used as both search.seed and
 train.seed, so every arm of a seed shares its training noise):
 
     random        Ray's random sampling, every trial runs all its epochs
     random+asha   the same sampling, ASHA stops weak trials (the YAML's grace period and factor)
-    tpe           the project's TPE sampler (searcher.make_sampler), every trial runs all its epochs
-    tpe+asha      both: the YAML's own setting
+    tpe           the project's TPE sampler (samplers.make_sampler), every trial runs all its epochs
+    tpe+asha      both
+    gp, gp+asha   the project's Gaussian process (search/gp_sampler.py) instead: search.sampler auto's
+                  choice on this space, so gp+asha is the YAML's own setting
 
 Compute is counted in trial-epochs (epoch reports, in the order they arrived), not wall time, so a
 busy machine slows the bench without biasing it. Per seed and arm the table gives the best val_ce
@@ -46,8 +48,10 @@ from tune_kd.search.runner import run_search
 ARMS = {
     "random": {"search.algorithm": "random", "scheduler.type": "none"},
     "random+asha": {"search.algorithm": "random", "scheduler.type": "asha"},
-    "tpe": {"search.algorithm": "optuna", "scheduler.type": "none"},
-    "tpe+asha": {"search.algorithm": "optuna", "scheduler.type": "asha"},
+    "tpe": {"search.algorithm": "optuna", "search.sampler": "tpe", "scheduler.type": "none"},
+    "tpe+asha": {"search.algorithm": "optuna", "search.sampler": "tpe", "scheduler.type": "asha"},
+    "gp": {"search.algorithm": "optuna", "search.sampler": "gp", "scheduler.type": "none"},
+    "gp+asha": {"search.algorithm": "optuna", "search.sampler": "gp", "scheduler.type": "asha"},
 }
 
 

@@ -98,11 +98,12 @@ def check_study_agrees(experiment_dir: Path) -> None:
     """What every finished search (fresh or resumed) leaves: optuna.db holds no RUNNING or WAITING trial;
     each trials.csv row's Optuna trial (its latest with that tune_trial_id) is in the state its status
     maps to and ranks by the row's best value; every other Optuna trial is FAIL (asked but never run,
-    or replaced by a retry); best.json names the best row, which is the study's best trial when it
-    completed."""
+    or replaced by a retry), except the earlier search's trials a warm start gave it; best.json names
+    the best row, which is the study's best trial when it completed."""
     import optuna
 
     from tune_kd.search.searcher import epoch_values
+    from tune_kd.search.warm_start import WARM_START_ATTR
 
     experiment = json.loads((experiment_dir / "experiment.json").read_text())
     metric, mode = experiment["metric"]["name"], experiment["metric"]["mode"]
@@ -124,14 +125,15 @@ def check_study_agrees(experiment_dir: Path) -> None:
         assert told == value or math.isnan(told) and math.isnan(value), (row, trial)
         ranked[row["trial_id"]] = value
     mapped = {latest[r["trial_id"]].number for r in rows}
-    assert all(t.state.name == "FAIL" for t in study.trials if t.number not in mapped)
+    assert all(t.state.name == "FAIL" for t in study.trials if t.number not in mapped and WARM_START_ATTR not in t.user_attrs)
     scored = {trial_id: value for trial_id, value in ranked.items() if not math.isnan(value)}
     if not scored:
         assert not (experiment_dir / "best.json").exists()
         return
     best = json.loads((experiment_dir / "best.json").read_text())
     assert best[f"best_{metric}"] == pick(scored.values()) == scored[best["trial_id"]]
-    if best["status"] == "COMPLETED" and len(study.directions) == 1:
+    if best["status"] == "COMPLETED" and len(study.directions) == 1 and not any(WARM_START_ATTR in t.user_attrs
+                                                                                for t in study.trials):
         assert study.best_trial.number == latest[best["trial_id"]].number
     elif best["status"] == "COMPLETED":   # two objectives: the best by the metric is on Optuna's front
         assert latest[best["trial_id"]].number in {t.number for t in study.best_trials}

@@ -2,7 +2,7 @@
 
 A table (bench/curves/<name>.csv with its <name>.json, written by record.py) holds every epoch's
 metric of a Sobol sample of configs, each trained with a few seeds. A replayed search runs the
-project's own searchers and schedulers (tune_kd.search.searcher.make_sampler's TPE inside
+project's own searchers and schedulers (tune_kd.search.samplers.make_sampler's TPE inside
 PruneAwareOptunaSearch, Ray's AsyncHyperBandScheduler, Ray's random sampling of the same domains,
 Optuna's pruners) in a simulated clock where one epoch of one trial is one time unit and `parallel`
 trials run at once, as a search with max_concurrent trials does. A proposed config is answered with
@@ -45,6 +45,7 @@ class Table:
     runs: np.ndarray            # [configs, seeds, epochs]
     metric: str = "val_ce"
     yaml_point: dict | None = None   # the recorded YAML's own settings: a search's first trial
+    fixed: dict = dataclasses.field(default_factory=dict)   # keys held at the YAML's value (subspace)
 
     @classmethod
     def load(cls, csv_path: str | Path, metric: str = "val_ce") -> "Table":
@@ -83,6 +84,17 @@ class Table:
     @property
     def seeds(self) -> int:
         return self.runs.shape[1]
+
+    def subspace(self, keys: list[str]) -> "Table":
+        """The same runs searched over `keys` only, every other recorded key held at the YAML's own value
+        (a user's smaller space, e.g. kd.yaml's three): answers are asked for the whole config."""
+        missing = [key for key in keys if key not in self.space]
+        if missing or not self.yaml_point:
+            raise ValueError(f"table {self.name}: cannot search {missing or keys} alone (keys {list(self.space)}; "
+                             f"a subspace needs the table's yaml_point)")
+        return dataclasses.replace(self, name=f"{self.name}, {len(keys)} keys", space={k: self.space[k] for k in keys},
+                                   fixed={k: v for k, v in self.yaml_point.items() if k not in keys},
+                                   yaml_point={k: self.yaml_point[k] for k in keys})
 
     def best_and_spread(self) -> tuple[float, float]:
         """The best value any recorded run reached (at any epoch), and the spread that normalises
@@ -199,7 +211,8 @@ def held_out_error(table: Table, method: str, folds: int = 5, seed: int = 0) -> 
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One way to search. searcher: tpe (tune_kd's sampler, or a variant of it) or random;
+    """One way to search. searcher: tpe (tune_kd's sampler, or a variant of it), gp (tune_kd's GP: search/gp_sampler.py), "gp, stopped
+    trials unseen" (Optuna's GPSampler as it ships) or random;
     scheduler: none, asha (Ray's AsyncHyperBandScheduler; brackets > 1 is its Hyperband form), or
     one of Optuna's pruners (median, sha, hyperband: TPE with Hyperband is Optuna's BOHB-like setting)."""
     name: str
@@ -221,6 +234,8 @@ class Arm:
             kind = "multivariate+group" if self.multivariate and self.group else \
                 "multivariate" if self.multivariate else "independent"
             parts.append(f"TPE {kind}, startup {self.startup}")
+        elif self.searcher.startswith("gp"):
+            parts.append(f"{'GP' if self.searcher == 'gp' else self.searcher}, startup {self.startup}")
         if self.scheduler == "asha":
             parts.append(f"grace {self.grace}, factor {self.reduction}" + (f", {self.brackets} brackets" if self.brackets > 1 else ""))
         return "; ".join(parts)
@@ -229,16 +244,20 @@ class Arm:
 OPTUNA_PRUNERS = ("median", "sha", "hyperband")
 
 
-def tpe_sampler(arm: Arm, seed: int):
-    """tune_kd's own sampler (searcher.make_sampler) for the default settings, else a TPE that differs
-    only in the arm's settings."""
+def optuna_sampler(arm: Arm, seed: int):
+    """tune_kd's own sampler (samplers.make_sampler: its TPE or GP) for the arm's searcher at the default
+    settings, else a TPE that differs only in the arm's settings."""
     import optuna
 
-    from tune_kd.search.searcher import make_sampler, startup_trials
+    from tune_kd.search.samplers import make_sampler, startup_trials
 
-    if arm.multivariate and arm.group:
-        search = SimpleNamespace(seed=seed, num_samples=arm.num_samples, startup_trials=arm.startup)
-        return make_sampler(SimpleNamespace(search=search))
+    if arm.searcher == "gp, stopped trials unseen":   # Optuna's GPSampler as it ships: COMPLETE trials only
+        return optuna.samplers.GPSampler(seed=seed, warn_independent_sampling=False,
+                                         n_startup_trials=startup_trials(arm.num_samples, arm.startup))
+    if arm.searcher == "gp" or (arm.multivariate and arm.group):
+        search = SimpleNamespace(seed=seed, num_samples=arm.num_samples, startup_trials=arm.startup,
+                                 sampler=arm.searcher, size_objective=None)
+        return make_sampler(SimpleNamespace(search=search, parameters={}))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         warnings.simplefilter("ignore", FutureWarning)
@@ -269,7 +288,8 @@ class RayDriver:
     """A Ray Tune searcher and scheduler, called in the order Tune calls them: a result the scheduler
     stops goes to the searcher's on_trial_complete only (Tune withholds it from on_trial_result)."""
 
-    def __init__(self, arm: Arm, space: dict, metric: str, epochs: int, seed: int, first: dict | None = None):
+    def __init__(self, arm: Arm, space: dict, metric: str, epochs: int, seed: int, first: dict | None = None,
+                 warm: list | None = None):
         from ray.tune.schedulers import AsyncHyperBandScheduler
 
         from tune_kd.search import space as tune_space
@@ -278,13 +298,16 @@ class RayDriver:
         domains = tune_space.tune_domains(SimpleNamespace(parameters=space))
         self.metric = metric
         if arm.searcher == "random":
+            if warm:
+                raise ValueError("random search takes no warm start")
             self.searcher = RandomSearcher(domains, seed, [first] if first else None)
         else:
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
             self.searcher = PruneAwareOptunaSearch(metric=metric, mode="min", max_epochs=epochs,
-                                                   sampler=tpe_sampler(arm, seed), points_to_evaluate=[first] if first else None)
+                                                   sampler=optuna_sampler(arm, seed), points_to_evaluate=[first] if first else None,
+                                                   warm_start=warm_start_of(warm))
             self.searcher.set_search_properties(metric, "min", domains)
         self.scheduler = None if arm.scheduler == "none" else AsyncHyperBandScheduler(
             time_attr="epoch", metric=metric, mode="min", max_t=epochs, grace_period=arm.grace,
@@ -317,20 +340,25 @@ class RayDriver:
 class OptunaDriver:
     """An Optuna study asked and told directly, with one of Optuna's pruners deciding the stops."""
 
-    def __init__(self, arm: Arm, space: dict, metric: str, epochs: int, seed: int, first: dict | None = None):
+    def __init__(self, arm: Arm, space: dict, metric: str, epochs: int, seed: int, first: dict | None = None,
+                 warm: list | None = None):
         import optuna
+
+        from tune_kd.search.searcher import warm_trials
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=arm.grace - 1),
                   "sha": lambda: optuna.pruners.SuccessiveHalvingPruner(min_resource=arm.grace, reduction_factor=arm.reduction),
                   "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=arm.grace, max_resource=epochs,
                                                                       reduction_factor=arm.reduction)}[arm.scheduler]()
-        sampler = optuna.samplers.RandomSampler(seed=seed) if arm.searcher == "random" else tpe_sampler(arm, seed)
+        sampler = optuna.samplers.RandomSampler(seed=seed) if arm.searcher == "random" else optuna_sampler(arm, seed)
         # a fixed name: Optuna's Hyperband assigns brackets by hashing it with the trial number
         self.study = optuna.create_study(study_name=f"replay-{seed}", direction="minimize", sampler=sampler, pruner=pruner)
         if first:
             self.study.enqueue_trial(first)
         self.distributions, self.epochs = optuna_distributions(space), epochs
+        if warm:
+            self.study.add_trials(warm_trials(warm_start_of(warm), self.distributions))
         self.trials, self.values = {}, {}
 
     def propose(self, trial_id: str) -> dict:
@@ -353,6 +381,13 @@ class OptunaDriver:
             self.study.tell(self.trials[trial_id], min(self.values[trial_id]))
 
 
+def warm_start_of(warm: list | None):
+    """An earlier replayed search's trials as the search's WarmStart (search/warm_start.py)."""
+    from tune_kd.search.warm_start import WarmStart
+
+    return WarmStart(Path("replay"), list(warm), len(warm)) if warm else None
+
+
 def optuna_distributions(space: dict) -> dict:
     """The space as Optuna distributions: the search's own Ray domains (space.tune_domains), converted
     as Ray's OptunaSearch converts them."""
@@ -363,20 +398,42 @@ def optuna_distributions(space: dict) -> dict:
     return OptunaSearch.convert_search_space(tune_space.tune_domains(SimpleNamespace(parameters=space)))
 
 
-def make_driver(arm: Arm, table: Table, seed: int):
+def make_driver(arm: Arm, table: Table, seed: int, warm: list | None = None):
     kind = OptunaDriver if arm.scheduler in OPTUNA_PRUNERS else RayDriver
-    return kind(arm, table.space, table.metric, table.epochs, seed, table.yaml_point if arm.evaluate_first else None)
+    return kind(arm, table.space, table.metric, table.epochs, seed, table.yaml_point if arm.evaluate_first else None,
+                warm)
 
 
-def replay(answers, arm: Arm, seed: int) -> list[float]:
-    """One simulated search: every epoch report's value in the order the reports arrive (report n
-    is the n-th trial-epoch spent). `parallel` trials run at once; a trial's epoch takes one time
-    unit; a freed slot asks the searcher for the next trial until num_samples have started."""
-    table = answers.table
+@dataclasses.dataclass
+class Replayed:
+    """One replayed search: `values` in report order (report n: the n-th trial-epoch spent) and each
+    trial's config and epochs' values (what a later search's warm start reads back)."""
+    values: list
+    trials: dict   # trial id -> (config, [value per epoch reached])
+
+    def earlier_trials(self, epochs: int) -> list:
+        """The trials as search.warm_start gives them to a later search (search/warm_start.EarlierTrial)."""
+        from tune_kd.search.warm_start import EarlierTrial
+
+        return [EarlierTrial(trial_id, dict(config), {e: v for e, v in enumerate(values, 1)}, len(values) >= epochs)
+                for trial_id, (config, values) in self.trials.items()]
+
+
+def replay(answers, arm: Arm, seed: int, table: Table | None = None, warm: list | None = None) -> list[float]:
+    """One simulated search's values in report order (replay_search's)."""
+    return replay_search(answers, arm, seed, table, warm).values
+
+
+def replay_search(answers, arm: Arm, seed: int, table: Table | None = None, warm: list | None = None) -> Replayed:
+    """One simulated search. `parallel` trials run at once; a trial's epoch takes one time unit; a freed
+    slot asks the searcher for the next trial until num_samples have started.
+    table: the answers' table or a subspace of it (Table.subspace). warm: an earlier search's trials
+    (Replayed.earlier_trials) given to the sampler first, as search.warm_start does."""
+    table = table or answers.table
     np.random.seed(seed)   # Ray's ASHA draws each trial's bracket from numpy's global generator
     picks = np.random.default_rng(seed + 1_000_003)   # which recorded seed answers each trial
-    driver = make_driver(arm, table, seed)
-    events, curves, values, started = [], {}, [], 0
+    driver = make_driver(arm, table, seed, warm)
+    events, curves, values, started, trials = [], {}, [], 0, {}
 
     def start(now: int) -> None:
         nonlocal started
@@ -384,7 +441,8 @@ def replay(answers, arm: Arm, seed: int) -> list[float]:
             return
         trial_id = f"replay_{started:05d}"
         config = driver.propose(trial_id)
-        curves[trial_id] = answers.curve(config, int(picks.integers(table.seeds)))
+        curves[trial_id] = answers.curve({**table.fixed, **config}, int(picks.integers(table.seeds)))
+        trials[trial_id] = (config, [])
         started += 1
         heapq.heappush(events, (now + 1, started, trial_id, 1))
 
@@ -394,9 +452,10 @@ def replay(answers, arm: Arm, seed: int) -> list[float]:
         now, order, trial_id, epoch = heapq.heappop(events)
         value = float(curves[trial_id][epoch - 1])
         values.append(value)
+        trials[trial_id][1].append(value)
         if driver.report(trial_id, epoch, value) and epoch < table.epochs:
             heapq.heappush(events, (now + 1, order, trial_id, epoch + 1))
         else:
             driver.end(trial_id, epoch, value)
             start(now)
-    return values
+    return Replayed(values, trials)

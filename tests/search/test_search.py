@@ -155,6 +155,8 @@ def test_search_end_to_end(world, tmp_path, capsys):
     assert "the verdict's noise: 4 of the 6 arms re-train the best config and plain SFT on 2 more seed(s)" in out
     # progress: a line per trial epoch and the search's own line, for the search and the controls
     assert "search: 6/6 trials done" in out and "controls: 6/6 trials done" in out
+    assert "sampler: a Gaussian process, Optuna's GPSampler taught by ASHA's stopped trials (search.sampler auto: " \
+           "3 searched keys, at most 5)" in out
     assert out.count("trial ") >= 6 and " epoch 1/3  val_ce " in out and "arm plain_sft epoch 3/3" in out
     # each trial's own log lines go to its folder, not to the terminal
     logs = "".join(p.read_text() for p in experiment.glob("trial_*/stderr.log"))

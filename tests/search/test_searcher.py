@@ -315,7 +315,7 @@ def test_the_summary_leaves_out_a_trial_the_resumed_search_never_knew(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def test_startup_trials_follow_num_samples():
-    from tune_kd.search.searcher import make_sampler
+    from tune_kd.search.samplers import make_sampler
 
     # a quarter of the budget, at least 2, at most 10; Optuna's default (10) left 8-16 trial searches random
     for num_samples, expected in ((4, 2), (8, 2), (16, 4), (24, 6), (50, 10), (200, 10)):
@@ -333,12 +333,14 @@ def test_startup_trials_must_be_auto_or_a_positive_int():
             config(search={"startup_trials": bad})
 
 
-def test_concurrent_proposals_spread_once_past_startup(tmp_path):
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_concurrent_proposals_spread_once_past_startup(tmp_path, sampler):
     """Four asks before any result, after the startup trials: TPE's constant liar counts the running
-    ones as bad, so the proposals differ instead of all landing on the one good region seen so far."""
+    ones as bad, the GP's batch expected improvement counts them as pending points, so the proposals
+    differ instead of all landing on the one good region seen so far."""
     import math
 
-    cfg = config(search={"num_samples": 8})            # startup: 2
+    cfg = config(search={"num_samples": 8, "sampler": sampler})            # startup: 2
     searcher = started_searcher(make_optuna_searcher(cfg, f"sqlite:///{tmp_path / 'optuna.db'}", None), cfg)
     for name, value in (("a", 1.0), ("b", 2.0), ("c", 1.5)):
         searcher.suggest(name)

@@ -193,6 +193,9 @@ def validate_search(cfg, problems: Problems) -> None:
                                        or s.startup_trials < 1):
         problems.add("search.startup_trials", f"must be auto or an integer >= 1, got {s.startup_trials!r}")
     validate_objectives(cfg, problems)
+    if s.warm_start and s.algorithm != "optuna":
+        problems.add("search.warm_start", f"needs search.algorithm optuna (random search proposes without looking "
+                     f"at any trial), got {s.algorithm}")
     if sch.type == "asha":
         if sch.grace_period < 1:
             problems.add("scheduler.grace_period", f"must be >= 1 epoch, got {sch.grace_period}")

@@ -148,7 +148,12 @@ class SearchConfig:
     seed: int = 0
     evaluate_train_first: bool = True                  # the YAML's fixed train settings are trial 1
     max_failures: int = 2                              # retries of a crashing trial from its last checkpoint
-    startup_trials: int | Literal["auto"] = "auto"     # random proposals before TPE models: auto (from num_samples) or an int
+    startup_trials: int | Literal["auto"] = "auto"     # random proposals before the sampler models: auto (from
+                                                       # num_samples) or an int
+    sampler: Literal["auto", "tpe", "gp"] = "auto"     # optuna's sampler: auto (samplers.sampler_choice: by the space),
+                                                       # tpe, or gp (Gaussian process)
+    warm_start: Optional[str] = None                   # results/<name> of an earlier search: its trials are given to
+                                                       # the sampler first (search/warm_start.py)
     objectives: Optional[list] = None                  # [metric, student_params | gen_tokens_per_s]: a size/quality
                                                        # search (front.py); None: the metric alone
     within_percent: float = 5.0                        # two objectives: the report names the smallest student within
@@ -307,6 +312,7 @@ def absolute_paths(cfg: ExperimentConfig, base: Path | None = None) -> Experimen
               for role, spec in (("teacher", cfg.teacher), ("student", cfg.student))}
     data = dataclasses.replace(cfg.data, path=fix(cfg.data.path), val_path=fix(cfg.data.val_path),
                                cache_dir=fix(cfg.data.cache_dir))
-    return dataclasses.replace(cfg, tokenizer=fix(cfg.tokenizer), data=data, **models)
+    search = dataclasses.replace(cfg.search, warm_start=fix(cfg.search.warm_start))
+    return dataclasses.replace(cfg, tokenizer=fix(cfg.tokenizer), data=data, search=search, **models)
 
 

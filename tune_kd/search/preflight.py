@@ -1,7 +1,8 @@
 """What a search checks before Ray starts (search/runner.py calls `preflight` first): the
-dashboard's exposure, the GPUs of this machine, an experiment already in the folder or one to
-resume, a resume's changed config; then the inputs validated and tokenized once (prepare.py: data
-errors name file:line; trials read the cache) and experiment.json written.
+dashboard's exposure, search.warm_start's earlier search, the GPUs of this machine, an experiment
+already in the folder or one to resume, a resume's changed config; then the inputs validated and
+tokenized once (prepare.py: data errors name file:line; trials read the cache) and experiment.json
+written.
 
 A folder a search was started in but whose trials never began (the cache build ran out of disk, a
 bad teacher, Ctrl-C before the first trial) holds experiment.json and no Ray state (tuner.pkl):
@@ -23,6 +24,7 @@ from tune_kd.config.files import atomic_write_text
 from tune_kd.model import student_shape
 from tune_kd.results import export, reading
 from tune_kd.search import prepare, resources
+from tune_kd.search.warm_start import WarmStart, read_warm_start
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,13 @@ def resume_or_start(experiment_dir: Path, resume: bool) -> bool:
 
 
 def preflight(cfg: ExperimentConfig, source: str, experiment_dir: Path, address: str | None, resume: bool,
-              dashboard_host: str | None) -> tuple[prepare.Prepared, bool]:
-    """(what prepare_inputs found, whether the search resumes): the module docstring's checks, in order."""
+              dashboard_host: str | None) -> tuple[prepare.Prepared, bool, WarmStart | None]:
+    """(what prepare_inputs found, whether the search resumes, search.warm_start's earlier trials for a
+    fresh start): the module docstring's checks, in order."""
     from tune_kd.search.resume_checks import SEARCH_FORMAT, check_resume_config, check_resume_format
 
     check_dashboard(dashboard_host if address is None else None)
+    warm = read_warm_start(cfg)   # before the inputs: a bad search.warm_start costs no tokenizing
     if address is None:
         import torch
 
@@ -86,4 +90,4 @@ def preflight(cfg: ExperimentConfig, source: str, experiment_dir: Path, address:
             {"name": cfg.name, "source": source, "search_format": SEARCH_FORMAT,
              "metric": {"name": cfg.metric.name, "mode": cfg.metric.mode},
              "config": cfg.to_dict(), "versions": export.versions(), "command": sys.argv}, indent=1, default=str))
-    return prepared, resume
+    return prepared, resume, None if resume else warm   # a resumed study holds the earlier trials already

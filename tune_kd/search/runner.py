@@ -1,12 +1,10 @@
 """The search as a recipe (`tune-kd search` / `python -m tune_kd.search` run it: cli/search.py).
 
-Ray Tune runs `trainable.make_trainable(cfg)` for `search.num_samples` configs proposed by
-Optuna's TPE (seeded; study stored in results/<name>/optuna.db for optuna-dashboard) and stopped
-early by ASHA on our own `epoch` counter (both built in searcher.py). At the end it writes
-results/<name>/trials.csv and best.json, prints the table and exports the best student to
-results/<name>/best_student. --resume continues an interrupted search; --retry-errored also re-runs
-its errored trials. Everything a user can get wrong (YAML, paths, GPUs asked for, a YAML changed since the search
-started) is checked before Ray starts.
+Ray Tune runs `trainable.make_trainable(cfg)` for `search.num_samples` configs proposed by Optuna
+(samplers.py: a Gaussian process or TPE; the study in results/<name>/optuna.db) and stopped early by
+ASHA on our `epoch` counter (searcher.py), then writes trials.csv and best.json, prints the table and
+exports the best student to results/<name>/best_student. --resume continues an interrupted search
+(--retry-errored re-runs its errored trials); whatever a user can get wrong is checked before Ray starts.
 """
 
 from __future__ import annotations
@@ -29,6 +27,8 @@ from tune_kd.model import hardware
 from tune_kd.results import arms, export, front, reading, report
 from tune_kd.search import controls, interrupt, prepare, resources, space, teacher_actor
 from tune_kd.search.preflight import LOOPBACK, preflight
+from tune_kd.search.samplers import sampler_line
+from tune_kd.search.warm_start import WarmStart
 from tune_kd.search.teacher_point import write_teacher_point
 from tune_kd.search.tracking import make_callbacks
 from tune_kd.teacher import served
@@ -163,7 +163,8 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
     root = Path(storage or "results").resolve()
     experiment_dir = root / cfg.name
     with timed(phases, "preflight"):
-        prepared, resume = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
+        prepared, resume, warm = preflight(cfg, source, experiment_dir, address, resume, dashboard_host)
+        print("\n".join([sampler_line(cfg, grid)] + ([warm.line()] if warm else [])), flush=True)
     with timed(phases, "ray_start"):
         context = start_ray(address, num_cpus, dashboard_host, trial_logs)
     try:   # a Ray this search started goes with it, also on an error or Ctrl-C
@@ -172,7 +173,7 @@ def run_search(cfg: ExperimentConfig, source: str, storage: str | None = None, a
         try:
             started = time.perf_counter()
             with timed(phases, "trials"):
-                tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid)
+                tuner = build_tuner(cfg, root, experiment_dir, plan, resume, retry_errored, callbacks, grid, warm)
                 errors, trial_ids = fit(tuner)
             with timed(phases, "summary_export"), disk_writes(experiment_dir):
                 summary = summarize_and_export(cfg, experiment_dir, errors, trial_ids, plan, prepared, started, export_best)
@@ -293,8 +294,8 @@ def serve_teacher(trial_cfg: ExperimentConfig, placed: dict, per_trial: dict, pa
     return resolved, actors, served_parallel
 
 
-def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: Plan, resume: bool,
-                retry_errored: bool, callbacks: list | None, grid: list[dict] | None = None):
+def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: Plan, resume: bool, retry_errored: bool,
+                callbacks: list | None, grid: list[dict] | None = None, warm: WarmStart | None = None):
     """The Tune Tuner: a new one (Optuna's searcher, the scheduler, checkpoints, callbacks), or the
     interrupted one restored with resume."""
     from ray import tune
@@ -312,7 +313,7 @@ def build_tuner(cfg: ExperimentConfig, root: Path, experiment_dir: Path, plan: P
     return tune.Tuner(
         plan.trainable,
         param_space=space.tune_domains(cfg),
-        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, experiment_dir, grid), scheduler=make_scheduler(cfg),
+        tune_config=tune.TuneConfig(search_alg=make_searcher(cfg, experiment_dir, grid, warm), scheduler=make_scheduler(cfg),
                                     num_samples=cfg.search.num_samples, max_concurrent_trials=plan.parallel,
                                     # the searcher and ASHA hold the metric (and a size objective) themselves
                                     metric=None if cfg.scheduler.type == "asha" or cfg.search.objectives else cfg.metric.name,

@@ -22,7 +22,6 @@ import copy
 import math
 import os
 import pickle
-import warnings
 from pathlib import Path
 
 import optuna
@@ -35,6 +34,8 @@ from tune_kd.config.checks import SIZE_OBJECTIVES
 from tune_kd.config.experiment import ExperimentConfig
 from tune_kd.results import reading
 from tune_kd.search import space
+from tune_kd.search.samplers import make_sampler
+from tune_kd.search.warm_start import WARM_START_ATTR, WarmStart
 
 SCHEDULER_STATE_FILE = "scheduler_state.pkl"
 EPOCH_VALUES, SIZE = "epoch_values", "size"   # a two-objective study's per-epoch values and size (user attributes)
@@ -58,7 +59,8 @@ class PruneAwareOptunaSearch(OptunaSearch):
     With a size objective (search.objectives) the study has two directions: a completed trial is
     told [its best epoch's value, its size]; the per-epoch values go to the EPOCH_VALUES attribute."""
 
-    def __init__(self, *, metric: str, mode: str, max_epochs: int, size_objective: str | None = None, **kwargs):
+    def __init__(self, *, metric: str, mode: str, max_epochs: int, size_objective: str | None = None,
+                 warm_start: WarmStart | None = None, **kwargs):
         # two objectives (search.objectives): the study minimises/maximises both; Optuna keeps no
         # intermediate values for such a study, so a trial's per-epoch values live in a user attribute
         sized = size_objective is not None
@@ -70,6 +72,13 @@ class PruneAwareOptunaSearch(OptunaSearch):
         self._retries: dict[str, dict] = {}     # trial id -> its re-run after a FAIL, until it ends
         self._reported: dict[str, set] = {}     # trial id -> epochs already reported
         self._max_live: int | None = None
+        self._warm_start = warm_start
+
+    def _setup_study(self, mode) -> None:
+        super()._setup_study(mode)
+        # the earlier search's trials, before the first proposal; once: a resumed study holds them already
+        if self._warm_start and not any(WARM_START_ATTR in t.user_attrs for t in self._ot_study.get_trials(deepcopy=False)):
+            self._ot_study.add_trials(warm_trials(self._warm_start, self._space))
 
     @property
     def metric(self) -> str:
@@ -204,49 +213,38 @@ class PruneAwareOptunaSearch(OptunaSearch):
         return TrialState.COMPLETE, [best, float(size)]
 
 
+def warm_trials(warm: WarmStart, distributions: dict) -> list[optuna.trial.FrozenTrial]:
+    """The earlier search's trials as Optuna trials of this space (search/warm_start.py): COMPLETE with
+    the best epoch's value, or PRUNED with the epochs' values reached; marked WARM_START_ATTR."""
+    return [optuna.trial.create_trial(
+        state=TrialState.COMPLETE if trial.completed else TrialState.PRUNED,
+        value=trial.value if trial.completed else None, params=trial.params,
+        distributions={k: distributions[k] for k in trial.params}, intermediate_values=trial.values,
+        user_attrs={WARM_START_ATTR: str(warm.source), "earlier_trial_id": trial.trial_id}) for trial in warm.trials]
+
+
 def epoch_values(frozen: optuna.trial.FrozenTrial) -> dict[int, float]:
     """epoch -> value of an Optuna trial: its intermediate values, or EPOCH_VALUES with two objectives."""
     stored = frozen.user_attrs.get(EPOCH_VALUES)
     return {int(e): v for e, v in stored.items()} if stored is not None else dict(frozen.intermediate_values)
 
 
-def startup_trials(num_samples: int, setting: int | str = "auto") -> int:
-    """Random proposals before TPE starts modelling: a quarter of the budget, at least 2, at most 10
-    (Optuna's default of 10 alone would leave a 8-16 trial search random from start to end)."""
-    return setting if setting != "auto" else min(10, max(2, num_samples // 4))
-
-
-def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.TPESampler:
-    """TPE, modelling within the budgets users run. multivariate + group: one joint density over the
-    parameters that appear together (lr x T x alpha interact; a kd_loss branch samples its own group).
-    constant_liar: trials still running count as bad results, so concurrent asks spread out instead of
-    piling onto one optimum. ASHA-stopped trials are PRUNED with their epochs' values: TPE ranks them
-    after every completed trial, by how far they got and then by their last value (low-fidelity evidence).
-    With two objectives Optuna's TPE reads no epoch values: it ranks the completed trials by Pareto
-    rank, and its pruned trials tie (the earliest first)."""
-    # `group` is marked experimental, and warn_independent_sampling deprecated (Optuna 4.9; its
-    # default True logs a warning per parameter sampled independently): the search log need not say so
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        return optuna.samplers.TPESampler(seed=cfg.search.seed, multivariate=True, group=True, constant_liar=True,
-                                          n_startup_trials=startup_trials(cfg.search.num_samples,
-                                                                          cfg.search.startup_trials),
-                                          warn_independent_sampling=False)
-
-
-def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str, points: list[dict] | None) -> PruneAwareOptunaSearch:
+def make_optuna_searcher(cfg: ExperimentConfig, storage_url: str, points: list[dict] | None,
+                         warm: WarmStart | None = None) -> PruneAwareOptunaSearch:
     storage = optuna.storages.RDBStorage(storage_url)
     return PruneAwareOptunaSearch(metric=cfg.metric.name, mode=cfg.metric.mode, points_to_evaluate=points,
                                   sampler=make_sampler(cfg), study_name=cfg.name, storage=storage,
-                                  max_epochs=cfg.train.epochs, size_objective=cfg.search.size_objective)
+                                  max_epochs=cfg.train.epochs, size_objective=cfg.search.size_objective,
+                                  warm_start=warm)
 
 
-def make_searcher(cfg: ExperimentConfig, experiment_dir: Path, grid: list[dict] | None = None):
+def make_searcher(cfg: ExperimentConfig, experiment_dir: Path, grid: list[dict] | None = None,
+                  warm: WarmStart | None = None):
     """The YAML's settings are the first trial (search.evaluate_train_first); in a size/quality search
     the smallest student of the space is the second: a dozen TPE trials rarely sample the small corner
     of a shape space, and the front's small end is half of what the user asked (docs/search.md).
-    grid: these points and nothing else, in order (run_search's grid)."""
+    grid: these points and nothing else, in order (run_search's grid).
+    warm: an earlier search's trials (search/warm_start.py), given to Optuna's study before its first proposal."""
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if grid is not None:
@@ -258,7 +256,7 @@ def make_searcher(cfg: ExperimentConfig, experiment_dir: Path, grid: list[dict] 
     points = [p for p in (first, smallest) if p] if cfg.search.evaluate_train_first else []
     points = [p for i, p in enumerate(points) if p not in points[:i]] or None
     if cfg.search.algorithm == "optuna":
-        return make_optuna_searcher(cfg, f"sqlite:///{experiment_dir / 'optuna.db'}", points)
+        return make_optuna_searcher(cfg, f"sqlite:///{experiment_dir / 'optuna.db'}", points, warm)
     return BasicVariantGenerator(points_to_evaluate=points, random_state=cfg.search.seed)
 
 
