@@ -1,8 +1,9 @@
 """The search's searcher and scheduler, and what keeps them right across `--resume`
 (the checks that refuse a resume: search/resume_checks.py).
 
-make_searcher: Optuna's TPE (PruneAwareOptunaSearch; the study lives in results/<name>/optuna.db),
-or random search. make_scheduler: ASHA on our `epoch` counter (PersistentASHA), or none.
+make_searcher: Optuna with the sampler samplers.py picks (PruneAwareOptunaSearch; the study lives in
+results/<name>/optuna.db, with an earlier search's trials first under search.warm_start), or random
+search. make_scheduler: ASHA on our `epoch` counter (PersistentASHA), or none.
 
 A resumed search gets both back from tuner.pkl, pickled when the Tuner was built, before any
 trial ran. Tune saves the searcher with its experiment state and restores it (PruneAwareOptunaSearch
