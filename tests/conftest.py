@@ -80,7 +80,9 @@ PARAMETERS = {"learning_rate": {"distribution": "log_uniform_values", "min": 1e-
 
 def search_raw(world, num_samples=6, **sections):
     raw = tiny_raw(world, name="tiny-search", train={"epochs": 3, "batch_size": 64}, parameters=copy.deepcopy(PARAMETERS),
-                   search={"num_samples": num_samples, "seed": 0, "max_failures": 1},
+                   # TPE: the tiny searches' ASHA stops were set against its proposals; the GP that
+                   # sampler auto picks here runs in test_search_end_to_end and tests/search/test_gp_sampler.py
+                   search={"num_samples": num_samples, "seed": 0, "max_failures": 1, "sampler": "tpe"},
                    scheduler={"grace_period": 1, "reduction_factor": 2}, resources={"cpu_per_trial": 1},
                    logging={"tensorboard": True},
                    controls={"plain_sft": False, "minimind_defaults": False, "seeds": 0})   # test_search_end_to_end turns them on

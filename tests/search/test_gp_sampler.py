@@ -33,7 +33,7 @@ def numeric(count: int) -> dict:
 
 
 def config(parameters: dict, **search):
-    return load_config(raw={**search_raw(FAKE_WORLD, search=search), "parameters": parameters})
+    return load_config(raw={**search_raw(FAKE_WORLD, search={"sampler": "auto", **search}), "parameters": parameters})
 
 
 def trial(state, values: dict, value=None, x=0.5):

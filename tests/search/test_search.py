@@ -80,7 +80,8 @@ def test_search_end_to_end(world, tmp_path, capsys):
 
     urls = []
     probe = Probe(urls)
-    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "minimind_defaults": True, "seeds": 2}))
+    cfg = load_config(raw=search_raw(world, controls={"plain_sft": True, "minimind_defaults": True, "seeds": 2},
+                                     search={"sampler": "auto"}))   # the default's sampler, end to end
     original_init = ray.init
 
     def init_and_record(*args, **kwargs):
