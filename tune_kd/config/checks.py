@@ -270,6 +270,11 @@ def validate_teacher_server(cfg, problems: Problems) -> None:
         problems.add("teacher_server.gpus", f"must be auto or a number >= 0 (a share of a GPU per copy), got {s.gpus!r}")
 
 
+def searched_keys(parameters: dict) -> list[str]:
+    """The keys a `parameters:` block searches: all but the constants (`{value: x}`)."""
+    return [name for name, spec in parameters.items() if "value" not in spec]
+
+
 def parameter_candidates(spec: dict) -> dict[str, Any]:
     """The extreme or listed values a parameter can take, by the key they come from."""
     if "values" in spec:

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tune_kd.config.checks import searched_keys
 from tune_kd.results import reading
 from tune_kd.results.arms import CONTROLS_DIR, CONTROLS_FILE, arm_results
 
@@ -49,7 +50,7 @@ class Experiment:
 
     @property
     def searched(self) -> list[str]:
-        return [name for name, spec in self.parameters.items() if "value" not in spec]
+        return searched_keys(self.parameters)
 
     @property
     def common_epoch(self) -> int | None:

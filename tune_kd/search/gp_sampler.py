@@ -20,6 +20,7 @@ it the sampler is GPSampler unchanged, and says so once.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -36,10 +37,12 @@ class StoppedTrialsGP(optuna.samplers.GPSampler):
     """GPSampler that also models PRUNED trials (their final value imputed, as the module says)."""
 
     def sample_relative(self, study, trial: FrozenTrial, search_space: dict) -> dict:
-        if not search_space or len(study.directions) > 1 or not hasattr(self, "_sample_relative_impl"):
-            if not hasattr(self, "_sample_relative_impl") and not getattr(self, "_warned", False):
+        if not hasattr(self, "_sample_relative_impl"):
+            if not getattr(self, "_warned", False):
                 self._warned = True
                 log.warning("this Optuna's GPSampler has no _sample_relative_impl: ASHA-stopped trials go unmodelled")
+            return super().sample_relative(study, trial, search_space)
+        if not search_space or len(study.directions) > 1:
             return super().sample_relative(study, trial, search_space)
         trials = study._get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING),
                                    use_cache=False)
@@ -52,9 +55,10 @@ class StoppedTrialsGP(optuna.samplers.GPSampler):
             return {}
         import torch
 
-        if torch.get_default_device().type == "cpu":   # the usual case: no device mode intercepting every call
-            return self._sample_relative_impl(study, completed + imputed, running, search_space)
-        with torch.device("cpu"):   # as GPSampler does: a global default device of cuda must not reach its fits
+        # as GPSampler does, a global default device of cuda must not reach its fits; but only then: the
+        # device mode intercepts every torch call (~40% of a proposal on CPU)
+        on_cpu = contextlib.nullcontext() if torch.get_default_device().type == "cpu" else torch.device("cpu")
+        with on_cpu:
             return self._sample_relative_impl(study, completed + imputed, running, search_space)
 
 

@@ -13,6 +13,7 @@ import warnings
 
 import optuna
 
+from tune_kd.config.checks import searched_keys
 from tune_kd.config.experiment import ExperimentConfig
 
 
@@ -24,7 +25,12 @@ def startup_trials(num_samples: int, setting: int | str = "auto") -> int:
 
 def make_sampler(cfg: ExperimentConfig) -> optuna.samplers.BaseSampler:
     """The sampler sampler_choice names, seeded by search.seed."""
-    return SAMPLERS[sampler_choice(cfg)[0]](cfg)
+    # TPE's `group` is marked experimental, and warn_independent_sampling deprecated (Optuna 4.9; its
+    # default True logs a warning per parameter sampled independently): the search log need not say so
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        return SAMPLERS[sampler_choice(cfg)[0]](cfg)
 
 
 def tpe_sampler(cfg: ExperimentConfig) -> optuna.samplers.TPESampler:
@@ -35,15 +41,9 @@ def tpe_sampler(cfg: ExperimentConfig) -> optuna.samplers.TPESampler:
     after every completed trial, by how far they got and then by their last value (low-fidelity evidence).
     With two objectives Optuna's TPE reads no epoch values: it ranks the completed trials by Pareto
     rank, and its pruned trials tie (the earliest first)."""
-    # `group` is marked experimental, and warn_independent_sampling deprecated (Optuna 4.9; its
-    # default True logs a warning per parameter sampled independently): the search log need not say so
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        return optuna.samplers.TPESampler(seed=cfg.search.seed, multivariate=True, group=True, constant_liar=True,
-                                          n_startup_trials=startup_trials(cfg.search.num_samples,
-                                                                          cfg.search.startup_trials),
-                                          warn_independent_sampling=False)
+    return optuna.samplers.TPESampler(seed=cfg.search.seed, multivariate=True, group=True, constant_liar=True,
+                                      n_startup_trials=startup_trials(cfg.search.num_samples, cfg.search.startup_trials),
+                                      warn_independent_sampling=False)
 
 
 def gp_sampler(cfg: ExperimentConfig) -> optuna.samplers.GPSampler:
@@ -52,11 +52,8 @@ def gp_sampler(cfg: ExperimentConfig) -> optuna.samplers.GPSampler:
     too (search/gp_sampler.py). Its startup counts the trials it models."""
     from tune_kd.search.gp_sampler import StoppedTrialsGP
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        return StoppedTrialsGP(seed=cfg.search.seed, warn_independent_sampling=False,
-                               n_startup_trials=startup_trials(cfg.search.num_samples, cfg.search.startup_trials))
+    return StoppedTrialsGP(seed=cfg.search.seed, warn_independent_sampling=False,
+                           n_startup_trials=startup_trials(cfg.search.num_samples, cfg.search.startup_trials))
 
 
 SAMPLERS = {"tpe": tpe_sampler, "gp": gp_sampler}
@@ -71,10 +68,10 @@ def sampler_choice(cfg: ExperimentConfig) -> tuple[str, str]:
     (docs/search.md, "Does the search search well?"): the GP for a space of up to GP_MAX_KEYS keys with
     at most GP_MAX_CATEGORICAL categorical; TPE for a larger space, more categorical keys, or two
     objectives (the size/quality front was measured with TPE)."""
-    setting = getattr(cfg.search, "sampler", "tpe")
+    setting = cfg.search.sampler
     if setting != "auto":
         return setting, f"search.sampler {setting}"
-    searched = [name for name, spec in cfg.parameters.items() if "value" not in spec]
+    searched = searched_keys(cfg.parameters)
     categorical = [name for name in searched if "values" in cfg.parameters[name]]
     if cfg.search.size_objective:
         return "tpe", "search.sampler auto: two objectives"

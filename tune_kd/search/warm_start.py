@@ -7,7 +7,8 @@ them (searcher.PruneAwareOptunaSearch adds them when it creates the study, never
     a COMPLETED trial      COMPLETE, its best epoch's value (as the search tells its own trials)
     stopped early, diverged or never finished
                            PRUNED with the epochs' values it reached (TPE ranks it as low-fidelity
-                           evidence, as it does the search's own ASHA stops; GPSampler skips it)
+                           evidence, as it does the search's own ASHA stops; the GP imputes its final
+                           value: search/gp_sampler.py)
     errored, rejected, no value
                            left out
 
@@ -29,6 +30,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tune_kd.config.checks import searched_keys
 from tune_kd.config.errors import UserError
 from tune_kd.config.experiment import ExperimentConfig
 from tune_kd.results import experiment as experiment_results
@@ -77,10 +79,6 @@ class WarmStart:
         return out
 
 
-def searched_keys(parameters: dict) -> list[str]:
-    return [name for name, spec in parameters.items() if "value" not in spec]
-
-
 def fits(spec: dict, value) -> bool:
     """Whether a value is one this space's spec can propose."""
     if "values" in spec:
@@ -106,16 +104,17 @@ def read_warm_start(cfg: ExperimentConfig) -> WarmStart | None:
     if cfg.search.size_objective:
         raise UserError(f"{where}: a two-objective search (search.objectives) cannot start from an earlier one yet; "
                         "drop search.warm_start or search.objectives")
-    earlier = experiment_results.load(source)
-    if (earlier.metric, earlier.mode) != (cfg.metric.name, cfg.metric.mode):
-        raise UserError(f"{where}: that search ranked trials by {earlier.metric} ({earlier.mode}), this one by "
+    meta = reading.read_experiment(source)   # refused on its metric and objectives before its trials are read
+    metric, mode, config = meta["metric"]["name"], meta["metric"]["mode"], meta["config"]
+    if (metric, mode) != (cfg.metric.name, cfg.metric.mode):
+        raise UserError(f"{where}: that search ranked trials by {metric} ({mode}), this one by "
                         f"{cfg.metric.name} ({cfg.metric.mode}): its values would mislead the sampler; start from a "
                         "search of the same metric and goal")
-    config = reading.read_experiment(source)["config"]
     if reading.size_objective(config):
         raise UserError(f"{where}: that search had two objectives (search.objectives); start from a search of "
                         f"{cfg.metric.name} alone")
-    here, there = searched_keys(cfg.parameters), searched_keys(earlier.parameters)
+    earlier = experiment_results.load(source)
+    here, there = searched_keys(cfg.parameters), earlier.searched
     shared = [k for k in here if k in there]
     if not shared:
         raise UserError(f"{where}: no searched key in common (this search: {', '.join(here) or 'none'}; that one: "
